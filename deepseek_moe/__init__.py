@@ -1,0 +1,18 @@
+"""deepseek-moe: a production-grade DeepSeekMoE layer (shared + fine-grained routed experts) for PyTorch.
+
+    import deepseek_moe as dm
+    layer = dm.DeepSeekMoELayer(dm.MoEConfig(hidden_size=1024, expert_hidden_size=352))
+    y = layer(x); loss = task_loss + dm.aux_loss(model)
+"""
+from .config import ConfigError, MoEConfig, PRESETS, matched_pair
+from .dispatch import DispatchPlan, build_plan
+from .layer import DeepSeekMoELayer, aux_loss
+from .router import Router, Routing
+from .backends import BackendUnavailable, backend_status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "Router", "Routing",
+    "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "__version__",
+]

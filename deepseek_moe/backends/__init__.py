@@ -1,0 +1,73 @@
+"""Backend registry: pick the implementation of the routed experts by name, with reasons when one can't run.
+
+``select("auto", device, dtype)`` honours the env var ``DEEPSEEK_MOE_BACKEND`` and otherwise picks ``torch``.
+Optional backends are looked up only when selected; importing this package never imports them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from ..config import BACKENDS
+from .base import Backend
+from .eager import EagerBackend
+from .grouped import TorchBackend
+
+__all__ = ["Backend", "BackendUnavailable", "EagerBackend", "TorchBackend", "select", "backend_status"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to install or change."""
+
+
+_BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend()}
+
+# Contract names whose implementations are not part of this release: selecting one says so plainly.
+_NOT_IN_RELEASE = {
+    "triton": "the Triton grouped-GEMM kernels are not part of this release; use backend='torch'",
+    "ext": "the compiled csrc extension is not part of this release; use backend='torch'",
+    "megablocks": "the megablocks adapter is not part of this release; use backend='torch'",
+}
+
+
+def _resolve_name(name: str) -> str:
+    if name == "auto":
+        env = os.environ.get("DEEPSEEK_MOE_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"DEEPSEEK_MOE_BACKEND={env!r} is invalid; expected one of {BACKENDS}")
+            return env
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}")
+    return name
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if backend ``name`` can run on (device, dtype), else why not."""
+    name = _resolve_name(name)
+    if name in _NOT_IN_RELEASE:
+        return _NOT_IN_RELEASE[name]
+    return _BUILTIN[name].unavailable_reason(torch.device(device), dtype)
+
+
+def select(name: str = "auto", device: torch.device = torch.device("cpu"),
+           dtype: torch.dtype = torch.float32) -> Backend:
+    """The backend object for ``name`` ("auto" | "eager" | "torch" | ...) on (device, dtype).
+
+    Raises ValueError for an unknown name and :class:`BackendUnavailable` (with the reason) for a known
+    backend that cannot run here.
+    """
+    resolved = _resolve_name(name)
+    reason = unavailable_reason(resolved, device, dtype)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")
+    return _BUILTIN[resolved]
+
+
+def backend_status(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+                   ) -> Dict[str, Optional[str]]:
+    """{backend name: None if usable on (device, dtype) else the reason} for every named backend."""
+    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS if name != "auto"}

@@ -1,0 +1,65 @@
+"""The interface every routed-experts backend implements, and the SwiGLU math they share.
+
+Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows then up rows), E routed experts,
+N kept (token, slot) pairs in expert-sorted order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import DispatchPlan
+
+
+class Backend:
+    """A way to run the routed experts: y_TH = Σ_k w[t,k] · SwiGLU_e(x_t) over the kept pairs of ``plan``.
+
+    Subclasses set ``name`` and implement :meth:`routed_mlp`; :meth:`unavailable_reason` returns None when
+    the backend can run on that device and dtype, else a sentence saying why not and how to fix it.
+    """
+
+    name = "base"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        return None
+
+    def routed_mlp(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor,
+                   down_EHI: torch.Tensor) -> torch.Tensor:
+        """x_TH (T, H), gate_up_EJH (E, 2I, H), down_EHI (E, H, I), all one dtype -> y_TH (T, H), x's dtype.
+
+        The weighted K-way combine accumulates in fp32; gradients flow to x, both weights and
+        ``plan.weight_TK``.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<deepseek_moe backend {self.name!r}>"
+
+
+def swiglu_weighted(h_NJ: torch.Tensor, w_N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a = silu(gate) · up · w in fp32, cast to ``out_dtype``. h_NJ (N, 2I), w_N (N,) -> (N, I)."""
+    I = h_NJ.shape[1] // 2
+    return (F.silu(h_NJ[:, :I].float()) * h_NJ[:, I:].float() * w_N.unsqueeze(1)).to(out_dtype)
+
+
+def swiglu_weighted_backward(h_NJ: torch.Tensor, w_N: torch.Tensor, grad_a_NI: torch.Tensor
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`swiglu_weighted` in fp32.
+
+    Returns (grad_h_NJ fp32 (N, 2I), grad_w_N fp32 (N,), a_NI fp32 (N, I) the weighted activation, which
+    the caller needs for the down-projection's weight gradient).
+    """
+    I = h_NJ.shape[1] // 2
+    g_NI, u_NI = h_NJ[:, :I].float(), h_NJ[:, I:].float()
+    dy_NI = grad_a_NI.float()
+    silu_NI = F.silu(g_NI)
+    a_NI = silu_NI * u_NI
+    grad_w_N = torch.linalg.vecdot(dy_NI, a_NI)
+    dy_NI = dy_NI * w_N.unsqueeze(1)
+    a_NI.mul_(w_N.unsqueeze(1))
+    grad_h_NJ = torch.empty(h_NJ.shape, dtype=torch.float32, device=h_NJ.device)
+    torch.mul(dy_NI, silu_NI, out=grad_h_NJ[:, I:])
+    grad_h_NJ[:, :I] = torch.ops.aten.silu_backward(dy_NI.mul_(u_NI), g_NI)
+    return grad_h_NJ, grad_w_N, a_NI

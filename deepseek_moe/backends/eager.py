@@ -1,0 +1,36 @@
+"""The reference backend: a per-expert loop written to be read. Every other backend is tested against it.
+
+Legend: T tokens, H hidden size, I expert hidden size, E routed experts, K experts per token,
+n pairs routed to the current expert.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import DispatchPlan
+from .base import Backend
+
+
+class EagerBackend(Backend):
+    """Loops over experts; uses only ``topk_idx_TK``, ``keep_TK`` and ``weight_TK`` of the plan (not its sort),
+    so it also checks the dispatch sort of the fast backends. Slow: O(E) small ops and full-size gradient
+    buffers per expert."""
+
+    name = "eager"
+
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+        T, H = x_TH.shape
+        I = down_EHI.shape[-1]
+        y_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+        for e in range(gate_up_EJH.shape[0]):
+            tok_n, slot_n = torch.nonzero((plan.topk_idx_TK == e) & plan.keep_TK, as_tuple=True)
+            if tok_n.numel() == 0:
+                continue
+            h_nJ = x_TH[tok_n] @ gate_up_EJH[e].T
+            gate_nI, up_nI = h_nJ[:, :I].float(), h_nJ[:, I:].float()
+            act_nI = (F.silu(gate_nI) * up_nI).to(x_TH.dtype)
+            out_nH = act_nI @ down_EHI[e].T
+            w_n1 = plan.weight_TK[tok_n, slot_n].float().unsqueeze(1)
+            y_TH = y_TH.index_add(0, tok_n, out_nH.float() * w_n1)
+        return y_TH.to(x_TH.dtype)

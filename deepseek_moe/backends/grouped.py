@@ -1,0 +1,149 @@
+"""The ``torch`` backend: grouped GEMMs in plain PyTorch, two strategies behind one interface.
+
+* ``segments`` (default on CPU): one custom op that walks the expert segments of the sorted pairs and, for each
+  expert, gathers its rows, runs gate_up GEMM → SwiGLU·w → down GEMM and scatter-adds into y while the segment
+  is still in cache. No (N, H) gathered copy, no (N, H) output, no full-size per-expert gradient buffers; the
+  backward mirrors it. Registered with ``torch.library`` so ``torch.compile`` treats it as one op.
+* ``grouped_mm`` (default on CUDA with bf16 when ``torch.nn.functional.grouped_mm`` exists): gather rows →
+  ``grouped_mm`` → SwiGLU·w → ``grouped_mm`` → sum-combine, autograd through PyTorch's kernels.
+
+Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed experts, N kept pairs.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
+from .base import Backend, swiglu_weighted, swiglu_weighted_backward
+
+STRATEGIES = ("auto", "segments", "grouped_mm")
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# ------------------------------------------------------------------------------------------ segments op
+@torch.library.custom_op("deepseek_moe::segment_mlp", mutates_args=())
+def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor, token_N: torch.Tensor,
+                weight_N: torch.Tensor, counts_E: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y_TH = Σ over sorted pairs n of weight_N[n] · SwiGLU_{e(n)}(x_TH[token_N[n]]), and the saved h_NJ.
+
+    token_N must be sorted by expert with ``counts_E`` pairs per expert. Returns (y_TH in x's dtype,
+    h_NJ = gate_up pre-activations, kept for the backward).
+    """
+    T, H = x_TH.shape
+    I = down_EHI.shape[-1]
+    counts: List[int] = counts_E.tolist()
+    h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I)
+    y_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_EJH[e].t(), out=h_seg[e])
+        out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_EHI[e].t())
+        y_TH.index_add_(0, tok_seg[e], out_nH.float())
+    return y_TH.to(x_TH.dtype), h_NJ
+
+
+@segment_mlp.register_fake
+def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E):
+    return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], 2 * down_EHI.shape[-1])
+
+
+@torch.library.custom_op("deepseek_moe::segment_mlp_backward", mutates_args=())
+def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJH: torch.Tensor,
+                         down_EHI: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor,
+                         counts_E: torch.Tensor, h_NJ: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`segment_mlp`: (grad_x_TH, grad_gate_up_EJH, grad_down_EHI, grad_weight_N)."""
+    counts: List[int] = counts_E.tolist()
+    dtype = x_TH.dtype
+    grad_y_TH = grad_y_TH.contiguous()
+    grad_x_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    grad_gate_up = torch.empty_like(gate_up_EJH)
+    grad_down = torch.empty_like(down_EHI)
+    grad_w_N = torch.empty_like(weight_N)
+    h_seg, tok_seg = h_NJ.split(counts), token_N.split(counts)
+    w_seg, gw_seg = weight_N.split(counts), grad_w_N.split(counts)
+    for e, n in enumerate(counts):
+        if n == 0:
+            grad_gate_up[e].zero_()
+            grad_down[e].zero_()
+            continue
+        grad_out_nH = grad_y_TH.index_select(0, tok_seg[e])
+        grad_a_nI = torch.mm(grad_out_nH, down_EHI[e])
+        grad_h_nJ, gw_n, a_nI = swiglu_weighted_backward(h_seg[e], w_seg[e], grad_a_nI)
+        gw_seg[e].copy_(gw_n)
+        torch.mm(grad_out_nH.t(), a_nI.to(dtype), out=grad_down[e])
+        grad_h_nJ = grad_h_nJ.to(dtype)
+        torch.mm(grad_h_nJ.t(), x_TH.index_select(0, tok_seg[e]), out=grad_gate_up[e])
+        grad_x_TH.index_add_(0, tok_seg[e], torch.mm(grad_h_nJ, gate_up_EJH[e]).float())
+    return grad_x_TH.to(dtype), grad_gate_up, grad_down, grad_w_N
+
+
+@segment_mlp_backward.register_fake
+def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ):
+    return (x_TH.new_empty(x_TH.shape), gate_up_EJH.new_empty(gate_up_EJH.shape),
+            down_EHI.new_empty(down_EHI.shape), weight_N.new_empty(weight_N.shape))
+
+
+def _segment_setup(ctx, inputs, output):
+    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E = inputs
+    ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, output[1])
+
+
+def _segment_backward(ctx, grad_y_TH, grad_h_NJ):
+    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ = ctx.saved_tensors
+    gx, ggu, gdn, gw = segment_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N,
+                                            counts_E, h_NJ)
+    return gx, ggu, gdn, None, gw, None
+
+
+segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
+
+
+# ------------------------------------------------------------------------------------------ backend
+class TorchBackend(Backend):
+    """Grouped GEMM in PyTorch. ``strategy``: "auto" (segments on CPU, grouped_mm on CUDA bf16 where
+    available), "segments" or "grouped_mm". The env var ``DEEPSEEK_MOE_TORCH_STRATEGY`` overrides "auto"."""
+
+    name = "torch"
+
+    def __init__(self, strategy: str = "auto"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"TorchBackend: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
+        self.strategy = strategy
+
+    def resolve_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = os.environ.get("DEEPSEEK_MOE_TORCH_STRATEGY", "auto")
+            if strategy not in STRATEGIES:
+                raise ValueError(f"DEEPSEEK_MOE_TORCH_STRATEGY={strategy!r} is invalid; expected one of {STRATEGIES}")
+        if strategy == "auto":
+            # Measured on a 2-core CPU: the cache-resident segment loop beats grouped_mm + separate gather and
+            # combine passes by ~1.4x forward+backward (docs/benchmarks.md); on GPUs one grouped kernel wins.
+            strategy = "grouped_mm" if (device.type == "cuda" and dtype == torch.bfloat16
+                                        and _grouped_mm is not None) else "segments"
+        if strategy == "grouped_mm" and _grouped_mm is None:
+            raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
+        return strategy
+
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+        if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
+            return _grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+        y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), plan.token_N,
+                              sorted_weights(plan).float(), plan.counts_E)
+        return y_TH
+
+
+def _grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    offs_E = plan.offsets_E1[1:].to(torch.int32)
+    x_NH = gather_rows(x_TH, plan)
+    h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
+    a_NI = swiglu_weighted(h_NJ, sorted_weights(plan).float(), x_TH.dtype)
+    out_NH = _grouped_mm(a_NI, down_EHI.transpose(1, 2), offs=offs_E)
+    return combine_rows(out_NH, plan)

@@ -1,0 +1,226 @@
+"""MoEConfig: the validated description of one DeepSeekMoE layer, presets by name, size accounting.
+
+Legend: H hidden size, I expert hidden size, E routed experts, Ks shared experts, K routed experts per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+BACKENDS = ("auto", "eager", "torch", "triton", "ext", "megablocks")
+
+
+class ConfigError(ValueError):
+    """A MoEConfig field holds a value outside its allowed range."""
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Hyper-parameters of a DeepSeekMoE layer (frozen and validated on construction).
+
+    Routed experts are SwiGLU MLPs of width ``expert_hidden_size``; the ``num_shared_experts`` shared
+    experts are fused into one always-on SwiGLU MLP of width ``num_shared_experts * expert_hidden_size``.
+    Every field is described in docs/routing-and-losses.md; invalid values raise ``ConfigError`` (a
+    ``ValueError``) naming the field, the value and the allowed range.
+
+    Example::
+
+        cfg = MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64,
+                        num_shared_experts=2, top_k=6)
+        cfg = MoEConfig.preset("deepseek-v3", hidden_size=512)
+    """
+
+    hidden_size: int
+    expert_hidden_size: int
+    num_routed_experts: int = 64
+    num_shared_experts: int = 2
+    top_k: int = 6
+    score_func: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = False
+    device_loss_alpha: float = 0.0
+    num_devices: int = 1
+    comm_loss_alpha: float = 0.0
+    max_devices_per_token: Optional[int] = None
+    seq_balance_alpha: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_speed: float = 0.0
+    capacity_factor: Optional[float] = None
+    shared_expert_gate: bool = False
+    backend: str = "auto"
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "expert_hidden_size", "num_routed_experts", "top_k", "num_groups",
+                     "topk_groups", "num_devices"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(name, v, "expected an integer >= 1")
+        v = self.num_shared_experts
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            _fail("num_shared_experts", v, "expected an integer >= 0")
+        E = self.num_routed_experts
+        if self.top_k > E:
+            _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_routed_experts={E}")
+        if self.score_func not in SCORE_FUNCS:
+            _fail("score_func", self.score_func, f"expected one of {SCORE_FUNCS}")
+        if self.group_score not in GROUP_SCORES:
+            _fail("group_score", self.group_score, f"expected one of {GROUP_SCORES}")
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"expected one of {BACKENDS}")
+        if E % self.num_groups:
+            _fail("num_groups", self.num_groups, f"expected a divisor of num_routed_experts={E}")
+        if self.topk_groups > self.num_groups:
+            _fail("topk_groups", self.topk_groups, f"expected 1 <= topk_groups <= num_groups={self.num_groups}")
+        per_group = E // self.num_groups
+        if self.top_k > self.topk_groups * per_group:
+            _fail("top_k", self.top_k, f"expected top_k <= topk_groups * experts per group = "
+                  f"{self.topk_groups * per_group}, else a token cannot get top_k distinct experts")
+        if self.num_groups > 1 and self.group_score == "top2_sum" and per_group < 2:
+            _fail("group_score", self.group_score, "'top2_sum' needs at least 2 experts per group")
+        if E % self.num_devices:
+            _fail("num_devices", self.num_devices, f"expected a divisor of num_routed_experts={E}")
+        m = self.max_devices_per_token
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.num_devices):
+            _fail("max_devices_per_token", m, f"expected None or an integer in [1, num_devices={self.num_devices}]")
+        for name in ("aux_loss_alpha", "device_loss_alpha", "comm_loss_alpha", "seq_balance_alpha",
+                     "z_loss_coef", "bias_update_speed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                _fail(name, v, "expected a finite number >= 0")
+        v = self.routed_scaling_factor
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            _fail("routed_scaling_factor", v, "expected a finite number > 0")
+        v = self.initializer_range
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            _fail("initializer_range", v, "expected a finite number > 0")
+        c = self.capacity_factor
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
+            _fail("capacity_factor", c, "expected None (dropless) or a finite number > 0")
+        for name in ("norm_topk_prob", "seq_aux", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "expected True or False")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MoEConfig":
+        """Build a named preset (see ``PRESETS``), with any field overridden by keyword.
+
+        The benchmark pair ``mixtral-8x2`` / ``deepseek-64x`` also takes ``ffn_size`` (F, the Mixtral expert
+        width): ``deepseek-64x`` then gets 64 routed + 2 shared experts of width F/8 and top-14, matching the
+        8x2 layer's active FLOPs (see :func:`matched_pair`).
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        fields = dict(PRESETS[name])
+        ffn_size = overrides.pop("ffn_size", None)
+        if ffn_size is not None:
+            if name not in ("mixtral-8x2", "deepseek-64x"):
+                raise ConfigError(f"ffn_size applies to the presets 'mixtral-8x2' and 'deepseek-64x', not {name!r}")
+            fields["expert_hidden_size"] = ffn_size if name == "mixtral-8x2" else _fine_width(ffn_size)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown MoEConfig field(s) {unknown} in preset overrides")
+        fields.update(overrides)
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------- size accounting
+    @property
+    def routed_params(self) -> int:
+        return self.num_routed_experts * 3 * self.expert_hidden_size * self.hidden_size
+
+    @property
+    def shared_params(self) -> int:
+        return (self.num_shared_experts * 3 * self.expert_hidden_size * self.hidden_size
+                + (self.hidden_size if self.shared_expert_gate and self.num_shared_experts else 0))
+
+    @property
+    def router_params(self) -> int:
+        return self.num_routed_experts * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        """Trainable parameters of the layer (router + routed experts + shared experts [+ shared gate])."""
+        return self.router_params + self.routed_params + self.shared_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched by one token: router, shared experts and ``top_k`` routed experts."""
+        per_expert = 3 * self.expert_hidden_size * self.hidden_size
+        return self.router_params + self.shared_params + self.top_k * per_expert
+
+    @property
+    def flops_per_token(self) -> int:
+        """Forward matmul FLOPs per token (2 per multiply-add; element-wise work not counted)."""
+        return 2 * self.active_params
+
+    @property
+    def dense_equivalent_width(self) -> int:
+        """Width F of the dense SwiGLU FFN with the same expert FLOPs per token: (Ks + K) * I."""
+        return (self.num_shared_experts + self.top_k) * self.expert_hidden_size
+
+
+def _fine_width(ffn_size: int) -> int:
+    if ffn_size % 8:
+        raise ConfigError(f"ffn_size={ffn_size} must be divisible by 8 to split each expert into 8 fine-grained ones")
+    return ffn_size // 8
+
+
+def matched_pair(hidden_size: int, ffn_size: int) -> "tuple[MoEConfig, MoEConfig]":
+    """The benchmark's fair pair at equal active FLOPs: (Mixtral-style 8x2, DeepSeekMoE 64 + 2 shared, top-14).
+
+    Mixtral-style: 8 experts of width F, top-2, no shared experts. DeepSeekMoE: 64 routed experts of width F/8
+    (each Mixtral expert split 8 ways) plus 2 shared experts of width F/8, top-14: 2 + 14 = 16 fine experts
+    = 2 Mixtral experts per token. Total parameters differ only by the 2 shared experts and the router.
+    """
+    a = MoEConfig.preset("mixtral-8x2", hidden_size=hidden_size, ffn_size=ffn_size)
+    b = MoEConfig.preset("deepseek-64x", hidden_size=hidden_size, ffn_size=ffn_size)
+    return a, b
+
+
+# Published hyper-parameters (DeepSeekMoE 2401.06066, DeepSeek-V2 2405.04434, DeepSeek-V3 2412.19437, Mixtral
+# 2401.04088, Qwen1.5-MoE). Balance coefficients are in DeepSeek's normalisation (1.0 at uniform routing):
+# transformers' Mixtral/Qwen coefficient c becomes c * top_k here.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "deepseek-moe-16b": dict(hidden_size=2048, expert_hidden_size=1408, num_routed_experts=64,
+                             num_shared_experts=2, top_k=6, score_func="softmax", norm_topk_prob=False,
+                             aux_loss_alpha=0.001, seq_aux=True),
+    "deepseek-v2-lite": dict(hidden_size=2048, expert_hidden_size=1408, num_routed_experts=64,
+                             num_shared_experts=2, top_k=6, score_func="softmax", norm_topk_prob=False,
+                             aux_loss_alpha=0.001, seq_aux=True),
+    "deepseek-v2": dict(hidden_size=5120, expert_hidden_size=1536, num_routed_experts=160, num_shared_experts=2,
+                        top_k=6, score_func="softmax", norm_topk_prob=False, routed_scaling_factor=16.0,
+                        num_groups=8, topk_groups=3, group_score="max", aux_loss_alpha=0.003, seq_aux=True,
+                        device_loss_alpha=0.05, num_devices=8, comm_loss_alpha=0.02, max_devices_per_token=3),
+    "deepseek-v3": dict(hidden_size=7168, expert_hidden_size=2048, num_routed_experts=256, num_shared_experts=1,
+                        top_k=8, score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                        num_groups=8, topk_groups=4, group_score="top2_sum", aux_loss_alpha=0.0,
+                        seq_balance_alpha=0.0001, bias_update_speed=0.001),
+    "mixtral-8x7b": dict(hidden_size=4096, expert_hidden_size=14336, num_routed_experts=8, num_shared_experts=0,
+                         top_k=2, score_func="softmax", norm_topk_prob=True, aux_loss_alpha=0.04),
+    "qwen2-moe": dict(hidden_size=2048, expert_hidden_size=1408, num_routed_experts=60, num_shared_experts=4,
+                      top_k=4, score_func="softmax", norm_topk_prob=False, shared_expert_gate=True,
+                      aux_loss_alpha=0.004),
+    "mixtral-8x2": dict(hidden_size=1024, expert_hidden_size=2816, num_routed_experts=8, num_shared_experts=0,
+                        top_k=2, score_func="softmax", norm_topk_prob=True, aux_loss_alpha=0.01),
+    "deepseek-64x": dict(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2,
+                         top_k=14, score_func="softmax", norm_topk_prob=False, aux_loss_alpha=0.01),
+}

@@ -1,0 +1,89 @@
+"""Expert weights: RoutedExperts (fused 3-D tensors, transformers-v5 layout) and SharedExperts (dense SwiGLU).
+
+Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows, then up rows), E routed experts,
+Ks shared experts.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import Backend
+from .config import MoEConfig
+from .dispatch import DispatchPlan
+
+# Per-expert checkpoint layouts accepted on load: DeepSeek/Qwen names and Mixtral's w1 (gate) / w3 (up) / w2.
+_PER_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored fused: ``gate_up_proj`` (E, 2I, H) with gate rows first, ``down_proj`` (E, H, I).
+
+    ``load_state_dict`` also accepts per-expert keys ``{i}.gate_proj/up_proj/down_proj.weight`` and Mixtral's
+    ``{i}.w1/w3/w2.weight`` and fuses them.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, I, H = cfg.num_routed_experts, cfg.expert_hidden_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
+        nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
+
+    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, backend: Backend) -> torch.Tensor:
+        """x_TH (T, H) in the compute dtype -> (T, H) routed output Σ_k w·expert(x), same dtype."""
+        dtype = x_TH.dtype
+        return backend.routed_mlp(x_TH, plan, self.gate_up_proj.to(dtype), self.down_proj.to(dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        per_expert = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            m = _PER_EXPERT_KEY.match(key[len(prefix):])
+            if m:
+                name = _ALIASES.get(m.group(2), m.group(2))
+                per_expert[(int(m.group(1)), name)] = state_dict.pop(key)
+        if per_expert:
+            E = self.cfg.num_routed_experts
+            try:
+                gate = torch.stack([per_expert.pop((i, "gate_proj")) for i in range(E)])
+                up = torch.stack([per_expert.pop((i, "up_proj")) for i in range(E)])
+                down = torch.stack([per_expert.pop((i, "down_proj")) for i in range(E)])
+            except KeyError as missing:
+                error_msgs.append(f"per-expert checkpoint under {prefix!r} lacks expert weight {missing.args[0]} "
+                                  f"(expected gate/up/down for experts 0..{E - 1})")
+                return
+            if per_expert:
+                error_msgs.append(f"per-expert checkpoint under {prefix!r} has experts beyond E={E}: "
+                                  f"{sorted({i for i, _ in per_expert})}")
+                return
+            state_dict[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1)
+            state_dict[prefix + "down_proj"] = down
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class SharedExperts(nn.Module):
+    """The Ks shared experts as one dense SwiGLU MLP of width Ks·I: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        width = cfg.num_shared_experts * cfg.expert_hidden_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=cfg.initializer_range)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """(T, H) -> (T, H)."""
+        return self.down_proj(F.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH))

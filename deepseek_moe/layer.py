@@ -1,0 +1,143 @@
+"""DeepSeekMoELayer: router + dispatch + routed experts + shared experts, a drop-in for a transformer MLP.
+
+Legend: T tokens, H hidden size, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import backends
+from .config import MoEConfig
+from .dispatch import DispatchPlan, build_plan, expert_capacity
+from .experts import RoutedExperts, SharedExperts
+from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
+from .router import Router, Routing
+
+
+class DeepSeekMoELayer(nn.Module):
+    """Shared experts + fine-grained routed experts (DeepSeekMoE), with DeepSeek-V2/V3 routing.
+
+    Build from a :class:`MoEConfig` or from its fields: ``DeepSeekMoELayer(cfg)`` or
+    ``DeepSeekMoELayer(hidden_size=1024, expert_hidden_size=352)``.
+
+    ``forward(x)``: x of shape (..., H) and a floating dtype -> same shape and dtype. After each forward:
+
+    * ``aux_loss``: 0-dim fp32 tensor, the sum of the enabled balance losses and z-loss (graph-connected in
+      training; zero in eval). Add it to the task loss, or use ``deepseek_moe.aux_loss(model)``.
+    * ``tokens_per_expert``: (E,) int64 pairs each expert processed (after capacity dropping).
+    * ``last_stats``: dict with ``num_dropped``, ``max_vio`` and ``cv`` of the routed load (computed on access).
+
+    NaN/inf in x propagate: the rows of affected tokens come out non-finite, other tokens are unaffected
+    (routing and experts work row by row). Capacity dropping happens only in training.
+
+    Parameter names follow transformers v5's DeepseekV3MoE (``gate.weight``, ``gate.e_score_correction_bias``,
+    ``experts.gate_up_proj``, ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``).
+    """
+
+    def __init__(self, config: Optional[MoEConfig] = None, **fields):
+        super().__init__()
+        if config is None:
+            config = MoEConfig(**fields)
+        elif fields:
+            config = config.replace(**fields)
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"DeepSeekMoELayer: config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
+        self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
+                                   if config.shared_expert_gate and config.num_shared_experts > 0 else None)
+        E = config.num_routed_experts
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        # Router load accumulated over the training forwards since the last update_bias().
+        self.register_buffer("load_since_update", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.aux_loss = torch.zeros(())
+        self._num_dropped = torch.zeros((), dtype=torch.int64)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        H = self.config.hidden_size
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"DeepSeekMoELayer: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"DeepSeekMoELayer: x must have a floating dtype, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != H:
+            raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}; its last dimension must be "
+                             f"hidden_size={H}")
+
+    def route(self, x_TH: torch.Tensor) -> "tuple[Routing, DispatchPlan]":
+        """Routing and dispatch plan for x_TH (T, H), with capacity applied in training."""
+        cfg = self.config
+        routing = self.gate(x_TH)
+        capacity = None
+        if cfg.capacity_factor is not None and self.training:
+            capacity = expert_capacity(x_TH.shape[0], cfg.top_k, cfg.num_routed_experts, cfg.capacity_factor)
+        affinity_TK = routing.scores_TE.gather(1, routing.topk_idx_TK) if capacity is not None else None
+        plan = build_plan(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_routed_experts, capacity, affinity_TK)
+        return routing, plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        cfg = self.config
+        x_TH = x.reshape(-1, cfg.hidden_size)
+        device_type = x.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else x.dtype)
+        routing, plan = self.route(x_TH)
+        backend = backends.select(cfg.backend, x.device, compute_dtype)
+        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
+        if self.shared_experts is not None:
+            shared_TH = self.shared_experts(x_TH)
+            if self.shared_expert_gate is not None:
+                shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
+            y_TH = y_TH + shared_TH
+        self._record(routing, plan, x)
+        return y_TH.to(x.dtype).reshape(x.shape)
+
+    def _record(self, routing: Routing, plan: DispatchPlan, x: torch.Tensor) -> None:
+        self.tokens_per_expert = plan.counts_E.detach()
+        if self.training:
+            self.load_since_update += plan.routed_counts_E.detach()
+            num_sequences = x.shape[0] if x.dim() == 3 else 1
+            self.aux_loss = aux_loss_from_routing(self.config, routing.scores_TE, routing.logits_TE,
+                                                  routing.topk_idx_TK, num_sequences)
+        else:
+            self.aux_loss = torch.zeros((), device=x.device)
+        self._num_dropped = plan.num_dropped
+
+    @property
+    def last_stats(self) -> Dict[str, float]:
+        """Load statistics of the last forward: num_dropped, max_vio, cv (computed on access: syncs the device)."""
+        return {"num_dropped": int(self._num_dropped), **load_stats(self.tokens_per_expert)}
+
+    # ------------------------------------------------------------------ balancing
+    @torch.no_grad()
+    def update_bias(self, group: Optional[object] = None) -> torch.Tensor:
+        """Aux-loss-free balancing step: b += γ·sign(mean(load) − load) from the router load accumulated since
+        the last call (summed over ranks when torch.distributed is initialised), then reset the accumulator.
+
+        Call after ``optimizer.step()``. A no-op when ``bias_update_speed`` is 0. Returns the bias (E,).
+        """
+        bias = self.gate.e_score_correction_bias
+        if self.config.bias_update_speed > 0:
+            load = all_reduce_load(self.load_since_update, group)
+            update_bias_(bias, load, self.config.bias_update_speed)
+        self.load_since_update.zero_()
+        return bias
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
+                f"shared={c.num_shared_experts}, score={c.score_func}, backend={c.backend}")
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over every :class:`DeepSeekMoELayer` in ``model`` (0-dim tensor)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, DeepSeekMoELayer)]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([l.to(losses[0].device) for l in losses]).sum()

@@ -1,0 +1,89 @@
+"""Router: token-to-expert affinities and the top-k choice of DeepSeekMoE / DeepSeek-V2 / DeepSeek-V3.
+
+Legend: T tokens, H hidden size, E routed experts, K experts per token, G expert groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens.
+
+    Attributes:
+        topk_idx_TK: int64 (T, K), the K distinct experts picked for each token, best first.
+        topk_weight_TK: fp32 (T, K), the gate weights that scale each expert's output (after optional
+            normalisation and ``routed_scaling_factor``); differentiable w.r.t. the router weight.
+        scores_TE: fp32 (T, E), the affinities s = softmax(logits) or sigmoid(logits), bias excluded.
+        logits_TE: fp32 (T, E), the raw router logits x·Wᵀ.
+    """
+
+    topk_idx_TK: torch.Tensor
+    topk_weight_TK: torch.Tensor
+    scores_TE: torch.Tensor
+    logits_TE: torch.Tensor
+
+
+def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """Pick K experts per token from ``scores_TE + bias_E``, limited to the ``topk_groups`` best groups.
+
+    The bias only steers the choice; callers gather the weights from the unbiased scores. Returns
+    int64 (T, K) indices, best first. Runs without gradient.
+    """
+    with torch.no_grad():
+        choice_TE = scores_TE + bias_E.to(scores_TE.dtype)
+        G = cfg.num_groups
+        if G > 1:
+            T, E = choice_TE.shape
+            grouped_TGM = choice_TE.view(T, G, E // G)
+            if cfg.group_score == "max":
+                group_TG = grouped_TGM.amax(dim=-1)
+            else:
+                group_TG = grouped_TGM.topk(2, dim=-1).values.sum(dim=-1)
+            keep_TG = group_TG.topk(cfg.topk_groups, dim=-1).indices
+            mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+            choice_TE = grouped_TGM.masked_fill(mask_TG.unsqueeze(-1), float("-inf")).view(T, E)
+        return choice_TE.topk(cfg.top_k, dim=-1).indices
+
+
+class Router(nn.Module):
+    """Linear gate (fp32 math) + score function + (group-limited) top-k.
+
+    Parameters: ``weight`` (E, H). Buffers: ``e_score_correction_bias`` (E,) fp32, the aux-loss-free
+    balancing bias b (DeepSeek-V3 §2.1.2), which changes which experts are picked but never the weights.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.cfg.initializer_range)
+        self.e_score_correction_bias.zero_()
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:
+        """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`."""
+        cfg = self.cfg
+        # The gate runs in fp32 even under autocast: the top-k choice is sensitive to rounding.
+        with torch.autocast(device_type=x_TH.device.type, enabled=False):
+            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        topk_idx_TK = select_experts(scores_TE.detach(), self.e_score_correction_bias, cfg)
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weight_TK = weight_TK * cfg.routed_scaling_factor
+        return Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE)
