@@ -1,0 +1,92 @@
+"""CPU benchmark of one DeepSeekMoE layer against a dense SwiGLU FFN with the same active FLOPs (issue 2).
+
+    python benchmarks/layer_cpu.py                       # T=4096, H=1024, 64x352 + 2 shared, top-6
+    python benchmarks/layer_cpu.py --tokens 2048 --dtypes bfloat16 --repeats 5
+
+Timings interleave the contenders round by round in one process (other processes share the cores), and
+report the median of each; ratios are to the dense FFN of the same round set.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deepseek_moe as dm
+
+
+class DenseSwiGLU(nn.Module):
+    def __init__(self, hidden: int, width: int, std: float = 0.02):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=std)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def time_once(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
+    start = time.perf_counter()
+    if backward:
+        y = module(x)
+        y.backward(torch.ones_like(y))
+    else:
+        with torch.no_grad():
+            module(x)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden-size", type=int, default=1024)
+    p.add_argument("--expert-hidden-size", type=int, default=352)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--shared", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager reference backend")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    cfg = dm.MoEConfig(hidden_size=args.hidden_size, expert_hidden_size=args.expert_hidden_size,
+                       num_routed_experts=args.experts, num_shared_experts=args.shared, top_k=args.top_k)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; T={args.tokens} H={cfg.hidden_size} "
+          f"E={cfg.num_routed_experts}x{cfg.expert_hidden_size} +{cfg.num_shared_experts} shared, K={cfg.top_k}; "
+          f"dense-equivalent width {cfg.dense_equivalent_width}")
+    print(f"{'dtype':9s} {'mode':7s} {'contender':12s} {'median s':>9s} {'vs dense':>9s}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        contenders = {"dense": DenseSwiGLU(cfg.hidden_size, cfg.dense_equivalent_width).to(dtype)}
+        for backend in ("torch",) + (() if args.no_eager else ("eager",)):
+            layer = dm.DeepSeekMoELayer(cfg.replace(backend=backend, aux_loss_alpha=0.0)).to(dtype)
+            contenders[backend] = layer
+        x = torch.randn(args.tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+        for mode, backward in (("fwd", False), ("fwdbwd", True)):
+            times = {name: [] for name in contenders}
+            for name, m in contenders.items():
+                time_once(m, x, backward)  # warm-up
+            for r in range(args.repeats):
+                for name, m in contenders.items():
+                    if name == "eager" and r >= 1:
+                        continue  # one timed round is enough for the slow oracle
+                    times[name].append(time_once(m, x, backward))
+                    m.zero_grad(set_to_none=True)
+            dense = statistics.median(times["dense"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                print(f"{dtype_name:9s} {mode:7s} {name:12s} {med:9.3f} {med / dense:8.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
