@@ -121,7 +121,8 @@ def _combine(o_NH: torch.Tensor, slot_TK: torch.Tensor) -> torch.Tensor:
     """y_TH[t] = Σ_k o[slot[t, k]], with slot == N meaning a dropped pair (adds zero)."""
     T, K = slot_TK.shape
     o_pad = torch.cat([o_NH, o_NH.new_zeros(1, o_NH.shape[1])])
-    return o_pad.index_select(0, slot_TK.reshape(-1)).view(T, K, -1).sum(dim=1)
+    acc = torch.promote_types(o_NH.dtype, torch.float32)
+    return o_pad.index_select(0, slot_TK.reshape(-1)).view(T, K, -1).sum(dim=1, dtype=acc).to(o_NH.dtype)
 
 
 class GatherRows(torch.autograd.Function):

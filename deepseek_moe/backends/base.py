@@ -38,28 +38,35 @@ class Backend:
         return f"<deepseek_moe backend {self.name!r}>"
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for ``dtype``: fp32 for 16-bit floats, else the dtype itself (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def swiglu_weighted(h_NJ: torch.Tensor, w_N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a = silu(gate) · up · w in fp32, cast to ``out_dtype``. h_NJ (N, 2I), w_N (N,) -> (N, I)."""
+    """a = silu(gate) · up · w in the accumulation dtype, cast to ``out_dtype``. h_NJ (N, 2I), w_N (N,) -> (N, I)."""
     I = h_NJ.shape[1] // 2
-    return (F.silu(h_NJ[:, :I].float()) * h_NJ[:, I:].float() * w_N.unsqueeze(1)).to(out_dtype)
+    acc = acc_dtype(h_NJ.dtype)
+    return (F.silu(h_NJ[:, :I].to(acc)) * h_NJ[:, I:].to(acc) * w_N.to(acc).unsqueeze(1)).to(out_dtype)
 
 
 def swiglu_weighted_backward(h_NJ: torch.Tensor, w_N: torch.Tensor, grad_a_NI: torch.Tensor
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`swiglu_weighted` in fp32.
+    """Gradients of :func:`swiglu_weighted`, in the accumulation dtype (see :func:`acc_dtype`).
 
-    Returns (grad_h_NJ fp32 (N, 2I), grad_w_N fp32 (N,), a_NI fp32 (N, I) the weighted activation, which
-    the caller needs for the down-projection's weight gradient).
+    Returns (grad_h_NJ (N, 2I), grad_w_N (N,), a_NI (N, I) the weighted activation, which the caller needs
+    for the down-projection's weight gradient).
     """
     I = h_NJ.shape[1] // 2
-    g_NI, u_NI = h_NJ[:, :I].float(), h_NJ[:, I:].float()
-    dy_NI = grad_a_NI.float()
+    acc = acc_dtype(h_NJ.dtype)
+    g_NI, u_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
+    dy_NI, w_N = grad_a_NI.to(acc), w_N.to(acc)
     silu_NI = F.silu(g_NI)
     a_NI = silu_NI * u_NI
     grad_w_N = torch.linalg.vecdot(dy_NI, a_NI)
     dy_NI = dy_NI * w_N.unsqueeze(1)
     a_NI.mul_(w_N.unsqueeze(1))
-    grad_h_NJ = torch.empty(h_NJ.shape, dtype=torch.float32, device=h_NJ.device)
+    grad_h_NJ = torch.empty(h_NJ.shape, dtype=acc, device=h_NJ.device)
     torch.mul(dy_NI, silu_NI, out=grad_h_NJ[:, I:])
     grad_h_NJ[:, :I] = torch.ops.aten.silu_backward(dy_NI.mul_(u_NI), g_NI)
     return grad_h_NJ, grad_w_N, a_NI

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import DispatchPlan
-from .base import Backend
+from .base import Backend, acc_dtype
 
 
 class EagerBackend(Backend):
@@ -22,15 +22,16 @@ class EagerBackend(Backend):
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         T, H = x_TH.shape
         I = down_EHI.shape[-1]
-        y_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+        acc = acc_dtype(x_TH.dtype)
+        y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
         for e in range(gate_up_EJH.shape[0]):
             tok_n, slot_n = torch.nonzero((plan.topk_idx_TK == e) & plan.keep_TK, as_tuple=True)
             if tok_n.numel() == 0:
                 continue
             h_nJ = x_TH[tok_n] @ gate_up_EJH[e].T
-            gate_nI, up_nI = h_nJ[:, :I].float(), h_nJ[:, I:].float()
+            gate_nI, up_nI = h_nJ[:, :I].to(acc), h_nJ[:, I:].to(acc)
             act_nI = (F.silu(gate_nI) * up_nI).to(x_TH.dtype)
             out_nH = act_nI @ down_EHI[e].T
-            w_n1 = plan.weight_TK[tok_n, slot_n].float().unsqueeze(1)
-            y_TH = y_TH.index_add(0, tok_n, out_nH.float() * w_n1)
+            w_n1 = plan.weight_TK[tok_n, slot_n].to(acc).unsqueeze(1)
+            y_TH = y_TH.index_add(0, tok_n, out_nH.to(acc) * w_n1)
         return y_TH.to(x_TH.dtype)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
-from .base import Backend, swiglu_weighted, swiglu_weighted_backward
+from .base import Backend, acc_dtype, swiglu_weighted, swiglu_weighted_backward
 
 STRATEGIES = ("auto", "segments", "grouped_mm")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -37,14 +37,15 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     I = down_EHI.shape[-1]
     counts: List[int] = counts_E.tolist()
     h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I)
-    y_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    acc = acc_dtype(x_TH.dtype)
+    y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
     for e, n in enumerate(counts):
         if n == 0:
             continue
         torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_EJH[e].t(), out=h_seg[e])
         out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_EHI[e].t())
-        y_TH.index_add_(0, tok_seg[e], out_nH.float())
+        y_TH.index_add_(0, tok_seg[e], out_nH.to(acc))
     return y_TH.to(x_TH.dtype), h_NJ
 
 
@@ -62,7 +63,8 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
     counts: List[int] = counts_E.tolist()
     dtype = x_TH.dtype
     grad_y_TH = grad_y_TH.contiguous()
-    grad_x_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    acc = acc_dtype(dtype)
+    grad_x_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
     grad_gate_up = torch.empty_like(gate_up_EJH)
     grad_down = torch.empty_like(down_EHI)
     grad_w_N = torch.empty_like(weight_N)
@@ -80,7 +82,7 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
         torch.mm(grad_out_nH.t(), a_nI.to(dtype), out=grad_down[e])
         grad_h_nJ = grad_h_nJ.to(dtype)
         torch.mm(grad_h_nJ.t(), x_TH.index_select(0, tok_seg[e]), out=grad_gate_up[e])
-        grad_x_TH.index_add_(0, tok_seg[e], torch.mm(grad_h_nJ, gate_up_EJH[e]).float())
+        grad_x_TH.index_add_(0, tok_seg[e], torch.mm(grad_h_nJ, gate_up_EJH[e]).to(acc))
     return grad_x_TH.to(dtype), grad_gate_up, grad_down, grad_w_N
 
 
@@ -136,7 +138,7 @@ class TorchBackend(Backend):
         if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
             return _grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI)
         y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), plan.token_N,
-                              sorted_weights(plan).float(), plan.counts_E)
+                              sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E)
         return y_TH
 
 
@@ -144,6 +146,6 @@ def _grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
     offs_E = plan.offsets_E1[1:].to(torch.int32)
     x_NH = gather_rows(x_TH, plan)
     h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
-    a_NI = swiglu_weighted(h_NJ, sorted_weights(plan).float(), x_TH.dtype)
+    a_NI = swiglu_weighted(h_NJ, sorted_weights(plan), x_TH.dtype)
     out_NH = _grouped_mm(a_NI, down_EHI.transpose(1, 2), offs=offs_E)
     return combine_rows(out_NH, plan)

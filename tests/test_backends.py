@@ -1,0 +1,132 @@
+"""Every fast path against the eager reference: outputs and all gradients, ragged loads and empty experts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepseek_moe as dm
+from deepseek_moe.backends import EagerBackend, TorchBackend, backend_status, select
+from deepseek_moe.backends.grouped import _grouped_mm
+from deepseek_moe.dispatch import build_plan, expert_capacity
+from deepseek_moe.testing import assert_close, make_topk
+
+STRATEGIES = ["segments"] + (["grouped_mm"] if _grouped_mm is not None else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def _problem(T, E, K, H, I, dtype, kind, empty_experts=0, capacity_factor=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    topk = make_topk(T, E, K, kind, generator=g, empty_experts=empty_experts)
+    weight = torch.rand(T, K, generator=g).requires_grad_()
+    cap = None if capacity_factor is None else expert_capacity(T, K, E, capacity_factor)
+    x = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype).requires_grad_()
+    down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype).requires_grad_()
+    grad_y = torch.randn(T, H, generator=g).to(dtype)
+    return topk, weight, cap, x, gate_up, down, grad_y
+
+
+def _run(backend, topk, weight, cap, x, gate_up, down, grad_y):
+    plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
+    y = backend.routed_mlp(x, plan, gate_up, down)
+    grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y)
+    return (y,) + grads
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,kind,empty,cap", [
+    (64, 8, 2, "balanced", 0, None),
+    (97, 16, 4, "skewed", 5, None),      # ragged segments, 5 experts with zero tokens
+    (33, 64, 6, "random", 0, None),      # more experts than tokens per expert: many empty
+    (50, 8, 2, "skewed", 2, 0.5),        # capacity drops
+    (1, 4, 4, "random", 0, None),
+])
+def test_torch_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
+    if strategy == "grouped_mm" and dtype == torch.float32 and not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no public fp32 grouped_mm")
+    problem = _problem(T, E, K, 24, 16, dtype, kind, empty, cap)
+    ref = _run(EagerBackend(), *problem)
+    out = _run(TorchBackend(strategy), *problem)
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
+        assert a.dtype == b.dtype, name
+        assert_close(a, b, TOL[dtype], f"{strategy}/{dtype}/{name}")
+
+
+def test_empty_expert_gets_exactly_zero_gradient():
+    problem = _problem(40, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
+    _, g_gu, g_dn, _ = _run(TorchBackend("segments"), *problem)[1:]
+    assert bool((g_gu[-3:] == 0).all()) and bool((g_dn[-3:] == 0).all())
+    assert bool((g_gu[:5].abs().sum((1, 2)) > 0).all())
+
+
+def test_segments_gradcheck_float64():
+    problem = _problem(7, 4, 2, 5, 3, torch.float64, "random", empty_experts=1)
+    topk, weight, cap, x, gate_up, down, _ = problem
+    weight = weight.detach().double().requires_grad_()
+
+    def f(x, gate_up, down, weight):
+        plan = build_plan(topk, weight, 4)
+        return TorchBackend("segments").routed_mlp(x, plan, gate_up, down)
+
+    assert torch.autograd.gradcheck(f, (x, gate_up, down, weight))
+
+
+def test_layer_torch_matches_eager_all_parameters():
+    cfg = dm.MoEConfig(hidden_size=32, expert_hidden_size=16, num_routed_experts=16, num_shared_experts=1,
+                       top_k=3, num_groups=4, topk_groups=2, score_func="sigmoid", norm_topk_prob=True,
+                       routed_scaling_factor=2.5, z_loss_coef=1e-3, shared_expert_gate=True)
+    fast, ref = dm.DeepSeekMoELayer(cfg.replace(backend="torch")), dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 21, 32)
+    outs = []
+    for layer in (fast, ref):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y.square().sum() + layer.aux_loss).backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    assert_close(outs[0][0], outs[1][0], 1e-5, "y")
+    assert_close(outs[0][1], outs[1][1], 1e-5, "grad_x")
+    for name, g in outs[0][2].items():
+        assert g is not None, name
+        assert_close(g, outs[1][2][name], 1e-5, f"grad {name}")
+
+
+def test_one_expert_top1_equals_dense_swiglu():
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=24, num_routed_experts=1, num_shared_experts=0,
+                                top_k=1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = layer(x)
+    gu, dn = layer.experts.gate_up_proj[0], layer.experts.down_proj[0]
+    g, u = F.linear(x, gu).chunk(2, dim=-1)
+    ref = F.linear(F.silu(g) * u, dn)
+    assert_close(y, ref, 1e-6, "y")
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert_close(gx, gx_ref, 1e-6, "grad_x")
+
+
+def test_registry_reasons_and_env(monkeypatch):
+    status = backend_status()
+    assert status["eager"] is None and status["torch"] is None
+    for name in ("triton", "ext", "megablocks"):
+        assert "not part of this release" in status[name]
+        with pytest.raises(dm.BackendUnavailable, match=name):
+            select(name)
+    with pytest.raises(ValueError, match="backend='nope'"):
+        select("nope")
+    monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "eager")
+    assert select("auto").name == "eager"
+    assert select("torch").name == "torch"  # an explicit choice wins over the env var
+    monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="DEEPSEEK_MOE_BACKEND"):
+        select("auto")
+
+
+def test_torch_strategy_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert TorchBackend().resolve_strategy(cpu, torch.float32) == "segments"
+    if _grouped_mm is not None:
+        monkeypatch.setenv("DEEPSEEK_MOE_TORCH_STRATEGY", "grouped_mm")
+        assert TorchBackend().resolve_strategy(cpu, torch.float32) == "grouped_mm"
+    with pytest.raises(ValueError, match="strategy"):
+        TorchBackend("fast")

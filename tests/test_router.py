@@ -1,0 +1,122 @@
+"""Routing correctness as properties over configurations and inputs drawn by hypothesis."""
+import torch
+from hypothesis import given, strategies as st
+
+import deepseek_moe as dm
+from deepseek_moe.router import Router
+
+
+@st.composite
+def routing_cases(draw):
+    E = draw(st.integers(1, 256))
+    divisors = [g for g in range(1, E + 1) if E % g == 0 and g <= 16]
+    G = draw(st.sampled_from(divisors))
+    topk_groups = draw(st.integers(1, G))
+    per_group = E // G
+    K = draw(st.integers(1, min(E, topk_groups * per_group)))
+    group_score = draw(st.sampled_from(["max", "top2_sum"] if per_group >= 2 else ["max"]))
+    cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=2, num_routed_experts=E, num_shared_experts=0, top_k=K,
+                       num_groups=G, topk_groups=topk_groups, group_score=group_score,
+                       score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+                       norm_topk_prob=draw(st.booleans()),
+                       routed_scaling_factor=draw(st.sampled_from([1.0, 2.5, 16.0])))
+    T = draw(st.integers(0, 300))
+    seed = draw(st.integers(0, 2**31 - 1))
+    tied = draw(st.booleans())
+    with_bias = draw(st.booleans())
+    return cfg, T, seed, tied, with_bias
+
+
+def _route(cfg, T, seed, tied, with_bias):
+    g = torch.Generator().manual_seed(seed)
+    router = Router(cfg)
+    if tied:  # a few integer values: many exactly tied logits
+        router.weight.data = torch.randint(-1, 2, router.weight.shape, generator=g).float()
+        x = torch.randint(-1, 2, (T, cfg.hidden_size), generator=g).float()
+    else:
+        router.weight.data = torch.randn(router.weight.shape, generator=g)
+        x = torch.randn(T, cfg.hidden_size, generator=g)
+    if with_bias:
+        router.e_score_correction_bias.copy_(torch.randn(cfg.num_routed_experts, generator=g) * 0.1)
+    return router, router(x)
+
+
+@given(routing_cases())
+def test_each_token_gets_k_distinct_experts(case):
+    cfg, T, *_ = case
+    _, r = _route(*case)
+    assert r.topk_idx_TK.shape == (T, cfg.top_k)
+    assert r.topk_idx_TK.dtype == torch.int64
+    if T:
+        assert int(r.topk_idx_TK.min()) >= 0 and int(r.topk_idx_TK.max()) < cfg.num_routed_experts
+        srt = r.topk_idx_TK.sort(dim=1).values
+        assert bool((srt[:, 1:] != srt[:, :-1]).all())
+
+
+@given(routing_cases())
+def test_picked_experts_lie_in_kept_groups_and_are_the_best_there(case):
+    cfg, T, *_ = case
+    router, r = _route(*case)
+    if T == 0:
+        return
+    E, G = cfg.num_routed_experts, cfg.num_groups
+    choice = r.scores_TE + router.e_score_correction_bias
+    grouped = choice.view(T, G, E // G)
+    gscore = grouped.amax(-1) if cfg.group_score == "max" else grouped.topk(min(2, E // G), -1).values.sum(-1)
+    threshold = gscore.topk(cfg.topk_groups, dim=-1).values[:, -1:]
+    picked_groups = r.topk_idx_TK // (E // G)
+    # Every picked group is one of the topk_groups best (ties included), and no more groups than allowed.
+    assert bool((gscore.gather(1, picked_groups) >= threshold).all())
+    n_groups = torch.stack([torch.unique(row).numel() * torch.ones(()) for row in picked_groups])
+    assert bool((n_groups <= cfg.topk_groups).all())
+    # Within the picked groups no unpicked expert beats a picked one on (score + bias).
+    in_picked_group = torch.zeros(T, G, dtype=torch.bool).scatter_(1, picked_groups, True)
+    eligible = in_picked_group.repeat_interleave(E // G, dim=1)
+    chosen = torch.zeros(T, E, dtype=torch.bool).scatter_(1, r.topk_idx_TK, True)
+    worst_chosen = choice.masked_fill(~chosen, float("inf")).amin(-1)
+    best_other = choice.masked_fill(chosen | ~eligible, float("-inf")).amax(-1)
+    assert bool((worst_chosen >= best_other).all())
+
+
+@given(routing_cases())
+def test_bias_changes_only_the_choice_never_the_weight_formula(case):
+    cfg, T, *_ = case
+    _, r = _route(*case)
+    w = r.scores_TE.gather(1, r.topk_idx_TK)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * cfg.routed_scaling_factor
+    assert torch.equal(r.topk_weight_TK, w)
+    expected_scores = r.logits_TE.softmax(-1) if cfg.score_func == "softmax" else r.logits_TE.sigmoid()
+    assert torch.equal(r.scores_TE, expected_scores)
+
+
+@given(routing_cases())
+def test_weights_nonnegative_and_normalised_sum(case):
+    cfg, T, *_ = case
+    _, r = _route(*case)
+    assert bool((r.topk_weight_TK >= 0).all())
+    if cfg.norm_topk_prob and T:
+        sums = r.topk_weight_TK.sum(-1)
+        torch.testing.assert_close(sums, torch.full_like(sums, cfg.routed_scaling_factor), rtol=1e-5, atol=1e-6)
+
+
+def test_gate_runs_in_fp32_under_bf16_input_and_autocast():
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
+    router = Router(cfg)
+    x = torch.randn(5, 16)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.logits_TE.dtype == torch.float32 and r.topk_weight_TK.dtype == torch.float32
+    torch.testing.assert_close(r.logits_TE, ref.logits_TE)
+
+
+def test_bias_steers_selection():
+    cfg = dm.MoEConfig(hidden_size=8, expert_hidden_size=4, num_routed_experts=4, top_k=1, score_func="sigmoid")
+    router = Router(cfg)
+    x = torch.randn(32, 8)
+    router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    r = router(x)
+    assert bool((r.topk_idx_TK == 2).all())
+    torch.testing.assert_close(r.topk_weight_TK[:, 0], r.scores_TE[:, 2])
