@@ -99,9 +99,12 @@ class DeepSeekMoELayer(nn.Module):
         return y_TH.to(x.dtype).reshape(x.shape)
 
     def _record(self, routing: Routing, plan: DispatchPlan, x: torch.Tensor) -> None:
+        # Activation checkpointing re-runs forward inside backward: that step's load was already counted.
+        recomputing = torch._C._current_graph_task_id() != -1
         self.tokens_per_expert = plan.counts_E.detach()
         if self.training:
-            self.load_since_update += plan.routed_counts_E.detach()
+            if not recomputing:
+                self.load_since_update += plan.routed_counts_E.detach()
             num_sequences = x.shape[0] if x.dim() == 3 else 1
             self.aux_loss = aux_loss_from_routing(self.config, routing.scores_TE, routing.logits_TE,
                                                   routing.topk_idx_TK, num_sequences)

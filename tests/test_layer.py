@@ -1,0 +1,192 @@
+"""DeepSeekMoELayer as a user meets it: shapes, dtypes, bad input, autocast, compile, checkpointing, state_dict."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import deepseek_moe as dm
+from deepseek_moe.testing import assert_close
+
+CFG = dm.MoEConfig(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=2, top_k=2)
+
+
+def test_forward_shapes_dtypes_and_stats():
+    layer = dm.DeepSeekMoELayer(CFG)
+    for shape in [(32,), (5, 32), (2, 7, 32), (2, 3, 4, 32)]:
+        x = torch.randn(shape)
+        y = layer(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+    assert layer.tokens_per_expert.dtype == torch.int64
+    assert int(layer.tokens_per_expert.sum()) == 24 * CFG.top_k
+    assert set(layer.last_stats) == {"num_dropped", "max_vio", "cv"}
+    bf = dm.DeepSeekMoELayer(CFG).to(torch.bfloat16)
+    assert bf(torch.randn(4, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_constructor_forms():
+    assert dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, top_k=2).config.top_k == 2
+    assert dm.DeepSeekMoELayer(CFG, top_k=3).config.top_k == 3
+    with pytest.raises(TypeError, match="MoEConfig"):
+        dm.DeepSeekMoELayer({"hidden_size": 32})
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (torch.randn(4, 31), ValueError, "hidden_size=32"),
+    (torch.randn(()), ValueError, "last dimension"),
+    (torch.ones(4, 32, dtype=torch.int64), ValueError, "floating dtype"),
+    ([[0.0] * 32], TypeError, "torch.Tensor"),
+])
+def test_bad_input_is_rejected_clearly(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        dm.DeepSeekMoELayer(CFG)(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_zero_tokens_empty_in_empty_out(backend):
+    layer = dm.DeepSeekMoELayer(CFG.replace(backend=backend, capacity_factor=1.0, seq_balance_alpha=0.01,
+                                            z_loss_coef=0.01))
+    for shape in [(0, 32), (2, 0, 32)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape
+        (y.sum() + layer.aux_loss).backward()
+        assert x.grad.shape == x.shape
+        assert int(layer.tokens_per_expert.sum()) == 0 and layer.aux_loss.item() == 0.0
+
+
+def test_nan_propagates_only_to_its_own_token():
+    layer = dm.DeepSeekMoELayer(CFG).eval()
+    x = torch.randn(10, 32)
+    clean = layer(x)
+    x[3, 5] = float("nan")
+    x[7, 0] = float("inf")
+    y = layer(x)
+    assert not torch.isfinite(y[3]).any() and not torch.isfinite(y[7]).all()
+    rows = [i for i in range(10) if i not in (3, 7)]
+    assert torch.isfinite(y[rows]).all()
+    # Other tokens keep their experts and outputs (up to the order of fp32 sums).
+    torch.testing.assert_close(y[rows], clean[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu():
+    layer = dm.DeepSeekMoELayer(CFG)
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert_close(y, ref, 2e-2, "autocast y")
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.experts.gate_up_proj.grad.dtype == torch.float32
+
+
+def test_torch_compile_matches_eager_mode():
+    layer = dm.DeepSeekMoELayer(CFG.replace(z_loss_coef=1e-3))
+    x = torch.randn(3, 8, 32)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(layer.parameters()), allow_unused=True)
+    compiled = torch.compile(layer)
+    y = compiled(x)
+    assert_close(y, ref, 1e-5, "compiled y")
+    grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()), allow_unused=True)
+    for (name, _), g, r in zip(layer.named_parameters(), grads, ref_grads):
+        assert_close(g, r, 1e-5, f"compiled grad {name}")
+
+
+def test_activation_checkpointing_same_grads_and_single_load_count():
+    layer = dm.DeepSeekMoELayer(CFG.replace(bias_update_speed=0.01))
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    y = layer(x)
+    (y.square().sum() + layer.aux_loss).backward()
+    ref = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    layer.update_bias()
+    layer.gate.e_score_correction_bias.zero_()
+    y = checkpoint(layer, x, use_reentrant=False)
+    (y.square().sum() + layer.aux_loss).backward()
+    got = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, ref):
+        assert_close(a, b, 1e-6, "checkpointed grad")
+    assert int(layer.load_since_update.sum()) == 12 * CFG.top_k
+
+
+def test_capacity_drops_in_training_only_and_counts_them():
+    layer = dm.DeepSeekMoELayer(CFG.replace(capacity_factor=0.5))
+    x = torch.randn(64, 32)
+    layer(x)
+    dropped = layer.last_stats["num_dropped"]
+    assert dropped > 0
+    assert int(layer.tokens_per_expert.sum()) == 64 * CFG.top_k - dropped
+    assert int(layer.tokens_per_expert.max()) <= 16  # ceil(0.5 * 64 * 2 / 8)
+    layer.eval()
+    layer(x)
+    assert layer.last_stats["num_dropped"] == 0
+
+
+CONTRACT_KEYS = {"gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj",
+                 "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"}
+
+
+def test_state_dict_names_shapes_and_round_trip():
+    layer = dm.DeepSeekMoELayer(CFG)
+    sd = layer.state_dict()
+    assert set(sd) == CONTRACT_KEYS
+    E, I, H = 8, 16, 32
+    assert sd["experts.gate_up_proj"].shape == (E, 2 * I, H) and sd["experts.down_proj"].shape == (E, H, I)
+    assert sd["gate.e_score_correction_bias"].dtype == torch.float32
+    assert sd["shared_experts.gate_proj.weight"].shape == (2 * I, H)
+    gated = dm.DeepSeekMoELayer(CFG.replace(shared_expert_gate=True)).state_dict()
+    assert set(gated) == CONTRACT_KEYS | {"shared_expert_gate.weight"}
+    other = dm.DeepSeekMoELayer(CFG)
+    other.load_state_dict(sd)
+    x = torch.randn(5, 32)
+    assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])
+def test_per_expert_checkpoint_layouts_load(names):
+    layer = dm.DeepSeekMoELayer(CFG)
+    sd = {k: v for k, v in layer.state_dict().items() if not k.startswith("experts.")}
+    I = 16
+    for i in range(8):
+        sd[f"experts.{i}.{names[0]}.weight"] = layer.experts.gate_up_proj[i, :I].detach().clone()
+        sd[f"experts.{i}.{names[1]}.weight"] = layer.experts.gate_up_proj[i, I:].detach().clone()
+        sd[f"experts.{i}.{names[2]}.weight"] = layer.experts.down_proj[i].detach().clone()
+    other = dm.DeepSeekMoELayer(CFG)
+    other.load_state_dict(sd)
+    assert torch.equal(other.experts.gate_up_proj, layer.experts.gate_up_proj)
+    assert torch.equal(other.experts.down_proj, layer.experts.down_proj)
+    del sd[f"experts.3.{names[2]}.weight"]
+    with pytest.raises(RuntimeError, match="lacks expert weight"):
+        dm.DeepSeekMoELayer(CFG).load_state_dict(sd)
+
+
+def test_mixtral_style_runs_through_the_same_layer():
+    cfg = dm.MoEConfig.preset("mixtral-8x2", hidden_size=32, ffn_size=64)
+    layer, ref = dm.DeepSeekMoELayer(cfg), dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
+    ref.load_state_dict(layer.state_dict())
+    assert layer.shared_experts is None
+    x = torch.randn(3, 11, 32)
+    assert_close(layer(x), ref(x), 1e-5, "mixtral y")
+    torch.testing.assert_close(layer.gate(x.reshape(-1, 32)).topk_weight_TK.sum(-1), torch.ones(33))
+
+
+def test_shared_expert_gate_scales_shared_output():
+    layer = dm.DeepSeekMoELayer(CFG.replace(shared_expert_gate=True))
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        y = layer(x)
+        routing, plan = layer.route(x)
+        routed = layer.experts(x, plan, dm.backends.select("torch"))
+        gate = torch.sigmoid(x @ layer.shared_expert_gate.weight.T)
+    assert_close(y, routed + gate * layer.shared_experts(x), 1e-6, "gated shared")
+
+
+def test_update_bias_is_noop_without_speed():
+    layer = dm.DeepSeekMoELayer(CFG)
+    layer(torch.randn(16, 32))
+    assert int(layer.load_since_update.sum()) == 32
+    layer.update_bias()
+    assert torch.equal(layer.gate.e_score_correction_bias, torch.zeros(8))
+    assert int(layer.load_since_update.sum()) == 0
