@@ -4,7 +4,8 @@
     python benchmarks/layer_cpu.py --tokens 2048 --dtypes bfloat16 --repeats 5
 
 Timings interleave the contenders round by round in one process (other processes share the cores), and
-report the median of each; ratios are to the dense FFN of the same round set.
+report the median of each; ratios are to the dense FFN of the same round set. Each round draws a fresh input,
+so the routing (and the per-expert row counts) change between calls as they do in training.
 """
 from __future__ import annotations
 
@@ -70,16 +71,17 @@ def main(argv=None) -> int:
         for backend in ("torch",) + (() if args.no_eager else ("eager",)):
             layer = dm.DeepSeekMoELayer(cfg.replace(backend=backend, aux_loss_alpha=0.0)).to(dtype)
             contenders[backend] = layer
-        x = torch.randn(args.tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+        xs = [torch.randn(args.tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
+              for _ in range(args.repeats + 1)]
         for mode, backward in (("fwd", False), ("fwdbwd", True)):
             times = {name: [] for name in contenders}
             for name, m in contenders.items():
-                time_once(m, x, backward)  # warm-up
+                time_once(m, xs[-1], backward)  # warm-up
             for r in range(args.repeats):
                 for name, m in contenders.items():
                     if name == "eager" and r >= 1:
                         continue  # one timed round is enough for the slow oracle
-                    times[name].append(time_once(m, x, backward))
+                    times[name].append(time_once(m, xs[r], backward))
                     m.zero_grad(set_to_none=True)
             dense = statistics.median(times["dense"])
             for name, ts in times.items():

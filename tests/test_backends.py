@@ -52,6 +52,30 @@ def test_torch_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
         assert_close(a, b, TOL[dtype], f"{strategy}/{dtype}/{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("multiple", [1, 8, 32])
+def test_padded_segments_match_eager(dtype, multiple):
+    problem = _problem(77, 16, 3, 24, 16, dtype, "skewed", empty_experts=4, capacity_factor=0.8)
+    ref = _run(EagerBackend(), *problem)
+    out = _run(TorchBackend("segments", pad_multiple=multiple), *problem)
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
+        assert_close(a, b, TOL[dtype], f"pad {multiple}/{dtype}/{name}")
+
+
+def test_align_segments_layout():
+    from deepseek_moe.backends.grouped import align_segments
+    token = torch.tensor([5, 6, 7, 8, 9])
+    weight = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9])
+    tok_M, w_M, counts = align_segments(token, weight, torch.tensor([3, 0, 2]), 4)
+    assert counts.tolist() == [4, 0, 4]
+    assert tok_M.tolist() == [5, 6, 7, 0, 8, 9, 0, 0]
+    assert w_M.tolist() == pytest.approx([0.5, 0.6, 0.7, 0.0, 0.8, 0.9, 0.0, 0.0])
+    assert TorchBackend().resolve_pad_multiple(torch.device("cpu"), torch.bfloat16) == 32
+    assert TorchBackend().resolve_pad_multiple(torch.device("cpu"), torch.float32) == 1
+    with pytest.raises(ValueError, match="pad_multiple"):
+        TorchBackend(pad_multiple=0)
+
+
 def test_empty_expert_gets_exactly_zero_gradient():
     problem = _problem(40, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
     _, g_gu, g_dn, _ = _run(TorchBackend("segments"), *problem)[1:]
