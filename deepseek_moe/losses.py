@@ -15,6 +15,11 @@ import torch
 from .config import MoEConfig
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or fp64 if it already is (never downcast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _counts_BE(topk_idx_TK: torch.Tensor, num_experts: int, num_sequences: int) -> torch.Tensor:
     T, K = topk_idx_TK.shape
     idx_BP = topk_idx_TK.reshape(num_sequences, (T // num_sequences) * K)
@@ -39,7 +44,7 @@ def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
     """P (B, E) = mean over each sequence's tokens of the routing probabilities (differentiable)."""
     T, E = probs_TE.shape
     _check_sequences(T, num_sequences)
-    return probs_TE.float().reshape(num_sequences, T // num_sequences, E).mean(dim=1)
+    return _acc(probs_TE).reshape(num_sequences, T // num_sequences, E).mean(dim=1)
 
 
 def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float,
@@ -96,7 +101,7 @@ def sequence_balance_loss(scores_TE: torch.Tensor, top_k: int, alpha: float, num
     """
     if scores_TE.shape[0] == 0:
         return scores_TE.sum() * 0.0
-    scores_TE = scores_TE.float()
+    scores_TE = _acc(scores_TE)
     raw_topk_TK = scores_TE.detach().topk(top_k, dim=-1).indices
     probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
     return expert_balance_loss(probs_TE, raw_topk_TK, alpha, num_sequences)
@@ -106,7 +111,7 @@ def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
     """ST-MoE router z-loss (eq. 5): c_z · mean_t (logsumexp_j logits_{t,j})²."""
     if logits_TE.shape[0] == 0:
         return logits_TE.sum() * 0.0
-    return coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return coef * torch.logsumexp(_acc(logits_TE), dim=-1).square().mean()
 
 
 def routing_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:

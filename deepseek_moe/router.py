@@ -74,9 +74,10 @@ class Router(nn.Module):
     def forward(self, x_TH: torch.Tensor) -> Routing:
         """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`."""
         cfg = self.cfg
-        # The gate runs in fp32 even under autocast: the top-k choice is sensitive to rounding.
+        # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
+        gate_dtype = torch.promote_types(x_TH.dtype, torch.float32)
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
+            logits_TE = F.linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
