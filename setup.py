@@ -24,6 +24,7 @@ setup(
     packages=find_packages(include=["deepseek_moe", "deepseek_moe.*"]),
     install_requires=["torch>=2.4"],
     extras_require=extras,
+    entry_points={"console_scripts": ["deepseek-moe-bench = deepseek_moe.bench.cli:main_exit"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

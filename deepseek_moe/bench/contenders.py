@@ -1,0 +1,195 @@
+"""What the benchmark times: our layer per backend, the dense SwiGLU of equal active FLOPs, and peers.
+
+Legend: T tokens, H hidden size, F Mixtral expert width, I expert hidden size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends
+from ..config import ConfigError, MoEConfig, PRESETS, matched_pair
+from ..layer import DeepSeekMoELayer
+from ..losses import load_stats
+
+MATCHES = ("flops", "params", "none")
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+
+class DenseSwiGLU(nn.Module):
+    """A dense SwiGLU FFN ``down(silu(gate(x)) * up(x))`` of width F: the compute-equivalent baseline."""
+
+    def __init__(self, hidden_size: int, width: int, std: float = 0.02):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=std)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Contender:
+    """One row family of the table: a module factory plus the static columns."""
+
+    name: str                      # e.g. "deepseek-64x", "mixtral-8x2", "dense-2816", "hf-mixtral"
+    side: str                      # "a" (the reference, Mixtral-style by default), "b", or "dense"
+    implementation: str            # backend name, "dense", or the peer's experts implementation
+    total_params: int
+    active_params: int
+    flops_per_token: int
+    expert_combinations: int
+    dense_width: int
+    build: Callable[[Optional[nn.Module]], nn.Module] = field(repr=False)
+    config: Optional[MoEConfig] = field(default=None, repr=False)
+
+    def max_vio(self, module: nn.Module, x_TH: torch.Tensor) -> float:
+        """MaxVio of this contender's routing on x_TH (0 for the dense FFN, which has one 'expert')."""
+        if self.side == "dense":
+            return 0.0
+        if isinstance(module, DeepSeekMoELayer):
+            with torch.no_grad():
+                _, plan = module.route(x_TH)
+            counts = plan.counts_E
+        else:
+            with torch.no_grad():
+                _, _, topk_idx = module.block.gate(x_TH)
+            counts = torch.bincount(topk_idx.reshape(-1), minlength=self.config.num_routed_experts)
+        return load_stats(counts)["max_vio"]
+
+
+def configs_for(match: str, hidden_size: int, ffn_size: int, a: Optional[str] = None, b: Optional[str] = None,
+                ) -> Tuple[Tuple[str, MoEConfig], Tuple[str, MoEConfig]]:
+    """The two configurations to compare, named, by the matching rule.
+
+    * ``flops``: Mixtral-style 8 x F top-2 vs DeepSeekMoE 64 x F/8 + 2 shared, top-14 (equal active FLOPs,
+      total parameters +3%).
+    * ``params``: Mixtral-style vs DeepSeekMoE 62 x F/8 + 2 shared, top-14 (equal total and active expert
+      parameters: 64 fine experts in all, 16 active).
+    * ``none``: presets ``a`` and ``b`` as they are, with ``hidden_size`` (defaults: mixtral-8x2, deepseek-64x
+      with ``ffn_size``).
+    """
+    if match not in MATCHES:
+        raise ConfigError(f"--match {match!r} is invalid; expected one of {MATCHES}")
+    if match == "none" or a is not None or b is not None:
+        a, b = a or "mixtral-8x2", b or "deepseek-64x"
+        return (a, _preset(a, hidden_size, ffn_size)), (b, _preset(b, hidden_size, ffn_size))
+    mixtral, deepseek = matched_pair(hidden_size, ffn_size)
+    if match == "params":
+        deepseek = deepseek.replace(num_routed_experts=62)
+        return ("mixtral-8x2", mixtral), ("deepseek-62x+2", deepseek)
+    return ("mixtral-8x2", mixtral), ("deepseek-64x+2", deepseek)
+
+
+def _preset(name: str, hidden_size: int, ffn_size: int) -> MoEConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    extra = {"ffn_size": ffn_size} if name in ("mixtral-8x2", "deepseek-64x") else {}
+    return MoEConfig.preset(name, hidden_size=hidden_size, **extra)
+
+
+def dense_flops_per_token(hidden_size: int, width: int) -> int:
+    return 2 * 3 * hidden_size * width
+
+
+def moe_contender(name: str, side: str, cfg: MoEConfig, backend: str) -> Contender:
+    """Our layer with ``backend``; ``build(source)`` copies the weights of ``source`` (another layer of ``cfg``)."""
+    cfg = cfg.replace(backend=backend)
+
+    def build(source: Optional[nn.Module]) -> nn.Module:
+        layer = DeepSeekMoELayer(cfg)
+        if source is not None:
+            layer.load_state_dict(source.state_dict())
+        return layer
+
+    return Contender(name=name, side=side, implementation=backend, total_params=cfg.total_params,
+                     active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
+                     expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
+                     dense_width=cfg.dense_equivalent_width, build=build, config=cfg)
+
+
+def dense_contender(hidden_size: int, width: int) -> Contender:
+    params = 3 * hidden_size * width
+    return Contender(name=f"dense-{width}", side="dense", implementation="dense", total_params=params,
+                     active_params=params, flops_per_token=dense_flops_per_token(hidden_size, width),
+                     expert_combinations=1, dense_width=width, build=lambda source: DenseSwiGLU(hidden_size, width))
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
+    return [name for name, reason in backends.backend_status(device, dtype).items() if reason is None]
+
+
+# ------------------------------------------------------------------------------------------------ peers
+def peer_status() -> Dict[str, Optional[str]]:
+    """{peer: None if importable else why not} for transformers' blocks and megablocks."""
+    status: Dict[str, Optional[str]] = {}
+    try:
+        import transformers  # noqa: F401
+        status["transformers"] = None
+    except ImportError:
+        status["transformers"] = "not installed (pip install 'deepseek-moe[hf]')"
+    status["megablocks"] = "CUDA only, and no adapter in this version (an optional GPU peer)"
+    return status
+
+
+def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> Optional[Contender]:
+    """transformers' own block for ``cfg`` on the weights of ``build(source)``'s source layer, or None if no
+    transformers block has this layout.
+
+    MixtralSparseMoeBlock for softmax, renormalised, no-shared configs; DeepseekV3MoE (sigmoid scores and
+    group-limited top-k in its router, whatever ``cfg`` says) when there are ungated shared experts.
+    """
+    if cfg.num_shared_experts == 0 and cfg.score_func == "softmax" and cfg.norm_topk_prob:
+        peer = "hf-mixtral"
+    elif cfg.num_shared_experts > 0 and not cfg.shared_expert_gate:
+        peer = "hf-deepseek-v3"
+    else:
+        return None
+
+    def build(source: Optional[nn.Module]) -> nn.Module:
+        ours = source if source is not None else DeepSeekMoELayer(cfg)
+        if peer == "hf-mixtral":
+            from transformers import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+            hf_cfg = MixtralConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_hidden_size,
+                                   num_local_experts=cfg.num_routed_experts, num_experts_per_tok=cfg.top_k)
+            hf_cfg._experts_implementation = implementation
+            block = MixtralSparseMoeBlock(hf_cfg)
+            state = {k: v for k, v in ours.state_dict().items() if k != "gate.e_score_correction_bias"}
+        else:
+            from transformers import DeepseekV3Config
+            from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+            hf_cfg = DeepseekV3Config(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.expert_hidden_size,
+                                      n_routed_experts=cfg.num_routed_experts, num_experts_per_tok=cfg.top_k,
+                                      n_shared_experts=cfg.num_shared_experts, n_group=1, topk_group=1,
+                                      norm_topk_prob=cfg.norm_topk_prob,
+                                      routed_scaling_factor=cfg.routed_scaling_factor)
+            hf_cfg._experts_implementation = implementation
+            block = DeepseekV3MoE(hf_cfg)
+            state = ours.state_dict()
+        block.load_state_dict(state)
+        return _Batched(block)
+
+    return Contender(name=peer, side=side, implementation=implementation, total_params=cfg.total_params,
+                     active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
+                     expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
+                     dense_width=cfg.dense_equivalent_width, build=build, config=cfg)
+
+
+class _Batched(nn.Module):
+    """transformers' MoE blocks want (B, S, H); the benchmark feeds (T, H)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x_TH):
+        return self.block(x_TH.unsqueeze(0)).squeeze(0)

@@ -1,0 +1,71 @@
+"""Timing and memory measurement for the benchmark: CUDA events on GPU, a monotonic clock on CPU."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+
+MODES = ("fwd", "fwdbwd", "decode")
+DECODE_CALLS_PER_SAMPLE = 10  # decode calls are short: each sample times this many back to back
+
+
+def run_once(module: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
+    """One call in ``mode``: forward under inference mode (fwd, decode) or forward + backward (fwdbwd)."""
+    if mode == "fwdbwd":
+        y = module(x)
+        y.backward(torch.ones_like(y))
+        for p in module.parameters():
+            p.grad = None
+    else:
+        with torch.inference_mode():
+            module(x)
+
+
+def time_call(fn: Callable[[], None], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of ``fn`` (averaged over ``calls`` back-to-back calls)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) / calls
+
+
+def summarize(samples: List[float]) -> "tuple[float, float]":
+    """(median, relative spread (max − min) / median)."""
+    med = statistics.median(samples)
+    return med, (max(samples) - min(samples)) / med if med > 0 else 0.0
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
+    """Extra memory one call of ``fn`` holds at its peak, in bytes.
+
+    CUDA: the caching allocator's peak minus what was allocated before. CPU: the profiler's record of every
+    tensor allocation and free during the call (``profile_memory``), replayed in time order; the peak of the
+    running sum. This counts PyTorch's CPU tensors only (not the allocator's slack), which is what differs
+    between the contenders.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
