@@ -15,23 +15,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import deepseek_moe as dm
-
-
-class DenseSwiGLU(nn.Module):
-    def __init__(self, hidden: int, width: int, std: float = 0.02):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-        for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=std)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from deepseek_moe.bench.contenders import DenseSwiGLU
 
 
 def time_once(module: nn.Module, x: torch.Tensor, backward: bool) -> float:

@@ -17,7 +17,7 @@ import torch
 from .. import __version__
 from ..backends import BackendUnavailable
 from ..config import ConfigError, PRESETS
-from .contenders import (HF_IMPLEMENTATIONS, MATCHES, Contender, available_backends, configs_for, dense_contender,
+from .contenders import (DEFAULT_HF_IMPLEMENTATIONS, HF_IMPLEMENTATIONS, MATCHES, Contender, available_backends, configs_for, dense_contender,
                          hf_contender, moe_contender, peer_status)
 from .report import add_ratios, render_table, write_csv, write_json, write_plot
 from .timing import DECODE_CALLS_PER_SAMPLE, MODES, peak_memory, run_once, summarize, time_call
@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed calls per contender (default 1)")
     p.add_argument("--repeats", type=int, help="timed calls per contender (default 5; --quick 3)")
     p.add_argument("--peers", default="auto", help="'auto' (every installed peer) or 'none'")
-    p.add_argument("--hf-impls", default=",".join(HF_IMPLEMENTATIONS),
-                   help=f"transformers experts implementations to time, comma list of {HF_IMPLEMENTATIONS}")
+    p.add_argument("--hf-impls", help=f"transformers experts implementations to time, comma list of "
+                   f"{HF_IMPLEMENTATIONS} (default eager,grouped_mm; --quick grouped_mm; batched_mm needs O(T*K*I*H) "
+                   "memory)")
     p.add_argument("--json", help="write rows and metadata as JSON")
     p.add_argument("--csv", help="write rows as CSV")
     p.add_argument("--plot", help="write a PNG of tokens/s against T (needs matplotlib)")
@@ -107,7 +108,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.match != "none" and (args.a or args.b) and args.match != "flops":
         raise UserError("--a/--b compare presets as they are: use them with --match none (or the default)")
     args.peers = _choices("--peers", args.peers, ("auto", "none"))[0]
-    args.hf_impls = _choices("--hf-impls", args.hf_impls, HF_IMPLEMENTATIONS)
+    default_impls = ("grouped_mm",) if args.quick else DEFAULT_HF_IMPLEMENTATIONS
+    args.hf_impls = _choices("--hf-impls", args.hf_impls or ",".join(default_impls), HF_IMPLEMENTATIONS)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -186,15 +188,14 @@ def run(args) -> List[Dict]:
     modules: Dict[tuple, torch.nn.Module] = {}
     with bar:
         for dtype_name, dtype, contenders, mode, T in plan:
-            sources: Dict[str, torch.nn.Module] = {}
             group = []
             for c in contenders:
                 key = (dtype_name, c.name, c.side, c.implementation)
                 if key not in modules:
-                    source = sources.get(c.name) if c.side != "dense" else None
+                    # Every contender of one config family runs the same weights: the first one built.
+                    source = modules.get((dtype_name, "source", c.family))
                     modules[key] = c.build(source).to(device=device, dtype=dtype)
-                    if c.side != "dense" and c.name not in sources and c.implementation in ("torch", "eager"):
-                        sources[c.name] = modules[key]
+                    modules.setdefault((dtype_name, "source", c.family), modules[key])
                 module = modules[key]
                 module.train(mode == "fwdbwd")
                 group.append((c, module))
@@ -216,7 +217,8 @@ def run(args) -> List[Dict]:
                 mem = peak_memory(lambda: run_once(module, xs[-1], mode), device)
                 advance(f"memory {c.name}")
                 work = c.flops_per_token * T * (3 if mode == "fwdbwd" else 1)
-                rows.append(dict(config=c.name, implementation=c.implementation, side=c.side, device=str(device),
+                rows.append(dict(config=c.name, implementation=c.implementation, side=c.side, kind=c.kind,
+                                 device=str(device),
                                  dtype=dtype_name, mode=mode, tokens=T, total_params=c.total_params,
                                  active_params=c.active_params, flops_per_token=c.flops_per_token,
                                  median_s=median, spread=spread, tokens_per_s=T / median, flops_per_s=work / median,
@@ -248,8 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = (f"deepseek-moe-bench  match={args.match}  H={args.hidden_size} F={args.ffn_size}  "
              f"{info['device_name']} ({info['threads']} threads), torch {info['torch']}")
     print(render_table(rows, title))
-    print("× ref: time / the reference config (a, Mixtral-style by default) with the same implementation; "
-          "× dense: time / a dense SwiGLU with the same active expert FLOPs.")
+    print("× ref: time / our layer running the reference config (a: Mixtral-style by default), same backend "
+          "where there is one; × dense: time / a dense SwiGLU FFN with the same active expert FLOPs.")
     for peer, reason in peer_status().items():
         if reason is not None:
             print(f"peer {peer}: not run ({reason})")

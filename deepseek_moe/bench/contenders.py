@@ -19,6 +19,9 @@ from ..losses import load_stats
 
 MATCHES = ("flops", "params", "none")
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+# batched_mm gathers one weight matrix per (token, expert) pair: O(T·K·I·H) memory (8 GB at T=512, H=512, F=1408
+# for the 64-expert layer), so it runs only when asked for by name.
+DEFAULT_HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
 class DenseSwiGLU(nn.Module):
@@ -48,6 +51,8 @@ class Contender:
     flops_per_token: int
     expert_combinations: int
     dense_width: int
+    family: str                    # the config whose weights this contender runs (peers copy them)
+    kind: str                      # "layer" (ours), "dense" or "peer"
     build: Callable[[Optional[nn.Module]], nn.Module] = field(repr=False)
     config: Optional[MoEConfig] = field(default=None, repr=False)
 
@@ -113,14 +118,15 @@ def moe_contender(name: str, side: str, cfg: MoEConfig, backend: str) -> Contend
     return Contender(name=name, side=side, implementation=backend, total_params=cfg.total_params,
                      active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
                      expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
-                     dense_width=cfg.dense_equivalent_width, build=build, config=cfg)
+                     dense_width=cfg.dense_equivalent_width, family=name, kind="layer", build=build, config=cfg)
 
 
 def dense_contender(hidden_size: int, width: int) -> Contender:
     params = 3 * hidden_size * width
     return Contender(name=f"dense-{width}", side="dense", implementation="dense", total_params=params,
                      active_params=params, flops_per_token=dense_flops_per_token(hidden_size, width),
-                     expert_combinations=1, dense_width=width, build=lambda source: DenseSwiGLU(hidden_size, width))
+                     expert_combinations=1, dense_width=width, family=f"dense-{width}", kind="dense",
+                     build=lambda source: DenseSwiGLU(hidden_size, width))
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
@@ -181,7 +187,7 @@ def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> O
     return Contender(name=peer, side=side, implementation=implementation, total_params=cfg.total_params,
                      active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
                      expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
-                     dense_width=cfg.dense_equivalent_width, build=build, config=cfg)
+                     dense_width=cfg.dense_equivalent_width, family=name, kind="peer", build=build, config=cfg)
 
 
 class _Batched(nn.Module):

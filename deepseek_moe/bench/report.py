@@ -30,13 +30,13 @@ GROUP_KEYS = ("device", "dtype", "mode", "tokens")
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Fill ``ratio_to_mixtral`` (time / the reference side 'a' row of the same group, same implementation if
+    """Fill ``ratio_to_mixtral`` (time / our layer's reference side 'a' row of the same group, same backend if
     there is one) and ``ratio_to_dense`` (time / the dense row of the same group and width)."""
     groups: Dict[tuple, List[Dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
     for group in groups.values():
-        refs = [r for r in group if r["side"] == "a"]
+        refs = [r for r in group if r["side"] == "a" and r["kind"] == "layer"]
         dense = {r["dense_width"]: r for r in group if r["side"] == "dense"}
         for row in group:
             same = [r for r in refs if r["implementation"] == row["implementation"]]
@@ -87,27 +87,33 @@ def write_csv(path: str, rows: List[Dict]) -> None:
 
 
 def write_plot(path: str, rows: List[Dict], title: Optional[str] = None) -> None:
-    """tokens/s against T, one line per (config, implementation, dtype, mode)."""
+    """tokens/s against T: one panel per (dtype, mode), one line per (config, implementation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: Dict[str, List[tuple]] = {}
-    for r in rows:
-        label = f"{r['config']} [{r['implementation']}] {r['dtype']} {r['mode']}"
-        series.setdefault(label, []).append((r["tokens"], r["tokens_per_s"]))
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens per call (T)")
-    ax.set_ylabel("tokens / s")
-    ax.set_title(title or "deepseek-moe-bench")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = sorted({(r["dtype"], r["mode"]) for r in rows})
+    labels = sorted({f"{r['config']} [{r['implementation']}]" for r in rows})
+    colors = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    for ax, (dtype, mode) in zip(axes[0], panels):
+        series: Dict[str, List[tuple]] = {}
+        for r in rows:
+            if (r["dtype"], r["mode"]) == (dtype, mode):
+                series.setdefault(f"{r['config']} [{r['implementation']}]", []).append((r["tokens"], r["tokens_per_s"]))
+        for label, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label],
+                    linestyle="--" if label.startswith("dense") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per call (T)")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{dtype} {mode}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "deepseek-moe-bench", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,12 @@
 """Timing and memory measurement for the benchmark: CUDA events on GPU, a monotonic clock on CPU."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from typing import Callable, List
+from typing import Callable, Iterator, List
 
 import torch
 
@@ -62,10 +65,30 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2 for the block: the profiler's native library logs two lines per session that
+    would interleave with the table. Python exceptions still propagate."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
