@@ -60,13 +60,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_presets_with_match_none(capsys):
-    rc = main(["--a", "qwen2-moe", "--b", "mixtral-8x7b", "--match", "none", "--hidden-size", "32",
-               "--tokens", "8", "--mode", "fwd", "--repeats", "1", "--warmup", "0", "--no-progress",
-               "--peers", "none"])
+def test_presets_compared_as_they_are(capsys, tmp_path):
+    out_json = tmp_path / "p.json"
+    rc = main(["--a", "qwen2-moe", "--b", "mixtral-8x7b", "--hidden-size", "32", "--tokens", "8", "--mode", "fwd",
+               "--repeats", "1", "--warmup", "0", "--no-progress", "--peers", "none", "--json", str(out_json)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "qwen2-moe" in out and "mixtral-8x7b" in out
+    assert "qwen2-moe" in out and "mixtral-8x7b" in out and "match=none" in out
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["match"] == "none" and data["meta"]["command"].startswith("deepseek-moe-bench --a qwen2-moe")
+    assert main(["--a", "qwen2-moe", "--match", "params"]) == 2
 
 
 @pytest.mark.parametrize("argv,needle", [

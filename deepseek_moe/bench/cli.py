@@ -105,8 +105,10 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     for flag, name in (("--a", args.a), ("--b", args.b)):
         if name is not None and name not in PRESETS:
             raise UserError(f"{flag} {name!r}: unknown preset; expected one of {', '.join(sorted(PRESETS))}")
-    if args.match != "none" and (args.a or args.b) and args.match != "flops":
-        raise UserError("--a/--b compare presets as they are: use them with --match none (or the default)")
+    if (args.a or args.b) and args.match == "params":
+        raise UserError("--a/--b compare presets as they are: use them with --match none (or leave --match out)")
+    if args.a or args.b:
+        args.match = "none"
     args.peers = _choices("--peers", args.peers, ("auto", "none"))[0]
     default_impls = ("grouped_mm",) if args.quick else DEFAULT_HF_IMPLEMENTATIONS
     args.hf_impls = _choices("--hf-impls", args.hf_impls or ",".join(default_impls), HF_IMPLEMENTATIONS)
@@ -234,14 +236,13 @@ def meta(args) -> Dict:
     return dict(version=__version__, torch=torch.__version__, device=str(device), device_name=name,
                 threads=torch.get_num_threads(), match=args.match, hidden_size=args.hidden_size,
                 ffn_size=args.ffn_size, peers={k: v or "available" for k, v in peer_status().items()},
-                command="deepseek-moe-bench " + " ".join(sys.argv[1:]) if args._argv is None else
-                "deepseek-moe-bench " + " ".join(args._argv))
+                command=" ".join(["deepseek-moe-bench"] + args.argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse(argv)
-        args._argv = list(argv) if argv is not None else None
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         rows = run(args)
     except (UserError, ConfigError, BackendUnavailable) as err:
         print(f"deepseek-moe-bench: error: {err}", file=sys.stderr)
