@@ -60,6 +60,7 @@ class MoEConfig:
     bias_update_speed: float = 0.0
     capacity_factor: Optional[float] = None
     shared_expert_gate: bool = False
+    shared_expert_hidden_size: Optional[int] = None
     backend: str = "auto"
     initializer_range: float = 0.02
 
@@ -107,6 +108,10 @@ class MoEConfig:
         v = self.initializer_range
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             _fail("initializer_range", v, "expected a finite number > 0")
+        w = self.shared_expert_hidden_size
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            _fail("shared_expert_hidden_size", w, "expected None (num_shared_experts * expert_hidden_size) or an "
+                  "integer >= 1")
         c = self.capacity_factor
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
             _fail("capacity_factor", c, "expected None (dropless) or a finite number > 0")
@@ -148,8 +153,15 @@ class MoEConfig:
         return self.num_routed_experts * 3 * self.expert_hidden_size * self.hidden_size
 
     @property
+    def shared_width(self) -> int:
+        """Width of the fused shared-expert MLP: ``shared_expert_hidden_size`` or Ks·I (0 without shared experts)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_expert_hidden_size or self.num_shared_experts * self.expert_hidden_size
+
+    @property
     def shared_params(self) -> int:
-        return (self.num_shared_experts * 3 * self.expert_hidden_size * self.hidden_size
+        return (3 * self.shared_width * self.hidden_size
                 + (self.hidden_size if self.shared_expert_gate and self.num_shared_experts else 0))
 
     @property
@@ -174,8 +186,8 @@ class MoEConfig:
 
     @property
     def dense_equivalent_width(self) -> int:
-        """Width F of the dense SwiGLU FFN with the same expert FLOPs per token: (Ks + K) * I."""
-        return (self.num_shared_experts + self.top_k) * self.expert_hidden_size
+        """Width F of the dense SwiGLU FFN with the same expert FLOPs per token: shared width + K·I."""
+        return self.shared_width + self.top_k * self.expert_hidden_size
 
 
 def _fine_width(ffn_size: int) -> int:

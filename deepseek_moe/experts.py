@@ -73,11 +73,12 @@ class RoutedExperts(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    """The Ks shared experts as one dense SwiGLU MLP of width Ks·I: ``down(silu(gate(x)) * up(x))``."""
+    """The Ks shared experts as one dense SwiGLU MLP of width ``cfg.shared_width`` (Ks·I unless
+    ``shared_expert_hidden_size`` says otherwise): ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        width = cfg.num_shared_experts * cfg.expert_hidden_size
+        width = cfg.shared_width
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)

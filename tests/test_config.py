@@ -16,6 +16,7 @@ BASE = dict(hidden_size=64, expert_hidden_size=32, num_routed_experts=16, top_k=
     ("num_devices", 3), ("comm_loss_alpha", -1.0), ("max_devices_per_token", 2), ("seq_balance_alpha", -1),
     ("z_loss_coef", -1), ("bias_update_speed", -0.5), ("capacity_factor", 0.0), ("capacity_factor", -1.0),
     ("shared_expert_gate", None), ("backend", "cuda"), ("initializer_range", 0),
+    ("shared_expert_hidden_size", 0), ("shared_expert_hidden_size", 2.0),
 ])
 def test_invalid_field_names_field_and_value(field, value):
     with pytest.raises(dm.ConfigError) as info:
@@ -67,9 +68,10 @@ def test_mixtral_style_preset_is_8x2_softmax_renormalised_no_shared():
     assert cfg.score_func == "softmax" and cfg.norm_topk_prob and cfg.expert_hidden_size == 128
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3", "qwen2-moe", "mixtral-8x2", "deepseek-64x"])
-def test_size_accounting_matches_the_module(name):
-    cfg = MoEConfig.preset(name, hidden_size=32, expert_hidden_size=8)
+@pytest.mark.parametrize("name,extra", [("deepseek-v3", {}), ("qwen2-moe", {}), ("mixtral-8x2", {}),
+                                        ("deepseek-64x", {}), ("qwen2-moe", {"shared_expert_hidden_size": 20})])
+def test_size_accounting_matches_the_module(name, extra):
+    cfg = MoEConfig.preset(name, hidden_size=32, expert_hidden_size=8, **extra)
     layer = dm.DeepSeekMoELayer(cfg)
     assert cfg.total_params == sum(p.numel() for p in layer.parameters())
     per_expert = 3 * 8 * 32
