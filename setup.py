@@ -7,7 +7,7 @@ with open("README.md", encoding="utf-8") as f:
 extras = {
     "test": ["pytest>=8", "hypothesis>=6.100"],
     "triton": ["triton>=3.0"],
-    "hf": ["transformers>=5.0"],
+    "hf": ["transformers>=4.57", "accelerate>=1.0"],
     "bench": ["rich>=13", "matplotlib>=3.8"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps})

@@ -18,7 +18,8 @@ from torch import nn
 from .config import MoEConfig
 from .layer import DeepSeekMoELayer
 
-SUPPORTED_BLOCKS = ("DeepseekV3MoE", "DeepseekV2Moe", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+SUPPORTED_BLOCKS = ("DeepseekV3MoE", "DeepseekV2Moe", "DeepseekV2MoE", "MixtralSparseMoeBlock",
+                    "Qwen2MoeSparseMoeBlock")  # DeepseekV2MoE: transformers 4.57's spelling of DeepseekV2Moe
 
 
 def _find(obj: nn.Module, *names: str, default=None):
@@ -67,7 +68,7 @@ def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
         fields.update(score_func="sigmoid", group_score="top2_sum", num_groups=_find(block, "num_group", "n_group"),
                       topk_groups=_find(block, "topk_group"), norm_topk_prob=bool(_find(block, "norm_topk_prob")),
                       routed_scaling_factor=float(_find(block, "routed_scaling_factor")))
-    elif kind == "DeepseekV2Moe":
+    elif kind in ("DeepseekV2Moe", "DeepseekV2MoE"):
         method = _find(block, "topk_method", default="greedy")
         grouped = method == "group_limited_greedy"
         fields.update(score_func="softmax", group_score="max", num_groups=_find(block, "num_group", "n_group")
@@ -271,9 +272,9 @@ def expert_load(model: nn.Module) -> Dict[str, float]:
 
 
 def trainer_callback():
-    """A ``transformers.TrainerCallback`` that runs :func:`update_biases` after every optimizer step and adds
-    each layer's MaxVio to the Trainer's logs. Pair it with :func:`aux_loss_trainer` (or your own
-    ``compute_loss``) so the balance losses reach the gradient. Needs transformers."""
+    """A ``transformers.TrainerCallback`` that runs :func:`update_biases` after every optimizer step. Pair it
+    with :func:`aux_loss_trainer` (or your own ``compute_loss``) so the balance losses reach the gradient and
+    each layer's MaxVio reaches the logs. Needs transformers."""
     from transformers import TrainerCallback
 
     class DeepSeekMoECallback(TrainerCallback):
@@ -281,15 +282,12 @@ def trainer_callback():
             if model is not None:
                 update_biases(model)
 
-        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-            if model is not None and logs is not None:
-                logs.update({f"moe/{k}": v for k, v in expert_load(model).items() if k.endswith("max_vio")})
-
     return DeepSeekMoECallback()
 
 
 def aux_loss_trainer(trainer_cls=None):
-    """A subclass of ``transformers.Trainer`` (or of ``trainer_cls``) whose loss adds ``dm.aux_loss(model)``."""
+    """A subclass of ``transformers.Trainer`` (or of ``trainer_cls``) whose loss adds ``dm.aux_loss(model)`` and
+    whose logs carry ``moe/<layer>/max_vio`` for every DeepSeekMoE layer (from the last forward)."""
     from transformers import Trainer
 
     from .layer import aux_loss
@@ -301,6 +299,10 @@ def aux_loss_trainer(trainer_cls=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
             loss = loss + aux_loss(model).to(loss.device)
             return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            logs = {**logs, **{f"moe/{k}": v for k, v in expert_load(self.model).items() if k.endswith("max_vio")}}
+            return super().log(logs, *args, **kwargs)
 
     return DeepSeekMoETrainer
 

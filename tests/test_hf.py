@@ -209,3 +209,29 @@ def test_moefy_layers_predicate_and_errors():
     assert hf.moefy(gpt2, MOE, init="random") == 2
     out = gpt2(torch.randint(0, 50, (2, 8)))
     assert out.logits.shape == (2, 8, 50)
+
+
+def test_trainer_helpers_add_aux_loss_update_biases_and_log(tmp_path):
+    from transformers import TrainingArguments
+
+    model = _tiny_llama()
+    hf.moefy(model, MOE, init="upcycle")
+    ids = torch.randint(0, 101, (8, 16))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    seen_aux = []
+
+    class Recording(hf.aux_loss_trainer()):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            seen_aux.append(dm.aux_loss(model).item())
+            return loss
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Recording(model=model, args=args, train_dataset=data, callbacks=[hf.trainer_callback()])
+    trainer.train()
+    assert len(seen_aux) == 3 and all(a > 0 for a in seen_aux)
+    logged = [entry for entry in trainer.state.log_history if any(k.startswith("moe/") for k in entry)]
+    assert logged and all(k.endswith("max_vio") for k in logged[0] if k.startswith("moe/"))
+    biases = [layer.gate.e_score_correction_bias for layer in hf.moe_layers(model).values()]
+    assert all(b.abs().sum() > 0 for b in biases)  # bias_update_speed > 0: the callback ran update_bias
