@@ -54,19 +54,20 @@ def swiglu_weighted_backward(h_NJ: torch.Tensor, w_N: torch.Tensor, grad_a_NI: t
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`swiglu_weighted`, in the accumulation dtype (see :func:`acc_dtype`).
 
-    Returns (grad_h_NJ (N, 2I), grad_w_N (N,), a_NI (N, I) the weighted activation, which the caller needs
-    for the down-projection's weight gradient).
+    ``grad_a_NI`` may be overwritten (callers pass a temporary). Returns (grad_h_NJ (N, 2I), grad_w_N (N,),
+    a_NI (N, I) the weighted activation, which the caller needs for the down-projection's weight gradient).
     """
     I = h_NJ.shape[1] // 2
     acc = acc_dtype(h_NJ.dtype)
     g_NI, u_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
-    dy_NI, w_N = grad_a_NI.to(acc), w_N.to(acc)
+    dy_NI, w_N1 = grad_a_NI.to(acc), w_N.to(acc).unsqueeze(1)
     silu_NI = F.silu(g_NI)
     a_NI = silu_NI * u_NI
     grad_w_N = torch.linalg.vecdot(dy_NI, a_NI)
-    dy_NI = dy_NI * w_N.unsqueeze(1)
-    a_NI.mul_(w_N.unsqueeze(1))
+    dy_NI.mul_(w_N1)
+    a_NI.mul_(w_N1)
     grad_h_NJ = torch.empty(h_NJ.shape, dtype=acc, device=h_NJ.device)
     torch.mul(dy_NI, silu_NI, out=grad_h_NJ[:, I:])
-    grad_h_NJ[:, :I] = torch.ops.aten.silu_backward(dy_NI.mul_(u_NI), g_NI)
+    torch.mul(dy_NI, u_NI, out=silu_NI)  # silu is no longer needed: reuse its buffer for dy·u
+    torch.ops.aten.silu_backward.grad_input(silu_NI, g_NI, grad_input=grad_h_NJ[:, :I])
     return grad_h_NJ, grad_w_N, a_NI
