@@ -21,17 +21,8 @@ from transformers import DeepseekV3Config  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 
 from deepseek_moe import hf  # noqa: E402
-from deepseek_moe.bench.contenders import DenseSwiGLU  # noqa: E402
+from deepseek_moe.bench.contenders import DenseSwiGLU, _Batched  # noqa: E402
 from deepseek_moe.bench.timing import run_once, time_call  # noqa: E402
-
-
-class _Batched(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return self.block(x.unsqueeze(0)).squeeze(0)
 
 
 def main(argv=None) -> int:

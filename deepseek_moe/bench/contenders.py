@@ -191,7 +191,7 @@ def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> O
 
 
 class _Batched(nn.Module):
-    """transformers' MoE blocks want (B, S, H); the benchmark feeds (T, H)."""
+    """transformers' MoE blocks want (B, S, H); the benchmarks feed (T, H)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from typing import Dict, List, Optional
 
@@ -68,7 +69,7 @@ def render_table(rows: List[Dict], title: str) -> str:
         table.add_column(header, justify="left" if key in ("config", "implementation", "mode") else "right")
     for r in rows:
         table.add_row(*[_cell(r, k, f) for k, _, f in COLUMNS])
-    console = Console(width=250, record=True, file=open("/dev/null", "w"))
+    console = Console(width=250, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text()
 
