@@ -47,7 +47,11 @@ def swiglu_weighted(h_NJ: torch.Tensor, w_N: torch.Tensor, out_dtype: torch.dtyp
     """a = silu(gate) · up · w in the accumulation dtype, cast to ``out_dtype``. h_NJ (N, 2I), w_N (N,) -> (N, I)."""
     I = h_NJ.shape[1] // 2
     acc = acc_dtype(h_NJ.dtype)
-    return (F.silu(h_NJ[:, :I].to(acc)) * h_NJ[:, I:].to(acc) * w_N.to(acc).unsqueeze(1)).to(out_dtype)
+    gate_NI, up_NI, w_N1 = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc), w_N.to(acc).unsqueeze(1)
+    if torch.is_grad_enabled() and (h_NJ.requires_grad or w_N.requires_grad):
+        return (F.silu(gate_NI) * up_NI * w_N1).to(out_dtype)
+    # No autograd (inside the segment op): one buffer, updated in place.
+    return F.silu(gate_NI).mul_(up_NI).mul_(w_N1).to(out_dtype)
 
 
 def swiglu_weighted_backward(h_NJ: torch.Tensor, w_N: torch.Tensor, grad_a_NI: torch.Tensor
