@@ -100,3 +100,10 @@ def test_module_entry_point_and_error_without_traceback():
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("deepseek-moe-bench: error: --dtype 'int8'")
     assert "Traceback" not in bad.stderr
+
+
+def test_missing_peer_is_listed_not_an_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    assert main(TINY + ["--tokens", "8", "--mode", "fwd", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "peer transformers: not run (not installed" in out and "hf-" not in out
