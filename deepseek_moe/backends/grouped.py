@@ -4,7 +4,8 @@
   expert, gathers its rows, runs gate_up GEMM → SwiGLU·w → down GEMM and scatter-adds into y while the segment
   is still in cache. No (N, H) gathered copy, no (N, H) output, no full-size per-expert gradient buffers; the
   backward mirrors it. Registered with ``torch.library`` so ``torch.compile`` treats it as one op.
-* ``grouped_mm`` (default on CUDA with bf16 when ``torch.nn.functional.grouped_mm`` exists): gather rows →
+* ``grouped_mm`` (default on CUDA bf16, compute capability >= 9.0, where ``torch.nn.functional.grouped_mm``
+  exists): gather rows →
   ``grouped_mm`` → SwiGLU·w → ``grouped_mm`` → sum-combine, autograd through PyTorch's kernels.
 
 Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed experts, N kept pairs.
@@ -108,6 +109,12 @@ segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
 
 
 # ------------------------------------------------------------------------------------------ backend
+def _cuda_grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """PyTorch's CUDA grouped GEMM runs bf16 on Hopper-class GPUs (compute capability >= 9.0) only."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm is not None
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def align_segments(token_N: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor, multiple: int
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad every expert segment to a multiple of ``multiple`` rows (M rows in all).
@@ -160,8 +167,7 @@ class TorchBackend(Backend):
         if strategy == "auto":
             # Measured on a 2-core CPU: the cache-resident segment loop beats grouped_mm + separate gather and
             # combine passes by ~1.4x forward+backward (docs/benchmarks.md); on GPUs one grouped kernel wins.
-            strategy = "grouped_mm" if (device.type == "cuda" and dtype == torch.bfloat16
-                                        and _grouped_mm is not None) else "segments"
+            strategy = "grouped_mm" if _cuda_grouped_mm_ok(device, dtype) else "segments"
         if strategy == "grouped_mm" and _grouped_mm is None:
             raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
         return strategy
