@@ -168,3 +168,61 @@ def test_layer_gradcheck_float64(backend):
     # Routing is piecewise constant in x; with random inputs no top-k choice sits within eps of a tie.
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
     assert torch.autograd.gradcheck(lambda t: (layer(t), layer.aux_loss)[1], (x,))
+
+
+def _grads(layer, x):
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_recycled_gradient_buffers_never_change_results(monkeypatch):
+    cfg = dm.MoEConfig(hidden_size=24, expert_hidden_size=8, num_routed_experts=8, top_k=2)
+    fast, ref = dm.DeepSeekMoELayer(cfg), dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
+    ref.load_state_dict(fast.state_dict())
+    xa, xb = torch.randn(30, 24), torch.randn(30, 24)
+    ga, gb = _grads(ref, xa), None
+    ref.zero_grad(set_to_none=True)
+    gb = _grads(ref, xb)
+    ref.zero_grad(set_to_none=True)
+    # 1. zero_grad(set_to_none=True) between steps: the buffer is recycled, values stay right.
+    first = _grads(fast, xa)
+    ptr = fast.experts.gate_up_proj.grad.data_ptr()
+    fast.zero_grad(set_to_none=True)
+    second = _grads(fast, xb)
+    assert fast.experts.gate_up_proj.grad.data_ptr() == ptr
+    for name in ga:
+        assert_close(first[name], ga[name], 1e-5, f"step 1 {name}")
+        assert_close(second[name], gb[name], 1e-5, f"step 2 {name}")
+    # 2. Gradient accumulation: param.grad still holds the buffer, so a fresh one is used and the sum is right.
+    fast.zero_grad(set_to_none=True)
+    _grads(fast, xa)
+    acc = _grads(fast, xb)
+    for name in ga:
+        assert_close(acc[name], ga[name] + gb[name], 1e-5, f"accumulated {name}")
+    # 3. A gradient the user kept is never overwritten by a later backward.
+    kept = fast.experts.down_proj.grad
+    snapshot = kept.clone()
+    fast.zero_grad(set_to_none=True)
+    _grads(fast, xa)
+    assert torch.equal(kept, snapshot)
+    # 4. Two forwards before their backwards (saved activations of both alive) and retain_graph.
+    fast.zero_grad(set_to_none=True)
+    y1, y2 = fast(xa), fast(xb)
+    (y1.sum() + y2.sum()).backward(retain_graph=True)
+    once = fast.experts.gate_up_proj.grad.clone()
+    (y1.sum() + y2.sum()).backward()
+    assert_close(fast.experts.gate_up_proj.grad, 2 * once, 1e-6, "retain_graph twice")
+    # 5. The env var turns recycling off.
+    from deepseek_moe.backends.grouped import _step_buffers
+    assert _step_buffers.enabled(fast.experts.gate_up_proj)
+    monkeypatch.setenv("DEEPSEEK_MOE_REUSE_GRAD_BUFFERS", "0")
+    assert not _step_buffers.enabled(fast.experts.gate_up_proj)
+    fast.zero_grad(set_to_none=True)
+    assert_close(_grads(fast, xb)["experts.gate_up_proj"], gb["experts.gate_up_proj"], 1e-5, "recycling off")
+    monkeypatch.delenv("DEEPSEEK_MOE_REUSE_GRAD_BUFFERS")
+    # 6. Inference mode in between (its tensors cannot be written later) does not poison the recycling.
+    with torch.inference_mode():
+        fast(xa)
+    fast.zero_grad(set_to_none=True)
+    assert_close(_grads(fast, xa)["experts.down_proj"], ga["experts.down_proj"], 1e-5, "after inference mode")

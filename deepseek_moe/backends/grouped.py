@@ -13,7 +13,9 @@ Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed expert
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+import threading
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,64 @@ from .base import Backend, acc_dtype, swiglu_weighted, swiglu_weighted_backward
 
 STRATEGIES = ("auto", "segments", "grouped_mm")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# ------------------------------------------------------------------------------------- gradient buffers
+class _StepBuffers:
+    """Recycles large per-step CPU buffers between steps: the (E, 2I, H) and (E, H, I) expert weight gradients
+    and the saved (N, 2I) gate/up pre-activations.
+
+    An MoE's expert weight gradient is (E / (K + Ks)) times a dense FFN's (277 MB at E=64, I=352, H=1024, fp32);
+    allocated fresh every backward, its pages are faulted in and zeroed by the kernel each time (~50-80 ms on a
+    2-core CPU); glibc returns every allocation over 32 MB to the OS when it is freed. A buffer is handed out
+    again only when its storage has no other user: after the optimizer step and ``zero_grad(set_to_none=True)``
+    a gradient buffer is free, after the backward the saved activations are; while ``param.grad`` (gradient
+    accumulation), a retained graph or any other tensor still references it, a fresh buffer is allocated, so
+    results never change. Off with ``DEEPSEEK_MOE_REUSE_GRAD_BUFFERS=0``; CUDA's caching allocator already
+    recycles memory. Returned buffers must reach autograd as fresh views (``buf.view(buf.shape)``) so that
+    AccumulateGrad takes them without a copy.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # (id(owner), tag) -> (weak reference to the owner, buffer, storage users of the buffer when idle).
+        # Tensors cannot key a WeakKeyDictionary (their == is element-wise); the weak reference's callback
+        # drops the entry when the owner goes away.
+        self._buffers: Dict[Tuple[int, str], Tuple["weakref.ref[torch.Tensor]", torch.Tensor, int]] = {}
+
+    @staticmethod
+    def _users(t: torch.Tensor) -> int:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def enabled(self, weight: torch.Tensor) -> bool:
+        """Whether buffers for ``weight`` are recycled here."""
+        # Inference-mode tensors cannot be written outside inference mode: no recycling there (no backward
+        # follows anyway).
+        return (weight.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
+                and not torch.is_inference_mode_enabled()
+                and os.environ.get("DEEPSEEK_MOE_REUSE_GRAD_BUFFERS", "1") != "0")
+
+    def get(self, owner: torch.Tensor, tag: str = "grad", shape: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (default ``owner``'s) and ``owner``'s dtype and device, recycled
+        from the previous call with the same (owner, tag) when nothing else uses that one any more."""
+        shape = tuple(owner.shape) if shape is None else tuple(shape)
+        if not self.enabled(owner):
+            return owner.new_empty(shape)
+        key = (id(owner), tag)
+        with self._lock:
+            entry = self._buffers.get(key)
+            if entry is not None:
+                ref, buffer, idle_users = entry
+                if (ref() is owner and tuple(buffer.shape) == shape and buffer.dtype == owner.dtype
+                        and self._users(buffer) == idle_users):
+                    return buffer
+            buffer = owner.new_empty(shape)
+            self._buffers[key] = (weakref.ref(owner, lambda _, key=key: self._buffers.pop(key, None)), buffer,
+                                  self._users(buffer))
+            return buffer
+
+
+_step_buffers = _StepBuffers()
 
 
 # ------------------------------------------------------------------------------------------ segments op
@@ -37,7 +97,8 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
     counts: List[int] = counts_E.tolist()
-    h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I)
+    h_NJ = _step_buffers.get(gate_up_EJH, "h", (token_N.shape[0], 2 * I)) if x_TH.dtype == gate_up_EJH.dtype \
+        else x_TH.new_empty(token_N.shape[0], 2 * I)
     acc = acc_dtype(x_TH.dtype)
     y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
@@ -47,7 +108,7 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
         torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_EJH[e].t(), out=h_seg[e])
         out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_EHI[e].t())
         y_TH.index_add_(0, tok_seg[e], out_nH.to(acc))
-    return y_TH.to(x_TH.dtype), h_NJ
+    return y_TH.to(x_TH.dtype), h_NJ.view(h_NJ.shape)
 
 
 @segment_mlp.register_fake
@@ -66,8 +127,8 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
     grad_y_TH = grad_y_TH.contiguous()
     acc = acc_dtype(dtype)
     grad_x_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
-    grad_gate_up = torch.empty_like(gate_up_EJH)
-    grad_down = torch.empty_like(down_EHI)
+    grad_gate_up = _step_buffers.get(gate_up_EJH)
+    grad_down = _step_buffers.get(down_EHI)
     grad_w_N = torch.empty_like(weight_N)
     h_seg, tok_seg = h_NJ.split(counts), token_N.split(counts)
     w_seg, gw_seg = weight_N.split(counts), grad_w_N.split(counts)
@@ -84,7 +145,7 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
         grad_h_nJ = grad_h_nJ.to(dtype)
         torch.mm(grad_h_nJ.t(), x_TH.index_select(0, tok_seg[e]), out=grad_gate_up[e])
         grad_x_TH.index_add_(0, tok_seg[e], torch.mm(grad_h_nJ, gate_up_EJH[e]).to(acc))
-    return grad_x_TH.to(dtype), grad_gate_up, grad_down, grad_w_N
+    return grad_x_TH.to(dtype), grad_gate_up.view(grad_gate_up.shape), grad_down.view(grad_down.shape), grad_w_N
 
 
 @segment_mlp_backward.register_fake
