@@ -102,12 +102,13 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     acc = acc_dtype(x_TH.dtype)
     y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
+    gate_up_t, down_t = gate_up_EJH.transpose(1, 2), down_EHI.transpose(1, 2)
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_EJH[e].t(), out=h_seg[e])
-        out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_EHI[e].t())
-        y_TH.index_add_(0, tok_seg[e], out_nH.to(acc))
+        torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_t[e], out=h_seg[e])
+        out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_t[e])
+        y_TH.index_add_(0, tok_seg[e], out_nH if out_nH.dtype == acc else out_nH.to(acc))
     return y_TH.to(x_TH.dtype), h_NJ.view(h_NJ.shape)
 
 
@@ -141,10 +142,12 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
         grad_a_nI = torch.mm(grad_out_nH, down_EHI[e])
         grad_h_nJ, gw_n, a_nI = swiglu_weighted_backward(h_seg[e], w_seg[e], grad_a_nI)
         gw_seg[e].copy_(gw_n)
-        torch.mm(grad_out_nH.t(), a_nI.to(dtype), out=grad_down[e])
-        grad_h_nJ = grad_h_nJ.to(dtype)
+        if dtype != acc:
+            a_nI, grad_h_nJ = a_nI.to(dtype), grad_h_nJ.to(dtype)
+        torch.mm(grad_out_nH.t(), a_nI, out=grad_down[e])
         torch.mm(grad_h_nJ.t(), x_TH.index_select(0, tok_seg[e]), out=grad_gate_up[e])
-        grad_x_TH.index_add_(0, tok_seg[e], torch.mm(grad_h_nJ, gate_up_EJH[e]).to(acc))
+        grad_x_nH = torch.mm(grad_h_nJ, gate_up_EJH[e])
+        grad_x_TH.index_add_(0, tok_seg[e], grad_x_nH if dtype == acc else grad_x_nH.to(acc))
     return grad_x_TH.to(dtype), grad_gate_up.view(grad_gate_up.shape), grad_down.view(grad_down.shape), grad_w_N
 
 
