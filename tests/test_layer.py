@@ -190,3 +190,20 @@ def test_update_bias_is_noop_without_speed():
     layer.update_bias()
     assert torch.equal(layer.gate.e_score_correction_bias, torch.zeros(8))
     assert int(layer.load_since_update.sum()) == 0
+
+
+def test_import_needs_only_torch():
+    """`import deepseek_moe` (hf and bench included) works, silently, with the optional packages blocked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings\n"
+            "for name in ('transformers', 'triton', 'rich', 'matplotlib', 'megablocks'):\n"
+            "    sys.modules[name] = None\n"
+            "warnings.simplefilter('error')\n"
+            "import deepseek_moe, deepseek_moe.hf, deepseek_moe.bench\n"
+            "layer = deepseek_moe.DeepSeekMoELayer(hidden_size=8, expert_hidden_size=4, num_routed_experts=4, top_k=2)\n"
+            "print(layer(__import__('torch').randn(3, 8)).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch.Size([3, 8])" and out.stderr == ""
