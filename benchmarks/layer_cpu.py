@@ -19,17 +19,7 @@ from torch import nn
 
 import deepseek_moe as dm
 from deepseek_moe.bench.contenders import DenseSwiGLU
-
-
-def time_once(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
-    start = time.perf_counter()
-    if backward:
-        y = module(x)
-        y.backward(torch.ones_like(y))
-    else:
-        with torch.no_grad():
-            module(x)
-    return time.perf_counter() - start
+from deepseek_moe.bench.timing import run_once, time_call
 
 
 def main(argv=None) -> int:
@@ -60,16 +50,16 @@ def main(argv=None) -> int:
             contenders[backend] = layer
         xs = [torch.randn(args.tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
               for _ in range(args.repeats + 1)]
-        for mode, backward in (("fwd", False), ("fwdbwd", True)):
+        cpu = torch.device("cpu")
+        for mode in ("fwd", "fwdbwd"):
             times = {name: [] for name in contenders}
             for name, m in contenders.items():
-                time_once(m, xs[-1], backward)  # warm-up
+                run_once(m, xs[-1], mode)  # warm-up
             for r in range(args.repeats):
                 for name, m in contenders.items():
                     if name == "eager" and r >= 1:
                         continue  # one timed round is enough for the slow oracle
-                    times[name].append(time_once(m, xs[r], backward))
-                    m.zero_grad(set_to_none=True)
+                    times[name].append(time_call(lambda: run_once(m, xs[r], mode), cpu))
             dense = statistics.median(times["dense"])
             for name, ts in times.items():
                 med = statistics.median(ts)

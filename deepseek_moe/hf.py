@@ -216,10 +216,18 @@ def moefy(model: nn.Module, config: MoEConfig, init: str = "upcycle", layers: Op
     if predicate is None:
         predicate = (lambda n, m: is_gated_mlp(m)) if init == "upcycle" else \
             (lambda n, m: is_gated_mlp(m) or is_plain_mlp(m))
+    # Never descend into layers that are already MoE (their shared experts look like a gated MLP).
+    moe_names = [n for n, m in model.named_modules() if isinstance(m, DeepSeekMoELayer)]
     matched = [name for name, m in model.named_modules() if name and not isinstance(m, DeepSeekMoELayer)
-               and predicate(name, m)]
+               and not any(name.startswith(o + ".") for o in moe_names) and predicate(name, m)]
     # Keep only outermost matches (an MLP inside a matched module is replaced with it).
     matched = [n for n in matched if not any(n.startswith(o + ".") for o in matched if o != n)]
+    if layers is not None:
+        layers = list(layers)
+        bad = [i for i in layers if not isinstance(i, int) or not -len(matched) <= i < len(matched)]
+        if bad:
+            raise ValueError(f"moefy: layers={layers} has indices {bad} outside the {len(matched)} matched MLPs "
+                             f"({matched})")
     chosen = set(matched if layers is None else [matched[i] for i in layers])
     for name in chosen:
         module = model.get_submodule(name)

@@ -202,6 +202,10 @@ def test_moefy_layers_predicate_and_errors():
     assert not isinstance(model.model.layers[0].mlp, dm.DeepSeekMoELayer)
     with pytest.raises(ValueError, match="init"):
         hf.moefy(model, MOE, init="copy")
+    with pytest.raises(ValueError, match=r"layers=\[5\] has indices \[5\] outside the 1 matched MLPs"):
+        hf.moefy(model, MOE, layers=[5])
+    assert hf.moefy(model, MOE) == 1  # only layer 0 is left: MoE layers (and their shared experts) are skipped
+    assert isinstance(model.model.layers[1].mlp.shared_experts, dm.experts.SharedExperts)
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=H, n_layer=2, n_head=4, n_positions=32))
     with pytest.raises(ValueError, match="init='random'"):
