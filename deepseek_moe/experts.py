@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import Backend
+from .backends.base import SwiGLU
 from .config import MoEConfig
 from .dispatch import DispatchPlan
 
@@ -90,5 +91,4 @@ class SharedExperts(nn.Module):
         # One GEMM for gate and up: x is read once and the GEMM is twice as wide (the weights stay separate
         # parameters so checkpoints keep the transformers names).
         gate_up_TJ = F.linear(x_TH, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        gate_TF, up_TF = gate_up_TJ.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate_TF) * up_TF)
+        return self.down_proj(SwiGLU.apply(gate_up_TJ))
