@@ -76,7 +76,9 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
     T, K = topk_idx_TK.shape
     device = topk_idx_TK.device
     expert_P = topk_idx_TK.reshape(-1)
-    routed_counts_E = torch.bincount(expert_P, minlength=num_experts)
+    # Not bincount: its output length depends on the data, which torch.compile(fullgraph=True) cannot trace.
+    routed_counts_E = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, expert_P, torch.ones_like(expert_P))
     if capacity is None:
         pair_P = torch.argsort(expert_P, stable=True)
         keep_TK = torch.ones(T, K, dtype=torch.bool, device=device)
@@ -99,8 +101,7 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
     N = pair_N.numel()
     slot_P = torch.full((T * K,), N, dtype=torch.int64, device=device)
     slot_P[pair_N] = torch.arange(N, device=device)
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts_E, 0, out=offsets_E1[1:])
+    offsets_E1 = torch.cat([counts_E.new_zeros(1), torch.cumsum(counts_E, 0)])
     return DispatchPlan(
         topk_idx_TK=topk_idx_TK, weight_TK=weight_TK, keep_TK=keep_TK, pair_N=pair_N,
         token_N=torch.div(pair_N, K, rounding_mode="floor"), slot_TK=slot_P.view(T, K), counts_E=counts_E,

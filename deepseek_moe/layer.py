@@ -99,8 +99,9 @@ class DeepSeekMoELayer(nn.Module):
         return y_TH.to(x.dtype).reshape(x.shape)
 
     def _record(self, routing: Routing, plan: DispatchPlan, x: torch.Tensor) -> None:
-        # Activation checkpointing re-runs forward inside backward: that step's load was already counted.
-        recomputing = torch._C._current_graph_task_id() != -1
+        # Activation checkpointing re-runs forward inside backward: that step's load was already counted. A compiled
+        # graph runs this Python once, at trace time, so there is nothing to ask (and the query cannot be traced).
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         self.tokens_per_expert = plan.counts_E.detach()
         if self.training:
             if not recomputing:

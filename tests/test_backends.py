@@ -132,7 +132,7 @@ def test_one_expert_top1_equals_dense_swiglu():
 def test_registry_reasons_and_env(monkeypatch):
     status = backend_status()
     assert status["eager"] is None and status["torch"] is None
-    for name in ("triton", "ext", "megablocks"):
+    for name in ("ext", "megablocks"):
         assert "not part of this release" in status[name]
         with pytest.raises(dm.BackendUnavailable, match=name):
             select(name)

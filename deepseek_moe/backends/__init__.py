@@ -1,7 +1,8 @@
 """Backend registry: pick the implementation of the routed experts by name, with reasons when one can't run.
 
-``select("auto", device, dtype)`` honours the env var ``DEEPSEEK_MOE_BACKEND`` and otherwise picks ``torch``.
-Optional backends are looked up only when selected; importing this package never imports them.
+``select("auto", device, dtype)`` honours the env var ``DEEPSEEK_MOE_BACKEND``; otherwise it picks ``triton`` on
+CUDA when triton is installed and supports the dtype, else ``torch``. Optional dependencies are imported only
+when a backend runs; importing this package never imports them.
 """
 from __future__ import annotations
 
@@ -14,31 +15,35 @@ from ..config import BACKENDS
 from .base import Backend
 from .eager import EagerBackend
 from .grouped import TorchBackend
+from .triton import TritonBackend
 
-__all__ = ["Backend", "BackendUnavailable", "EagerBackend", "TorchBackend", "select", "backend_status"]
+__all__ = ["Backend", "BackendUnavailable", "EagerBackend", "TorchBackend", "TritonBackend", "select",
+           "backend_status"]
 
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why and what to install or change."""
 
 
-_BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend()}
+_BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend(), "triton": TritonBackend()}
 
 # Contract names whose implementations are not part of this release: selecting one says so plainly.
 _NOT_IN_RELEASE = {
-    "triton": "the Triton grouped-GEMM kernels are not part of this release; use backend='torch'",
     "ext": "the compiled csrc extension is not part of this release; use backend='torch'",
     "megablocks": "the megablocks adapter is not part of this release; use backend='torch'",
 }
 
 
-def _resolve_name(name: str) -> str:
+def _resolve_name(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+                  ) -> str:
     if name == "auto":
         env = os.environ.get("DEEPSEEK_MOE_BACKEND", "").strip()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"DEEPSEEK_MOE_BACKEND={env!r} is invalid; expected one of {BACKENDS}")
             return env
+        if device.type == "cuda" and _BUILTIN["triton"].unavailable_reason(device, dtype) is None:
+            return "triton"
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}")
@@ -47,10 +52,11 @@ def _resolve_name(name: str) -> str:
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None if backend ``name`` can run on (device, dtype), else why not."""
-    name = _resolve_name(name)
+    device = torch.device(device)
+    name = _resolve_name(name, device, dtype)
     if name in _NOT_IN_RELEASE:
         return _NOT_IN_RELEASE[name]
-    return _BUILTIN[name].unavailable_reason(torch.device(device), dtype)
+    return _BUILTIN[name].unavailable_reason(device, dtype)
 
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"),
@@ -60,7 +66,8 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
     Raises ValueError for an unknown name and :class:`BackendUnavailable` (with the reason) for a known
     backend that cannot run here.
     """
-    resolved = _resolve_name(name)
+    device = torch.device(device)
+    resolved = _resolve_name(name, device, dtype)
     reason = unavailable_reason(resolved, device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")

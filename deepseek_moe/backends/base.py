@@ -97,6 +97,13 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a_TI: torch.Tensor) -> torch.Tensor:
         (h_TJ,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            # Traceable form (no out= into slices); the compiler fuses it into one kernel anyway.
+            I = h_TJ.shape[-1] // 2
+            acc = acc_dtype(h_TJ.dtype)
+            g, u, dy = h_TJ[..., :I].to(acc), h_TJ[..., I:].to(acc), grad_a_TI.to(acc)
+            s = torch.sigmoid(g)
+            return torch.cat([dy * u * s * (1 + g * (1 - s)), dy * g * s], -1).to(h_TJ.dtype)
         h_2d = h_TJ.reshape(-1, h_TJ.shape[-1])
         grad_h, _, _ = swiglu_weighted_backward(h_2d, None, grad_a_TI.reshape(-1, grad_a_TI.shape[-1]))
         return grad_h.to(h_TJ.dtype).view(h_TJ.shape)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import __version__
-from ..backends import BackendUnavailable
+from ..backends import BackendUnavailable, select
 from ..config import ConfigError, PRESETS
 from .contenders import (DEFAULT_HF_IMPLEMENTATIONS, HF_IMPLEMENTATIONS, MATCHES, Contender, available_backends, configs_for, dense_contender,
                          hf_contender, moe_contender, peer_status)
@@ -134,9 +134,10 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> List[str]:
     usable = available_backends(device, dtype)
     if text == "all":
-        return usable
+        # Triton on CPU means its interpreter, a testing tool far too slow to time: only when asked by name.
+        return [n for n in usable if not (n == "triton" and device.type == "cpu")]
     if text == "auto":
-        return ["torch"]
+        return [select("auto", device, dtype).name]
     names = _choices("--backend", text, ("eager", "torch", "triton", "ext", "megablocks"))
     missing = [n for n in names if n not in usable]
     if missing:
