@@ -88,8 +88,10 @@ def test_expert_tiles_layout(kernels):
 
 
 def test_tile_overrides(monkeypatch):
-    from deepseek_moe.kernels import TileConfig, force_tiles, tile_config
+    from deepseek_moe.kernels import TileConfig, force_tiles, gpu_tile_config, tile_config
 
+    assert gpu_tile_config("gate_up", torch.bfloat16, 9) == TileConfig(128, 64, 64, 8, 4)
+    assert gpu_tile_config("gate_up", torch.bfloat16, 8).block_k == 32  # Ampere: less shared memory
     cpu = torch.device("cpu")
     assert tile_config("gate_up", 64, 1024, 352, torch.float32, cpu) == TileConfig(32, 32, 32)
     with force_tiles(TileConfig(16, 64, 32)):
@@ -110,6 +112,22 @@ def test_availability_reasons(monkeypatch):
     with pytest.raises(dm.BackendUnavailable, match="TRITON_INTERPRET"):
         select("triton", torch.device("cpu"))
     assert select("auto", torch.device("cpu")).name == "torch"  # auto never picks the interpreter
+
+
+def test_kernels_compile_for_gpu_targets():
+    """Every kernel, with the tiles the heuristics pick on Ampere and Hopper, compiles to a CUDA binary (Triton and
+    its bundled ptxas, no GPU needed): GPU-only compile errors show up in CPU CI. A subprocess, because Triton
+    fixes interpreted-or-compiled at import and this process interprets."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "deepseek_moe.kernels.compile_check", "--capability", "80,90"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 * 3 * 5, done.stdout  # 2 architectures x 3 dtypes x 5 kernel variants
+    assert all("shared=" in line for line in lines)
 
 
 def _layer_pair(**fields):

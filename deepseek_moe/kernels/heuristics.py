@@ -74,7 +74,11 @@ def tile_config(kind: str, num_experts: int, dim_a: int, dim_b: int, dtype: torc
     if device.type != "cuda":
         # The interpreter runs each program as NumPy code: fewer, larger tiles interpret fastest.
         return TileConfig(32, 32, 32)
-    major, _ = torch.cuda.get_device_capability(device)
+    return gpu_tile_config(kind, dtype, torch.cuda.get_device_capability(device)[0])
+
+
+def gpu_tile_config(kind: str, dtype: torch.dtype, capability_major: int) -> TileConfig:
+    """The CUDA tiles for ``kind`` and ``dtype`` on a GPU of compute capability ``capability_major``.x."""
     wide = dtype.itemsize <= 2
     if kind == "gate_up":
         # Two fp32 accumulators (gate and up) per program: keep BLOCK_N at 64 to stay within registers.
@@ -84,6 +88,6 @@ def tile_config(kind: str, num_experts: int, dim_a: int, dim_b: int, dtype: torc
         cfg = TileConfig(128, 128, 32, num_warps=8, num_stages=3) if wide else TileConfig(64, 64, 32, 4, 3)
     else:
         cfg = TileConfig(128, 128, 64, num_warps=8, num_stages=3) if wide else TileConfig(64, 64, 32, 4, 3)
-    if major < 9:  # Ampere-class: ~100-160 KB of shared memory per SM
+    if capability_major < 9:  # Ampere-class: ~100-160 KB of shared memory per SM
         cfg = replace(cfg, num_stages=min(cfg.num_stages, 3), block_k=min(cfg.block_k, 32))
     return cfg

@@ -1,0 +1,77 @@
+"""Compile every kernel for a CUDA architecture without a GPU (Triton + its bundled ptxas).
+
+    python -m deepseek_moe.kernels.compile_check --capability 80,90 --dtype bfloat16,float16,float32
+
+Uses the tiles :func:`~deepseek_moe.kernels.heuristics.gpu_tile_config` picks for that architecture and
+prints each kernel's shared-memory use. It catches GPU-only compile errors (the interpreter runs kernels as
+Python and never lowers them) on machines without a GPU, such as CI. Run it with ``TRITON_INTERPRET`` unset:
+Triton fixes interpreted-or-compiled when it is first imported.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .heuristics import gpu_tile_config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Pointer arguments that are not of the activation dtype, by name; every other *_ptr is.
+_POINTER_TYPES = {"token_ptr": "*i64", "scatter_ptr": "*i64", "a_index_ptr": "*i64", "b_index_ptr": "*i64",
+                  "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "tile_expert_ptr": "*i32",
+                  "weight_ptr": "*fp32", "grad_w_part_ptr": "*fp32"}
+
+
+def compile_all(capability: int, dtype: torch.dtype) -> List[Dict]:
+    """Compile each kernel (and each constexpr variant the launchers use) for sm_<capability>; returns one
+    dict per compiled kernel: name, kind, tiles, shared memory bytes. Raises on a compile error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import grouped_mlp as k
+
+    if getattr(k._gate_up_swiglu_kernel, "cache_key", None) is None:
+        raise RuntimeError("compile_check: the kernels were decorated for Triton's interpreter; "
+                           "run with TRITON_INTERPRET unset")
+    elem = _ELEMENT[dtype]
+    launches = [(k._gate_up_swiglu_kernel, "gate_up", {}), (k._grouped_gemm_scatter_kernel, "down", {}),
+                (k._down_swiglu_bwd_kernel, "down_bwd", {})]
+    launches += [(k._expert_weight_grad_kernel, "wgrad", {"GATHER_A": a, "GATHER_B": not a}) for a in (True, False)]
+    results = []
+    for kernel, kind, flags in launches:
+        cfg = gpu_tile_config(kind, dtype, capability // 10)
+        constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "DOT_FP32": False,
+                      "RNE": False, "PRECISION": "ieee", **flags}
+        signature = {name: "constexpr" if name in constexprs else
+                     (_POINTER_TYPES.get(name, f"*{elem}") if name.endswith("_ptr") else "i32")
+                     for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError(f"{kernel.fn.__name__}: no binary for sm_{capability}")
+        results.append({"kernel": kernel.fn.__name__, "kind": kind, **flags, "tiles": cfg,
+                        "shared_bytes": compiled.metadata.shared})
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--capability", default="80,90", help="comma list of compute capabilities (80 = sm_80)")
+    p.add_argument("--dtype", default="bfloat16,float16,float32", help=f"comma list of {tuple(DTYPES)}")
+    args = p.parse_args(argv)
+    for cap in (int(c) for c in args.capability.split(",")):
+        for name in args.dtype.split(","):
+            for r in compile_all(cap, DTYPES[name]):
+                t = r["tiles"]
+                print(f"sm_{cap} {name:8s} {r['kernel']:30s} {t.block_m}x{t.block_n}x{t.block_k} "
+                      f"warps={t.num_warps} stages={t.num_stages} shared={r['shared_bytes']} B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
