@@ -119,11 +119,17 @@ def _gather(x_TH: torch.Tensor, token_N: torch.Tensor) -> torch.Tensor:
 
 
 def _combine(o_NH: torch.Tensor, slot_TK: torch.Tensor) -> torch.Tensor:
-    """y_TH[t] = Σ_k o[slot[t, k]], with slot == N meaning a dropped pair (adds zero)."""
+    """y_TH[t] = Σ_k o[slot[t, k]] added in slot order (k = 0, 1, ...) in fp32 (fp64 for fp64), o's dtype out;
+    slot == N means a dropped pair (adds zero). The fixed order makes the compiled extension's combine
+    bit-identical; it also never materialises the (T·K, H) gathered rows."""
     T, K = slot_TK.shape
-    o_pad = torch.cat([o_NH, o_NH.new_zeros(1, o_NH.shape[1])])
+    N, H = o_NH.shape
     acc = torch.promote_types(o_NH.dtype, torch.float32)
-    return o_pad.index_select(0, slot_TK.reshape(-1)).view(T, K, -1).sum(dim=1, dtype=acc).to(o_NH.dtype)
+    src = o_NH if N == T * K else torch.cat([o_NH, o_NH.new_zeros(1, H)])  # fewer rows: some pairs dropped
+    y_TH = torch.zeros(T, H, dtype=acc, device=o_NH.device)
+    for k in range(K):
+        y_TH += src.index_select(0, slot_TK[:, k])
+    return y_TH.to(o_NH.dtype)
 
 
 class GatherRows(torch.autograd.Function):

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import backends
 from .config import MoEConfig
-from .dispatch import DispatchPlan, build_plan, expert_capacity
+from .dispatch import DispatchPlan, expert_capacity
 from .experts import RoutedExperts, SharedExperts
 from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
 from .router import Router, Routing
@@ -69,15 +69,19 @@ class DeepSeekMoELayer(nn.Module):
             raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}; its last dimension must be "
                              f"hidden_size={H}")
 
-    def route(self, x_TH: torch.Tensor) -> "tuple[Routing, DispatchPlan]":
-        """Routing and dispatch plan for x_TH (T, H), with capacity applied in training."""
+    def route(self, x_TH: torch.Tensor, backend: Optional[backends.Backend] = None) -> "tuple[Routing, DispatchPlan]":
+        """Routing and dispatch plan for x_TH (T, H), with capacity applied in training; ``backend`` builds the
+        plan (default: the one the config selects for x)."""
         cfg = self.config
+        if backend is None:
+            backend = backends.select(cfg.backend, x_TH.device, x_TH.dtype)
         routing = self.gate(x_TH)
         capacity = None
         if cfg.capacity_factor is not None and self.training:
             capacity = expert_capacity(x_TH.shape[0], cfg.top_k, cfg.num_routed_experts, cfg.capacity_factor)
         affinity_TK = routing.scores_TE.gather(1, routing.topk_idx_TK) if capacity is not None else None
-        plan = build_plan(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_routed_experts, capacity, affinity_TK)
+        plan = backend.build_plan(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_routed_experts, capacity,
+                                  affinity_TK)
         return routing, plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +91,8 @@ class DeepSeekMoELayer(nn.Module):
         device_type = x.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                          else x.dtype)
-        routing, plan = self.route(x_TH)
         backend = backends.select(cfg.backend, x.device, compute_dtype)
+        routing, plan = self.route(x_TH, backend)
         y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)

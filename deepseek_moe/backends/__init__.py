@@ -14,10 +14,11 @@ import torch
 from ..config import BACKENDS
 from .base import Backend
 from .eager import EagerBackend
+from .ext import ExtBackend
 from .grouped import TorchBackend
 from .triton import TritonBackend
 
-__all__ = ["Backend", "BackendUnavailable", "EagerBackend", "TorchBackend", "TritonBackend", "select",
+__all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
            "backend_status"]
 
 
@@ -25,11 +26,11 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why and what to install or change."""
 
 
-_BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend(), "triton": TritonBackend()}
+_BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend(), "triton": TritonBackend(),
+                                "ext": ExtBackend()}
 
 # Contract names whose implementations are not part of this release: selecting one says so plainly.
 _NOT_IN_RELEASE = {
-    "ext": "the compiled csrc extension is not part of this release; use backend='torch'",
     "megablocks": "the megablocks adapter is not part of this release; use backend='torch'",
 }
 
@@ -68,6 +69,8 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
     """
     device = torch.device(device)
     resolved = _resolve_name(name, device, dtype)
+    if name != "auto" and resolved in _BUILTIN:
+        _BUILTIN[resolved].prepare()
     reason = unavailable_reason(resolved, device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import DispatchPlan
+from ..dispatch import DispatchPlan, build_plan
 
 
 class Backend:
@@ -24,6 +24,16 @@ class Backend:
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return None
+
+    def prepare(self) -> None:
+        """Called when the backend is selected by name, before :meth:`unavailable_reason`: a backend that needs
+        a build or a load does it here (status queries never trigger one)."""
+
+    def build_plan(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int,
+                   capacity: Optional[int] = None, affinity_TK: Optional[torch.Tensor] = None) -> DispatchPlan:
+        """The dispatch plan this backend consumes (see :func:`deepseek_moe.dispatch.build_plan`); backends with
+        a faster sort override it and must return the same plan."""
+        return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK)
 
     def routed_mlp(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor,
                    down_EHI: torch.Tensor) -> torch.Tensor:

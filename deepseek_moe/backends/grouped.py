@@ -88,17 +88,24 @@ _step_buffers = _StepBuffers()
 # ------------------------------------------------------------------------------------------ segments op
 @torch.library.custom_op("deepseek_moe::segment_mlp", mutates_args=())
 def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor, token_N: torch.Tensor,
-                weight_N: torch.Tensor, counts_E: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                weight_N: torch.Tensor, counts_E: torch.Tensor, compiled: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """y_TH = Σ over sorted pairs n of weight_N[n] · SwiGLU_{e(n)}(x_TH[token_N[n]]), and the saved h_NJ.
 
-    token_N must be sorted by expert with ``counts_E`` pairs per expert. Returns (y_TH in x's dtype,
-    h_NJ = gate_up pre-activations, kept for the backward).
+    token_N must be sorted by expert with ``counts_E`` pairs per expert. ``compiled``: run the segment loop in
+    the C++ extension (``torch.ops.deepseek_moe.segment_mlp_fused``; load it first with
+    ``deepseek_moe.ext.load()``) instead of Python. Returns (y_TH in x's dtype, h_NJ = gate_up pre-activations,
+    kept for the backward).
     """
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
-    counts: List[int] = counts_E.tolist()
     h_NJ = _step_buffers.get(gate_up_EJH, "h", (token_N.shape[0], 2 * I)) if x_TH.dtype == gate_up_EJH.dtype \
         else x_TH.new_empty(token_N.shape[0], 2 * I)
+    if compiled:
+        y_TH = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E,
+                                                        h_NJ)
+        return y_TH, h_NJ.view(h_NJ.shape)
+    counts: List[int] = counts_E.tolist()
     acc = acc_dtype(x_TH.dtype)
     y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
@@ -113,23 +120,27 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
 
 
 @segment_mlp.register_fake
-def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E):
+def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled=False):
     return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], 2 * down_EHI.shape[-1])
 
 
 @torch.library.custom_op("deepseek_moe::segment_mlp_backward", mutates_args=())
 def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJH: torch.Tensor,
                          down_EHI: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor,
-                         counts_E: torch.Tensor, h_NJ: torch.Tensor
+                         counts_E: torch.Tensor, h_NJ: torch.Tensor, compiled: bool = False
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`segment_mlp`: (grad_x_TH, grad_gate_up_EJH, grad_down_EHI, grad_weight_N)."""
-    counts: List[int] = counts_E.tolist()
     dtype = x_TH.dtype
     grad_y_TH = grad_y_TH.contiguous()
-    acc = acc_dtype(dtype)
-    grad_x_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
     grad_gate_up = _step_buffers.get(gate_up_EJH)
     grad_down = _step_buffers.get(down_EHI)
+    if compiled:
+        grad_x_TH, grad_w_N = torch.ops.deepseek_moe.segment_mlp_fused_backward(
+            grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ, grad_gate_up, grad_down)
+        return grad_x_TH, grad_gate_up.view(grad_gate_up.shape), grad_down.view(grad_down.shape), grad_w_N
+    counts: List[int] = counts_E.tolist()
+    acc = acc_dtype(dtype)
+    grad_x_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
     grad_w_N = torch.empty_like(weight_N)
     h_seg, tok_seg = h_NJ.split(counts), token_N.split(counts)
     w_seg, gw_seg = weight_N.split(counts), grad_w_N.split(counts)
@@ -152,14 +163,15 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
 
 
 @segment_mlp_backward.register_fake
-def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ):
+def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ, compiled=False):
     return (x_TH.new_empty(x_TH.shape), gate_up_EJH.new_empty(gate_up_EJH.shape),
             down_EHI.new_empty(down_EHI.shape), weight_N.new_empty(weight_N.shape))
 
 
 def _segment_setup(ctx, inputs, output):
-    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E = inputs
+    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled = inputs
     ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, output[1])
+    ctx.compiled = compiled
     # h_NJ is returned only to be saved: nothing uses its gradient, and materialising that (N, 2I) zero tensor
     # cost ~5% of the layer's forward+backward.
     ctx.set_materialize_grads(False)
@@ -167,11 +179,11 @@ def _segment_setup(ctx, inputs, output):
 
 def _segment_backward(ctx, grad_y_TH, grad_h_NJ):
     if grad_y_TH is None:  # y unused (grads are not materialised): nothing flows back
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ = ctx.saved_tensors
     gx, ggu, gdn, gw = segment_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N,
-                                            counts_E, h_NJ)
-    return gx, ggu, gdn, None, gw, None
+                                            counts_E, h_NJ, ctx.compiled)
+    return gx, ggu, gdn, None, gw, None, None
 
 
 segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
@@ -213,6 +225,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    compiled = False  # the segment loop in Python (True: in the C++ extension, see ExtBackend)
 
     def __init__(self, strategy: str = "auto", pad_multiple="auto"):
         if strategy not in STRATEGIES:
@@ -248,7 +261,8 @@ class TorchBackend(Backend):
         multiple = self.resolve_pad_multiple(x_TH.device, x_TH.dtype)
         if multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, multiple)
-        y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts)
+        y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
+                              self.compiled)
         return y_TH
 
 

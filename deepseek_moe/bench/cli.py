@@ -139,10 +139,11 @@ def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> List[s
     if text == "auto":
         return [select("auto", device, dtype).name]
     names = _choices("--backend", text, ("eager", "torch", "triton", "ext", "megablocks"))
-    missing = [n for n in names if n not in usable]
-    if missing:
-        from ..backends import unavailable_reason
-        raise UserError(f"--backend {missing[0]}: {unavailable_reason(missing[0], device, dtype)}")
+    for name in names:
+        try:
+            select(name, device, dtype)  # named: a backend that needs a build (ext) builds here
+        except BackendUnavailable as err:
+            raise UserError(f"--backend {name}: {str(err).split(': ', 1)[-1]}") from None
     return names
 
 

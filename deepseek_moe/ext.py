@@ -1,0 +1,113 @@
+"""The optional compiled extension (``csrc/``): C++ dispatch/combine ops and the fused segment MLP for CPU.
+
+Never required. Two ways to get it:
+
+* ahead of time: ``DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation`` builds ``deepseek_moe/_C``;
+* just in time: ``deepseek_moe.ext.load()`` compiles the sources with ``torch.utils.cpp_extension`` (ninja, a
+  C++17 compiler; ~30 s once, then cached under ``$TORCH_EXTENSIONS_DIR``).
+
+After loading, the ops live under ``torch.ops.deepseek_moe`` (``route_plan``, ``permute``, ``combine``,
+``combine_backward``, ``segment_mlp_fused``, ``segment_mlp_fused_backward``) and ``backend="ext"`` can run.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import threading
+from typing import List, Optional
+
+import torch
+
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "sources", "build_error"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_loaded = False
+_error: Optional[str] = None
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension could not be loaded or built; the message says what is missing and how to fix it."""
+
+
+def sources(cuda: bool = False) -> List[str]:
+    """The extension's C++ sources (and .cu sources with ``cuda``) from a source checkout; [] if absent."""
+    root = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
+    if not os.path.isdir(root):
+        return []
+    files = [os.path.join(root, "ops.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    if cuda:
+        files += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")) + glob.glob(os.path.join(root, "cuda", "*.cpp")))
+    return files
+
+
+def is_loaded() -> bool:
+    """Whether the extension's ops are registered in this process."""
+    return _loaded
+
+
+def build_error() -> Optional[str]:
+    """Why the last :func:`load` failed, or None."""
+    return _error
+
+
+def _prebuilt() -> Optional[str]:
+    found = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(_PACKAGE_DIR, "_C*.pyd")))
+    return found[0] if found else None
+
+
+def _missing_tool() -> Optional[str]:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return f"no C++ compiler found ({compiler!r} / g++): install one (e.g. apt install g++) or set CXX"
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return "ninja is not installed: pip install ninja"
+    return None
+
+
+def load(verbose: bool = False) -> None:
+    """Register the extension's ops: the ahead-of-time build if installed, else a just-in-time build (cached).
+
+    Raises :class:`ExtensionUnavailable` with one actionable sentence when neither works. Thread-safe and
+    idempotent.
+    """
+    global _loaded, _error
+    with _lock:
+        if _loaded:
+            return
+        path = _prebuilt()
+        try:
+            if path is not None:
+                torch.ops.load_library(path)
+            else:
+                _jit_build(verbose)
+        except ExtensionUnavailable as err:
+            _error = str(err)
+            raise
+        except Exception as err:  # a compiler error: keep its last lines, they name the problem
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            _error = (f"building the deepseek_moe extension failed: {' | '.join(lines[-4:])} "
+                      f"(rerun deepseek_moe.ext.load(verbose=True) for the full log)")
+            raise ExtensionUnavailable(_error) from err
+        _loaded = True
+        _error = None
+
+
+def _jit_build(verbose: bool) -> None:
+    srcs = sources(cuda=False)
+    if not srcs:
+        raise ExtensionUnavailable(
+            "the csrc/ sources are not in this installation (a wheel ships none): build the extension ahead of "
+            "time from a source checkout with DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+    missing = _missing_tool()
+    if missing:
+        raise ExtensionUnavailable(f"cannot build the deepseek_moe extension: {missing}")
+    from torch.utils.cpp_extension import load as cpp_load
+
+    cpp_load(name="deepseek_moe_ext", sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False,
+             verbose=verbose)

@@ -1,0 +1,159 @@
+"""The compiled extension (csrc/): its dispatch ops equal the torch ops exactly, their gradients equal autograd's,
+and the layer with backend="ext" equals the eager reference. CI builds the CPU extension just in time."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import deepseek_moe as dm
+from deepseek_moe import ext
+from deepseek_moe.backends import EagerBackend, ExtBackend, TorchBackend, select
+from deepseek_moe.backends import ext as ext_backend
+from deepseek_moe.dispatch import build_plan, combine_rows, expert_capacity, gather_rows
+from deepseek_moe.testing import assert_close, make_topk
+
+from test_backends import TOL, _problem, _run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ext_backend.ensure_loaded()  # builds csrc/ the first time (~30 s), then loads the cached library
+
+
+def _plan_fields(plan):
+    return {k: getattr(plan, k) for k in ("pair_N", "token_N", "slot_TK", "counts_E", "offsets_E1",
+                                          "routed_counts_E", "keep_TK", "num_dropped")}
+
+
+@given(T=st.integers(0, 70), E=st.integers(1, 20), K=st.integers(1, 16), empty=st.integers(0, 5),
+       kind=st.sampled_from(["balanced", "random", "skewed"]), seed=st.integers(0, 2**16))
+def test_route_plan_equals_build_plan(T, E, K, empty, kind, seed):
+    K = min(K, E - min(empty, E - 1))
+    empty = min(empty, E - K)
+    g = torch.Generator().manual_seed(seed)
+    topk = make_topk(T, E, K, kind, generator=g, empty_experts=empty)
+    weight = torch.rand(T, K, generator=g)
+    ours, ref = ext_backend.route_plan(topk, weight, E), build_plan(topk, weight, E)
+    for name, value in _plan_fields(ref).items():
+        assert torch.equal(_plan_fields(ours)[name], value), name
+
+
+@given(T=st.integers(0, 40), E=st.integers(1, 12), K=st.integers(1, 12), H=st.integers(1, 40),
+       capacity=st.sampled_from([None, 0.5, 1.0]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_permute_and_combine_equal_torch_ops_exactly(T, E, K, H, capacity, seed, dtype):
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    topk = make_topk(T, E, K, "skewed", generator=g)
+    weight = torch.rand(T, K, generator=g)
+    cap = None if capacity is None or T == 0 else expert_capacity(T, K, E, capacity)
+    plan = build_plan(topk, weight, E, cap, weight)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    o = torch.randn(plan.pair_N.numel(), H, generator=g).to(dtype)
+    assert torch.equal(ext_backend.permute(x, plan), gather_rows(x, plan))
+    assert torch.equal(ext_backend.combine(o, plan), combine_rows(o, plan))
+    # Weighted: the same fp32 sum in slot order, dropped pairs (slot == N) adding nothing.
+    o_pad = torch.cat([o, o.new_zeros(1, H)]).to(torch.promote_types(dtype, torch.float32))
+    w = plan.weight_TK.to(o_pad.dtype)
+    expected = torch.zeros(T, H, dtype=o_pad.dtype)
+    for k in range(K):
+        expected = expected + w[:, k:k + 1] * o_pad[plan.slot_TK[:, k]]
+    assert torch.equal(ext_backend.combine(o, plan, weighted=True), expected.to(dtype))
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_gradients_equal_autograd_of_torch_ops(capacity):
+    T, E, K, H = 37, 8, 3, 24
+    topk = make_topk(T, E, K, "skewed", empty_experts=2)
+    weight = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    cap = None if capacity is None else expert_capacity(T, K, E, capacity)
+    plan = build_plan(topk, weight, E, cap, weight.detach())
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    o = torch.randn(plan.pair_N.numel(), H, dtype=torch.float64, requires_grad=True)
+    g_x, g_o = torch.randn(plan.pair_N.numel(), H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
+    for ours, ref in ((lambda: ext_backend.permute(x, plan), lambda: gather_rows(x, plan)),
+                      (lambda: ext_backend.combine(o, plan), lambda: combine_rows(o, plan))):
+        a, b = ours(), ref()
+        grad = g_x if a.shape[0] == plan.pair_N.numel() else g_o
+        inputs = (x,) if a.shape[0] == plan.pair_N.numel() else (o,)
+        assert torch.equal(torch.autograd.grad(a, inputs, grad)[0], torch.autograd.grad(b, inputs, grad)[0])
+    # Weighted combine: gradients of o and of the gate weights, against autograd of the explicit sum.
+    assert torch.autograd.gradcheck(lambda o, w: torch.ops.deepseek_moe.combine(o, plan.slot_TK, w), (o, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,kind,empty,cap", [
+    (64, 8, 2, "balanced", 0, None),
+    (97, 16, 4, "skewed", 5, None),
+    (33, 64, 6, "random", 0, None),
+    (50, 8, 2, "skewed", 2, 0.5),
+    (1, 4, 4, "random", 0, None),
+])
+def test_ext_backend_matches_eager(dtype, T, E, K, kind, empty, cap):
+    problem = _problem(T, E, K, 24, 16, dtype, kind, empty, cap)
+    topk, weight, capacity, x, gate_up, down, grad_y = problem
+    backend = ExtBackend()
+    plan = backend.build_plan(topk, weight, E, capacity, weight.detach())
+    y = backend.routed_mlp(x, plan, gate_up, down)
+    out = (y,) + torch.autograd.grad(y, (x, gate_up, down, weight), grad_y, allow_unused=True)
+    ref = _run(EagerBackend(), *problem)
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
+        a = torch.zeros_like(b) if a is None else a
+        assert_close(a, b, TOL[dtype], f"ext/{dtype}/{name}")
+
+
+def test_ext_backend_gradcheck_float64():
+    topk, weight, cap, x, gate_up, down, _ = _problem(9, 4, 2, 5, 3, torch.float64, "random", empty_experts=1)
+    weight = weight.detach().double().requires_grad_()
+
+    def f(x, gate_up, down, weight):
+        backend = ExtBackend()
+        return backend.routed_mlp(x, backend.build_plan(topk, weight, 4), gate_up, down)
+
+    assert torch.autograd.gradcheck(f, (x, gate_up, down, weight))
+
+
+def test_layer_ext_matches_eager_and_compiles():
+    cfg = dm.MoEConfig(hidden_size=32, expert_hidden_size=16, num_routed_experts=16, num_shared_experts=1,
+                       top_k=3, num_groups=4, topk_groups=2, score_func="sigmoid", aux_loss_alpha=0.01)
+    fast, ref = dm.DeepSeekMoELayer(cfg.replace(backend="ext")), dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 21, 32)
+    torch._dynamo.reset()
+    results = []
+    for layer in (fast, torch.compile(fast, backend="aot_eager"), ref):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y.square().sum() + fast.aux_loss if layer is not ref else y.square().sum() + ref.aux_loss).backward()
+        results.append((y, xi.grad, {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in layer.named_parameters()}))
+        for p in fast.parameters():
+            p.grad = None
+    for y, gx, gp in results[:2]:
+        assert_close(y, results[2][0], 1e-5, "y")
+        assert_close(gx, results[2][1], 1e-5, "grad x")
+        for name, g in gp.items():
+            assert_close(g, results[2][2][name], 1e-5, f"grad {name}")
+
+
+def test_compiled_segment_loop_matches_python_loop():
+    problem = _problem(77, 16, 3, 24, 16, torch.float32, "skewed", empty_experts=4)
+    python, compiled = _run(TorchBackend("segments"), *problem), _run(ExtBackend(), *problem)
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), compiled, python):
+        assert_close(a, b, 1e-6, f"compiled vs python loop/{name}")
+
+
+def test_errors_are_clear(monkeypatch):
+    with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, 4\)"):
+        torch.ops.deepseek_moe.route_plan(torch.tensor([[0, 4]]), 4)
+    assert select("ext").name == "ext"
+    monkeypatch.setattr(ext, "_loaded", False)
+    monkeypatch.setattr(ext, "_prebuilt", lambda: None)
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: [])
+    with pytest.raises(ext.ExtensionUnavailable, match="DEEPSEEK_MOE_BUILD_EXT=1"):
+        ext.load()
+    assert "DEEPSEEK_MOE_BUILD_EXT=1" in ExtBackend().unavailable_reason(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(ext, "_error", None)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])
+    with pytest.raises(ext.ExtensionUnavailable, match="no C\\+\\+ compiler"):
+        ext.load()
