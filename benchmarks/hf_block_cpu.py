@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-gb", type=float, default=16.0, help="skip implementations needing more than this")
     p.add_argument("--impls", default="eager,grouped_mm,batched_mm", help="transformers experts implementations")
+    p.add_argument("--backends", default="torch", help="our backends to time, comma list (e.g. torch,ext)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
             block.load_state_dict(next(iter(contenders.values())).block.state_dict())
         contenders[f"transformers {impl}"] = _Batched(block)
     first = next(iter(contenders.values())).block
-    contenders["deepseek_moe (from_hf)"] = hf.from_hf(first)
+    for backend in args.backends.split(","):
+        contenders[f"deepseek_moe (from_hf, {backend})"] = hf.from_hf(first, backend=backend)
     contenders["dense SwiGLU"] = DenseSwiGLU(H, (Ks + K) * I)
     xs = [torch.randn(T, H, requires_grad=True) for _ in range(args.repeats + 1)]
     for m in contenders.values():
@@ -70,9 +72,9 @@ def main(argv=None) -> int:
     dense = med["dense SwiGLU"]
     print(f"T={T} H={H} E={E}x{I} +{Ks} shared K={K}, fp32 forward+backward, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'contender':26s} {'median s':>9s} {'vs best transformers':>21s} {'vs dense':>9s}")
+    print(f"{'contender':32s} {'median s':>9s} {'vs best transformers':>21s} {'vs dense':>9s}")
     for name, v in med.items():
-        print(f"{name:26s} {v:9.3f} {v / hf_best:20.2f}x {v / dense:8.2f}x")
+        print(f"{name:32s} {v:9.3f} {v / hf_best:20.2f}x {v / dense:8.2f}x")
     return 0
 
 

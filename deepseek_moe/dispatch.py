@@ -127,8 +127,10 @@ def _combine(o_NH: torch.Tensor, slot_TK: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(o_NH.dtype, torch.float32)
     src = o_NH if N == T * K else torch.cat([o_NH, o_NH.new_zeros(1, H)])  # fewer rows: some pairs dropped
     y_TH = torch.zeros(T, H, dtype=acc, device=o_NH.device)
+    rows_TH = src.new_empty(T, H)
     for k in range(K):
-        y_TH += src.index_select(0, slot_TK[:, k])
+        torch.index_select(src, 0, slot_TK[:, k], out=rows_TH)
+        y_TH += rows_TH
     return y_TH.to(o_NH.dtype)
 
 

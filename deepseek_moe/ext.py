@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "is_loaded", "sources", "build_error"]
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
@@ -50,6 +50,11 @@ def is_loaded() -> bool:
 def build_error() -> Optional[str]:
     """Why the last :func:`load` failed, or None."""
     return _error
+
+
+def has_prebuilt() -> bool:
+    """Whether an ahead-of-time build (``deepseek_moe/_C``) is installed."""
+    return _prebuilt() is not None
 
 
 def _prebuilt() -> Optional[str]:

@@ -173,3 +173,12 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, arch):
         done = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-c", os.path.join(root, name),
                                "-o", str(tmp_path / (name + ".o"))], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_auto_uses_loaded_extension_for_fp32_on_cpu(monkeypatch):
+    monkeypatch.delenv("DEEPSEEK_MOE_BACKEND", raising=False)
+    assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
+    assert select("auto", torch.device("cpu"), torch.bfloat16).name == "torch"  # measured for fp32 only
+    monkeypatch.setattr(ext, "_loaded", False)
+    monkeypatch.setattr(ext, "_prebuilt", lambda: None)
+    assert select("auto", torch.device("cpu"), torch.float32).name == "torch"  # auto never compiles

@@ -174,7 +174,8 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
   const auto acc = at::toOpMathType(o_NH.scalar_type());
   const bool weighted = weight_in.has_value();
   Tensor weight_TK = weighted ? weight_in->to(acc).contiguous() : Tensor();
-  Tensor grad_o_NH = at::zeros({N, H}, o_NH.options());
+  // Every sorted row belongs to exactly one kept (t, k), so every row is written below: no zero fill.
+  Tensor grad_o_NH = at::empty({N, H}, o_NH.options());
   Tensor grad_w_TK = weighted ? at::empty({T, K}, o_NH.options().dtype(acc)) : Tensor();
   const Tensor grad_y = grad_y_TH.to(o_NH.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_NH.scalar_type(), "combine_backward", [&] {
