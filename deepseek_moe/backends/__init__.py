@@ -46,7 +46,7 @@ def _resolve_name(name: str, device: torch.device = torch.device("cpu"), dtype: 
             return env
         if device.type == "cuda" and _BUILTIN["triton"].unavailable_reason(device, dtype) is None:
             return "triton"
-        # On CPU the compiled extension measured 3-5% faster than the torch backend for fp32 (docs/benchmarks.md);
+        # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 (docs/benchmarks.md);
         # auto uses it only when that needs no compiling (built ahead of time, or loaded already).
         if device.type == "cpu" and dtype == torch.float32 and _BUILTIN["ext"].ready():
             return "ext"
