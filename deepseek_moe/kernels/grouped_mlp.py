@@ -64,6 +64,39 @@ def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M: tl.constexpr):
+    """(expert, rows, row mask) of this program's tile; expert -1 marks an unused tile (the caller returns)."""
+    pid_m = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + pid_m)
+    start = tl.load(tile_start_ptr + pid_m)
+    end = tl.load(offsets_ptr + e + 1)  # e = -1 reads offsets[0]: in bounds, and unused
+    rows = start + tl.arange(0, BLOCK_M)
+    return e, rows, rows < end
+
+
+@triton.jit
+def _tile_mainloop(a_ptr, a_rows, row_mask, stride_ar, stride_ak, b_ptr, stride_bk, stride_bn, cols, col_mask, K_IN,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of A[a_rows, :] @ B[:, cols], A rows read where they lie (a gather when
+    a_rows are token ids), B (K_IN, ·) through its strides."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_ar + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_IN, BLOCK_K):
+        k_mask = (k0 + ks) < K_IN
+        at = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            at, bt = at.to(tl.float32), bt.to(tl.float32)
+        acc = tl.dot(at, bt, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------- tile map
 def expert_tiles(offsets_E1: torch.Tensor, num_rows: int, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Expert-aligned tiles of the sorted rows, built on the device (no host sync).
@@ -102,15 +135,10 @@ def _gate_up_swiglu_kernel(
         DOT_FP32: tl.constexpr, RNE: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M rows × BLOCK_N columns of I) tile: gate and up accumulate side by side, so the epilogue has
     both halves of SwiGLU in registers."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(tile_start_ptr + pid_m)
-    end = tl.load(offsets_ptr + e + 1)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
     token = tl.load(token_ptr + rows, mask=row_mask, other=0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
@@ -154,30 +182,14 @@ def _grouped_gemm_scatter_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr, RNE: tl.constexpr, PRECISION: tl.constexpr):
     """c[scatter[row]] = a[row] @ b[e] for the rows of expert e; b[e] is (K_IN, N_OUT) through its strides."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(tile_start_ptr + pid_m)
-    end = tl.load(offsets_ptr + e + 1)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N_OUT
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_IN, BLOCK_K):
-        k_mask = (k0 + ks) < K_IN
-        at = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            at, bt = at.to(tl.float32), bt.to(tl.float32)
-        acc = tl.dot(at, bt, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _tile_mainloop(a_ptr, rows, row_mask, stride_am, stride_ak, b_ptr + e * stride_be, stride_bk, stride_bn,
+                         cols, col_mask, K_IN, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     out_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0)
     tl.store(c_ptr + out_rows[:, None] * stride_cm + cols[None, :] * stride_cn, _cast(acc, c_ptr.dtype.element_ty, RNE),
              mask=row_mask[:, None] & col_mask[None, :])
@@ -195,31 +207,15 @@ def _down_swiglu_bwd_kernel(
     """grad_a = grad_y[token] @ W_d[e] for one tile, then in the epilogue, with g, u from h and s = σ(g):
     grad_h = [grad_a·w·u·s(1 + g(1 − s)) ; grad_a·w·g·s], a = g·s·u·w, and Σ_cols grad_a·g·s·u as this column
     block's part of grad_w."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
+    e, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BLOCK_M)
     if e < 0:
         return
-    start = tl.load(tile_start_ptr + pid_m)
-    end = tl.load(offsets_ptr + e + 1)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
     token = tl.load(token_ptr + rows, mask=row_mask, other=0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
-    ks = tl.arange(0, BLOCK_K)
-    gy_ptrs = grad_y_ptr + token[:, None] * stride_gyt + ks[None, :] * stride_gyh
-    d_ptrs = down_ptr + e * stride_de + ks[:, None] * stride_dh + cols[None, :] * stride_di
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_mask = (k0 + ks) < H
-        gy = tl.load(gy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        d = tl.load(d_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            gy, d = gy.to(tl.float32), d.to(tl.float32)
-        acc = tl.dot(gy, d, acc, input_precision=PRECISION)
-        gy_ptrs += BLOCK_K * stride_gyh
-        d_ptrs += BLOCK_K * stride_dh
+    acc = _tile_mainloop(grad_y_ptr, token, row_mask, stride_gyt, stride_gyh, down_ptr + e * stride_de, stride_dh,
+                         stride_di, cols, col_mask, H, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
     h_ptrs = h_ptr + rows[:, None] * stride_hn + cols[None, :] * stride_hj
     g = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
