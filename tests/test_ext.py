@@ -148,6 +148,10 @@ def test_compiled_segment_loop_matches_python_loop():
 def test_errors_are_clear(monkeypatch):
     with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, 4\)"):
         torch.ops.deepseek_moe.route_plan(torch.tensor([[0, 4]]), 4)
+    with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 2\)"):
+        torch.ops.deepseek_moe.permute(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\]"):
+        torch.ops.deepseek_moe.combine(torch.zeros(2, 3), torch.tensor([[0], [3]]), None)
     assert select("ext").name == "ext"
     monkeypatch.setattr(ext, "_loaded", False)
     monkeypatch.setattr(ext, "_prebuilt", lambda: None)

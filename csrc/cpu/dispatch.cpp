@@ -134,6 +134,7 @@ Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optiona
     weight_TK = weight_in->to(acc).contiguous();
   }
   Tensor y_TH = at::empty({T, H}, o_NH.options());
+  std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_NH.scalar_type(), "combine", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* o = o_NH.const_data_ptr<scalar_t>();
@@ -146,6 +147,7 @@ Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optiona
         std::fill(row.begin(), row.end(), acc_t(0));
         for (int64_t k = 0; k < K; ++k) {
           const int64_t n = slot[t * K + k];
+          if (n < 0 || n > N) bad.store(true, std::memory_order_relaxed);
           if (n < 0 || n >= N) continue;
           const scalar_t* src = o + n * H;
           if (w) {
@@ -160,6 +162,7 @@ Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optiona
       }
     });
   });
+  TORCH_CHECK(!bad.load(), "combine: slots must lie in [0, ", N, "] (", N, " marks a dropped pair)");
   return y_TH;
 }
 
@@ -178,6 +181,7 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
   Tensor grad_o_NH = at::empty({N, H}, o_NH.options());
   Tensor grad_w_TK = weighted ? at::empty({T, K}, o_NH.options().dtype(acc)) : Tensor();
   const Tensor grad_y = grad_y_TH.to(o_NH.scalar_type());
+  std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_NH.scalar_type(), "combine_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
@@ -192,6 +196,7 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
         for (int64_t k = 0; k < K; ++k) {
           const int64_t n = slot[t * K + k];
           if (n < 0 || n >= N) {
+            if (n < 0 || n > N) bad.store(true, std::memory_order_relaxed);
             if (gw) gw[t * K + k] = acc_t(0);
             continue;
           }
@@ -213,6 +218,7 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
       }
     });
   });
+  TORCH_CHECK(!bad.load(), "combine_backward: slots must lie in [0, ", N, "] (", N, " marks a dropped pair)");
   return {grad_o_NH, grad_w_TK};
 }
 
