@@ -97,6 +97,9 @@ class MoEConfig:
         m = self.max_devices_per_token
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.num_devices):
             _fail("max_devices_per_token", m, f"expected None or an integer in [1, num_devices={self.num_devices}]")
+        if m is not None and self.top_k > m * (E // self.num_devices):
+            _fail("max_devices_per_token", m, f"expected max_devices_per_token * experts per device >= "
+                  f"top_k={self.top_k}, else a token cannot get top_k distinct experts")
         for name in ("aux_loss_alpha", "device_loss_alpha", "comm_loss_alpha", "seq_balance_alpha",
                      "z_loss_coef", "bias_update_speed"):
             v = getattr(self, name)

@@ -32,13 +32,22 @@ class Routing:
 
 
 def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """Pick K experts per token from ``scores_TE + bias_E``, limited to the ``topk_groups`` best groups.
+    """Pick K experts per token from ``scores_TE + bias_E``, limited to the ``topk_groups`` best groups and, with
+    ``max_devices_per_token`` = M < ``num_devices`` = D, to the M devices holding the highest-affinity experts
+    (DeepSeek-V2 §2.2.2; device d holds experts [d·E/D, (d+1)·E/D)).
 
     The bias only steers the choice; callers gather the weights from the unbiased scores. Returns
     int64 (T, K) indices, best first. Runs without gradient.
     """
     with torch.no_grad():
         choice_TE = scores_TE + bias_E.to(scores_TE.dtype)
+        D, M = cfg.num_devices, cfg.max_devices_per_token
+        if M is not None and M < D:
+            T, E = choice_TE.shape
+            per_device_TDM = choice_TE.view(T, D, E // D)
+            keep_TM = per_device_TDM.amax(dim=-1).topk(M, dim=-1).indices
+            drop_TD = torch.ones(T, D, dtype=torch.bool, device=choice_TE.device).scatter_(1, keep_TM, False)
+            choice_TE = per_device_TDM.masked_fill(drop_TD.unsqueeze(-1), float("-inf")).view(T, E)
         G = cfg.num_groups
         if G > 1:
             T, E = choice_TE.shape

@@ -1,9 +1,10 @@
 """Routing correctness as properties over configurations and inputs drawn by hypothesis."""
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import deepseek_moe as dm
-from deepseek_moe.router import Router
+from deepseek_moe.router import Router, select_experts
 
 
 @st.composite
@@ -120,3 +121,23 @@ def test_bias_steers_selection():
     r = router(x)
     assert bool((r.topk_idx_TK == 2).all())
     torch.testing.assert_close(r.topk_weight_TK[:, 0], r.scores_TE[:, 2])
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_device_limited_routing_spans_at_most_M_devices(M):
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=32, top_k=6, num_devices=8,
+                       max_devices_per_token=M)
+    scores = torch.rand(200, 32)
+    idx = select_experts(scores, torch.zeros(32), cfg)
+    devices_per_token = torch.tensor([len(set((row // 4).tolist())) for row in idx])
+    assert int(devices_per_token.max()) <= M
+    # The kept devices are those with the best expert: the token's overall best expert is always chosen.
+    assert bool((idx[:, 0] == scores.argmax(dim=1)).all())
+    unlimited = select_experts(scores, torch.zeros(32), cfg.replace(max_devices_per_token=None))
+    assert int(torch.tensor([len(set((row // 4).tolist())) for row in unlimited]).max()) > M
+
+
+def test_device_limit_needs_enough_experts():
+    with pytest.raises(ValueError, match="max_devices_per_token"):
+        dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=16, top_k=6, num_devices=8,
+                     max_devices_per_token=2)
