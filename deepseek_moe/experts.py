@@ -34,7 +34,14 @@ class RoutedExperts(nn.Module):
         E, I, H = cfg.num_routed_experts, cfg.expert_hidden_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.first_expert = 0  # experts [first_expert, first_expert + len(gate_up_proj)) live here
         self.reset_parameters()
+
+    def shard_(self, first: int, count: int) -> None:
+        """Keep only experts [first, first + count) (expert parallelism); a full checkpoint still loads."""
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj.detach()[first:first + count].clone())
+        self.down_proj = nn.Parameter(self.down_proj.detach()[first:first + count].clone())
+        self.first_expert = first
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
@@ -69,6 +76,12 @@ class RoutedExperts(nn.Module):
                 return
             state_dict[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1)
             state_dict[prefix + "down_proj"] = down
+        local = self.gate_up_proj.shape[0]
+        if local < self.cfg.num_routed_experts:  # a shard: take this rank's experts from a full checkpoint
+            for name in ("gate_up_proj", "down_proj"):
+                full = state_dict.get(prefix + name)
+                if full is not None and full.shape[0] == self.cfg.num_routed_experts:
+                    state_dict[prefix + name] = full[self.first_expert:self.first_expert + local]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -57,6 +57,8 @@ class DeepSeekMoELayer(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
         self._num_dropped = torch.zeros((), dtype=torch.int64)
+        # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
+        self.expert_parallel = None
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -93,7 +95,12 @@ class DeepSeekMoELayer(nn.Module):
                          else x.dtype)
         backend = backends.select(cfg.backend, x.device, compute_dtype)
         routing, plan = self.route(x_TH, backend)
-        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
+        if self.expert_parallel is None:
+            y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
+        else:
+            y_TH = self.expert_parallel.routed(x_TH.to(compute_dtype), plan,
+                                               self.experts.gate_up_proj.to(compute_dtype),
+                                               self.experts.down_proj.to(compute_dtype), backend)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:

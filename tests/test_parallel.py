@@ -1,0 +1,108 @@
+"""Expert parallelism with gloo on CPU, ranks spawned by the test: a sharded layer equals the single-process
+layer on the concatenated batch (outputs, input gradients, router/shared gradients summed over ranks, each
+rank's expert-shard gradients), device-limited routing, a rank that receives no tokens, load statistics, and
+state_dict shard/gather round trips."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import deepseek_moe as dm
+from deepseek_moe.parallel import gather_expert_state_dict, shard_experts
+from deepseek_moe.testing import assert_close
+
+T_LOCAL, H = 13, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(world: int, M):
+    return dm.MoEConfig(hidden_size=H, expert_hidden_size=8, num_routed_experts=4 * world, num_shared_experts=1,
+                        top_k=3, score_func="sigmoid", norm_topk_prob=True, num_devices=world,
+                        max_devices_per_token=M, backend="torch")
+
+
+def _check_against_single_process(rank, world, M, bias=None):
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(_config(world, M))
+    if bias is not None:
+        layer.gate.e_score_correction_bias.copy_(bias)
+    ref = copy.deepcopy(layer)
+    x_all = torch.randn(world * T_LOCAL, H)
+    shard_experts(layer)
+    L = layer.config.num_routed_experts // world
+    assert layer.experts.gate_up_proj.shape[0] == L
+
+    x = x_all[rank * T_LOCAL:(rank + 1) * T_LOCAL].clone().requires_grad_()
+    y = layer(x)
+    y.square().sum().backward()
+    x_ref = x_all.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ref.square().sum().backward()
+
+    rows = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+    assert_close(y, y_ref[rows], 1e-5, f"rank {rank}: y")
+    assert_close(x.grad, x_ref.grad[rows], 1e-5, f"rank {rank}: grad x")
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        if name.startswith("experts."):
+            assert_close(p.grad, ref_params[name].grad[rank * L:(rank + 1) * L], 1e-5, f"rank {rank}: grad {name}")
+        else:  # replicated: each rank holds its tokens' share, the sum is the single-process gradient
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            assert_close(g, ref_params[name].grad, 1e-5, f"rank {rank}: summed grad {name}")
+
+    # Device-limited routing: no token's experts span more than M ranks.
+    routing, _ = layer.route(x.detach())
+    spans = [len(set((row // L).tolist())) for row in routing.topk_idx_TK]
+    assert max(spans) <= (M or world), spans
+    # Load statistics: the ranks' loads sum to the single-process load.
+    load = layer.tokens_per_expert.clone()
+    dist.all_reduce(load)
+    assert torch.equal(load, ref.tokens_per_expert)
+    return layer, ref
+
+
+def _worker(rank, world, port, M):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        layer, ref = _check_against_single_process(rank, world, M)
+
+        # state_dict: gathering the shards gives the full checkpoint; a full checkpoint loads into a shard.
+        full = gather_expert_state_dict(layer)
+        for key, value in ref.state_dict().items():
+            assert torch.equal(full[key], value), key
+        torch.manual_seed(1)
+        fresh = shard_experts(dm.DeepSeekMoELayer(_config(world, M)))
+        fresh.load_state_dict(ref.state_dict())
+        assert torch.equal(fresh.experts.down_proj, layer.experts.down_proj)
+        with pytest.raises(ValueError, match="already sharded"):
+            shard_experts(layer)
+
+        # A rank that receives no tokens: a large bias sends every token to rank 0's experts.
+        bias = torch.zeros(4 * world)
+        bias[:4] = 10.0
+        _check_against_single_process(rank, world, None, bias)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,M", [(2, 1), (4, 2), (4, None)])
+def test_expert_parallel_equals_single_process(world, M):
+    mp.spawn(_worker, args=(world, _free_port(), M), nprocs=world, join=True)
+
+
+def test_shard_needs_initialised_distributed():
+    layer = dm.DeepSeekMoELayer(_config(2, None))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_experts(layer)
