@@ -64,6 +64,9 @@ def _check_against_single_process(rank, world, M, bias=None):
     routing, _ = layer.route(x.detach())
     spans = [len(set((row // L).tolist())) for row in routing.topk_idx_TK]
     assert max(spans) <= (M or world), spans
+    # Each token row travels once per destination rank: at most M rows per token, fewer than its K pairs.
+    sent = layer.expert_parallel.last_exchange["rows_sent"]
+    assert sent == sum(spans) and sent <= T_LOCAL * min(M or world, layer.config.top_k)
     # Load statistics: the ranks' loads sum to the single-process load.
     load = layer.tokens_per_expert.clone()
     dist.all_reduce(load)
@@ -93,6 +96,7 @@ def _worker(rank, world, port, M):
         bias = torch.zeros(4 * world)
         bias[:4] = 10.0
         _check_against_single_process(rank, world, None, bias)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -3,14 +3,17 @@ replicated. Per forward, on every rank:
 
 1. route the local tokens (replicated router; with ``max_devices_per_token`` = M each token's experts lie on at
    most M ranks) and sort the (token, slot) pairs by expert, hence by destination rank;
-2. exchange the pair counts per (rank, local expert) with one ``all_to_all_single``, then the rows;
-3. run the received rows through this rank's experts with the selected backend (a local plan: one slot per row);
-4. send the outputs back with the mirror ``all_to_all_single`` and combine them with the gate weights.
+2. exchange counts (rows and pairs per destination) with one ``all_to_all_single``; then each token row once per
+   destination rank, and per pair its row index, local expert and gate weight;
+3. run the received pairs through this rank's experts with the selected backend and sum each row's weighted
+   expert outputs;
+4. send one row per (token, rank) back with the mirror exchange and add them into the token rows.
 
-The exchanges are differentiable (``all_to_all_single_autograd``): the backward sends gradients the other way.
+The row and weight exchanges are differentiable (``all_to_all_single_autograd``): the backward sends gradients
+the other way.
 
-Legend: T local tokens, K slots, N kept pairs of the local tokens, R rows received, H hidden size, E experts,
-W ranks, L = E / W local experts.
+Legend: T local tokens, N kept pairs of the local tokens, U (token, rank) rows sent, R rows received, P pairs
+received, H hidden size, W ranks, L = E / W local experts.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from ..backends import Backend
-from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
+from ..dispatch import DispatchPlan, sorted_weights
 
 
 class ExpertParallel:
@@ -36,26 +39,56 @@ class ExpertParallel:
                              f"{self.world}")
         self.local_experts = num_experts // self.world
         self.first_expert = self.rank * self.local_experts
+        # Rows of the last forward's dispatch (the combine returns as many): tokens, rows_sent, rows_sent_remote,
+        # row_bytes.
+        self.last_exchange: Dict[str, int] = {}
 
     def routed(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_LJH: torch.Tensor, down_LHI: torch.Tensor,
                backend: Backend) -> torch.Tensor:
-        """Σ_k w·expert(x) for the local tokens, the experts living on their ranks. x_TH (T, H) -> (T, H)."""
+        """Σ_k w·expert(x) for the local tokens, the experts living on their ranks. x_TH (T, H) -> (T, H).
+
+        Each token row travels once per destination rank, however many of its experts live there (so
+        ``max_devices_per_token`` = M bounds the rows a token sends by M); the destination sums its experts'
+        weighted outputs and returns one row per (token, rank).
+        """
         W, L = self.world, self.local_experts
-        send_WL = plan.counts_E.view(W, L)
-        recv_WL = torch.empty_like(send_WL)
-        dist.all_to_all_single(recv_WL, send_WL, group=self.group)
-        # The row exchange needs its split sizes on the host: one sync per step, as in any all-to-all MoE.
-        send_W: List[int] = send_WL.sum(1).tolist()
-        recv_W: List[int] = recv_WL.sum(1).tolist()
-        x_NH = gather_rows(x_TH, plan)  # sorted by expert, so by destination rank
-        x_RH = all_to_all_single_autograd(x_NH, recv_W, send_W, self.group)
-        # Rows from each source arrive sorted by that source's expert order: their local expert ids follow.
-        expert_R = torch.repeat_interleave(torch.arange(L, device=x_TH.device).repeat(W), recv_WL.reshape(-1))
-        local = backend.build_plan(expert_R.unsqueeze(1), torch.ones(expert_R.numel(), 1, device=x_TH.device), L)
-        o_RH = backend.routed_mlp(x_RH, local, gate_up_LJH, down_LHI)
-        o_NH = all_to_all_single_autograd(o_RH, send_W, recv_W, self.group)
+        T, H = x_TH.shape
+        device = x_TH.device
         acc = torch.promote_types(x_TH.dtype, torch.float32)
-        return combine_rows(o_NH.to(acc) * sorted_weights(plan).to(acc).unsqueeze(1), plan).to(x_TH.dtype)
+        # Sender: the kept pairs, sorted by expert and therefore by destination rank.
+        expert_N = torch.repeat_interleave(torch.arange(W * L, device=device), plan.counts_E)
+        rank_N = torch.div(expert_N, L, rounding_mode="floor")
+        keys_U, row_of_N = torch.unique(rank_N * T + plan.token_N, return_inverse=True)  # (rank, token), sorted
+        token_U = keys_U % T
+        rows_W = torch.zeros(W, dtype=torch.int64, device=device).scatter_add_(
+            0, torch.div(keys_U, T, rounding_mode="floor"), torch.ones_like(keys_U))
+        pairs_W = plan.counts_E.view(W, L).sum(1)
+        # Counts first: rows and pairs per destination, one exchange.
+        send_counts = torch.stack([rows_W, pairs_W], 1)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_rows, send_pairs = rows_W.tolist(), pairs_W.tolist()  # split sizes must be on the host
+        recv_rows, recv_pairs = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+        # Each pair's row index within the rows sent to its rank, and its expert on that rank.
+        first_row_W = torch.cumsum(rows_W, 0) - rows_W
+        meta_N2 = torch.stack([row_of_N - first_row_W[rank_N], expert_N - rank_N * L], 1)
+        meta_P2 = torch.empty(sum(recv_pairs), 2, dtype=torch.int64, device=device)
+        dist.all_to_all_single(meta_P2, meta_N2, recv_pairs, send_pairs, group=self.group)
+        x_RH = all_to_all_single_autograd(x_TH.index_select(0, token_U), recv_rows, send_rows, self.group)
+        w_P = all_to_all_single_autograd(sorted_weights(plan).to(acc), recv_pairs, send_pairs, self.group)
+        # Receiver: pairs of source s index the rows of source s.
+        row_start_S = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+        source_P = torch.repeat_interleave(torch.arange(W, device=device), recv_counts[:, 1])
+        row_P = meta_P2[:, 0] + row_start_S[source_P]
+        local = backend.build_plan(meta_P2[:, 1:], torch.ones(row_P.numel(), 1, device=device), L)
+        o_PH = backend.routed_mlp(x_RH.index_select(0, row_P), local, gate_up_LJH, down_LHI)
+        o_RH = torch.zeros(x_RH.shape, dtype=acc, device=device).index_add(0, row_P, o_PH.to(acc) * w_P.unsqueeze(1))
+        back_UH = all_to_all_single_autograd(o_RH.to(x_TH.dtype), send_rows, recv_rows, self.group)
+        self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),
+                              "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
+                              "row_bytes": H * x_TH.element_size()}
+        y_TH = torch.zeros(T, H, dtype=acc, device=device).index_add(0, token_U, back_UH.to(acc))
+        return y_TH.to(x_TH.dtype)
 
 
 def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
@@ -96,6 +129,7 @@ def gather_expert_state_dict(layer) -> Dict[str, torch.Tensor]:
         key = next(k for k in state if k.endswith("experts." + name))
         shard = state[key].contiguous()
         full = shard.new_empty((ep.world * shard.shape[0],) + tuple(shard.shape[1:]))
-        dist.all_gather_into_tensor(full, shard, group=ep.group)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+        gather(full, shard, group=ep.group)
         state[key] = full
     return state
