@@ -10,10 +10,11 @@ from .layer import DeepSeekMoELayer, aux_loss
 from .router import Router, Routing
 from .backends import BackendUnavailable, backend_status
 from . import hf  # transformers interop; imports transformers only when its helpers need it
+from . import parallel  # expert parallelism; torch.distributed is used only once a layer is sharded
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "Router", "Routing",
-    "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "hf", "__version__",
+    "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "hf", "parallel", "__version__",
 ]

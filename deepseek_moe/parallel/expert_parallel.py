@@ -21,7 +21,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from ..backends import Backend
 from ..dispatch import DispatchPlan, sorted_weights
@@ -51,6 +50,8 @@ class ExpertParallel:
         ``max_devices_per_token`` = M bounds the rows a token sends by M); the destination sums its experts'
         weighted outputs and returns one row per (token, rank).
         """
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
         W, L = self.world, self.local_experts
         T, H = x_TH.shape
         device = x_TH.device
