@@ -59,6 +59,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_speed: float = 0.0
     capacity_factor: Optional[float] = None
+    device_capacity_factor: Optional[float] = None
     shared_expert_gate: bool = False
     shared_expert_hidden_size: Optional[int] = None
     backend: str = "auto"
@@ -115,9 +116,11 @@ class MoEConfig:
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             _fail("shared_expert_hidden_size", w, "expected None (num_shared_experts * expert_hidden_size) or an "
                   "integer >= 1")
-        c = self.capacity_factor
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
-            _fail("capacity_factor", c, "expected None (dropless) or a finite number > 0")
+        for name in ("capacity_factor", "device_capacity_factor"):
+            c = getattr(self, name)
+            if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
+                                  or c <= 0):
+                _fail(name, c, "expected None (dropless) or a finite number > 0")
         for name in ("norm_topk_prob", "seq_aux", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")

@@ -98,9 +98,13 @@ class DeepSeekMoELayer(nn.Module):
         if self.expert_parallel is None:
             y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
         else:
+            device_capacity = cfg.device_capacity_factor if self.training else None
+            affinity_N = (routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
+                          if device_capacity is not None else None)
             y_TH = self.expert_parallel.routed(x_TH.to(compute_dtype), plan,
                                                self.experts.gate_up_proj.to(compute_dtype),
-                                               self.experts.down_proj.to(compute_dtype), backend)
+                                               self.experts.down_proj.to(compute_dtype), backend, affinity_N,
+                                               device_capacity)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
@@ -123,6 +127,8 @@ class DeepSeekMoELayer(nn.Module):
         else:
             self.aux_loss = torch.zeros((), device=x.device)
         self._num_dropped = plan.num_dropped
+        if self.expert_parallel is not None:  # pairs this rank dropped for its device capacity
+            self._num_dropped = self._num_dropped + self.expert_parallel.last_dropped
 
     @property
     def last_stats(self) -> Dict[str, float]:

@@ -74,6 +74,33 @@ def _check_against_single_process(rank, world, M, bias=None):
     return layer, ref
 
 
+def _check_device_capacity(rank, world):
+    """Per-device capacity (training only): every rank processes at most ceil(c · all pairs / W) pairs, the
+    drops are counted, a capacity that never binds changes nothing, and eval never drops."""
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(_config(world, None).replace(device_capacity_factor=0.6))
+    layer.gate.e_score_correction_bias[:4] = 10.0  # every token picks rank 0's experts: rank 0 overflows
+    ref = copy.deepcopy(layer)
+    x_all = torch.randn(world * T_LOCAL, H)
+    x = x_all[rank * T_LOCAL:(rank + 1) * T_LOCAL]
+    shard_experts(layer)
+    layer(x.clone().requires_grad_()).sum().backward()
+    ex = layer.expert_parallel.last_exchange
+    capacity = -(-6 * world * T_LOCAL * 3 // (10 * world))  # ceil(0.6 · W·T·K / W)
+    assert ex["pairs_processed"] == min(ex["pairs_received"], capacity), ex
+    dropped = torch.tensor([layer.last_stats["num_dropped"], ex["pairs_received"] - ex["pairs_processed"]])
+    dist.all_reduce(dropped)
+    assert dropped[0] == dropped[1] > 0
+    layer.eval()
+    ref.eval()
+    assert_close(layer(x), ref(x_all)[rank * T_LOCAL:(rank + 1) * T_LOCAL], 1e-5, f"rank {rank}: eval y")
+    assert layer.last_stats["num_dropped"] == 0
+    layer.train()
+    ref.train()
+    layer.config = layer.config.replace(device_capacity_factor=float(world))  # never binds
+    assert_close(layer(x), ref(x_all)[rank * T_LOCAL:(rank + 1) * T_LOCAL], 1e-5, f"rank {rank}: loose capacity")
+
+
 def _worker(rank, world, port, M):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -96,6 +123,7 @@ def _worker(rank, world, port, M):
         bias = torch.zeros(4 * world)
         bias[:4] = 10.0
         _check_against_single_process(rank, world, None, bias)
+        _check_device_capacity(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ received, H hidden size, W ranks, L = E / W local experts.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -41,14 +42,20 @@ class ExpertParallel:
         # Rows of the last forward's dispatch (the combine returns as many): tokens, rows_sent, rows_sent_remote,
         # row_bytes.
         self.last_exchange: Dict[str, int] = {}
+        # Pairs this rank dropped for its device capacity in the last forward (0-dim int64).
+        self.last_dropped = torch.zeros((), dtype=torch.int64)
 
     def routed(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_LJH: torch.Tensor, down_LHI: torch.Tensor,
-               backend: Backend) -> torch.Tensor:
+               backend: Backend, affinity_N: Optional[torch.Tensor] = None,
+               capacity_factor: Optional[float] = None) -> torch.Tensor:
         """Σ_k w·expert(x) for the local tokens, the experts living on their ranks. x_TH (T, H) -> (T, H).
 
         Each token row travels once per destination rank, however many of its experts live there (so
         ``max_devices_per_token`` = M bounds the rows a token sends by M); the destination sums its experts'
-        weighted outputs and returns one row per (token, rank).
+        weighted outputs and returns one row per (token, rank). With ``capacity_factor`` c (and ``affinity_N``,
+        the router score of each sorted pair), each rank processes at most ceil(c · all pairs / W) of the pairs
+        it receives, those of highest affinity (DeepSeek-V2 §2.2.4); the others add nothing and are counted in
+        ``last_dropped``.
         """
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
@@ -81,13 +88,29 @@ class ExpertParallel:
         row_start_S = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         source_P = torch.repeat_interleave(torch.arange(W, device=device), recv_counts[:, 1])
         row_P = meta_P2[:, 0] + row_start_S[source_P]
-        local = backend.build_plan(meta_P2[:, 1:], torch.ones(row_P.numel(), 1, device=device), L)
+        expert_P1 = meta_P2[:, 1:]
+        self.last_dropped = torch.zeros((), dtype=torch.int64, device=device)
+        if capacity_factor is not None:
+            if affinity_N is None:
+                raise ValueError("ExpertParallel.routed: a device capacity needs the pairs' affinities")
+            total = torch.tensor([plan.pair_N.numel()], dtype=torch.int64, device=device)
+            dist.all_reduce(total, group=self.group)
+            capacity = math.ceil(capacity_factor * int(total) / W)
+            affinity_P = torch.empty(sum(recv_pairs), dtype=affinity_N.dtype, device=device)
+            dist.all_to_all_single(affinity_P, affinity_N.detach().contiguous(), recv_pairs, send_pairs,
+                                   group=self.group)
+            if affinity_P.numel() > capacity:
+                keep_P = torch.argsort(affinity_P, descending=True, stable=True)[:capacity].sort().values
+                self.last_dropped = torch.tensor(affinity_P.numel() - capacity, device=device)
+                row_P, expert_P1, w_P = row_P[keep_P], expert_P1[keep_P], w_P[keep_P]
+        local = backend.build_plan(expert_P1, torch.ones(row_P.numel(), 1, device=device), L)
         o_PH = backend.routed_mlp(x_RH.index_select(0, row_P), local, gate_up_LJH, down_LHI)
         o_RH = torch.zeros(x_RH.shape, dtype=acc, device=device).index_add(0, row_P, o_PH.to(acc) * w_P.unsqueeze(1))
         back_UH = all_to_all_single_autograd(o_RH.to(x_TH.dtype), send_rows, recv_rows, self.group)
         self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),
                               "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
-                              "row_bytes": H * x_TH.element_size()}
+                              "row_bytes": H * x_TH.element_size(), "pairs_received": int(sum(recv_pairs)),
+                              "pairs_processed": int(row_P.numel())}
         y_TH = torch.zeros(T, H, dtype=acc, device=device).index_add(0, token_U, back_UH.to(acc))
         return y_TH.to(x_TH.dtype)
 
