@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sysconfig
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,27 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe import hf  # noqa: E402
-
-
-def load_text(path: str | None, max_bytes: int) -> bytes:
-    if path:
-        return Path(path).read_bytes()[:max_bytes]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for file in sorted(stdlib.glob("*.py")):
-        data = file.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return b"\n".join(chunks)[:max_bytes]
-
-
-def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator):
-    while True:
-        starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=generator)
-        window = torch.stack([data[s: s + seq + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]
+from deepseek_moe.bench.lm import byte_batches, load_text  # noqa: E402
 
 
 def progress(total: int):
@@ -94,7 +72,7 @@ def main() -> None:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
-    stream = batches(train, args.batch, args.seq, gen)
+    stream = byte_batches(train, args.batch, args.seq, gen)
     layers = hf.moe_layers(model)
     bar = progress(args.steps)
     task = bar.add_task("training", total=args.steps) if bar else None

@@ -13,41 +13,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import deepseek_moe as dm
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block whose MLP is any (..., H) -> (..., H) module."""
-
-    def __init__(self, hidden: int, heads: int, mlp: nn.Module):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.mlp = mlp
-
-    def forward(self, x):
-        S = x.shape[1]
-        causal = torch.triu(torch.ones(S, S, dtype=torch.bool, device=x.device), diagonal=1)
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: int, seq: int, make_mlp):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.pos = nn.Parameter(torch.zeros(seq, hidden))
-        self.blocks = nn.ModuleList(Block(hidden, 4, make_mlp()) for _ in range(layers))
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, ids):
-        x = self.embed(ids) + self.pos[: ids.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+from deepseek_moe.bench.lm import TinyLM
 
 
 def batch(vocab: int, size: int, seq: int, generator: torch.Generator):
