@@ -1,0 +1,1 @@
+"""The DeepSeekMoE quality study (issue 8): ``python -m benchmarks.quality.run --help``."""
