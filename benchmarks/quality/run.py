@@ -221,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="dense and deepseekmoe, 1 seed, 20 steps (smoke test)")
     p.add_argument("--configs", help="comma list of configs")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=2000, help="training steps per run (2000: ~4 min for deepseekmoe on 2 cores)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run (1000: ~2 min for deepseekmoe on 2 cores)")
     p.add_argument("--data", help="a text file (default: the standard library's *.py sources)")
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
