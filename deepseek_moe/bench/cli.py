@@ -132,10 +132,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> List[str]:
-    usable = available_backends(device, dtype)
     if text == "all":
         # Triton on CPU means its interpreter, a testing tool far too slow to time: only when asked by name.
-        return [n for n in usable if not (n == "triton" and device.type == "cpu")]
+        return [n for n in available_backends(device, dtype) if not (n == "triton" and device.type == "cpu")]
     if text == "auto":
         return [select("auto", device, dtype).name]
     names = _choices("--backend", text, ("eager", "torch", "triton", "ext", "megablocks"))
