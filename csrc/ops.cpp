@@ -6,6 +6,8 @@
 
 #include <torch/library.h>
 
+#include "cpu/host_cache.h"
+
 TORCH_LIBRARY(deepseek_moe, m) {
   // topk_idx (T, K) -> counts (E,), offsets (E+1,), pair (N,), token (N,), slot (T, K); stable counting sort.
   m.def("route_plan(Tensor topk_idx, int num_experts) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -22,4 +24,8 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, Tensor(a!) grad_gate_up_out, Tensor(b!) grad_down_out) "
         "-> (Tensor, Tensor)");
+  // The host block cache behind the CPU ops' large outputs (cpu/host_cache.h); device-independent.
+  m.def("host_cache_info() -> int[]", &deepseek_moe::host_cache_info);
+  m.def("host_cache_empty() -> ()", &deepseek_moe::host_cache_empty);
+  m.def("host_cache_set_limit(int bytes) -> ()", &deepseek_moe::host_cache_set_limit);
 }

@@ -8,6 +8,11 @@ Never required. Two ways to get it:
 
 After loading, the ops live under ``torch.ops.deepseek_moe`` (``route_plan``, ``permute``, ``combine``,
 ``combine_backward``, ``segment_mlp_fused``, ``segment_mlp_fused_backward``) and ``backend="ext"`` can run.
+
+Host block cache: the ops' outputs of 2 MiB and more come from a cache of freed blocks on transparent huge pages
+(``csrc/cpu/host_cache.h``), because faulting in a fresh multi-hundred-MB output costs several times writing it
+(docs/benchmarks.md). It keeps at most ``DEEPSEEK_MOE_EXT_CACHE_MB`` MiB of freed blocks (default 2048; 0 keeps
+none); :func:`cache_info`, :func:`empty_cache` and :func:`set_cache_limit` inspect and control it.
 """
 from __future__ import annotations
 
@@ -15,11 +20,12 @@ import glob
 import os
 import shutil
 import threading
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error"]
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error", "cache_info",
+           "empty_cache", "set_cache_limit"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
@@ -116,3 +122,31 @@ def _jit_build(verbose: bool) -> None:
     cpp_load(name="deepseek_moe_ext", sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=verbose)
+
+
+_CACHE_FIELDS = ("cached_bytes", "limit_bytes", "in_use_bytes", "hits", "misses", "hugepages")
+
+
+def cache_info() -> Optional[Dict[str, int]]:
+    """The host block cache's state: ``cached_bytes`` (freed blocks kept), ``limit_bytes``, ``in_use_bytes`` (live
+    outputs from the cache allocator), ``hits``, ``misses`` and ``hugepages`` (1 when new blocks get the
+    MADV_HUGEPAGE advice). None while the extension is not loaded."""
+    if not _loaded:
+        return None
+    return dict(zip(_CACHE_FIELDS, torch.ops.deepseek_moe.host_cache_info()))
+
+
+def empty_cache() -> None:
+    """Return every cached block to the OS (live outputs are unaffected). A no-op while the extension is not
+    loaded."""
+    if _loaded:
+        torch.ops.deepseek_moe.host_cache_empty()
+
+
+def set_cache_limit(limit_bytes: Optional[int]) -> None:
+    """Keep at most ``limit_bytes`` of freed blocks (0: none, every large output is freshly mapped); None restores
+    ``DEEPSEEK_MOE_EXT_CACHE_MB``. Loads the extension if needed."""
+    if limit_bytes is not None and limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be >= 0 or None, got {limit_bytes}")
+    load()
+    torch.ops.deepseek_moe.host_cache_set_limit(-1 if limit_bytes is None else int(limit_bytes))

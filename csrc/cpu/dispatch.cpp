@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include "host_cache.h"
+
 namespace deepseek_moe {
 namespace {
 
@@ -100,7 +102,7 @@ Tensor permute_cpu(const Tensor& x_in, const Tensor& token_in, const Tensor& slo
   TORCH_CHECK(token_in.dim() == 1 && token_in.scalar_type() == at::kLong, "permute: token_N must be int64 (N,)");
   const Tensor x_TH = x_in.contiguous(), token_N = token_in.contiguous();
   const int64_t T = x_TH.size(0), H = x_TH.size(1), N = token_N.size(0);
-  Tensor x_NH = at::empty({N, H}, x_TH.options());
+  Tensor x_NH = empty_output({N, H}, x_TH.options());
   const int64_t row_bytes = H * x_TH.element_size();
   const char* src = static_cast<const char*>(x_TH.const_data_ptr());
   char* dst = static_cast<char*>(x_NH.mutable_data_ptr());
@@ -133,7 +135,7 @@ Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optiona
     TORCH_CHECK(weight_in->sizes() == slot_TK.sizes(), "combine: weight must be (T, K) like slot");
     weight_TK = weight_in->to(acc).contiguous();
   }
-  Tensor y_TH = at::empty({T, H}, o_NH.options());
+  Tensor y_TH = empty_output({T, H}, o_NH.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_NH.scalar_type(), "combine", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -178,7 +180,7 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
   const bool weighted = weight_in.has_value();
   Tensor weight_TK = weighted ? weight_in->to(acc).contiguous() : Tensor();
   // Every sorted row belongs to exactly one kept (t, k), so every row is written below: no zero fill.
-  Tensor grad_o_NH = at::empty({N, H}, o_NH.options());
+  Tensor grad_o_NH = empty_output({N, H}, o_NH.options());
   Tensor grad_w_TK = weighted ? at::empty({T, K}, o_NH.options().dtype(acc)) : Tensor();
   const Tensor grad_y = grad_y_TH.to(o_NH.scalar_type());
   std::atomic<bool> bad{false};

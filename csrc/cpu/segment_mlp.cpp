@@ -16,6 +16,8 @@
 
 #include <vector>
 
+#include "host_cache.h"
+
 namespace deepseek_moe {
 namespace {
 
@@ -130,7 +132,7 @@ Tensor segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const
   const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2), N = token_N.size(0);
   const std::vector<int64_t> counts = host_counts(counts_E);
   const auto acc = at::toOpMathType(x_TH.scalar_type());
-  Tensor y_TH = at::zeros({T, H}, x_TH.options().dtype(acc));
+  Tensor y_TH = empty_output({T, H}, x_TH.options().dtype(acc)).zero_();
   TORCH_CHECK(h_NJ.is_contiguous() && h_NJ.sizes() == at::IntArrayRef({N, 2 * I}) &&
                   h_NJ.scalar_type() == x_TH.scalar_type(),
               "segment_mlp: h_out must be a contiguous (N, 2I) tensor of x's dtype");
@@ -166,7 +168,7 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_backward_cpu(
               "segment_mlp_backward: grad_y must match x");
   const std::vector<int64_t> counts = host_counts(counts_E);
   const auto acc = at::toOpMathType(x_TH.scalar_type());
-  Tensor grad_x_TH = at::zeros({T, H}, x_TH.options().dtype(acc));
+  Tensor grad_x_TH = empty_output({T, H}, x_TH.options().dtype(acc)).zero_();
   TORCH_CHECK(grad_gate_up.is_contiguous() && grad_gate_up.sizes() == gate_up.sizes() &&
                   grad_down.is_contiguous() && grad_down.sizes() == down.sizes() &&
                   grad_gate_up.scalar_type() == gate_up.scalar_type() && grad_down.scalar_type() == down.scalar_type(),
