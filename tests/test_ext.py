@@ -84,25 +84,67 @@ def test_gradients_equal_autograd_of_torch_ops(capacity):
     assert torch.autograd.gradcheck(lambda o, w: torch.ops.deepseek_moe.combine(o, plan.slot_TK, w), (o, weight))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,K,kind,empty,cap", [
+def _run_own_plan(backend, topk, weight, capacity, x, gate_up, down, grad_y):
+    plan = backend.build_plan(topk, weight, gate_up.shape[0], capacity, weight.detach())
+    y = backend.routed_mlp(x, plan, gate_up, down)
+    grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y, allow_unused=True)
+    return (y,) + tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, gate_up, down, weight)))
+
+
+CASES = [
     (64, 8, 2, "balanced", 0, None),
     (97, 16, 4, "skewed", 5, None),
     (33, 64, 6, "random", 0, None),
     (50, 8, 2, "skewed", 2, 0.5),
     (1, 4, 4, "random", 0, None),
-])
-def test_ext_backend_matches_eager(dtype, T, E, K, kind, empty, cap):
+]
+
+
+@pytest.mark.parametrize("strategy", ["segments", "grouped_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,kind,empty,cap", CASES)
+def test_ext_backend_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
     problem = _problem(T, E, K, 24, 16, dtype, kind, empty, cap)
-    topk, weight, capacity, x, gate_up, down, grad_y = problem
-    backend = ExtBackend()
-    plan = backend.build_plan(topk, weight, E, capacity, weight.detach())
-    y = backend.routed_mlp(x, plan, gate_up, down)
-    out = (y,) + torch.autograd.grad(y, (x, gate_up, down, weight), grad_y, allow_unused=True)
+    out = _run_own_plan(ExtBackend(strategy), *problem)
     ref = _run(EagerBackend(), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
-        a = torch.zeros_like(b) if a is None else a
-        assert_close(a, b, TOL[dtype], f"ext/{dtype}/{name}")
+        assert_close(a, b, TOL[dtype], f"ext/{strategy}/{dtype}/{name}")
+
+
+@pytest.mark.parametrize("T,E,K,kind,empty,cap", CASES)
+def test_ext_grouped_mm_equals_torch_grouped_mm_exactly(T, E, K, kind, empty, cap):
+    """The grouped_mm strategy with the extension's permute/combine is the torch backend's pipeline with other
+    data-movement ops (and the counting-sort plan): every output and gradient is bit-identical."""
+    problem = _problem(T, E, K, 24, 16, torch.float32, kind, empty, cap)
+    ours, ref = _run_own_plan(ExtBackend("grouped_mm"), *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), ours, ref):
+        assert torch.equal(a, b), name
+
+
+def test_ext_backend_on_cuda_explains_what_it_needs():
+    reason = ExtBackend().unavailable_reason(torch.device("cuda"), torch.bfloat16)
+    if ext_backend.has_cuda_kernels():
+        pytest.skip("this build has CUDA kernels (covered by the GPU test)")
+    assert "no CUDA kernels" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+    assert ExtBackend().resolve_strategy(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+    assert ExtBackend().resolve_strategy(torch.device("cpu"), torch.bfloat16) == "segments"
+
+
+@pytest.mark.gpu
+def test_ext_backend_on_cuda_matches_torch_backend():
+    """Needs the CUDA build of the extension (ahead of time, with TORCH_CUDA_ARCH_LIST) and a Hopper-class GPU."""
+    if not ext_backend.has_cuda_kernels():
+        pytest.skip("the loaded extension has no CUDA kernels: build it with DEEPSEEK_MOE_BUILD_EXT=1")
+    device = torch.device("cuda")
+    if ExtBackend().unavailable_reason(device, torch.bfloat16):
+        pytest.skip(ExtBackend().unavailable_reason(device, torch.bfloat16))
+    for T, E, K, kind, empty, cap in CASES:
+        problem = [t if not isinstance(t, torch.Tensor) else
+                   t.detach().to(device).requires_grad_(t.requires_grad) if t.is_floating_point() else t.to(device)
+                   for t in _problem(T, E, K, 64, 32, torch.bfloat16, kind, empty, cap)]
+        ours, ref = _run_own_plan(ExtBackend(), *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
+        for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), ours, ref):
+            assert torch.equal(a, b), f"{(T, E, K, kind, empty, cap)} {name}"
 
 
 def test_ext_backend_gradcheck_float64():

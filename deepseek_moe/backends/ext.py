@@ -4,7 +4,8 @@
 (``route_plan``, one pass instead of an argsort) and runs the routed experts through the segment loop in C++
 (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w → GEMM → add into y; ATen's GEMMs). On CPU
 that fused loop is the best available GEMM path: separate permute / grouped GEMM / combine passes over the
-(N, H) rows measured 1.87× a dense FFN against ≈1.3× for the segment loop (docs/benchmarks.md).
+(N, H) rows measured 1.87× a dense FFN against ≈1.3× for the segment loop (docs/benchmarks.md). On CUDA (with the
+CUDA build of the extension) it runs the extension's permute and combine around PyTorch's grouped GEMM.
 
 :func:`permute` and :func:`combine` are the extension's data-movement ops with mirror-image backwards
 (permute ↔ unweighted combine; weighted combine's backward is a weighted gather plus per-pair dot products);
@@ -21,7 +22,7 @@ import torch
 
 from .. import ext
 from ..dispatch import DispatchPlan, build_plan
-from .grouped import TorchBackend
+from .grouped import TorchBackend, _cuda_grouped_mm_ok, _grouped_mm, grouped_mm_mlp
 
 _registered = False
 _register_lock = threading.Lock()
@@ -124,30 +125,56 @@ def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
                         num_dropped=torch.zeros((), dtype=torch.int64, device=device))
 
 
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension carries its CUDA kernels (an ahead-of-time build with a CUDA torch)."""
+    return ext.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("deepseek_moe::permute", "CUDA")
+
+
 class ExtBackend(TorchBackend):
-    """The compiled extension on CPU: counting-sort plan and the C++ segment loop (see the module docstring).
+    """The compiled extension. ``strategy``:
+
+    * ``"segments"`` (``auto`` on CPU): the counting-sort plan and the C++ segment loop (module docstring);
+    * ``"grouped_mm"`` (``auto`` on CUDA): the counting-sort plan, the extension's permute, PyTorch's grouped GEMM
+      and the extension's combine. On CUDA this needs the CUDA build of the extension and torch's grouped GEMM
+      (bf16, compute capability >= 9.0); on CPU it runs with the CPU ops (slower than the segment loop there).
+
     With capacity, the plan comes from :func:`deepseek_moe.dispatch.build_plan` (the extension sorts dropless
     plans only)."""
 
     name = "ext"
     compiled = True
 
-    def __init__(self, pad_multiple="auto"):
-        super().__init__("segments", pad_multiple)
+    def resolve_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
+        # DEEPSEEK_MOE_TORCH_STRATEGY belongs to the torch backend; the C++ segment loop exists on CPU only.
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "segments" if device.type == "cpu" else "grouped_mm"
+        if strategy == "grouped_mm" and _grouped_mm is None:
+            raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
+        return strategy
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        if device.type != "cpu":
-            return (f"the ext backend runs on CPU (the CUDA build of the extension provides its dispatch ops, not "
-                    f"yet a backend); got device {device.type!r}")
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             return f"the ext backend supports floating dtypes, not {dtype}"
-        if ext.is_loaded():
-            return None
-        if ext.build_error():
-            return ext.build_error()
-        return ("the compiled extension is not loaded: select backend='ext' by name or call deepseek_moe.ext.load() "
-                "(builds it just in time, ~30 s once), or build it ahead of time with "
-                "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+        if device.type not in ("cpu", "cuda"):
+            return f"the ext backend runs on CPU and CUDA, not {device.type!r}"
+        if not ext.is_loaded():
+            if ext.build_error():
+                return ext.build_error()
+            return ("the compiled extension is not loaded: select backend='ext' by name or call "
+                    "deepseek_moe.ext.load() (builds it just in time, ~30 s once), or build it ahead of time with "
+                    "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+        if device.type == "cuda":
+            if not has_cuda_kernels():
+                return ("the loaded extension has no CUDA kernels (a just-in-time build is CPU-only): build it ahead "
+                        "of time with a CUDA torch, TORCH_CUDA_ARCH_LIST=... DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . "
+                        "--no-build-isolation")
+            if self.resolve_strategy(device, dtype) == "segments":
+                return "the ext backend's segment loop runs on CPU only; use strategy 'grouped_mm' on CUDA"
+            if not _cuda_grouped_mm_ok(device, dtype):
+                return ("the ext backend on CUDA uses PyTorch's grouped GEMM, which runs bf16 on compute capability "
+                        f">= 9.0; got {dtype} on {torch.cuda.get_device_name(device)}")
+        return None
 
     def ready(self) -> bool:
         """Whether the extension is usable without compiling anything: loaded, or built ahead of time (then it is
@@ -166,9 +193,12 @@ class ExtBackend(TorchBackend):
 
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         ensure_loaded()
+        if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
+            return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI, gather=permute, combine=combine)
         return super().routed_mlp(x_TH, plan, gate_up_EJH, down_EHI)
 
     def build_plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None) -> DispatchPlan:
-        if capacity is not None or topk_idx_TK.device.type != "cpu":
+        on_device = topk_idx_TK.device.type == "cpu" or (topk_idx_TK.device.type == "cuda" and has_cuda_kernels())
+        if capacity is not None or not on_device:
             return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK)
         return route_plan(topk_idx_TK, weight_TK, num_experts)

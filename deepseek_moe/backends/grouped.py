@@ -256,7 +256,7 @@ class TorchBackend(Backend):
 
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
-            return _grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+            return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI)
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
         multiple = self.resolve_pad_multiple(x_TH.device, x_TH.dtype)
         if multiple > 1:
@@ -266,10 +266,14 @@ class TorchBackend(Backend):
         return y_TH
 
 
-def _grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+def grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, gather=gather_rows, combine=combine_rows):
+    """The routed experts as permute → grouped GEMM → SwiGLU·w → grouped GEMM → unweighted combine.
+
+    ``gather(x_TH, plan) -> x_NH`` and ``combine(o_NH, plan) -> y_TH`` are the data-movement ops (the torch ops by
+    default; the ``ext`` backend passes the compiled extension's, which give bit-identical rows)."""
     offs_E = plan.offsets_E1[1:].to(torch.int32)
-    x_NH = gather_rows(x_TH, plan)
+    x_NH = gather(x_TH, plan)
     h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
     a_NI = swiglu_weighted(h_NJ, sorted_weights(plan), x_TH.dtype)
     out_NH = _grouped_mm(a_NI, down_EHI.transpose(1, 2), offs=offs_E)
-    return combine_rows(out_NH, plan)
+    return combine(out_NH, plan)
