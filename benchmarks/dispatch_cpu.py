@@ -5,10 +5,16 @@
 Part 1, one process, interleaved rounds, medians: routing metadata (extension: stable counting sort; torch:
 build_plan's argsort), permute (gather rows into expert order) and combine (K-way sum into token rows), forward
 and backward (permute's backward is a combine and combine's a permute: autograd of each). The extension runs
-twice: with its host block cache (the default; steady state reuses freed output blocks) and with the cache off
-('ext fresh': every large output newly mapped, on huge pages where the kernel grants them). For the torch ops
-on huge pages too, run with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator reads it at start-up). Part 2: the whole
+twice: with its host block cache (the default; steady state reuses freed output blocks, new ones are mapped on
+huge pages) and with the cache off (outputs from ATen's allocator, as the torch ops get them: the kernels alone).
+For the torch ops on huge pages too, run with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator reads it at
+start-up). Part 2: the whole
 DeepSeekMoE layer, forward+backward, backend "ext" against backend "torch" (same weights and input).
+
+    python benchmarks/dispatch_cpu.py --device cuda --dtype bfloat16   # the CUDA table (needs the CUDA build)
+
+On CUDA the host block cache plays no part (one pass) and the layer runs in the given dtype (the ext backend
+uses PyTorch's grouped GEMM there: bf16 on compute capability >= 9.0).
 """
 from __future__ import annotations
 
@@ -28,37 +34,45 @@ from deepseek_moe.dispatch import build_plan, combine_rows, gather_rows
 from deepseek_moe.testing import make_topk
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_times(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
     for fn in fns.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             begin = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - begin)
     return times
 
 
 def _without_cache(fn: Callable[[], None]) -> Callable[[], None]:
-    """fn with the extension's block cache off: every large output is a freshly mapped (huge-page) block."""
+    """fn with the extension's block cache off: its outputs come from ATen's allocator, like the torch ops'."""
 
     def call() -> None:
         ext.set_cache_limit(0)
         try:
-            fn()  # the result is dropped inside, so its block is released while the limit is 0
+            fn()
         finally:
             ext.set_cache_limit(None)
 
     return call
 
 
-def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: int) -> None:
-    topk = make_topk(T, E, K, "random")
-    weight = torch.rand(T, K)
-    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
-    o = torch.randn(T * K, H, dtype=dtype, requires_grad=True)
-    grad_NH, grad_TH = torch.randn(T * K, H, dtype=dtype), torch.randn(T, H, dtype=dtype)
+def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: int, device: torch.device) -> None:
+    topk = make_topk(T, E, K, "random").to(device)
+    weight = torch.rand(T, K, device=device)
+    x = torch.randn(T, H, dtype=dtype, device=device, requires_grad=True)
+    o = torch.randn(T * K, H, dtype=dtype, device=device, requires_grad=True)
+    grad_NH = torch.randn(T * K, H, dtype=dtype, device=device)
+    grad_TH = torch.randn(T, H, dtype=dtype, device=device)
     plans = {"torch": build_plan(topk, weight, E), "ext": ext_backend.route_plan(topk, weight, E)}
     gather = {"torch": gather_rows, "ext": ext_backend.permute}
     combine = {"torch": combine_rows, "ext": ext_backend.combine}
@@ -69,11 +83,13 @@ def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: i
         "permute fwd+bwd": {k: (lambda k=k: torch.autograd.grad(gather[k](x, plans[k]), x, grad_NH)) for k in plans},
         "combine fwd+bwd": {k: (lambda k=k: torch.autograd.grad(combine[k](o, plans[k]), o, grad_TH)) for k in plans},
     }
-    print(f"dispatch ops: T={T} H={H} E={E} K={K} {dtype}, {torch.get_num_threads()} threads, median of {repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"dispatch ops: T={T} H={H} E={E} K={K} {dtype}, {where}, median of {repeats}")
     # Two passes, so the cache-off runs never evict the cached runs' blocks; each pass has its own torch column.
-    for label, variant in (("ext: block cache on (default; steady state reuses freed output blocks)", lambda f: f),
-                           ("ext fresh: block cache off, every large output newly mapped (huge-page advice)",
-                            _without_cache)):
+    passes = [("ext: block cache on (default; steady state reuses freed output blocks)", lambda f: f),
+              ("ext, block cache off: outputs from ATen's allocator like the torch ops' (the kernels alone)",
+               _without_cache)]
+    for label, variant in (passes if device.type == "cpu" else [("ext (CUDA kernels)", lambda f: f)]):
         print(f"\n{label}")
         print(f"{'step':18s} {'torch ms':>9s} {'ext ms':>8s} {'speed-up':>9s}")
         total = {"torch": 0.0, "ext": 0.0}
@@ -93,11 +109,12 @@ def _row(label: str, ms: Dict[str, float]) -> None:
     print(f"{label:18s} {ms['torch'] * 1e3:9.2f} {ms['ext'] * 1e3:8.2f} {ms['torch'] / ms['ext']:8.2f}x")
 
 
-def layer_part(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, repeats: int) -> None:
+def layer_part(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, repeats: int, device: torch.device
+               ) -> None:
     cfg = dm.MoEConfig(hidden_size=H, expert_hidden_size=I, num_routed_experts=E, num_shared_experts=2, top_k=K)
-    layers = {name: dm.DeepSeekMoELayer(cfg.replace(backend=name)).to(dtype) for name in ("torch", "ext")}
+    layers = {name: dm.DeepSeekMoELayer(cfg.replace(backend=name)).to(device, dtype) for name in ("torch", "ext")}
     layers["ext"].load_state_dict(layers["torch"].state_dict())
-    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    x = torch.randn(T, H, dtype=dtype, device=device, requires_grad=True)
     times = _median_times({name: (lambda m=m: run_once(m, x, "fwdbwd")) for name, m in layers.items()}, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in times.items()}
@@ -116,13 +133,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--layer-tokens", type=int, default=4096, help="T of the layer comparison (0 skips it)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     ext_backend.ensure_loaded()
-    dispatch_part(args.tokens, args.hidden_size, args.experts, args.top_k, dtype, args.repeats)
+    if device.type == "cuda" and not ext_backend.has_cuda_kernels():
+        p.error("the loaded extension has no CUDA kernels: build it with TORCH_CUDA_ARCH_LIST=... "
+                "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+    dispatch_part(args.tokens, args.hidden_size, args.experts, args.top_k, dtype, args.repeats, device)
     if args.layer_tokens:
-        layer_part(args.layer_tokens, 1024, 352, 64, 6, dtype, args.repeats)
+        layer_part(args.layer_tokens, 1024, 352, 64, 6, dtype, args.repeats, device)
     return 0
 
 

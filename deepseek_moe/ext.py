@@ -9,10 +9,11 @@ Never required. Two ways to get it:
 After loading, the ops live under ``torch.ops.deepseek_moe`` (``route_plan``, ``permute``, ``combine``,
 ``combine_backward``, ``segment_mlp_fused``, ``segment_mlp_fused_backward``) and ``backend="ext"`` can run.
 
-Host block cache: the ops' outputs of 2 MiB and more come from a cache of freed blocks on transparent huge pages
+Host block cache: the ops' outputs of 32 MiB and more come from a cache of freed blocks on transparent huge pages
 (``csrc/cpu/host_cache.h``), because faulting in a fresh multi-hundred-MB output costs several times writing it
-(docs/benchmarks.md). It keeps at most ``DEEPSEEK_MOE_EXT_CACHE_MB`` MiB of freed blocks (default 2048; 0 keeps
-none); :func:`cache_info`, :func:`empty_cache` and :func:`set_cache_limit` inspect and control it.
+(docs/benchmarks.md). It keeps at most ``DEEPSEEK_MOE_EXT_CACHE_MB`` MiB of freed blocks (default 2048; 0 turns it
+off and every output comes from ATen's allocator); :func:`cache_info`, :func:`empty_cache` and
+:func:`set_cache_limit` inspect and control it.
 """
 from __future__ import annotations
 
@@ -144,8 +145,8 @@ def empty_cache() -> None:
 
 
 def set_cache_limit(limit_bytes: Optional[int]) -> None:
-    """Keep at most ``limit_bytes`` of freed blocks (0: none, every large output is freshly mapped); None restores
-    ``DEEPSEEK_MOE_EXT_CACHE_MB``. Loads the extension if needed."""
+    """Keep at most ``limit_bytes`` of freed blocks (0: the cache is off and outputs come from ATen's allocator);
+    None restores ``DEEPSEEK_MOE_EXT_CACHE_MB``. Loads the extension if needed."""
     if limit_bytes is not None and limit_bytes < 0:
         raise ValueError(f"limit_bytes must be >= 0 or None, got {limit_bytes}")
     load()

@@ -17,7 +17,7 @@
 namespace deepseek_moe {
 namespace {
 
-// The x86-64/arm64 transparent huge page size; also the smallest request the cache serves.
+// The x86-64/arm64 transparent huge page size: cached blocks are whole pages.
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr int64_t kDefaultLimitMiB = 2048;
 
@@ -66,6 +66,11 @@ class HostCache final : public c10::Allocator {
     std::lock_guard<std::mutex> guard(mutex_);
     return {static_cast<int64_t>(cached_), static_cast<int64_t>(limit_), static_cast<int64_t>(in_use_), hits_, misses_,
             hugepages_ ? 1 : 0};
+  }
+
+  bool enabled() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return limit_ > 0;
   }
 
   void set_limit(int64_t bytes) {
@@ -166,8 +171,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   TORCH_CHECK(options.device().is_cpu(), "empty_output: CPU tensors only");
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  if (static_cast<size_t>(numel) * options.dtype().itemsize() < kHugePage) return at::empty(sizes, options);
-  return at::detail::empty_generic(sizes, &HostCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+  HostCache& cache = HostCache::instance();
+  if (static_cast<size_t>(numel) * options.dtype().itemsize() < kMinCachedBytes || !cache.enabled()) {
+    return at::empty(sizes, options);
+  }
+  return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 
