@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -29,27 +28,18 @@ import torch
 import deepseek_moe as dm
 from deepseek_moe import ext
 from deepseek_moe.backends import ext as ext_backend
-from deepseek_moe.bench.timing import run_once
+from deepseek_moe.bench.timing import run_once, time_call
 from deepseek_moe.dispatch import build_plan, combine_rows, gather_rows
 from deepseek_moe.testing import make_topk
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _median_times(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
+def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, List[float]]:
     for fn in fns.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync()
-            begin = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - begin)
+            times[name].append(time_call(fn, device))
     return times
 
 
@@ -94,7 +84,7 @@ def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: i
         print(f"{'step':18s} {'torch ms':>9s} {'ext ms':>8s} {'speed-up':>9s}")
         total = {"torch": 0.0, "ext": 0.0}
         for step, fns in steps.items():
-            times = _median_times({"torch": fns["torch"], "ext": variant(fns["ext"])}, repeats)
+            times = _median_times({"torch": fns["torch"], "ext": variant(fns["ext"])}, repeats, device)
             med = {k: statistics.median(v) for k, v in times.items()}
             if step in ("metadata", "permute fwd+bwd", "combine fwd+bwd"):
                 for k in total:
@@ -115,7 +105,8 @@ def layer_part(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, repea
     layers = {name: dm.DeepSeekMoELayer(cfg.replace(backend=name)).to(device, dtype) for name in ("torch", "ext")}
     layers["ext"].load_state_dict(layers["torch"].state_dict())
     x = torch.randn(T, H, dtype=dtype, device=device, requires_grad=True)
-    times = _median_times({name: (lambda m=m: run_once(m, x, "fwdbwd")) for name, m in layers.items()}, repeats)
+    times = _median_times({name: (lambda m=m: run_once(m, x, "fwdbwd")) for name, m in layers.items()}, repeats,
+                          device)
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in times.items()}
     print(f"\nlayer fwd+bwd: T={T} H={H} {E}x{I} +2 shared K={K} {dtype}, median of {repeats}")

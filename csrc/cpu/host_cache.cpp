@@ -4,6 +4,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <map>
@@ -42,7 +43,8 @@ struct Block {
 class HostCache final : public c10::Allocator {
  public:
   HostCache()
-      : env_limit_(static_cast<size_t>(std::max<int64_t>(0, env_int("DEEPSEEK_MOE_EXT_CACHE_MB", kDefaultLimitMiB))) << 20),
+      : env_limit_(static_cast<size_t>(std::max<int64_t>(0, env_int("DEEPSEEK_MOE_EXT_CACHE_MB", kDefaultLimitMiB)))
+                   << 20),
         limit_(env_limit_),
         hugepages_(env_int("DEEPSEEK_MOE_EXT_HUGEPAGES", 1) != 0) {}
 
@@ -169,10 +171,9 @@ class HostCache final : public c10::Allocator {
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_CHECK(options.device().is_cpu(), "empty_output: CPU tensors only");
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
   HostCache& cache = HostCache::instance();
-  if (static_cast<size_t>(numel) * options.dtype().itemsize() < kMinCachedBytes || !cache.enabled()) {
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (nbytes < kMinCachedBytes || !cache.enabled()) {
     return at::empty(sizes, options);
   }
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),

@@ -22,7 +22,7 @@ import torch
 
 from .. import ext
 from ..dispatch import DispatchPlan, build_plan
-from .grouped import TorchBackend, _cuda_grouped_mm_ok, _grouped_mm, grouped_mm_mlp
+from .grouped import TorchBackend, _cuda_grouped_mm_ok, grouped_mm_mlp
 
 _registered = False
 _register_lock = threading.Lock()
@@ -144,14 +144,9 @@ class ExtBackend(TorchBackend):
     name = "ext"
     compiled = True
 
-    def resolve_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
+    def auto_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
         # DEEPSEEK_MOE_TORCH_STRATEGY belongs to the torch backend; the C++ segment loop exists on CPU only.
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "segments" if device.type == "cpu" else "grouped_mm"
-        if strategy == "grouped_mm" and _grouped_mm is None:
-            raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
-        return strategy
+        return "segments" if device.type == "cpu" else "grouped_mm"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

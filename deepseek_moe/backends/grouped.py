@@ -241,17 +241,20 @@ class TorchBackend(Backend):
         return 32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
     def resolve_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = os.environ.get("DEEPSEEK_MOE_TORCH_STRATEGY", "auto")
-            if strategy not in STRATEGIES:
-                raise ValueError(f"DEEPSEEK_MOE_TORCH_STRATEGY={strategy!r} is invalid; expected one of {STRATEGIES}")
+        strategy = self.strategy if self.strategy != "auto" else self.auto_strategy(device, dtype)
+        if strategy == "grouped_mm" and _grouped_mm is None:
+            raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
+        return strategy
+
+    def auto_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
+        """What "auto" means: ``DEEPSEEK_MOE_TORCH_STRATEGY`` if set, else by device and dtype."""
+        strategy = os.environ.get("DEEPSEEK_MOE_TORCH_STRATEGY", "auto")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"DEEPSEEK_MOE_TORCH_STRATEGY={strategy!r} is invalid; expected one of {STRATEGIES}")
         if strategy == "auto":
             # Measured on a 2-core CPU: the cache-resident segment loop beats grouped_mm + separate gather and
             # combine passes by ~1.4x forward+backward (docs/benchmarks.md); on GPUs one grouped kernel wins.
             strategy = "grouped_mm" if _cuda_grouped_mm_ok(device, dtype) else "segments"
-        if strategy == "grouped_mm" and _grouped_mm is None:
-            raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
         return strategy
 
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
