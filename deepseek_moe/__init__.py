@@ -7,6 +7,7 @@
 from .config import ConfigError, MoEConfig, PRESETS, matched_pair
 from .dispatch import DispatchPlan, build_plan
 from .layer import DeepSeekMoELayer, aux_loss
+from .padding import padding_mask
 from .router import Router, Routing
 from .backends import BackendUnavailable, backend_status
 from . import hf  # transformers interop; imports transformers only when its helpers need it
@@ -15,6 +16,7 @@ from . import parallel  # expert parallelism; torch.distributed is used only onc
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "Router", "Routing",
+    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "padding_mask", "Router",
+    "Routing",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "hf", "parallel", "__version__",
 ]

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BACKENDS = ("auto", "eager", "torch", "triton", "ext", "megablocks")
+BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ class MoEConfig:
     group_score: str = "max"
     aux_loss_alpha: float = 0.001
     seq_aux: bool = False
+    balance_scope: Optional[str] = None
     device_loss_alpha: float = 0.0
     num_devices: int = 1
     comm_loss_alpha: float = 0.0
@@ -121,9 +123,23 @@ class MoEConfig:
             if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
                                   or c <= 0):
                 _fail(name, c, "expected None (dropless) or a finite number > 0")
+        scope = self.balance_scope
+        if scope is not None and scope not in BALANCE_SCOPES:
+            _fail("balance_scope", scope, f"expected None or one of {BALANCE_SCOPES}")
+        if self.seq_aux is True and scope not in (None, "sequence"):
+            _fail("balance_scope", scope, "conflicts with seq_aux=True (which means balance_scope='sequence'); "
+                  "set seq_aux=False")
         for name in ("norm_topk_prob", "seq_aux", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
+
+    @property
+    def resolved_balance_scope(self) -> str:
+        """Where the expert-level balance loss counts its load fraction f: ``balance_scope``, or ``"sequence"``
+        when ``seq_aux`` is set, else ``"micro_batch"``."""
+        if self.balance_scope is not None:
+            return self.balance_scope
+        return "sequence" if self.seq_aux else "micro_batch"
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -6,6 +6,7 @@ Ks shared experts.
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.first_expert = 0  # experts [first_expert, first_expert + len(gate_up_proj)) live here
+        # Set by deepseek_moe.parallel.shard_experts: tokens then reach these experts through all-to-all.
+        self.expert_parallel = None
         self.reset_parameters()
 
     def shard_(self, first: int, count: int) -> None:
@@ -47,10 +50,19 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
         nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
 
-    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, backend: Backend) -> torch.Tensor:
-        """x_TH (T, H) in the compute dtype -> (T, H) routed output Σ_k w·expert(x), same dtype."""
+    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, backend: Backend,
+                affinity_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_TH (T, H) in the compute dtype -> (T, H) routed output Σ_k w·expert(x), same dtype.
+
+        Expert-parallel (after ``shard_experts``): the pairs travel to the ranks holding their experts;
+        ``affinity_N`` (N,), the router score of each sorted pair, lets a rank apply its device capacity.
+        """
         dtype = x_TH.dtype
-        return backend.routed_mlp(x_TH, plan, self.gate_up_proj.to(dtype), self.down_proj.to(dtype))
+        gate_up_EJH, down_EHI = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        if self.expert_parallel is None:
+            return backend.routed_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+        capacity = self.cfg.device_capacity_factor if self.training else None
+        return self.expert_parallel.routed(x_TH, plan, gate_up_EJH, down_EHI, backend, affinity_N, capacity)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -13,7 +13,9 @@ from . import backends
 from .config import MoEConfig
 from .dispatch import DispatchPlan, expert_capacity
 from .experts import RoutedExperts, SharedExperts
+from .counters import count_load
 from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
+from .padding import active_padding_mask, check_padding_mask
 from .router import Router, Routing
 
 
@@ -57,6 +59,10 @@ class DeepSeekMoELayer(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
         self._num_dropped = torch.zeros((), dtype=torch.int64)
+        # balance_scope="global_batch": router load summed over ranks and micro-batches since the last update_bias().
+        self.register_buffer("balance_window", torch.zeros(E, dtype=torch.int64), persistent=False)
+        # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
+        self.balance_group = None
         # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
         self.expert_parallel = None
 
@@ -86,49 +92,80 @@ class DeepSeekMoELayer(nn.Module):
                                   affinity_TK)
         return routing, plan
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (..., H) -> (..., H), same dtype.
+
+        ``padding_mask``: optional bool tensor of shape ``x.shape[:-1]``, True at padded positions (default: the
+        mask of an enclosing :func:`deepseek_moe.padding_mask` block). Padded tokens are removed before routing:
+        they count in no balance loss, load, MaxVio, bias update or capacity, the real tokens' outputs equal a
+        run on the real tokens alone, and padded positions output exactly 0 (gradient 0). Raises ValueError for a
+        mask of the wrong shape, dtype or device.
+        """
         self._check_input(x)
+        H = self.config.hidden_size
+        if padding_mask is None:
+            padding_mask = active_padding_mask()
+        x_TH = x.reshape(-1, H)
+        num_sequences = x.shape[0] if x.dim() == 3 else 1
+        seq_T = None
+        if padding_mask is not None:
+            real_R = torch.nonzero(~check_padding_mask(padding_mask, x)).squeeze(1)
+            seq_T = torch.div(real_R, x_TH.shape[0] // max(num_sequences, 1), rounding_mode="floor")
+            x_TH = x_TH.index_select(0, real_R)
+        y_TH = self._moe(x_TH, num_sequences, seq_T)
+        if padding_mask is not None:
+            y_TH = y_TH.new_zeros(x.numel() // H, H).index_copy(0, real_R, y_TH)
+        # A fresh tensor, not a view of y_TH: FSDP2 and autograd hooks expect a module to return its own output.
+        return y_TH.reshape(x.shape).clone() if y_TH.shape != x.shape else y_TH
+
+    def _moe(self, x_TH: torch.Tensor, num_sequences: int, seq_T: Optional[torch.Tensor]) -> torch.Tensor:
+        """router → dispatch → routed experts → combine, plus shared experts, on the real tokens x_TH (T, H)."""
         cfg = self.config
-        x_TH = x.reshape(-1, cfg.hidden_size)
-        device_type = x.device.type
+        device_type = x_TH.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else x.dtype)
-        backend = backends.select(cfg.backend, x.device, compute_dtype)
+                         else x_TH.dtype)
+        backend = backends.select(cfg.backend, x_TH.device, compute_dtype)
         routing, plan = self.route(x_TH, backend)
-        if self.expert_parallel is None:
-            y_TH = self.experts(x_TH.to(compute_dtype), plan, backend)
-        else:
-            device_capacity = cfg.device_capacity_factor if self.training else None
-            affinity_N = (routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
-                          if device_capacity is not None else None)
-            y_TH = self.expert_parallel.routed(x_TH.to(compute_dtype), plan,
-                                               self.experts.gate_up_proj.to(compute_dtype),
-                                               self.experts.down_proj.to(compute_dtype), backend, affinity_N,
-                                               device_capacity)
+        affinity_N = None
+        if self.expert_parallel is not None and cfg.device_capacity_factor is not None and self.training:
+            affinity_N = routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
+        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend, affinity_N)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
                 shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
             y_TH = y_TH + shared_TH
-        self._record(routing, plan, x)
-        return y_TH.to(x.dtype).reshape(x.shape)
+        self._record(routing, plan, num_sequences, seq_T)
+        return y_TH.to(x_TH.dtype)
 
-    def _record(self, routing: Routing, plan: DispatchPlan, x: torch.Tensor) -> None:
-        # Activation checkpointing re-runs forward inside backward: that step's load was already counted. A compiled
-        # graph runs this Python once, at trace time, so there is nothing to ask (and the query cannot be traced).
-        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    def _record(self, routing: Routing, plan: DispatchPlan, num_sequences: int,
+                seq_T: Optional[torch.Tensor]) -> None:
+        cfg = self.config
         self.tokens_per_expert = plan.counts_E.detach()
         if self.training:
-            if not recomputing:
-                self.load_since_update += plan.routed_counts_E.detach()
-            num_sequences = x.shape[0] if x.dim() == 3 else 1
-            self.aux_loss = aux_loss_from_routing(self.config, routing.scores_TE, routing.logits_TE,
-                                                  routing.topk_idx_TK, num_sequences)
+            # count_load skips the update when activation checkpointing re-runs this forward (see counters.py).
+            count_load(self.load_since_update, plan.routed_counts_E.detach())
+            global_counts_E = None
+            if cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "global_batch":
+                global_counts_E = count_load(self.balance_window, self._sum_over_ranks(plan.routed_counts_E))
+            self.aux_loss = aux_loss_from_routing(cfg, routing.scores_TE, routing.logits_TE, routing.topk_idx_TK,
+                                                  num_sequences, seq_T, global_counts_E)
         else:
-            self.aux_loss = torch.zeros((), device=x.device)
+            self.aux_loss = torch.zeros((), device=plan.counts_E.device)
         self._num_dropped = plan.num_dropped
         if self.expert_parallel is not None:  # pairs this rank dropped for its device capacity
             self._num_dropped = self._num_dropped + self.expert_parallel.last_dropped
+
+    def _sum_over_ranks(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """counts summed over ``balance_group`` (default: the world) when torch.distributed is initialised."""
+        import torch.distributed as dist
+
+        counts_E = counts_E.detach()
+        if not (dist.is_available() and dist.is_initialized()):
+            return counts_E
+        from torch.distributed._functional_collectives import all_reduce
+
+        return all_reduce(counts_E, "sum", self.balance_group or dist.group.WORLD)
 
     @property
     def last_stats(self) -> Dict[str, float]:
@@ -138,16 +175,21 @@ class DeepSeekMoELayer(nn.Module):
     # ------------------------------------------------------------------ balancing
     @torch.no_grad()
     def update_bias(self, group: Optional[object] = None) -> torch.Tensor:
-        """Aux-loss-free balancing step: b += γ·sign(mean(load) − load) from the router load accumulated since
-        the last call (summed over ranks when torch.distributed is initialised), then reset the accumulator.
+        """Close one optimizer step: the aux-loss-free balancing step b += γ·sign(mean(load) − load) (DeepSeek-V3
+        §2.1.2, in fp32) from the router load of the real tokens since the last call, summed over ``group``
+        (default: the world) when torch.distributed is initialised; then reset that load and the global-batch
+        balance window.
 
-        Call after ``optimizer.step()``. A no-op when ``bias_update_speed`` is 0. Returns the bias (E,).
+        Call after every ``optimizer.step()`` (``deepseek_moe.hf.update_biases(model)`` does it for a model). The
+        bias moves only when ``bias_update_speed`` > 0; with no tokens counted it does not move. Returns the
+        bias (E,).
         """
         bias = self.gate.e_score_correction_bias
         if self.config.bias_update_speed > 0:
             load = all_reduce_load(self.load_since_update, group)
             update_bias_(bias, load, self.config.bias_update_speed)
         self.load_since_update.zero_()
+        self.balance_window.zero_()
         return bias
 
     def extra_repr(self) -> str:

@@ -20,46 +20,82 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _counts_BE(topk_idx_TK: torch.Tensor, num_experts: int, num_sequences: int) -> torch.Tensor:
-    T, K = topk_idx_TK.shape
-    idx_BP = topk_idx_TK.reshape(num_sequences, (T // num_sequences) * K)
-    counts = torch.zeros(num_sequences, num_experts, dtype=torch.float32, device=topk_idx_TK.device)
-    return counts.scatter_add_(1, idx_BP, torch.ones_like(idx_BP, dtype=torch.float32))
-
-
 def _check_sequences(T: int, num_sequences: int) -> None:
     if num_sequences < 1 or T % num_sequences:
         raise ValueError(f"num_sequences={num_sequences} must be >= 1 and divide the token count T={T}")
 
 
-def expert_fractions(topk_idx_TK: torch.Tensor, num_experts: int, num_sequences: int = 1) -> torch.Tensor:
-    """f (B, E) = E/(K·S) · count of each expert in each sequence's top-K choices (1.0 when uniform)."""
+def sequence_ids(num_tokens: int, num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """int64 (T,) sequence of each token: ``seq_T`` as given (ragged sequences, e.g. after padding is removed),
+    else ``num_sequences`` contiguous sequences of equal length."""
+    if seq_T is not None:
+        if seq_T.shape != (num_tokens,):
+            raise ValueError(f"seq_T has shape {tuple(seq_T.shape)}; expected ({num_tokens},)")
+        return seq_T
+    _check_sequences(num_tokens, num_sequences)
+    S = num_tokens // num_sequences
+    return torch.arange(num_sequences, device=device).repeat_interleave(S)
+
+
+def _lengths_B(seq_T: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """fp32 (B,) tokens in each sequence."""
+    return torch.zeros(num_sequences, dtype=torch.float32, device=seq_T.device).scatter_add_(
+        0, seq_T, torch.ones_like(seq_T, dtype=torch.float32))
+
+
+def expert_fractions(topk_idx_TK: torch.Tensor, num_experts: int, num_sequences: int = 1,
+                     seq_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """f (B, E) = E/(K·S_b) · count of each expert in sequence b's top-K choices (1.0 when uniform; 0 for a
+    sequence without tokens). Sequences: ``seq_T`` (T,) if given, else ``num_sequences`` equal contiguous ones."""
     T, K = topk_idx_TK.shape
-    _check_sequences(T, num_sequences)
-    S = T // num_sequences
-    return _counts_BE(topk_idx_TK, num_experts, num_sequences) * (num_experts / (K * max(S, 1)))
+    seq_T = sequence_ids(T, num_sequences, seq_T, topk_idx_TK.device)
+    flat_P = (seq_T.unsqueeze(1) * num_experts + topk_idx_TK).reshape(-1)
+    counts_BE = torch.zeros(num_sequences * num_experts, dtype=torch.float32, device=topk_idx_TK.device)
+    counts_BE = counts_BE.scatter_add_(0, flat_P, torch.ones_like(flat_P, dtype=torch.float32))
+    length_B1 = _lengths_B(seq_T, num_sequences).clamp_min(1).unsqueeze(1)
+    return counts_BE.view(num_sequences, num_experts) * (num_experts / K) / length_B1
 
 
-def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
-    """P (B, E) = mean over each sequence's tokens of the routing probabilities (differentiable)."""
+def global_fractions(counts_E: torch.Tensor) -> torch.Tensor:
+    """f (1, E) = E · countᵢ / Σⱼ countⱼ: the load fraction of counts summed over a global batch (ranks and
+    micro-batches; Qiu et al. 2025, arXiv 2501.11873). Zero when nothing was counted."""
+    counts = counts_E.to(torch.float32)
+    return (counts * counts.numel() / counts.sum().clamp_min(1)).unsqueeze(0)
+
+
+def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """P (B, E) = mean over each sequence's tokens of the routing probabilities (differentiable; 0 for a
+    sequence without tokens)."""
     T, E = probs_TE.shape
-    _check_sequences(T, num_sequences)
-    return _acc(probs_TE).reshape(num_sequences, T // num_sequences, E).mean(dim=1)
+    seq_T = sequence_ids(T, num_sequences, seq_T, probs_TE.device)
+    probs_TE = _acc(probs_TE)
+    sums_BE = probs_TE.new_zeros(num_sequences, E).index_add(0, seq_T, probs_TE)
+    return sums_BE / _lengths_B(seq_T, num_sequences).clamp_min(1).to(sums_BE.dtype).unsqueeze(1)
 
 
 def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float,
-                        num_sequences: int = 1) -> torch.Tensor:
-    """Expert-level balance loss α Σᵢ fᵢ Pᵢ (DeepSeekMoE eq. 12-14), averaged over ``num_sequences``.
+                        num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None,
+                        fractions_BE: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Expert-level balance loss α Σᵢ fᵢ Pᵢ (DeepSeekMoE eq. 12-14), averaged over the sequences that have tokens.
 
     probs_TE: (T, E) routing probabilities (rows sum to 1); topk_idx_TK: (T, K). num_sequences=1 is the
-    batch-level loss; B computes it per sequence (``seq_aux``) and averages. Uniform routing gives α; all
-    tokens on the same K experts with probability 1/K each gives the maximum α·E/K.
+    batch-level loss; B (with ``seq_T`` for ragged sequences) computes it per sequence (``seq_aux``) and
+    averages. ``fractions_BE`` replaces f, e.g. by :func:`global_fractions` of counts summed over ranks and
+    micro-batches (f is a constant: the gradient flows through P only). Uniform routing gives α; all tokens on
+    the same K experts with probability 1/K each gives the maximum α·E/K. No tokens: 0.
     """
-    if probs_TE.shape[0] == 0:
+    T = probs_TE.shape[0]
+    if T == 0:
         return probs_TE.sum() * 0.0
-    f_BE = expert_fractions(topk_idx_TK, probs_TE.shape[1], num_sequences)
-    P_BE = mean_probs(probs_TE, num_sequences)
-    return alpha * (f_BE * P_BE).sum(dim=-1).mean()
+    seq_T = sequence_ids(T, num_sequences, seq_T, probs_TE.device)
+    f_BE = fractions_BE if fractions_BE is not None else expert_fractions(topk_idx_TK, probs_TE.shape[1],
+                                                                          num_sequences, seq_T)
+    P_BE = mean_probs(probs_TE, num_sequences, seq_T)
+    loss_B = (f_BE * P_BE).sum(dim=-1)
+    has_tokens_B = (_lengths_B(seq_T, num_sequences) > 0).to(loss_B.dtype)
+    return alpha * (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1)
 
 
 def device_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_devices: int,
@@ -92,19 +128,19 @@ def comm_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_dev
     return alpha * (f_D * P_D).sum()
 
 
-def sequence_balance_loss(scores_TE: torch.Tensor, top_k: int, alpha: float, num_sequences: int = 1
-                          ) -> torch.Tensor:
+def sequence_balance_loss(scores_TE: torch.Tensor, top_k: int, alpha: float, num_sequences: int = 1,
+                          seq_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DeepSeek-V3 complementary sequence-wise balance loss (eq. 17-20), averaged over sequences.
 
     Per sequence: fᵢ = E/(K·S) Σ_t 1(i ∈ TopK(s_t)) on the raw scores (no bias, no group limit),
-    Pᵢ = mean_t s_{t,i} / Σ_j s_{t,j}; loss α Σᵢ fᵢ Pᵢ.
+    Pᵢ = mean_t s_{t,i} / Σ_j s_{t,j}; loss α Σᵢ fᵢ Pᵢ. Sequences as in :func:`expert_balance_loss`.
     """
     if scores_TE.shape[0] == 0:
         return scores_TE.sum() * 0.0
     scores_TE = _acc(scores_TE)
     raw_topk_TK = scores_TE.detach().topk(top_k, dim=-1).indices
     probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-    return expert_balance_loss(probs_TE, raw_topk_TK, alpha, num_sequences)
+    return expert_balance_loss(probs_TE, raw_topk_TK, alpha, num_sequences, seq_T)
 
 
 def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
@@ -123,23 +159,34 @@ def routing_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
 
 
 def aux_loss_from_routing(cfg: MoEConfig, scores_TE: torch.Tensor, logits_TE: torch.Tensor,
-                          topk_idx_TK: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+                          topk_idx_TK: torch.Tensor, num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None,
+                          global_counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of every loss ``cfg`` enables (coefficient > 0), as a 0-dim fp32 tensor.
 
-    ``num_sequences`` is B for input of shape (B, S, H): used by ``seq_aux`` and the sequence-wise loss.
+    ``num_sequences`` (and ``seq_T`` (T,) for ragged sequences) say which sequence each token belongs to: used by
+    the sequence scope (``seq_aux``) and the sequence-wise loss. ``global_counts_E`` (E,) is the load summed over
+    the global batch, required by ``balance_scope="global_batch"``.
     """
     total = scores_TE.new_zeros((), dtype=torch.float32)
     probs_TE = routing_probs(scores_TE, cfg.score_func)
     if cfg.aux_loss_alpha > 0:
-        total = total + expert_balance_loss(probs_TE, topk_idx_TK, cfg.aux_loss_alpha,
-                                            num_sequences if cfg.seq_aux else 1)
+        scope = cfg.resolved_balance_scope
+        if scope == "global_batch":
+            if global_counts_E is None:
+                raise ValueError("aux_loss_from_routing: balance_scope='global_batch' needs global_counts_E")
+            total = total + expert_balance_loss(probs_TE, topk_idx_TK, cfg.aux_loss_alpha,
+                                                fractions_BE=global_fractions(global_counts_E))
+        elif scope == "sequence":
+            total = total + expert_balance_loss(probs_TE, topk_idx_TK, cfg.aux_loss_alpha, num_sequences, seq_T)
+        else:
+            total = total + expert_balance_loss(probs_TE, topk_idx_TK, cfg.aux_loss_alpha)
     if cfg.device_loss_alpha > 0 and cfg.num_devices > 1:
         total = total + device_balance_loss(probs_TE, topk_idx_TK, cfg.num_devices, cfg.device_loss_alpha)
     if cfg.comm_loss_alpha > 0 and cfg.num_devices > 1:
         total = total + comm_balance_loss(probs_TE, topk_idx_TK, cfg.num_devices,
                                           cfg.max_devices_per_token or cfg.num_devices, cfg.comm_loss_alpha)
     if cfg.seq_balance_alpha > 0:
-        total = total + sequence_balance_loss(scores_TE, cfg.top_k, cfg.seq_balance_alpha, num_sequences)
+        total = total + sequence_balance_loss(scores_TE, cfg.top_k, cfg.seq_balance_alpha, num_sequences, seq_T)
     if cfg.z_loss_coef > 0:
         total = total + router_z_loss(logits_TE, cfg.z_loss_coef)
     return total

@@ -62,11 +62,26 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
         return choice_TE.topk(cfg.top_k, dim=-1).indices
 
 
+def _at_least_fp32(fn):
+    """Wrap a Module._apply function so floating tensors never end below fp32 (a move to bf16 keeps fp32)."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        if t.is_floating_point() and out.is_floating_point() and out.dtype.itemsize < 4:
+            out = t.to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32))
+        return out
+    return apply
+
+
 class Router(nn.Module):
     """Linear gate (fp32 math) + score function + (group-limited) top-k.
 
     Parameters: ``weight`` (E, H). Buffers: ``e_score_correction_bias`` (E,) fp32, the aux-loss-free
     balancing bias b (DeepSeek-V3 §2.1.2), which changes which experts are picked but never the weights.
+
+    Both stay fp32 (fp64 if cast to fp64) when the module is cast to a 16-bit dtype (``.to(torch.bfloat16)``,
+    ``.half()``, a load with ``assign=True``): a bias step γ = 0.001 is below bf16's resolution at the biases
+    V3 learns (+2 to +5, spacing 0.016), and a rounded gate changes which experts are picked. transformers
+    keeps DeepSeek-V2/V3's ``gate.weight`` and bias in fp32 for the same reason (``_keep_in_fp32_modules_strict``).
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -79,6 +94,18 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.cfg.initializer_range)
         self.e_score_correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(_at_least_fp32(fn), recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("weight", "e_score_correction_bias"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype.itemsize < 4:
+                state_dict[prefix + name] = value.to(torch.float32)  # exact; matters for assign=True loads
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`."""

@@ -1,6 +1,6 @@
 """Expert parallelism with gloo on CPU, ranks spawned by the test: a sharded layer equals the single-process
-layer on the concatenated batch (outputs, input gradients, router/shared gradients summed over ranks, each
-rank's expert-shard gradients), device-limited routing, a rank that receives no tokens, load statistics, and
+layer on the concatenated batch (outputs, input gradients, and every parameter's gradient under the data-parallel
+convention: replicated gradients averaged over ranks, expert shards already averaged by the layer), device-limited routing, a rank that receives no tokens, load statistics, and
 state_dict shard/gather round trips."""
 import copy
 import os
@@ -54,11 +54,12 @@ def _check_against_single_process(rank, world, M, bias=None):
     ref_params = dict(ref.named_parameters())
     for name, p in layer.named_parameters():
         if name.startswith("experts."):
-            assert_close(p.grad, ref_params[name].grad[rank * L:(rank + 1) * L], 1e-5, f"rank {rank}: grad {name}")
-        else:  # replicated: each rank holds its tokens' share, the sum is the single-process gradient
+            expected = ref_params[name].grad[rank * L:(rank + 1) * L] / world
+            assert_close(p.grad, expected, 1e-5, f"rank {rank}: grad {name}")
+        else:  # replicated: each rank holds its tokens' share, averaged as DDP does
             g = p.grad.clone()
             dist.all_reduce(g)
-            assert_close(g, ref_params[name].grad, 1e-5, f"rank {rank}: summed grad {name}")
+            assert_close(g / world, ref_params[name].grad / world, 1e-5, f"rank {rank}: averaged grad {name}")
 
     # Device-limited routing: no token's experts span more than M ranks.
     routing, _ = layer.route(x.detach())

@@ -10,7 +10,9 @@ replicated. Per forward, on every rank:
 4. send one row per (token, rank) back with the mirror exchange and add them into the token rows.
 
 The row and weight exchanges are differentiable (``all_to_all_single_autograd``): the backward sends gradients
-the other way.
+the other way. An expert's gradient therefore sums the losses of every rank whose tokens reached it; the
+layer scales it by 1/W so that it is the gradient of the mean of the ranks' losses, the convention of data
+parallelism (DDP and FSDP average the replicated parameters' gradients over the ranks).
 
 Legend: T local tokens, N kept pairs of the local tokens, U (token, rank) rows sent, R rows received, P pairs
 received, H hidden size, W ranks, L = E / W local experts.
@@ -25,6 +27,19 @@ import torch.distributed as dist
 
 from ..backends import Backend
 from ..dispatch import DispatchPlan, sorted_weights
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, t, scale: float):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class ExpertParallel:
@@ -61,6 +76,8 @@ class ExpertParallel:
 
         W, L = self.world, self.local_experts
         T, H = x_TH.shape
+        # Mean over the ranks' losses, as for replicated parameters under data parallelism (module docstring).
+        gate_up_LJH, down_LHI = _ScaleGrad.apply(gate_up_LJH, 1.0 / W), _ScaleGrad.apply(down_LHI, 1.0 / W)
         device = x_TH.device
         acc = torch.promote_types(x_TH.dtype, torch.float32)
         # Sender: the kept pairs, sorted by expert and therefore by destination rank.
@@ -138,6 +155,8 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     layer.config = new_cfg
     layer.gate.cfg = new_cfg
     layer.experts.shard_(ep.first_expert, ep.local_experts)
+    layer.experts.cfg = new_cfg
+    layer.experts.expert_parallel = ep
     layer.expert_parallel = ep
     return layer
 
