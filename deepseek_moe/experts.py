@@ -51,18 +51,20 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
 
     def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, backend: Backend,
-                affinity_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+                affinity_N: Optional[torch.Tensor] = None,
+                device_capacity_factor: Optional[float] = None) -> torch.Tensor:
         """x_TH (T, H) in the compute dtype -> (T, H) routed output Σ_k w·expert(x), same dtype.
 
-        Expert-parallel (after ``shard_experts``): the pairs travel to the ranks holding their experts;
-        ``affinity_N`` (N,), the router score of each sorted pair, lets a rank apply its device capacity.
+        Expert-parallel (after ``shard_experts``): the pairs travel to the ranks holding their experts; with
+        ``device_capacity_factor``, ``affinity_N`` (N,), the router score of each sorted pair, decides which pairs
+        a rank keeps.
         """
         dtype = x_TH.dtype
         gate_up_EJH, down_EHI = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if self.expert_parallel is None:
             return backend.routed_mlp(x_TH, plan, gate_up_EJH, down_EHI)
-        capacity = self.cfg.device_capacity_factor if self.training else None
-        return self.expert_parallel.routed(x_TH, plan, gate_up_EJH, down_EHI, backend, affinity_N, capacity)
+        return self.expert_parallel.routed(x_TH, plan, gate_up_EJH, down_EHI, backend, affinity_N,
+                                           device_capacity_factor)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -280,12 +280,14 @@ def expert_load(model: nn.Module) -> Dict[str, float]:
 
 
 def trainer_callback():
-    """A ``transformers.TrainerCallback`` that runs :func:`update_biases` after every optimizer step. Pair it
-    with :func:`aux_loss_trainer` (or your own ``compute_loss``) so the balance losses reach the gradient and
-    each layer's MaxVio reaches the logs. Needs transformers."""
+    """A ``transformers.TrainerCallback`` that runs :func:`update_biases` after every optimizer step (the
+    aux-loss-free bias step, and the end of the global-batch balance window). :func:`aux_loss_trainer` adds it by
+    itself; add it yourself to other Trainers. Needs transformers."""
     from transformers import TrainerCallback
 
     class DeepSeekMoECallback(TrainerCallback):
+        deepseek_moe = True
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is not None:
                 update_biases(model)
@@ -293,25 +295,69 @@ def trainer_callback():
     return DeepSeekMoECallback()
 
 
+def _padding_from_attention_mask(inputs) -> Optional[torch.Tensor]:
+    """(B, S) bool padding mask from a 2-D ``attention_mask`` (0 = padding), None when nothing is padded."""
+    mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    padding = mask == 0
+    return padding if bool(padding.any()) else None
+
+
 def aux_loss_trainer(trainer_cls=None):
-    """A subclass of ``transformers.Trainer`` (or of ``trainer_cls``) whose loss adds ``dm.aux_loss(model)`` and
-    whose logs carry ``moe/<layer>/max_vio`` for every DeepSeekMoE layer (from the last forward)."""
+    """A subclass of ``transformers.Trainer`` (or of ``trainer_cls``) for models with DeepSeekMoE layers:
+
+    * its loss adds ``dm.aux_loss(model)``, weighted as the Trainer weights the LM loss: when the Trainer
+      normalises the LM loss over the whole accumulated batch (``num_items_in_batch``), each micro-batch's aux
+      loss is scaled by that micro-batch's share of the label tokens (and by the device count when
+      ``average_tokens_across_devices`` is on, as the Trainer scales its loss before the data-parallel average);
+      otherwise the Trainer divides both by the accumulation steps. So 4 micro-batches of 1 sequence and 1 of 4
+      give the same gradients (for the sequence and global-batch balance scopes, whose loss does not depend on
+      how the batch is split);
+    * a 2-D ``attention_mask`` in the inputs becomes the layers' padding mask (:func:`deepseek_moe.padding_mask`);
+    * :func:`trainer_callback` is added, so biases update and balance windows close after every optimizer step;
+    * its logs carry ``moe/<layer>/max_vio`` for every DeepSeekMoE layer (from the last forward).
+    """
     from transformers import Trainer
 
     from .layer import aux_loss
+    from .padding import padding_mask
 
     base = trainer_cls or Trainer
 
     class DeepSeekMoETrainer(base):
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-            loss = loss + aux_loss(model).to(loss.device)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not any(getattr(cb, "deepseek_moe", False) for cb in self.callback_handler.callbacks):
+                self.add_callback(trainer_callback())
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            weight = self._aux_loss_weight(inputs, num_items_in_batch)
+            with padding_mask(_padding_from_attention_mask(inputs)):
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch, **kwargs)
+            loss = loss + aux_loss(model).to(loss.device) * weight
             return (loss, outputs) if return_outputs else loss
+
+        def _aux_loss_weight(self, inputs, num_items_in_batch) -> float:
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                          or self.compute_loss_func is not None)
+            if not scaled or num_items_in_batch is None:
+                return 1.0  # the Trainer divides the whole loss by the accumulation steps itself
+            labels = inputs.get("shift_labels")
+            if labels is None:
+                labels = inputs["labels"]
+                if getattr(self, "_loss_shifts_labels", True):
+                    labels = labels[..., 1:]
+            weight = float(labels.ne(-100).sum()) / float(num_items_in_batch)
+            if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+                weight *= self.accelerator.num_processes // self.get_tp_size()
+            return weight
 
         def log(self, logs, *args, **kwargs):
             logs = {**logs, **{f"moe/{k}": v for k, v in expert_load(self.model).items() if k.endswith("max_vio")}}
             return super().log(logs, *args, **kwargs)
 
     return DeepSeekMoETrainer
-
-

@@ -126,10 +126,11 @@ class DeepSeekMoELayer(nn.Module):
                          else x_TH.dtype)
         backend = backends.select(cfg.backend, x_TH.device, compute_dtype)
         routing, plan = self.route(x_TH, backend)
-        affinity_N = None
+        device_capacity, affinity_N = None, None
         if self.expert_parallel is not None and cfg.device_capacity_factor is not None and self.training:
+            device_capacity = cfg.device_capacity_factor
             affinity_N = routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
-        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend, affinity_N)
+        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend, affinity_N, device_capacity)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
