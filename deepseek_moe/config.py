@@ -141,6 +141,13 @@ class MoEConfig:
             return self.balance_scope
         return "sequence" if self.seq_aux else "micro_batch"
 
+    @property
+    def has_aux_loss(self) -> bool:
+        """Whether any balance loss or the z-loss is on (the layer's aux_loss can be non-zero)."""
+        multi_device = self.num_devices > 1
+        return (self.aux_loss_alpha > 0 or self.seq_balance_alpha > 0 or self.z_loss_coef > 0
+                or (multi_device and (self.device_loss_alpha > 0 or self.comm_loss_alpha > 0)))
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "MoEConfig":

@@ -304,16 +304,26 @@ def _padding_from_attention_mask(inputs) -> Optional[torch.Tensor]:
     return padding if bool(padding.any()) else None
 
 
+def _real_tokens(inputs) -> int:
+    """Tokens the MoE layers route in one batch: the attention mask's ones, else every input position."""
+    mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.ne(0).sum())
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    if ids is None:
+        ids = inputs.get("inputs_embeds")[..., 0] if hasattr(inputs, "get") and "inputs_embeds" in inputs else None
+    return int(ids.numel()) if ids is not None else 0
+
+
 def aux_loss_trainer(trainer_cls=None):
     """A subclass of ``transformers.Trainer`` (or of ``trainer_cls``) for models with DeepSeekMoE layers:
 
-    * its loss adds ``dm.aux_loss(model)``, weighted as the Trainer weights the LM loss: when the Trainer
-      normalises the LM loss over the whole accumulated batch (``num_items_in_batch``), each micro-batch's aux
-      loss is scaled by that micro-batch's share of the label tokens (and by the device count when
-      ``average_tokens_across_devices`` is on, as the Trainer scales its loss before the data-parallel average);
-      otherwise the Trainer divides both by the accumulation steps. So 4 micro-batches of 1 sequence and 1 of 4
-      give the same gradients (for the sequence and global-batch balance scopes, whose loss does not depend on
-      how the batch is split);
+    * its loss adds ``dm.aux_loss(model)`` weighted by the micro-batch's share of the real tokens of the whole
+      accumulated batch (counted from the attention masks of all its micro-batches, over all ranks when
+      ``average_tokens_across_devices`` is on), compensating the Trainer's own scaling of the loss. So 4
+      micro-batches of 1 sequence and 1 of 4 give the same gradients for the balance scopes whose loss does not
+      depend on how the batch is split ("sequence", and the z-loss); the "micro_batch" scope's f is per
+      micro-batch by definition;
     * a 2-D ``attention_mask`` in the inputs becomes the layers' padding mask (:func:`deepseek_moe.padding_mask`);
     * :func:`trainer_callback` is added, so biases update and balance windows close after every optimizer step;
     * its logs carry ``moe/<layer>/max_vio`` for every DeepSeekMoE layer (from the last forward).
@@ -328,32 +338,42 @@ def aux_loss_trainer(trainer_cls=None):
     class DeepSeekMoETrainer(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self._moe_window_tokens = None
             if not any(getattr(cb, "deepseek_moe", False) for cb in self.callback_handler.callbacks):
                 self.add_callback(trainer_callback())
 
+        def _averages_tokens_across_devices(self) -> bool:
+            return bool(self.args.average_tokens_across_devices and self.args.world_size > 1)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            tokens = torch.tensor(sum(_real_tokens(b) for b in batch_samples), device=device)
+            if self._averages_tokens_across_devices():
+                tokens = self.accelerator.gather(tokens).sum()
+            self._moe_window_tokens = int(tokens)
+            return batch_samples, num_items_in_batch
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-            weight = self._aux_loss_weight(inputs, num_items_in_batch)
             with padding_mask(_padding_from_attention_mask(inputs)):
                 loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                      num_items_in_batch=num_items_in_batch, **kwargs)
-            loss = loss + aux_loss(model).to(loss.device) * weight
+            if model.training:
+                loss = loss + aux_loss(model).to(loss.device) * self._aux_loss_weight(inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
         def _aux_loss_weight(self, inputs, num_items_in_batch) -> float:
+            """This micro-batch's token share, times what the Trainer later divides the loss by."""
+            if not self._moe_window_tokens:
+                return 1.0
+            weight = _real_tokens(inputs) / self._moe_window_tokens
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled is None:
                 scaled = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                           or self.compute_loss_func is not None)
-            if not scaled or num_items_in_batch is None:
-                return 1.0  # the Trainer divides the whole loss by the accumulation steps itself
-            labels = inputs.get("shift_labels")
-            if labels is None:
-                labels = inputs["labels"]
-                if getattr(self, "_loss_shifts_labels", True):
-                    labels = labels[..., 1:]
-            weight = float(labels.ne(-100).sum()) / float(num_items_in_batch)
-            if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
-                weight *= self.accelerator.num_processes // self.get_tp_size()
+            if not scaled:  # the Trainer divides the whole loss by the accumulation steps
+                return weight * self.current_gradient_accumulation_steps
+            if self._averages_tokens_across_devices() and num_items_in_batch is not None:
+                weight *= self.accelerator.num_processes // self.get_tp_size()  # the Trainer's loss scale
             return weight
 
         def log(self, logs, *args, **kwargs):

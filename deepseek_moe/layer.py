@@ -4,6 +4,7 @@ Legend: T tokens, H hidden size, E routed experts, K experts per token.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -58,6 +59,7 @@ class DeepSeekMoELayer(nn.Module):
         # Router load accumulated over the training forwards since the last update_bias().
         self.register_buffer("load_since_update", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
+        self._warned_no_grad = False
         self._num_dropped = torch.zeros((), dtype=torch.int64)
         # balance_scope="global_batch": router load summed over ranks and micro-batches since the last update_bias().
         self.register_buffer("balance_window", torch.zeros(E, dtype=torch.int64), persistent=False)
@@ -151,6 +153,14 @@ class DeepSeekMoELayer(nn.Module):
                 global_counts_E = count_load(self.balance_window, self._sum_over_ranks(plan.routed_counts_E))
             self.aux_loss = aux_loss_from_routing(cfg, routing.scores_TE, routing.logits_TE, routing.topk_idx_TK,
                                                   num_sequences, seq_T, global_counts_E)
+            if (cfg.has_aux_loss and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and not self._warned_no_grad):
+                self._warned_no_grad = True
+                warnings.warn("DeepSeekMoELayer: a training forward ran without autograd (torch.no_grad, or "
+                              "reentrant activation checkpointing, which runs the forward without autograd): its "
+                              "aux_loss has no gradient, so the balance losses will not train the router. "
+                              "Checkpoint with use_reentrant=False, or call layer.eval() for forwards you do not "
+                              "train on.", stacklevel=3)
         else:
             self.aux_loss = torch.zeros((), device=plan.counts_E.device)
         self._num_dropped = plan.num_dropped

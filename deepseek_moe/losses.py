@@ -78,13 +78,16 @@ def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1, seq_T: Optional[t
 def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float,
                         num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None,
                         fractions_BE: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Expert-level balance loss α Σᵢ fᵢ Pᵢ (DeepSeekMoE eq. 12-14), averaged over the sequences that have tokens.
+    """Expert-level balance loss α Σᵢ fᵢ Pᵢ (DeepSeekMoE eq. 12-14), per sequence, averaged over tokens.
 
     probs_TE: (T, E) routing probabilities (rows sum to 1); topk_idx_TK: (T, K). num_sequences=1 is the
-    batch-level loss; B (with ``seq_T`` for ragged sequences) computes it per sequence (``seq_aux``) and
-    averages. ``fractions_BE`` replaces f, e.g. by :func:`global_fractions` of counts summed over ranks and
-    micro-batches (f is a constant: the gradient flows through P only). Uniform routing gives α; all tokens on
-    the same K experts with probability 1/K each gives the maximum α·E/K. No tokens: 0.
+    batch-level loss; B (with ``seq_T`` for ragged sequences) computes f and P per sequence over its own tokens
+    (``seq_aux``) and averages the sequences' losses weighted by their token counts S_b/T. With equal lengths
+    that is the plain mean; with padding removed it weights every real token equally, as the LM loss does, so
+    a batch split into micro-batches and weighted by token share gives the loss of the whole batch.
+    ``fractions_BE`` replaces f, e.g. by :func:`global_fractions` of counts summed over ranks and micro-batches
+    (f is a constant: the gradient flows through P only). Uniform routing gives α; all tokens on the same K
+    experts with probability 1/K each gives the maximum α·E/K. No tokens: 0.
     """
     T = probs_TE.shape[0]
     if T == 0:
@@ -94,8 +97,7 @@ def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha
                                                                           num_sequences, seq_T)
     P_BE = mean_probs(probs_TE, num_sequences, seq_T)
     loss_B = (f_BE * P_BE).sum(dim=-1)
-    has_tokens_B = (_lengths_B(seq_T, num_sequences) > 0).to(loss_B.dtype)
-    return alpha * (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1)
+    return alpha * (loss_B * _lengths_B(seq_T, num_sequences).to(loss_B.dtype)).sum() / T
 
 
 def device_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_devices: int,
