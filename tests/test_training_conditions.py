@@ -213,8 +213,7 @@ def _reference_single(layer, x_BSH, padding=None, with_aux=True):
 
 def _check_bias_steps(layer, x, expected_bias, padding=None, atol=1e-6):
     for _ in range(5):
-        with torch.no_grad():
-            layer(x, padding_mask=padding)
+        layer(x, padding_mask=padding)
         layer.update_bias()
     assert torch.allclose(layer.gate.e_score_correction_bias.double(), expected_bias, atol=atol, rtol=0), \
         (layer.gate.e_score_correction_bias, expected_bias)
@@ -431,3 +430,129 @@ def test_compile_and_checkpoint_against_float64(how):
     with torch.no_grad():
         run(x)
     assert torch.equal(layer.load_since_update, counts_ref), "eval counted load"
+
+
+# ------------------------------------------------------------------------------------------- global-batch scope
+def test_global_batch_window_sums_micro_batches_until_update_bias():
+    """balance_scope="global_batch": f comes from the load summed over the micro-batches since the last
+    update_bias() (P stays local); the first micro-batch of a window is the micro-batch loss."""
+    layer = make_layer(balance_scope="global_batch", z_loss_coef=0.0)
+    micro = make_layer(balance_scope="micro_batch", z_loss_coef=0.0)
+    x1, x2 = torch.randn(10, H), torch.randn(6, H)
+    layer(x1)
+    micro(x1)
+    assert_close(layer.aux_loss, micro.aux_loss, 1e-6, "first micro-batch")
+    counts1 = layer.tokens_per_expert.clone()
+    routing, _ = layer.route(x2)
+    layer(x2)
+    counts = (counts1 + layer.tokens_per_expert).double()
+    f = E * counts / counts.sum()
+    P = routing.scores_TE.double().mean(0)
+    assert_close(layer.aux_loss, 0.1 * (f * P).sum(), 1e-6, "second micro-batch")
+    layer.update_bias()
+    layer(x2)
+    micro(x2)
+    assert_close(layer.aux_loss, micro.aux_loss, 1e-6, "after update_bias: a new window")
+
+
+# ------------------------------------------------------------------------------------------- several ranks
+T_LOCAL_SEQ = 2  # sequences per rank, of 6 tokens
+
+
+def _spawn(fn, world, *args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, world, *args)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _distributed_case(rank, world, kind):
+    """One rank of: "dp" (replicated layer, gradients averaged like DDP), "ep" (shard_experts), "ep_fsdp" (2 data-
+    parallel x 2 expert-parallel mesh, FSDP2 over both). Checked against the float64 reference on the global batch:
+    outputs, the mean of the ranks' aux_loss, every gradient, the summed tokens_per_expert, and the bias after 5
+    update_bias() steps (loads summed over the ranks)."""
+    layer = make_layer(balance_scope="global_batch")
+    x_all = torch.randn(world * T_LOCAL_SEQ, 6, H, generator=torch.Generator().manual_seed(3))
+    r_all = task_weights(x_all.shape)
+    x, r = x_all[rank * T_LOCAL_SEQ:(rank + 1) * T_LOCAL_SEQ], r_all[rank * T_LOCAL_SEQ:(rank + 1) * T_LOCAL_SEQ]
+    p_ref, bias = reference_params(layer)
+    seq_T = torch.arange(x_all.shape[0]).repeat_interleave(6)
+    y_ref, aux_ref, counts_ref = reference_forward(layer.config, p_ref, bias, x_all.double().reshape(-1, H), seq_T)
+    ((y_ref * r_all.double().reshape(-1, H)).sum() / seq_T.numel() + aux_ref).backward()
+    bias_ref = reference_bias_steps(layer.config, p_ref, bias, x_all.double().reshape(-1, H))
+
+    L = E // 2
+    expert_rows = None
+    if kind == "dp":
+        model = layer
+    elif kind == "ep":
+        model = dm.parallel.shard_experts(layer)
+        expert_rows = slice(rank * L, (rank + 1) * L)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        world_mesh = init_device_mesh("cpu", (world,))
+        _check_fsdp_mixed_precision(world_mesh, x)
+        model = dm.parallel.fully_shard_moe(dm.parallel.shard_experts(layer, mesh["ep"].get_group()), world_mesh,
+                                            expert_mesh=mesh["dp"])
+        expert_rows = slice(mesh["ep"].get_local_rank() * L, (mesh["ep"].get_local_rank() + 1) * L)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = model(x)
+        ((y * r).sum() / y.shape[:-1].numel() + layer.aux_loss).backward()
+    assert not [w for w in caught if "view" in str(w.message)], [str(w.message) for w in caught]
+    if kind != "ep_fsdp":  # FSDP2 averages the replicated gradients itself; here we do what DDP would
+        for name, p in layer.named_parameters():
+            if expert_rows is None or not name.startswith("experts."):
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    assert_close(y, y_ref.view(x_all.shape)[rank * T_LOCAL_SEQ:(rank + 1) * T_LOCAL_SEQ], 1e-5, f"{kind}: y")
+    aux = layer.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    assert_close(aux / world, aux_ref, 1e-5, f"{kind}: mean aux_loss over ranks")
+    check_grads(layer, p_ref, 1e-5, f"{kind} rank {rank}: ", expert_rows)
+    load = layer.tokens_per_expert.clone()
+    dist.all_reduce(load)
+    assert torch.equal(load, counts_ref), (load, counts_ref)
+    _check_bias_steps(model, x, bias_ref)  # the first step's load also holds the training forward's: same sign
+
+
+def _check_fsdp_mixed_precision(mesh, x):
+    """Under FSDP2 with bf16 parameters the router still computes with fp32 weights, the bias and the counters
+    keep fp32 / int64, and a bias step of 0.001 is exact."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    layer = dm.parallel.fully_shard_moe(make_layer(bias_update_speed=0.001), mesh,
+                                        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    seen = {}
+    layer.gate.register_forward_pre_hook(lambda m, args: seen.update(gate=m.weight.dtype))  # after the unshard
+    layer.experts.register_forward_pre_hook(lambda m, args: seen.update(experts=m.gate_up_proj.dtype))
+    layer.gate.e_score_correction_bias.fill_(3.0)
+    layer(x).float().sum().backward()
+    assert seen == {"gate": torch.float32, "experts": torch.bfloat16}, seen
+    assert layer.gate.e_score_correction_bias.dtype == torch.float32
+    assert layer.load_since_update.dtype == layer.tokens_per_expert.dtype == torch.int64
+    step = layer.update_bias() - 3.0
+    assert torch.allclose(step.abs(), torch.full_like(step, 0.001), atol=1e-6, rtol=0) or (step == 0).any()
+
+
+@pytest.mark.parametrize("kind", ["dp", "ep"])
+def test_two_ranks_against_float64(kind):
+    _spawn(_distributed_case, 2, kind)
+
+
+def test_expert_parallel_with_fsdp2_on_a_2d_mesh():
+    pytest.importorskip("torch.distributed.fsdp")
+    _spawn(_distributed_case, 4, "ep_fsdp")

@@ -176,3 +176,34 @@ def gather_expert_state_dict(layer) -> Dict[str, torch.Tensor]:
         gather(full, shard, group=ep.group)
         state[key] = full
     return state
+
+
+def fully_shard_moe(layer, mesh, *, expert_mesh=None, mp_policy=None, reshard_after_forward: bool = True):
+    """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to a :class:`~deepseek_moe.DeepSeekMoELayer`, in place,
+    and return it. Three FSDP units, torchtitan style:
+
+    * the router, always with fp32 parameters and gradient reduction (``MixedPrecisionPolicy(param_dtype=
+      torch.float32)``), whatever ``mp_policy`` says: routing decisions must not see a bf16-rounded gate
+      (DeepSeek-V3 §3.3.2 keeps the gating in higher precision);
+    * the routed experts, sharded over ``expert_mesh``: for an expert-parallel layer (:func:`shard_experts`) the
+      ranks that hold the same experts (the data-parallel dimension of a 2-D mesh); by default ``mesh``;
+    * everything else (shared experts) over ``mesh``, with ``mp_policy``.
+
+    FSDP2 averages each unit's gradients over its mesh; with the expert-parallel layer's own 1/W_ep scaling the
+    experts' gradients are then the mean over all ranks too, like every other parameter's. The balancing bias and
+    the load counters are buffers: FSDP2 leaves them replicated and in their dtype.
+
+    Raises ValueError for an expert-parallel layer without ``expert_mesh``.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if getattr(layer, "expert_parallel", None) is not None and expert_mesh is None:
+        raise ValueError("fully_shard_moe: this layer is expert-parallel; pass expert_mesh, the mesh of the ranks that "
+                         "hold the same experts (e.g. mesh_2d['dp'] when shard_experts got mesh_2d['ep'])")
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
+    fully_shard(layer.gate, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+    fully_shard(layer.experts, mesh=expert_mesh if expert_mesh is not None else mesh,
+                reshard_after_forward=reshard_after_forward, **policy)
+    fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+    return layer
