@@ -3,19 +3,24 @@
     with dm.padding_mask(attention_mask == 0):     # True marks padding, shape (B, S)
         out = model(input_ids, attention_mask=attention_mask)
 
-A context variable (like ``torch.autocast``'s state) rather than a module attribute: it is scoped to the
-``with`` block and to the current thread or task, and it never outlives the forward it was meant for.
+The mask lives in a process-wide holder for the duration of the ``with`` block (nested blocks restore the outer
+mask). Not a ``contextvars.ContextVar``: torch.compile cannot read one, and a compiled layer must see the mask
+(``fullgraph=True`` included); a plain attribute it reads as a graph input. The price: the mask is shared by all
+threads, so threads that run models concurrently pass ``padding_mask=`` to the layer instead.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Iterator, Optional
 
 import torch
 
-_ACTIVE: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("deepseek_moe_padding_mask",
-                                                                               default=None)
+
+class _Active:
+    mask: Optional[torch.Tensor] = None
+
+
+_ACTIVE = _Active()
 
 
 @contextlib.contextmanager
@@ -26,16 +31,16 @@ def padding_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"padding_mask: expected a bool tensor or None, got {type(mask).__name__}")
-    token = _ACTIVE.set(mask)
+    outer, _ACTIVE.mask = _ACTIVE.mask, mask
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE.mask = outer
 
 
 def active_padding_mask() -> Optional[torch.Tensor]:
     """The mask set by the innermost :func:`padding_mask` block, or None."""
-    return _ACTIVE.get()
+    return _ACTIVE.mask
 
 
 def check_padding_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -556,3 +556,23 @@ def test_two_ranks_against_float64(kind):
 def test_expert_parallel_with_fsdp2_on_a_2d_mesh():
     pytest.importorskip("torch.distributed.fsdp")
     _spawn(_distributed_case, 4, "ep_fsdp")
+
+
+def test_compiled_layer_reads_the_padding_context():
+    """torch.compile sees dm.padding_mask: the compiled layer with a padded batch equals the float64 reference on
+    the real tokens, and a later call without the context routes every token. (Selecting the real tokens has a
+    data-dependent size: a graph break, so fullgraph=True needs an unpadded batch.)"""
+    torch._dynamo.reset()
+    layer = make_layer(seq_aux=True)
+    compiled = torch.compile(layer)
+    x = torch.randn(3, 12, H)
+    with dm.padding_mask(PADDING):
+        y = compiled(x)
+    ((y * task_weights(y.shape)).sum() / int((~PADDING).sum()) + layer.aux_loss).backward()
+    y_ref, aux_ref, counts_ref, p_ref, _ = _reference_single(layer, x.double(), PADDING)
+    assert_close(y, y_ref, 1e-5, "y")
+    assert_close(layer.aux_loss, aux_ref, 1e-5, "aux_loss")
+    assert torch.equal(layer.tokens_per_expert, counts_ref)
+    check_grads(layer, p_ref, 1e-5)
+    compiled(x)
+    assert int(layer.tokens_per_expert.sum()) == x.shape[0] * x.shape[1] * K
