@@ -55,18 +55,32 @@ class DeepSeekMoELayer(nn.Module):
         self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
                                    if config.shared_expert_gate and config.num_shared_experts > 0 else None)
         E = config.num_routed_experts
-        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        # Per-rank load counters (int64). Plain tensor attributes, not buffers: DDP broadcasts every buffer from
+        # rank 0 before each forward (broadcast_buffers=True, its default), which would replace each rank's own
+        # counts by rank 0's. _apply moves them with the module.
+        self.tokens_per_expert = torch.zeros(E, dtype=torch.int64)
         # Router load accumulated over the training forwards since the last update_bias().
-        self.register_buffer("load_since_update", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.load_since_update = torch.zeros(E, dtype=torch.int64)
+        # balance_scope="global_batch": router load summed over ranks and micro-batches since the last update_bias().
+        self.balance_window = torch.zeros(E, dtype=torch.int64)
+        self._num_dropped = torch.zeros((), dtype=torch.int64)
         self.aux_loss = torch.zeros(())
         self._warned_no_grad = False
-        self._num_dropped = torch.zeros((), dtype=torch.int64)
-        # balance_scope="global_batch": router load summed over ranks and micro-batches since the last update_bias().
-        self.register_buffer("balance_window", torch.zeros(E, dtype=torch.int64), persistent=False)
         # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
         self.balance_group = None
         # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
         self.expert_parallel = None
+
+    _COUNTERS = ("tokens_per_expert", "load_since_update", "balance_window", "_num_dropped")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._COUNTERS:
+            t = getattr(self, name)
+            moved = fn(t)
+            # A module materialised from the meta device gets zeros, not uninitialised memory.
+            setattr(self, name, torch.zeros_like(moved) if t.is_meta else moved)
+        return self
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:

@@ -211,9 +211,9 @@ def _reference_single(layer, x_BSH, padding=None, with_aux=True):
     return y, aux, counts, p, reference_bias_steps(cfg, p, bias, x_TH)
 
 
-def _check_bias_steps(layer, x, expected_bias, padding=None, atol=1e-6):
+def _check_bias_steps(layer, x, expected_bias, padding=None, atol=1e-6, model=None):
     for _ in range(5):
-        layer(x, padding_mask=padding)
+        (model or layer)(x, padding_mask=padding)
         layer.update_bias()
     assert torch.allclose(layer.gate.e_score_correction_bias.double(), expected_bias, atol=atol, rtol=0), \
         (layer.gate.e_score_correction_bias, expected_bias)
@@ -478,8 +478,9 @@ def _rank_main(rank, world, port, fn, args):
 
 
 def _distributed_case(rank, world, kind):
-    """One rank of: "dp" (replicated layer, gradients averaged like DDP), "ep" (shard_experts), "ep_fsdp" (2 data-
-    parallel x 2 expert-parallel mesh, FSDP2 over both). Checked against the float64 reference on the global batch:
+    """One rank of: "dp" (DistributedDataParallel, which also broadcasts buffers before each forward), "ep"
+    (shard_experts, replicated gradients averaged as DDP would), "ep_fsdp" (2 data-parallel x 2 expert-parallel
+    mesh, FSDP2 over both). Checked against the float64 reference on the global batch:
     outputs, the mean of the ranks' aux_loss, every gradient, the summed tokens_per_expert, and the bias after 5
     update_bias() steps (loads summed over the ranks)."""
     layer = make_layer(balance_scope="global_batch")
@@ -495,7 +496,7 @@ def _distributed_case(rank, world, kind):
     L = E // 2
     expert_rows = None
     if kind == "dp":
-        model = layer
+        model = torch.nn.parallel.DistributedDataParallel(layer)
     elif kind == "ep":
         model = dm.parallel.shard_experts(layer)
         expert_rows = slice(rank * L, (rank + 1) * L)
@@ -513,7 +514,7 @@ def _distributed_case(rank, world, kind):
         y = model(x)
         ((y * r).sum() / y.shape[:-1].numel() + layer.aux_loss).backward()
     assert not [w for w in caught if "view" in str(w.message)], [str(w.message) for w in caught]
-    if kind != "ep_fsdp":  # FSDP2 averages the replicated gradients itself; here we do what DDP would
+    if kind == "ep":  # DDP and FSDP2 average the replicated gradients themselves; here we do what DDP would
         for name, p in layer.named_parameters():
             if expert_rows is None or not name.startswith("experts."):
                 dist.all_reduce(p.grad)
@@ -526,7 +527,7 @@ def _distributed_case(rank, world, kind):
     load = layer.tokens_per_expert.clone()
     dist.all_reduce(load)
     assert torch.equal(load, counts_ref), (load, counts_ref)
-    _check_bias_steps(model, x, bias_ref)  # the first step's load also holds the training forward's: same sign
+    _check_bias_steps(layer, x, bias_ref, model=model)  # the first step's load also has the training forward's
 
 
 def _check_fsdp_mixed_precision(mesh, x):
