@@ -15,7 +15,9 @@ import torch
 @torch.library.custom_op("deepseek_moe::count_load", mutates_args=("total_E",))
 def count_load(total_E: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """``total_E += counts_E`` unless autograd is recomputing this forward (activation checkpointing); returns a
-    copy of ``total_E`` after the update, so a recomputed forward sees the same total as the original one."""
+    copy of ``total_E`` after the update. A recomputed forward gets the total as it is then, which equals the
+    original forward's when no other forward ran in between; losses built on the total keep the original value on
+    their autograd node (``losses._DotWithConstant``) so that they never depend on that."""
     if torch._C._current_graph_task_id() == -1:
         total_E.add_(counts_E.to(total_E.dtype))
     return total_E.clone()

@@ -353,6 +353,11 @@ def aux_loss_trainer(trainer_cls=None):
             self._moe_window_tokens = int(tokens)
             return batch_samples, num_items_in_batch
 
+        def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+            # The mask must outlive the forward: activation checkpointing re-runs the forward inside backward.
+            with padding_mask(_padding_from_attention_mask(inputs)):
+                return super().training_step(model, inputs, num_items_in_batch, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
             with padding_mask(_padding_from_attention_mask(inputs)):
                 loss, outputs = super().compute_loss(model, inputs, return_outputs=True,

@@ -1,9 +1,11 @@
 """DeepSeekMoELayer: router + dispatch + routed experts + shared experts, a drop-in for a transformer MLP.
 
-Legend: T tokens, H hidden size, E routed experts, K experts per token.
+Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, K experts per token,
+R positions of the real tokens in the flattened input, N kept (token, slot) pairs.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Dict, Optional
 
@@ -66,12 +68,30 @@ class DeepSeekMoELayer(nn.Module):
         self._num_dropped = torch.zeros((), dtype=torch.int64)
         self.aux_loss = torch.zeros(())
         self._warned_no_grad = False
+        self._context_mask_in_forward = False
         # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
         self.balance_group = None
         # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
         self.expert_parallel = None
 
     _COUNTERS = ("tokens_per_expert", "load_since_update", "balance_window", "_num_dropped")
+
+    def _counters_on(self, device: torch.device) -> None:
+        """Counters left behind on another device (a model materialised from the meta device by a loader that
+        bypasses ``Module._apply``, e.g. transformers' from_pretrained) restart as zeros on ``device``."""
+        for name in self._COUNTERS:
+            t = getattr(self, name)
+            if t.device != device:
+                setattr(self, name, torch.zeros_like(t, device=device))
+
+    def __deepcopy__(self, memo):
+        # The default copy, except that the last forward's aux_loss is copied without its autograd graph
+        # (deepcopy refuses non-leaf tensors; EMA and best-model snapshots copy mid-training).
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value.detach() if key == "aux_loss" else value, memo)
+        return new
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -119,8 +139,10 @@ class DeepSeekMoELayer(nn.Module):
         """
         self._check_input(x)
         H = self.config.hidden_size
-        if padding_mask is None:
+        from_context = padding_mask is None
+        if from_context:
             padding_mask = active_padding_mask()
+        self._check_recompute_mask(padding_mask if from_context else None, from_context)
         x_TH = x.reshape(-1, H)
         num_sequences = x.shape[0] if x.dim() == 3 else 1
         seq_T = None
@@ -133,6 +155,20 @@ class DeepSeekMoELayer(nn.Module):
             y_TH = y_TH.new_zeros(x.numel() // H, H).index_copy(0, real_R, y_TH)
         # A fresh tensor, not a view of y_TH: FSDP2 and autograd hooks expect a module to return its own output.
         return y_TH.reshape(x.shape).clone() if y_TH.shape != x.shape else y_TH
+
+    def _check_recompute_mask(self, context_mask: Optional[torch.Tensor], from_context: bool) -> None:
+        """Activation checkpointing re-runs the forward in backward; a mask set by ``dm.padding_mask`` must still be
+        set then, or the re-run would route the padding and silently differ from the original forward."""
+        if torch.compiler.is_compiling() or not self.training:
+            return
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self._context_mask_in_forward = context_mask is not None
+        elif from_context and context_mask is None and self._context_mask_in_forward:
+            raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
+                               "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
+                               "route the padding. Call backward() inside the block, or pass padding_mask= to "
+                               "the layer.")
 
     def _moe(self, x_TH: torch.Tensor, num_sequences: int, seq_T: Optional[torch.Tensor]) -> torch.Tensor:
         """router → dispatch → routed experts → combine, plus shared experts, on the real tokens x_TH (T, H)."""
@@ -158,6 +194,7 @@ class DeepSeekMoELayer(nn.Module):
     def _record(self, routing: Routing, plan: DispatchPlan, num_sequences: int,
                 seq_T: Optional[torch.Tensor]) -> None:
         cfg = self.config
+        self._counters_on(plan.counts_E.device)
         self.tokens_per_expert = plan.counts_E.detach()
         if self.training:
             # count_load skips the update when activation checkpointing re-runs this forward (see counters.py).
@@ -210,6 +247,7 @@ class DeepSeekMoELayer(nn.Module):
         bias (E,).
         """
         bias = self.gate.e_score_correction_bias
+        self._counters_on(bias.device)
         if self.config.bias_update_speed > 0:
             load = all_reduce_load(self.load_since_update, group)
             update_bias_(bias, load, self.config.bias_update_speed)

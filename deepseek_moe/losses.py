@@ -75,6 +75,23 @@ def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1, seq_T: Optional[t
     return sums_BE / _lengths_B(seq_T, num_sequences).clamp_min(1).to(sums_BE.dtype).unsqueeze(1)
 
 
+class _DotWithConstant(torch.autograd.Function):
+    """Σ P·c for a constant c (no gradient), c held on the autograd node rather than saved for backward.
+
+    Activation checkpointing recomputes saved tensors in backward; the global-batch f of a recomputed forward
+    would come from the window as it is then (later micro-batches included), not as this forward saw it.
+    """
+
+    @staticmethod
+    def forward(ctx, P, c):
+        ctx.c = c
+        return (P * c).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.c, None
+
+
 def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float,
                         num_sequences: int = 1, seq_T: Optional[torch.Tensor] = None,
                         fractions_BE: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -96,6 +113,8 @@ def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha
     f_BE = fractions_BE if fractions_BE is not None else expert_fractions(topk_idx_TK, probs_TE.shape[1],
                                                                           num_sequences, seq_T)
     P_BE = mean_probs(probs_TE, num_sequences, seq_T)
+    if fractions_BE is not None and num_sequences == 1:
+        return alpha * _DotWithConstant.apply(P_BE, f_BE.to(P_BE.dtype))
     loss_B = (f_BE * P_BE).sum(dim=-1)
     return alpha * (loss_B * _lengths_B(seq_T, num_sequences).to(loss_B.dtype)).sum() / T
 

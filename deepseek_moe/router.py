@@ -87,8 +87,10 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=torch.float32))
+        # At least fp32 even when built under a 16-bit default dtype (transformers' from_pretrained(dtype=...)).
+        dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)
+        self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size, dtype=dtype))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

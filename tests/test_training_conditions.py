@@ -171,6 +171,49 @@ def test_cast_keeps_router_fp32_and_counters_int64(cast):
     assert layer.gate.e_score_correction_bias.dtype == torch.float64
 
 
+def test_built_under_bf16_default_dtype():
+    """transformers' from_pretrained(dtype=torch.bfloat16) builds modules under a bf16 default dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        layer = make_layer()
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.gate.weight.dtype == layer.gate.e_score_correction_bias.dtype == torch.float32
+    assert layer.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_counters_after_meta_materialisation_and_deepcopy():
+    """Counters left on the meta device by a loader that bypasses Module._apply restart as zeros; a layer copied
+    mid-training (EMA, snapshots) copies."""
+    with torch.device("meta"):
+        layer = make_layer(bias_update_speed=0.01)
+    layer.to_empty(device="cpu")
+    assert layer.load_since_update.device.type == "cpu" and int(layer.load_since_update.sum()) == 0
+    layer.load_since_update = layer.load_since_update.to("meta")  # as transformers' loader leaves it
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    layer.gate.e_score_correction_bias.zero_()
+    y = layer(torch.randn(5, H))
+    assert int(layer.load_since_update.sum()) == 5 * K
+    assert not torch.equal(layer.update_bias(), torch.zeros(E))
+    layer(torch.randn(5, H))
+    twin = copy.deepcopy(layer)
+    assert torch.equal(twin(torch.ones(2, H)), layer(torch.ones(2, H))) and y.grad_fn is not None
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_all_padding_gives_zero_gradients_not_none(backend):
+    """DDP reduces every parameter's gradient on every rank: a rank whose batch is all padding must still give
+    (zero) gradients for the experts."""
+    layer = make_layer(backend=backend)
+    y = layer(torch.randn(2, 3, H), padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    (y.sum() + layer.aux_loss).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 def test_bias_step_and_checkpoint_bias_survive_bf16():
     """Issue 13's numbers: bias [0.5, 0.5], load [2, 0], γ = 0.001 -> [0.499, 0.501]; a checkpoint bias
     [2.0, 2.004] keeps its 0.004 difference and routes x = [0.008, 0] to expert 1."""
@@ -278,6 +321,32 @@ def test_padding_issue_example_and_context_manager():
     assert torch.equal(y, y_ctx) and torch.equal(y[2], torch.zeros(2))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padding_context_must_cover_the_checkpoint_recompute(reentrant):
+    """Checkpointing re-runs the forward in backward: with backward inside the `with` block the gradients equal
+    those of an explicit mask; after the block a clear error instead of routing the padding."""
+    layer = make_layer(seq_aux=True)
+    x = torch.randn(3, 12, H)
+    x[PADDING] = float("nan")
+    y = layer(x, padding_mask=PADDING)
+    ((y * task_weights(y.shape)).sum() + layer.aux_loss).backward()
+    expected = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reentrant: the aux_loss-without-gradient warning
+        with dm.padding_mask(PADDING):
+            y = checkpoint(layer, x.requires_grad_(), use_reentrant=reentrant)  # reentrant: an input needs grad
+            ((y * task_weights(y.shape)).sum() + (0 if reentrant else layer.aux_loss)).backward()
+        if not reentrant:
+            for name, p in layer.named_parameters():
+                assert_close(p.grad, expected[name], 1e-6, f"grad {name}")
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        with dm.padding_mask(PADDING):
+            y = checkpoint(layer, x, use_reentrant=reentrant)
+        with pytest.raises(RuntimeError, match="Call backward\\(\\) inside the block"):
+            y.sum().backward()
+
+
 def test_padding_excluded_from_capacity_and_maxvio():
     """Capacity C = ceil(c·T_real·K/E) and the drops are those of a run on the real tokens alone."""
     layer = make_layer(capacity_factor=1.0)
@@ -339,7 +408,7 @@ def test_trainer_gradient_accumulation(tmp_path):
     labels = ids.masked_fill(attention == 0, -100)
     data = [{"input_ids": i, "attention_mask": a, "labels": lab} for i, a, lab in zip(ids, attention, labels)]
 
-    def train(batch_size, steps):
+    def train(batch_size, steps, checkpointing=False):
         torch.manual_seed(0)
         model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16,
                                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -359,17 +428,19 @@ def test_trainer_gradient_accumulation(tmp_path):
         layer.register_forward_pre_hook(count_padding)
         args = TrainingArguments(str(tmp_path / f"{batch_size}x{steps}"), per_device_train_batch_size=batch_size,
                                  gradient_accumulation_steps=steps, max_steps=1, learning_rate=0.0, report_to=[],
-                                 save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+                                 save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                                 gradient_checkpointing=checkpointing)
         trainer = dm.hf.aux_loss_trainer()(model=model, args=args, train_dataset=data, callbacks=[Grab()])
         trainer.train()
-        assert sum(padded) == int((attention == 0).sum())  # every padded position reached the layer, once
+        # Every padded position reached the layer as padding (twice with checkpointing: the recompute too).
+        assert sum(padded) == int((attention == 0).sum()) * (2 if checkpointing else 1)
         return grads
 
     whole = train(4, 1)
-    for batch_size, steps in ((2, 2), (1, 4)):
-        grads = train(batch_size, steps)
+    for batch_size, steps, checkpointing in ((2, 2, False), (1, 4, False), (2, 2, True)):
+        grads = train(batch_size, steps, checkpointing)
         for name, g in whole.items():
-            assert_close(grads[name], g, 1e-5, f"{steps}x{batch_size} grad {name}")
+            assert_close(grads[name], g, 1e-5, f"{steps}x{batch_size} (checkpointing {checkpointing}) grad {name}")
 
 
 # ------------------------------------------------------------------------------------------- compile, checkpoint
@@ -453,6 +524,26 @@ def test_global_batch_window_sums_micro_batches_until_update_bias():
     layer(x2)
     micro(x2)
     assert_close(layer.aux_loss, micro.aux_loss, 1e-6, "after update_bias: a new window")
+
+
+def test_global_batch_window_with_micro_batches_in_flight_under_checkpointing():
+    """Two micro-batches forwarded before one backward: the recomputed forward of the first must use the f its
+    original forward saw, not the window that has grown since."""
+    base = make_layer(balance_scope="global_batch")
+    xs = [torch.randn(2, 6, H) for _ in range(2)]
+
+    def grads(checkpointed):
+        layer = copy.deepcopy(base)
+        total = 0
+        for x in xs:
+            y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            total = total + (y * task_weights(y.shape)).sum() + layer.aux_loss
+        total.backward()
+        return {n: p.grad for n, p in layer.named_parameters()}
+
+    eager, checkpointed = grads(False), grads(True)
+    for name, g in eager.items():
+        assert_close(checkpointed[name], g, 1e-6, f"grad {name}")
 
 
 # ------------------------------------------------------------------------------------------- several ranks

@@ -34,4 +34,8 @@ class EagerBackend(Backend):
             out_nH = act_nI @ down_EHI[e].T
             w_n1 = plan.weight_TK[tok_n, slot_n].to(acc).unsqueeze(1)
             y_TH = y_TH.index_add(0, tok_n, out_nH.to(acc) * w_n1)
+        if not plan.keep_TK.any():
+            # No pair at all (an empty or all-padding batch): zero gradients rather than none, as the fast
+            # backends give, so data-parallel gradient reductions see every expert weight on every rank.
+            y_TH = y_TH + 0.0 * (gate_up_EJH.sum() + down_EHI.sum()).to(acc)
         return y_TH.to(x_TH.dtype)

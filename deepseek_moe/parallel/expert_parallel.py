@@ -190,8 +190,8 @@ def fully_shard_moe(layer, mesh, *, expert_mesh=None, mp_policy=None, reshard_af
     * everything else (shared experts) over ``mesh``, with ``mp_policy``.
 
     FSDP2 averages each unit's gradients over its mesh; with the expert-parallel layer's own 1/W_ep scaling the
-    experts' gradients are then the mean over all ranks too, like every other parameter's. The balancing bias and
-    the load counters are buffers: FSDP2 leaves them replicated and in their dtype.
+    experts' gradients are then the mean over all ranks too, like every other parameter's. FSDP2 manages parameters
+    only: the balancing bias (a buffer) and the load counters stay replicated and in their dtype.
 
     Raises ValueError for an expert-parallel layer without ``expert_mesh``.
     """
