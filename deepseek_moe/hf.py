@@ -295,24 +295,31 @@ def trainer_callback():
     return DeepSeekMoECallback()
 
 
+def _attention_mask_2d(inputs) -> Optional[torch.Tensor]:
+    """The batch's (B, S) ``attention_mask`` (0 = padding), or None when it has none of that shape."""
+    mask = inputs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def _padding_from_attention_mask(inputs) -> Optional[torch.Tensor]:
-    """(B, S) bool padding mask from a 2-D ``attention_mask`` (0 = padding), None when nothing is padded."""
-    mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+    """(B, S) bool padding mask from a 2-D ``attention_mask``, None when nothing is padded."""
+    mask = _attention_mask_2d(inputs)
+    if mask is None:
         return None
     padding = mask == 0
     return padding if bool(padding.any()) else None
 
 
 def _real_tokens(inputs) -> int:
-    """Tokens the MoE layers route in one batch: the attention mask's ones, else every input position."""
-    mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+    """Tokens the MoE layers route in one batch: the attention mask's ones, else every (B, S) input position."""
+    mask = _attention_mask_2d(inputs)
+    if mask is not None:
         return int(mask.ne(0).sum())
-    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-    if ids is None:
-        ids = inputs.get("inputs_embeds")[..., 0] if hasattr(inputs, "get") and "inputs_embeds" in inputs else None
-    return int(ids.numel()) if ids is not None else 0
+    for key in ("input_ids", "inputs_embeds"):
+        t = inputs.get(key)
+        if isinstance(t, torch.Tensor):
+            return t.shape[0] * t.shape[1]
+    return 0
 
 
 def aux_loss_trainer(trainer_cls=None):
@@ -354,14 +361,17 @@ def aux_loss_trainer(trainer_cls=None):
             return batch_samples, num_items_in_batch
 
         def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
-            # The mask must outlive the forward: activation checkpointing re-runs the forward inside backward.
+            # Around forward and backward: activation checkpointing re-runs the forward inside backward.
             with padding_mask(_padding_from_attention_mask(inputs)):
                 return super().training_step(model, inputs, num_items_in_batch, **kwargs)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        def prediction_step(self, model, inputs, *args, **kwargs):
             with padding_mask(_padding_from_attention_mask(inputs)):
-                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                     num_items_in_batch=num_items_in_batch, **kwargs)
+                return super().prediction_step(model, inputs, *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch, **kwargs)
             if model.training:
                 loss = loss + aux_loss(model).to(loss.device) * self._aux_loss_weight(inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss

@@ -142,7 +142,7 @@ class DeepSeekMoELayer(nn.Module):
         from_context = padding_mask is None
         if from_context:
             padding_mask = active_padding_mask()
-        self._check_recompute_mask(padding_mask if from_context else None, from_context)
+        self._check_recompute_mask(from_context and padding_mask is not None, padding_mask is not None)
         x_TH = x.reshape(-1, H)
         num_sequences = x.shape[0] if x.dim() == 3 else 1
         seq_T = None
@@ -156,15 +156,14 @@ class DeepSeekMoELayer(nn.Module):
         # A fresh tensor, not a view of y_TH: FSDP2 and autograd hooks expect a module to return its own output.
         return y_TH.reshape(x.shape).clone() if y_TH.shape != x.shape else y_TH
 
-    def _check_recompute_mask(self, context_mask: Optional[torch.Tensor], from_context: bool) -> None:
+    def _check_recompute_mask(self, uses_context: bool, has_mask: bool) -> None:
         """Activation checkpointing re-runs the forward in backward; a mask set by ``dm.padding_mask`` must still be
         set then, or the re-run would route the padding and silently differ from the original forward."""
         if torch.compiler.is_compiling() or not self.training:
             return
-        recomputing = torch._C._current_graph_task_id() != -1
-        if not recomputing:
-            self._context_mask_in_forward = context_mask is not None
-        elif from_context and context_mask is None and self._context_mask_in_forward:
+        if torch._C._current_graph_task_id() == -1:  # an original forward, not a re-run
+            self._context_mask_in_forward = uses_context
+        elif not has_mask and self._context_mask_in_forward:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
@@ -201,7 +200,8 @@ class DeepSeekMoELayer(nn.Module):
             count_load(self.load_since_update, plan.routed_counts_E.detach())
             global_counts_E = None
             if cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "global_batch":
-                global_counts_E = count_load(self.balance_window, self._sum_over_ranks(plan.routed_counts_E))
+                global_counts_E = count_load(self.balance_window,
+                                             all_reduce_load(plan.routed_counts_E, self.balance_group))
             self.aux_loss = aux_loss_from_routing(cfg, routing.scores_TE, routing.logits_TE, routing.topk_idx_TK,
                                                   num_sequences, seq_T, global_counts_E)
             if (cfg.has_aux_loss and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -217,17 +217,6 @@ class DeepSeekMoELayer(nn.Module):
         self._num_dropped = plan.num_dropped
         if self.expert_parallel is not None:  # pairs this rank dropped for its device capacity
             self._num_dropped = self._num_dropped + self.expert_parallel.last_dropped
-
-    def _sum_over_ranks(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """counts summed over ``balance_group`` (default: the world) when torch.distributed is initialised."""
-        import torch.distributed as dist
-
-        counts_E = counts_E.detach()
-        if not (dist.is_available() and dist.is_initialized()):
-            return counts_E
-        from torch.distributed._functional_collectives import all_reduce
-
-        return all_reduce(counts_E, "sum", self.balance_group or dist.group.WORLD)
 
     @property
     def last_stats(self) -> Dict[str, float]:

@@ -78,8 +78,8 @@ def mean_probs(probs_TE: torch.Tensor, num_sequences: int = 1, seq_T: Optional[t
 class _DotWithConstant(torch.autograd.Function):
     """Σ P·c for a constant c (no gradient), c held on the autograd node rather than saved for backward.
 
-    Activation checkpointing recomputes saved tensors in backward; the global-batch f of a recomputed forward
-    would come from the window as it is then (later micro-batches included), not as this forward saw it.
+    Activation checkpointing recomputes saved tensors in backward; a global-batch f recomputed then would come
+    from the window as it is then (later micro-batches included), not as this forward saw it.
     """
 
     @staticmethod
@@ -113,10 +113,9 @@ def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha
     f_BE = fractions_BE if fractions_BE is not None else expert_fractions(topk_idx_TK, probs_TE.shape[1],
                                                                           num_sequences, seq_T)
     P_BE = mean_probs(probs_TE, num_sequences, seq_T)
-    if fractions_BE is not None and num_sequences == 1:
-        return alpha * _DotWithConstant.apply(P_BE, f_BE.to(P_BE.dtype))
-    loss_B = (f_BE * P_BE).sum(dim=-1)
-    return alpha * (loss_B * _lengths_B(seq_T, num_sequences).to(loss_B.dtype)).sum() / T
+    # Σ_b (S_b/T) Σ_i f_bi P_bi: everything but P is a constant.
+    weight_B1 = (_lengths_B(seq_T, num_sequences) / T).unsqueeze(1)
+    return alpha * _DotWithConstant.apply(P_BE, (f_BE * weight_B1).to(P_BE.dtype))
 
 
 def device_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_devices: int,
@@ -235,10 +234,12 @@ def load_stats(tokens_per_expert_E: torch.Tensor) -> Dict[str, float]:
 
 
 def all_reduce_load(load_E: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """Sum a load vector over data-parallel ranks when torch.distributed is initialised (else unchanged)."""
+    """A load vector summed over ``group`` (default: the world) when torch.distributed is initialised, else
+    unchanged. A functional collective: it never modifies ``load_E``, and torch.compile traces it."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        load_E = load_E.clone()
-        dist.all_reduce(load_E, group=group)
-    return load_E
+    if not (dist.is_available() and dist.is_initialized()):
+        return load_E
+    from torch.distributed._functional_collectives import all_reduce
+
+    return all_reduce(load_E.detach(), "sum", group or dist.group.WORLD)
