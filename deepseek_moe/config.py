@@ -13,6 +13,9 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BACKENDS = ("auto", "eager", "torch", "triton", "ext", "megablocks")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
+# Gate activations of the GLU experts, by transformers' ACT2FN names: silu (SwiGLU, every DeepSeek/Mixtral/Qwen
+# model), gelu (exact erf form; GeGLU), gelu_pytorch_tanh (tanh approximation; MegaBlocks' default) and relu.
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 
 class ConfigError(ValueError):
@@ -27,8 +30,9 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 class MoEConfig:
     """Hyper-parameters of a DeepSeekMoE layer (frozen and validated on construction).
 
-    Routed experts are SwiGLU MLPs of width ``expert_hidden_size``; the ``num_shared_experts`` shared
-    experts are fused into one always-on SwiGLU MLP of width ``num_shared_experts * expert_hidden_size``.
+    Routed experts are GLU MLPs ``down(act(gate(x)) * up(x))`` of width ``expert_hidden_size`` (act =
+    ``hidden_act``, SiLU by default: SwiGLU); the ``num_shared_experts`` shared experts are fused into one
+    always-on GLU MLP of width ``num_shared_experts * expert_hidden_size``.
     Every field is described in docs/routing-and-losses.md; invalid values raise ``ConfigError`` (a
     ``ValueError``) naming the field, the value and the allowed range.
 
@@ -66,6 +70,8 @@ class MoEConfig:
     shared_expert_hidden_size: Optional[int] = None
     backend: str = "auto"
     initializer_range: float = 0.02
+    hidden_act: str = "silu"
+    router_jitter_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "expert_hidden_size", "num_routed_experts", "top_k", "num_groups",
@@ -83,6 +89,11 @@ class MoEConfig:
             _fail("score_func", self.score_func, f"expected one of {SCORE_FUNCS}")
         if self.group_score not in GROUP_SCORES:
             _fail("group_score", self.group_score, f"expected one of {GROUP_SCORES}")
+        if self.hidden_act not in ACTIVATIONS:
+            _fail("hidden_act", self.hidden_act, f"expected one of {ACTIVATIONS}")
+        v = self.router_jitter_noise
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+            _fail("router_jitter_noise", v, "expected a number in [0, 1)")
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"expected one of {BACKENDS}")
         if E % self.num_groups:

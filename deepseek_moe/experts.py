@@ -1,4 +1,4 @@
-"""Expert weights: RoutedExperts (fused 3-D tensors, transformers-v5 layout) and SharedExperts (dense SwiGLU).
+"""Expert weights: RoutedExperts (fused 3-D tensors, transformers-v5 layout) and SharedExperts (dense GLU).
 
 Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows, then up rows), E routed experts,
 Ks shared experts.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import Backend
-from .backends.base import SwiGLU
+from .backends.base import GLU
 from .config import MoEConfig
 from .dispatch import DispatchPlan
 
@@ -23,7 +23,8 @@ _ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored fused: ``gate_up_proj`` (E, 2I, H) with gate rows first, ``down_proj`` (E, H, I).
+    """E GLU experts (gate activation ``cfg.hidden_act``) stored fused: ``gate_up_proj`` (E, 2I, H) with gate rows
+    first, ``down_proj`` (E, H, I).
 
     ``load_state_dict`` also accepts per-expert keys ``{i}.gate_proj/up_proj/down_proj.weight`` and Mixtral's
     ``{i}.w1/w3/w2.weight`` and fuses them.
@@ -62,9 +63,9 @@ class RoutedExperts(nn.Module):
         dtype = x_TH.dtype
         gate_up_EJH, down_EHI = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if self.expert_parallel is None:
-            return backend.routed_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+            return backend.routed_mlp(x_TH, plan, gate_up_EJH, down_EHI, self.cfg.hidden_act)
         return self.expert_parallel.routed(x_TH, plan, gate_up_EJH, down_EHI, backend, affinity_N,
-                                           device_capacity_factor)
+                                           device_capacity_factor, self.cfg.hidden_act)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -101,12 +102,13 @@ class RoutedExperts(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    """The Ks shared experts as one dense SwiGLU MLP of width ``cfg.shared_width`` (Ks·I unless
-    ``shared_expert_hidden_size`` says otherwise): ``down(silu(gate(x)) * up(x))``."""
+    """The Ks shared experts as one dense GLU MLP of width ``cfg.shared_width`` (Ks·I unless
+    ``shared_expert_hidden_size`` says otherwise): ``down(act(gate(x)) * up(x))``, act = ``cfg.hidden_act``."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         width = cfg.shared_width
+        self.activation = cfg.hidden_act
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
@@ -118,4 +120,4 @@ class SharedExperts(nn.Module):
         # One GEMM for gate and up: x is read once and the GEMM is twice as wide (the weights stay separate
         # parameters so checkpoints keep the transformers names).
         gate_up_TJ = F.linear(x_TH, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        return self.down_proj(SwiGLU.apply(gate_up_TJ))
+        return self.down_proj(GLU.apply(gate_up_TJ, self.activation))

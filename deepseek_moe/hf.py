@@ -1,25 +1,62 @@
-"""Hugging Face transformers interop: convert MoE blocks, replace them in a model, turn dense MLPs into MoE.
+"""Hugging Face transformers interop: convert MoE blocks to DeepSeekMoE layers and back, turn dense MLPs into MoE.
 
 transformers is optional: nothing here imports it at module import; blocks are recognised by class name.
-Supported blocks (transformers >= 4.57 per-expert ModuleList layout and v5 fused 3-D experts):
-``DeepseekV3MoE``, ``DeepseekV2Moe``, ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``.
+Supported blocks (transformers 5 fused 3-D experts, and the per-expert ModuleList layout of transformers 4.57):
 
-Legend: H hidden size, I expert width, E routed experts, F dense MLP width.
+==================  ==========================  =====================================================
+family              block                       routing carried over
+==================  ==========================  =====================================================
+deepseek_v3         ``DeepseekV3MoE``           sigmoid, correction bias, top-2-sum groups, norm, scale
+deepseek_v2         ``DeepseekV2Moe``           softmax, greedy or group-limited (max), scale
+mixtral             ``MixtralSparseMoeBlock``   softmax, renormalised top-k, router jitter
+qwen2_moe           ``Qwen2MoeSparseMoeBlock``  softmax, optional norm, sigmoid-gated shared expert
+qwen3_moe           ``Qwen3MoeSparseMoeBlock``  softmax, optional norm
+olmoe               ``OlmoeSparseMoeBlock``     softmax, optional norm
+dbrx                ``DbrxFFN``                 softmax, p=1 norm, router jitter; MegaBlocks dMoE layout
+==================  ==========================  =====================================================
+
+A converted layer computes the same function as the block in training and in eval, records its router logits for
+``output_router_logits`` (so the model's own balance loss, ``router_aux_loss_coef``, is unchanged), keeps the
+block's dtypes, initialises through the model's ``init_weights``, and saves in the family's checkpoint layout, so
+``save_pretrained`` of a converted model loads into the stock class. Configurations it cannot reproduce raise
+ValueError naming the field. docs/integration.md lists every behaviour and every stated difference.
+
+Legend: H hidden size, I expert width, E routed experts, K experts per token, F dense MLP width.
 """
 from __future__ import annotations
 
-
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
+from .backends.base import activate
+from .config import ACTIVATIONS, MoEConfig
+from .experts import RoutedExperts
 from .layer import DeepSeekMoELayer
+from .router import Router
 
-SUPPORTED_BLOCKS = ("DeepseekV3MoE", "DeepseekV2Moe", "DeepseekV2MoE", "MixtralSparseMoeBlock",
-                    "Qwen2MoeSparseMoeBlock")  # DeepseekV2MoE: transformers 4.57's spelling of DeepseekV2Moe
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers MoE block maps onto :class:`DeepSeekMoELayer`.
+
+    ``fields(block)`` returns the MoEConfig fields of its routing (raising ValueError for a configuration the layer
+    cannot reproduce); ``has_bias``: the block has ``gate.e_score_correction_bias``; ``router_fp32``: transformers
+    keeps its router weight fp32 in 16-bit models; ``shared``: the shared-expert attribute name; ``layout``:
+    "fused" (our names) or "dbrx" (MegaBlocks' stacked w1/v1/w2).
+    """
+
+    name: str
+    blocks: Tuple[str, ...]
+    fields: Callable[[nn.Module], Dict[str, Any]]
+    has_bias: bool = False
+    router_fp32: bool = False
+    shared: Optional[str] = None
+    layout: str = "fused"
 
 
 def _find(obj: nn.Module, *names: str, default=None):
@@ -34,83 +71,317 @@ def _find(obj: nn.Module, *names: str, default=None):
     return default
 
 
-def _expert_width(experts: nn.Module) -> int:
+def _router_weight(block: nn.Module) -> torch.Tensor:
+    return block.router.layer.weight if hasattr(block, "router") else block.gate.weight
+
+
+def _deepseek_v3(block: nn.Module) -> Dict[str, Any]:
+    E = _router_weight(block).shape[0]
+    K, G, TG = _find(block, "top_k", "num_experts_per_tok"), _find(block, "num_group", "n_group"), \
+        _find(block, "topk_group")
+    fields = dict(score_func="sigmoid", group_score="top2_sum", num_groups=G, topk_groups=TG,
+                  norm_topk_prob=bool(_find(block, "norm_topk_prob")),
+                  routed_scaling_factor=float(_find(block, "routed_scaling_factor")))
+    if K > TG * (E // G):
+        if K < E:  # transformers then picks among -inf scores: an order torch.topk does not define
+            raise ValueError(f"from_hf: DeepseekV3 num_experts_per_tok={K} exceeds topk_group={TG} groups of "
+                             f"{E // G} experts (n_group={G}) but is below n_routed_experts={E}; which extra experts "
+                             f"transformers picks is undefined, so this configuration is not supported")
+        fields.update(num_groups=1, topk_groups=1)  # every expert is chosen: the group limit cannot bind
+    return fields
+
+
+def _deepseek_v2(block: nn.Module) -> Dict[str, Any]:
+    E = _router_weight(block).shape[0]
+    K = _find(block, "top_k", "num_experts_per_tok")
+    method = _find(block, "topk_method", default="greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"from_hf: DeepseekV2 topk_method={method!r} is not supported; expected 'greedy' or "
+                         f"'group_limited_greedy'")
+    fields = dict(score_func="softmax", norm_topk_prob=False,
+                  routed_scaling_factor=float(_find(block, "routed_scaling_factor")))
+    if method == "group_limited_greedy":
+        G, TG = _find(block, "num_group", "n_group"), _find(block, "topk_group")
+        fields.update(group_score="max", num_groups=G, topk_groups=TG)
+        # transformers zeroes the scores outside the kept groups: experts picked beyond them get weight 0.
+        fields["top_k"] = min(K, TG * (E // G))
+    return fields
+
+
+def _mixtral(block: nn.Module) -> Dict[str, Any]:
+    return dict(score_func="softmax", norm_topk_prob=True, router_jitter_noise=float(block.jitter_noise or 0.0))
+
+
+def _softmax_topk(block: nn.Module) -> Dict[str, Any]:
+    return dict(score_func="softmax", norm_topk_prob=bool(_find(block, "norm_topk_prob", default=False)))
+
+
+def _qwen2_moe(block: nn.Module) -> Dict[str, Any]:
+    return dict(_softmax_topk(block), shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None)
+
+
+def _dbrx(block: nn.Module) -> Dict[str, Any]:
+    p = block.moe_normalize_expert_weights
+    if p not in (None, 1, 1.0):
+        raise ValueError(f"from_hf: DBRX ffn_config.moe_normalize_expert_weights={p!r} is not supported; expected "
+                         f"None or 1 (sum normalisation)")
+    return dict(score_func="softmax", norm_topk_prob=p is not None, top_k=block.top_k,
+                router_jitter_noise=float(block.router.moe_jitter_eps or 0.0))
+
+
+FAMILIES: Tuple[Family, ...] = (
+    Family("deepseek_v3", ("DeepseekV3MoE",), _deepseek_v3, has_bias=True, router_fp32=True, shared="shared_experts"),
+    # DeepseekV2MoE: transformers 4.57's spelling of DeepseekV2Moe.
+    Family("deepseek_v2", ("DeepseekV2Moe", "DeepseekV2MoE"), _deepseek_v2, router_fp32=True,
+           shared="shared_experts"),
+    Family("mixtral", ("MixtralSparseMoeBlock",), _mixtral),
+    Family("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _qwen2_moe, shared="shared_expert"),
+    Family("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_topk),
+    Family("olmoe", ("OlmoeSparseMoeBlock",), _softmax_topk),
+    Family("dbrx", ("DbrxFFN",), _dbrx, layout="dbrx"),
+)
+SUPPORTED_BLOCKS = tuple(name for family in FAMILIES for name in family.blocks)
+
+
+def family_of(block: nn.Module) -> Family:
+    """The :class:`Family` of transformers' MoE ``block``; TypeError for an unsupported block."""
+    kind = type(block).__name__
+    for family in FAMILIES:
+        if kind in family.blocks:
+            return family
+    raise TypeError(f"from_hf: {kind} is not a supported block; expected one of {SUPPORTED_BLOCKS}")
+
+
+def _activation_name(act: nn.Module, field: str) -> str:
+    """Our name of the GLU gate activation ``act`` (identified by its values, so any transformers spelling of the
+    same function maps); ValueError naming the config ``field`` otherwise."""
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    got = act(probe)
+    for name in ACTIVATIONS:
+        if torch.allclose(got, activate(probe, name), rtol=1e-6, atol=1e-7):
+            return name
+    raise ValueError(f"from_hf: the experts' activation {field}={type(act).__name__} is not supported; the layer "
+                     f"implements GLU experts with {ACTIVATIONS}")
+
+
+def _expert_sizes(block: nn.Module, family: Family) -> Tuple[int, str]:
+    """(I, activation name) of the block's routed experts."""
+    experts = block.experts
+    if family.layout == "dbrx":
+        return experts.ffn_hidden_size, _activation_name(experts.mlp.activation_fn, "ffn_config.ffn_act_fn")
     if isinstance(experts, nn.ModuleList):  # transformers < 5: one MLP module per expert
         first = experts[0]
         down = getattr(first, "down_proj", None) or getattr(first, "w2")
-        return down.weight.shape[1]
-    return experts.down_proj.shape[-1]
+        return down.weight.shape[1], _activation_name(first.act_fn, "hidden_act")
+    return experts.down_proj.shape[-1], _activation_name(experts.act_fn, "hidden_act")
 
 
-def _shared_module(block: nn.Module) -> Tuple[Optional[str], Optional[nn.Module]]:
-    for name in ("shared_experts", "shared_expert"):
-        module = getattr(block, name, None)
-        if module is not None:
-            return name, module
-    return None, None
+def _hf_config_of(block: nn.Module):
+    """The transformers config a block was built from (experts modules keep it in transformers 5), or None."""
+    return getattr(block, "config", None) or getattr(block.experts, "config", None)
 
 
-def config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
-    """The :class:`MoEConfig` with the same routing math and sizes as transformers' MoE ``block``."""
-    kind = type(block).__name__
-    if kind not in SUPPORTED_BLOCKS:
-        raise TypeError(f"from_hf: {kind} is not a supported block; expected one of {SUPPORTED_BLOCKS}")
-    E, H = block.gate.weight.shape
-    I = _expert_width(block.experts)
-    K = _find(block, "top_k", "num_experts_per_tok")
-    _, shared = _shared_module(block)
+def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
+    """The :class:`MoEConfig` with the same routing math, sizes and activation as transformers' MoE ``block``
+    (``hf_config``: the model's config, for blocks that do not keep it; it gives ``initializer_range``).
+
+    Raises TypeError for an unsupported block and ValueError naming the transformers config field for a
+    configuration the layer cannot reproduce.
+    """
+    family = family_of(block)
+    E, H = _router_weight(block).shape
+    I, activation = _expert_sizes(block, family)
+    shared = getattr(block, family.shared) if family.shared else None
     shared_width = shared.gate_proj.weight.shape[0] if shared is not None else 0
-    fields = dict(hidden_size=H, expert_hidden_size=I, num_routed_experts=E, top_k=K,
-                  num_shared_experts=1 if shared_width else 0, aux_loss_alpha=0.0)
+    if shared is not None and shared_width and _activation_name(shared.act_fn, "hidden_act") != activation:
+        raise ValueError("from_hf: the shared and routed experts use different activations; the layer uses one")
+    hf_config = hf_config if hf_config is not None else _hf_config_of(block)
+    fields = dict(hidden_size=H, expert_hidden_size=I, num_routed_experts=E,
+                  top_k=_find(block, "top_k", "num_experts_per_tok"), num_shared_experts=1 if shared_width else 0,
+                  aux_loss_alpha=0.0, hidden_act=activation)
+    if getattr(hf_config, "initializer_range", None):
+        fields["initializer_range"] = float(hf_config.initializer_range)
     if shared_width:
         fields["shared_expert_hidden_size"] = shared_width
-    if kind == "DeepseekV3MoE":
-        fields.update(score_func="sigmoid", group_score="top2_sum", num_groups=_find(block, "num_group", "n_group"),
-                      topk_groups=_find(block, "topk_group"), norm_topk_prob=bool(_find(block, "norm_topk_prob")),
-                      routed_scaling_factor=float(_find(block, "routed_scaling_factor")))
-    elif kind in ("DeepseekV2Moe", "DeepseekV2MoE"):
-        method = _find(block, "topk_method", default="greedy")
-        grouped = method == "group_limited_greedy"
-        fields.update(score_func="softmax", group_score="max", num_groups=_find(block, "num_group", "n_group")
-                      if grouped else 1, topk_groups=_find(block, "topk_group") if grouped else 1,
-                      norm_topk_prob=False, routed_scaling_factor=float(_find(block, "routed_scaling_factor")))
-    elif kind == "MixtralSparseMoeBlock":
-        fields.update(score_func="softmax", norm_topk_prob=True)
-    else:  # Qwen2MoeSparseMoeBlock
-        fields.update(score_func="softmax", norm_topk_prob=bool(_find(block, "norm_topk_prob", default=False)),
-                      shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None)
+    fields.update(family.fields(block))
     fields.update(overrides)
     return MoEConfig(**fields)
 
 
-def _state_from_hf(block: nn.Module) -> Dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------------- checkpoint layouts
+def _dbrx_to_ours(state: Dict[str, torch.Tensor], prefix: str, E: int) -> None:
+    """MegaBlocks/DBRX keys (``router.layer.weight``, ``experts.mlp.w1/v1/w2`` of shape (E·I, H)) -> ours, in place."""
+    if prefix + "router.layer.weight" in state:
+        state[prefix + "gate.weight"] = state.pop(prefix + "router.layer.weight")
+    names = [prefix + "experts.mlp." + n for n in ("w1", "v1", "w2")]
+    if all(n in state for n in names):
+        w1, v1, w2 = (state.pop(n) for n in names)
+        H = w1.shape[-1]
+        state[prefix + "experts.gate_up_proj"] = torch.cat([w1.reshape(E, -1, H), v1.reshape(E, -1, H)], dim=1)
+        state[prefix + "experts.down_proj"] = w2.reshape(E, -1, H).transpose(1, 2).contiguous()
+
+
+def _ours_to_dbrx(state: Dict[str, torch.Tensor], prefix: str) -> None:
+    state[prefix + "router.layer.weight"] = state.pop(prefix + "gate.weight")
+    gate_up, down = state.pop(prefix + "experts.gate_up_proj"), state.pop(prefix + "experts.down_proj")
+    E, J, H = gate_up.shape
+    I = J // 2
+    state[prefix + "experts.mlp.w1"] = gate_up[:, :I].reshape(E * I, H)
+    state[prefix + "experts.mlp.v1"] = gate_up[:, I:].reshape(E * I, H)
+    state[prefix + "experts.mlp.w2"] = down.transpose(1, 2).reshape(E * I, H)
+
+
+def _rename_prefix(state: Dict[str, torch.Tensor], old: str, new: str) -> None:
+    for key in [k for k in state if k.startswith(old)]:
+        state[new + key[len(old):]] = state.pop(key)
+
+
+def _save_in_family_layout(module: DeepSeekMoELayer, state, prefix, local_metadata) -> None:
+    """state_dict post-hook of converted layers: the family's own key names and tensor layout."""
+    family = module.hf_family
+    if family.layout == "dbrx":
+        _ours_to_dbrx(state, prefix)
+    if family.shared and family.shared != "shared_experts":
+        _rename_prefix(state, prefix + "shared_experts.", prefix + family.shared + ".")
+
+
+def _load_from_family_layout(module: DeepSeekMoELayer, state, prefix, *args) -> None:
+    """load_state_dict pre-hook of converted layers: accept the family's layout (and ours)."""
+    family = module.hf_family
+    if family.layout == "dbrx":
+        _dbrx_to_ours(state, prefix, module.config.num_routed_experts)
+    if family.shared and family.shared != "shared_experts":
+        _rename_prefix(state, prefix + family.shared + ".", prefix + "shared_experts.")
+
+
+# ------------------------------------------------------------------------------------ transformers hooks
+def _record_router_logits(layer: DeepSeekMoELayer) -> None:
+    """Hook ``layer.logits_probe`` into transformers' output recording under the key ``router_logits``, as its
+    ``OutputRecorder`` does for a stock router (transformers >= 5; earlier versions record no logits)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return
+    install = (getattr(output_capturing, "install_output_capuring_hook", None)
+               or getattr(output_capturing, "install_output_capturing_hook", None))
+    if install is not None:
+        install(layer.logits_probe, "router_logits", 0)
+
+
+def _init_weights_with_moe(self, module: nn.Module) -> None:
+    """A transformers model's ``_init_weights``, extended to the converted layers' own modules (bound to each
+    PreTrainedModel that holds one; transformers' init guards skip weights that were loaded)."""
+    if isinstance(module, (Router, RoutedExperts)):
+        module.reset_parameters()
+    elif isinstance(module, DeepSeekMoELayer):
+        module.reset_counters()
+    else:
+        type(self)._init_weights(self, module)
+
+
+def _adopt_init(model: nn.Module) -> None:
+    """Let ``model.init_weights()`` (and transformers' meta-device materialisation) initialise our layers too."""
+    for sub in model.modules():
+        if hasattr(sub, "_initialize_weights") and hasattr(type(sub), "_init_weights"):
+            sub._init_weights = types.MethodType(_init_weights_with_moe, sub)
+
+
+def _copy_init_flags(block: nn.Module, layer: nn.Module) -> None:
+    """A layer converted from an initialised block counts as initialised (``init_weights`` must not redraw it)."""
+    if getattr(block, "_is_hf_initialized", False) or any(getattr(p, "_is_hf_initialized", False)
+                                                          for p in block.parameters()):
+        for m in layer.modules():
+            m._is_hf_initialized = True
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            t._is_hf_initialized = True
+
+
+# ------------------------------------------------------------------------------------------ convert
+def _state_from_hf(block: nn.Module, family: Family, E: int) -> Dict[str, torch.Tensor]:
     """The block's state_dict under our names (per-expert layouts are fused by RoutedExperts on load)."""
-    name, _ = _shared_module(block)
-    state = {}
-    for key, value in block.state_dict().items():
-        if name == "shared_expert" and key.startswith("shared_expert."):
-            key = "shared_experts." + key[len("shared_expert."):]
-        state[key] = value
+    state = dict(block.state_dict())
+    if family.layout == "dbrx":
+        _dbrx_to_ours(state, "", E)
+    if family.shared and family.shared != "shared_experts":
+        _rename_prefix(state, family.shared + ".", "shared_experts.")
     return state
 
 
-def from_hf(block: nn.Module, **overrides) -> DeepSeekMoELayer:
-    """A :class:`DeepSeekMoELayer` with the same math and the same weights as transformers' MoE ``block``.
+def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
+    """A :class:`DeepSeekMoELayer` with the same function and the same weights as transformers' MoE ``block``.
 
-    Router variant, group limits, correction bias, normalisation, scaling factor, shared experts and their
-    gate carry over; balance losses are off (``aux_loss_alpha=0``) unless given in ``overrides``. The
-    layer is on the block's device and dtype. Example::
+    Router variant, group limits, correction bias, normalisation, scaling factor, jitter, expert activation,
+    shared experts and their gate carry over; the layer's own balance losses are off (``aux_loss_alpha=0``: the
+    model computes its balance loss from the recorded router logits) unless given in ``overrides``. Dtypes follow
+    the block: experts and shared experts in the experts' dtype, the router in fp32 (or wider). ``hf_config``:
+    the model's config, for blocks that do not keep it (DBRX); it lets :func:`to_hf` rebuild the block and the
+    model's ``experts_implementation`` steer backend "auto". A meta-device block gives a meta-device layer.
+
+    Raises TypeError for an unsupported block and ValueError naming the config field of a configuration the
+    layer cannot reproduce, or the checkpoint keys it cannot map. Example::
 
         layer = dm.hf.from_hf(model.model.layers[3].mlp)
     """
-    cfg = config_from_hf(block, **overrides)
-    ref = block.gate.weight
-    layer = DeepSeekMoELayer(cfg).to(device=ref.device, dtype=ref.dtype)
-    state = _state_from_hf(block)
-    state.setdefault("gate.e_score_correction_bias", torch.zeros(cfg.num_routed_experts, device=ref.device))
-    layer.load_state_dict(state)
+    family = family_of(block)
+    cfg = config_from_hf(block, hf_config, **overrides)
+    router_weight = _router_weight(block)
+    expert_param = next(block.experts.parameters())
+    with torch.device("meta"):
+        layer = DeepSeekMoELayer(cfg)
+    layer = layer.to_empty(device=router_weight.device).to(expert_param.dtype)
+    bias = torch.zeros_like(layer.gate.e_score_correction_bias)
+    # A family without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move.
+    layer.gate.register_buffer("e_score_correction_bias", bias,
+                               persistent=family.has_bias or cfg.bias_update_speed > 0)
+    state = _state_from_hf(block, family, cfg.num_routed_experts)
+    if not family.has_bias and cfg.bias_update_speed > 0:
+        state["gate.e_score_correction_bias"] = bias
+    result = layer.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"from_hf: {type(block).__name__} has weights the layer cannot hold "
+                         f"(unexpected: {result.unexpected_keys}, missing: {result.missing_keys}); e.g. expert or "
+                         f"MLP biases (mlp_bias=True) are not supported")
+    layer.hf_family = family
+    layer.hf_block_class = type(block)
+    layer.hf_config = hf_config if hf_config is not None else _hf_config_of(block)
+    layer.register_state_dict_post_hook(_save_in_family_layout)
+    layer.register_load_state_dict_pre_hook(_load_from_family_layout)
+    _record_router_logits(layer)
+    _copy_init_flags(block, layer)
     layer.train(block.training)
     return layer
+
+
+def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
+    """The stock transformers block of the family ``layer`` was converted from, with its weights (the inverse of
+    :func:`from_hf`). ``hf_config``: the model's config, when the layer does not hold it (DBRX).
+
+    Raises ValueError when the layer was not converted from transformers or its function cannot be expressed
+    by the stock block (a non-zero correction bias where the family has none).
+    """
+    family = getattr(layer, "hf_family", None)
+    if family is None:
+        raise ValueError("to_hf: this layer was not made by deepseek_moe.hf.from_hf; it has no transformers block")
+    hf_config = hf_config if hf_config is not None else layer.hf_config
+    if hf_config is None:
+        raise ValueError(f"to_hf: pass hf_config= (the model's config); a {layer.hf_block_class.__name__} block "
+                         f"does not keep it")
+    bias = layer.gate.e_score_correction_bias
+    if not family.has_bias and bool(bias.ne(0).any()):
+        raise ValueError(f"to_hf: the layer's correction bias is non-zero (bias balancing was on) and "
+                         f"{layer.hf_block_class.__name__} has none: the stock block would route differently")
+    state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    if not family.has_bias:
+        state.pop("gate.e_score_correction_bias", None)
+    expert_dtype = layer.experts.gate_up_proj.dtype
+    router_key = "router.layer.weight" if family.layout == "dbrx" else "gate.weight"
+    if not family.router_fp32:
+        state[router_key] = state[router_key].to(expert_dtype)
+    with torch.device("meta"):
+        block = layer.hf_block_class(hf_config)
+    block.load_state_dict(state, assign=True)
+    block.train(layer.training)
+    return block
 
 
 def _replace(model: nn.Module, match: Callable[[str, nn.Module], bool],
@@ -128,10 +399,62 @@ def _replace(model: nn.Module, match: Callable[[str, nn.Module], bool],
 def replace_moe_blocks(model: nn.Module, **overrides) -> int:
     """Replace every supported transformers MoE block in ``model`` by :func:`from_hf` of it, in place.
 
-    The model computes the same function afterwards. Returns the number of blocks replaced.
+    The model computes the same function afterwards (in training too), returns the same ``router_logits``,
+    ``aux_loss`` and ``loss``, and ``model.init_weights()`` initialises the new layers. Returns the number of
+    blocks replaced.
     """
-    return len(_replace(model, lambda name, m: type(m).__name__ in SUPPORTED_BLOCKS,
-                        lambda name, m: from_hf(m, **overrides)))
+    config = getattr(model, "config", None)
+    count = len(_replace(model, lambda name, m: type(m).__name__ in SUPPORTED_BLOCKS,
+                         lambda name, m: from_hf(m, hf_config=_hf_config_of(m) or config, **overrides)))
+    if count:
+        _adopt_init(model)
+    return count
+
+
+def restore_moe_blocks(model: nn.Module) -> int:
+    """Replace every layer made by :func:`from_hf` in ``model`` by :func:`to_hf` of it (the stock block), in
+    place. Returns the number of layers replaced."""
+    config = getattr(model, "config", None)
+    return len(_replace(model, lambda name, m: getattr(m, "hf_family", None) is not None,
+                        lambda name, m: to_hf(m, m.hf_config or config)))
+
+
+def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act: str = "gelu_pytorch_tanh",
+                    normalize_expert_weights: Optional[float] = None, **overrides) -> DeepSeekMoELayer:
+    """A :class:`DeepSeekMoELayer` holding a MegaBlocks dMoE GLU ``state_dict`` (megablocks 0.10 ``dMoE`` with
+    ``mlp_type="glu"``): ``router.layer.weight`` (E, H), ``experts.mlp.w1``/``v1``/``w2`` (E·I, H) each, where
+    expert e computes ``(act(x·w1_eᵀ) * x·v1_eᵀ) · w2_e``, and an optional output bias ``experts.bias``.
+
+    The arguments are megablocks' ``Arguments`` the state dict does not record: ``top_k`` (``moe_top_k``),
+    ``hidden_act`` (its ``activation_fn``; megablocks' default is GELU with the tanh approximation) and
+    ``normalize_expert_weights`` (``moe_normalize_expert_weights``: None or 1). Raises ValueError for a non-zero
+    output bias, another normalisation, or missing/extra keys. megablocks' router jitter (``moe_jitter_eps``)
+    scales the router's input only and is not reproduced: the layer is built without jitter.
+    """
+    if normalize_expert_weights not in (None, 1, 1.0):
+        raise ValueError(f"from_megablocks: normalize_expert_weights={normalize_expert_weights!r} is not "
+                         f"supported; expected None or 1 (sum normalisation)")
+    state = dict(state_dict)
+    bias = state.pop("experts.bias", None)
+    if bias is not None and bool(bias.ne(0).any()):
+        raise ValueError("from_megablocks: experts.bias (the dMoE output bias) is non-zero; the layer has no output "
+                         "bias")
+    if "router.layer.weight" not in state:
+        raise ValueError(f"from_megablocks: no router.layer.weight in the state dict (keys: {sorted(state)})")
+    E, H = state["router.layer.weight"].shape
+    I = state["experts.mlp.w1"].shape[0] // E
+    cfg = MoEConfig(hidden_size=H, expert_hidden_size=I, num_routed_experts=E, top_k=top_k, num_shared_experts=0,
+                    score_func="softmax", norm_topk_prob=normalize_expert_weights is not None, hidden_act=hidden_act,
+                    aux_loss_alpha=0.0, **overrides)
+    _dbrx_to_ours(state, "", E)
+    ref = state["experts.gate_up_proj"]
+    layer = DeepSeekMoELayer(cfg).to(device=ref.device, dtype=ref.dtype)
+    state.setdefault("gate.e_score_correction_bias", layer.gate.e_score_correction_bias)
+    result = layer.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"from_megablocks: keys the layer cannot map (unexpected: {result.unexpected_keys}, "
+                         f"missing: {result.missing_keys})")
+    return layer
 
 
 # ------------------------------------------------------------------------------------------------------ moefy
@@ -255,7 +578,10 @@ def moefy(model: nn.Module, config: MoEConfig, init: str = "upcycle", layers: Op
         layer.train(module.training)
         return layer
 
-    return len(_replace(model, lambda n, m: n in chosen, make))
+    count = len(_replace(model, lambda n, m: n in chosen, make))
+    if count:
+        _adopt_init(model)
+    return count
 
 
 # ------------------------------------------------------------------------------------------------ training

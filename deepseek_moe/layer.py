@@ -1,7 +1,8 @@
 """DeepSeekMoELayer: router + dispatch + routed experts + shared experts, a drop-in for a transformer MLP.
 
 Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, K experts per token,
-R positions of the real tokens in the flattened input, N kept (token, slot) pairs.
+R positions of the real tokens in the flattened input, A all positions of the flattened input (real and padded),
+N kept (token, slot) pairs.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .experts import RoutedExperts, SharedExperts
 from .counters import count_load
 from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
 from .padding import active_padding_mask, check_padding_mask
-from .router import Router, Routing
+from .router import LogitsProbe, Router, Routing
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -56,6 +57,7 @@ class DeepSeekMoELayer(nn.Module):
         self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
         self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
                                    if config.shared_expert_gate and config.num_shared_experts > 0 else None)
+        self.logits_probe = LogitsProbe()
         E = config.num_routed_experts
         # Per-rank load counters (int64). Plain tensor attributes, not buffers: DDP broadcasts every buffer from
         # rank 0 before each forward (broadcast_buffers=True, its default), which would replace each rank's own
@@ -73,6 +75,9 @@ class DeepSeekMoELayer(nn.Module):
         self.balance_group = None
         # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
         self.expert_parallel = None
+        # Set by deepseek_moe.hf.from_hf: the transformers config of the model the layer came from (its
+        # experts_implementation steers backend "auto"; deepseek_moe.hf.to_hf rebuilds the stock block from it).
+        self.hf_config = None
 
     _COUNTERS = ("tokens_per_expert", "load_since_update", "balance_window", "_num_dropped")
 
@@ -83,6 +88,11 @@ class DeepSeekMoELayer(nn.Module):
             t = getattr(self, name)
             if t.device != device:
                 setattr(self, name, torch.zeros_like(t, device=device))
+
+    def reset_counters(self) -> None:
+        """Zero the load counters (tokens_per_expert, the bias-step load, the balance window, drops)."""
+        for name in self._COUNTERS:
+            getattr(self, name).zero_()
 
     def __deepcopy__(self, memo):
         # The default copy, except that the last forward's aux_loss is copied without its autograd graph
@@ -113,12 +123,21 @@ class DeepSeekMoELayer(nn.Module):
             raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}; its last dimension must be "
                              f"hidden_size={H}")
 
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> backends.Backend:
+        cfg = self.config
+        name = cfg.backend
+        # A layer converted from transformers with backend "auto" follows the model's experts_implementation:
+        # "eager" is the reference loop here too; any other name (grouped_mm, batched_mm, ...) means "auto".
+        if name == "auto" and getattr(self.hf_config, "_experts_implementation", None) == "eager":
+            name = "eager"
+        return backends.select(name, device, dtype, cfg.hidden_act)
+
     def route(self, x_TH: torch.Tensor, backend: Optional[backends.Backend] = None) -> "tuple[Routing, DispatchPlan]":
         """Routing and dispatch plan for x_TH (T, H), with capacity applied in training; ``backend`` builds the
         plan (default: the one the config selects for x)."""
         cfg = self.config
         if backend is None:
-            backend = backends.select(cfg.backend, x_TH.device, x_TH.dtype)
+            backend = self._backend(x_TH.device, x_TH.dtype)
         routing = self.gate(x_TH)
         capacity = None
         if cfg.capacity_factor is not None and self.training:
@@ -136,23 +155,38 @@ class DeepSeekMoELayer(nn.Module):
         they count in no balance loss, load, MaxVio, bias update or capacity, the real tokens' outputs equal a
         run on the real tokens alone, and padded positions output exactly 0 (gradient 0). Raises ValueError for a
         mask of the wrong shape, dtype or device.
+
+        With ``router_jitter_noise`` ε > 0, a training forward scales the routed path's input (router and routed
+        experts, not the shared experts) by u ~ U(1 − ε, 1 + ε) elementwise, drawn over x's whole shape as
+        transformers' Mixtral and DBRX do (same seed, same noise). The router logits of every position, (A, E)
+        fp32 with zero rows at padded positions, pass through ``self.logits_probe`` for forward hooks
+        (transformers' ``output_router_logits``).
         """
         self._check_input(x)
-        H = self.config.hidden_size
+        cfg = self.config
+        H = cfg.hidden_size
         from_context = padding_mask is None
         if from_context:
             padding_mask = active_padding_mask()
         self._check_recompute_mask(from_context and padding_mask is not None, padding_mask is not None)
-        x_TH = x.reshape(-1, H)
+        routed_x = x
+        if self.training and cfg.router_jitter_noise > 0:
+            eps = cfg.router_jitter_noise
+            routed_x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        x_TH, routed_TH = x.reshape(-1, H), routed_x.reshape(-1, H)
         num_sequences = x.shape[0] if x.dim() == 3 else 1
         seq_T = None
         if padding_mask is not None:
             real_R = torch.nonzero(~check_padding_mask(padding_mask, x)).squeeze(1)
             seq_T = torch.div(real_R, x_TH.shape[0] // max(num_sequences, 1), rounding_mode="floor")
             x_TH = x_TH.index_select(0, real_R)
-        y_TH = self._moe(x_TH, num_sequences, seq_T)
+            routed_TH = x_TH if routed_x is x else routed_TH.index_select(0, real_R)
+        y_TH, logits_TE = self._moe(x_TH, routed_TH, num_sequences, seq_T)
         if padding_mask is not None:
-            y_TH = y_TH.new_zeros(x.numel() // H, H).index_copy(0, real_R, y_TH)
+            A = x.numel() // H
+            y_TH = y_TH.new_zeros(A, H).index_copy(0, real_R, y_TH)
+            logits_TE = logits_TE.new_zeros(A, logits_TE.shape[1]).index_copy(0, real_R, logits_TE)
+        self.logits_probe(logits_TE)
         # A fresh tensor, not a view of y_TH: FSDP2 and autograd hooks expect a module to return its own output.
         return y_TH.reshape(x.shape).clone() if y_TH.shape != x.shape else y_TH
 
@@ -169,26 +203,28 @@ class DeepSeekMoELayer(nn.Module):
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
                                "the layer.")
 
-    def _moe(self, x_TH: torch.Tensor, num_sequences: int, seq_T: Optional[torch.Tensor]) -> torch.Tensor:
-        """router → dispatch → routed experts → combine, plus shared experts, on the real tokens x_TH (T, H)."""
+    def _moe(self, x_TH: torch.Tensor, routed_TH: torch.Tensor, num_sequences: int,
+             seq_T: Optional[torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":
+        """router → dispatch → routed experts → combine, plus shared experts, on the real tokens x_TH (T, H);
+        the router and routed experts read ``routed_TH`` (x_TH, or x_TH jittered). Returns (y_TH, router logits)."""
         cfg = self.config
         device_type = x_TH.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                          else x_TH.dtype)
-        backend = backends.select(cfg.backend, x_TH.device, compute_dtype)
-        routing, plan = self.route(x_TH, backend)
+        backend = self._backend(x_TH.device, compute_dtype)
+        routing, plan = self.route(routed_TH, backend)
         device_capacity, affinity_N = None, None
         if self.expert_parallel is not None and cfg.device_capacity_factor is not None and self.training:
             device_capacity = cfg.device_capacity_factor
             affinity_N = routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
-        y_TH = self.experts(x_TH.to(compute_dtype), plan, backend, affinity_N, device_capacity)
+        y_TH = self.experts(routed_TH.to(compute_dtype), plan, backend, affinity_N, device_capacity)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
                 shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
             y_TH = y_TH + shared_TH
         self._record(routing, plan, num_sequences, seq_T)
-        return y_TH.to(x_TH.dtype)
+        return y_TH.to(x_TH.dtype), routing.logits_TE
 
     def _record(self, routing: Routing, plan: DispatchPlan, num_sequences: int,
                 seq_T: Optional[torch.Tensor]) -> None:
@@ -247,7 +283,7 @@ class DeepSeekMoELayer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
-                f"shared={c.num_shared_experts}, score={c.score_func}, backend={c.backend}")
+                f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={c.backend}")
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

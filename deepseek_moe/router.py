@@ -95,7 +95,7 @@ class Router(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.cfg.initializer_range)
-        self.e_score_correction_bias.zero_()
+        nn.init.zeros_(self.e_score_correction_bias)
 
     def _apply(self, fn, recurse=True):
         return super()._apply(_at_least_fp32(fn), recurse)
@@ -126,3 +126,15 @@ class Router(nn.Module):
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weight_TK = weight_TK * cfg.routed_scaling_factor
         return Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE)
+
+
+class LogitsProbe(nn.Module):
+    """Identity on the router logits, (A, E) fp32: a module boundary where forward hooks observe them.
+
+    transformers records ``router_logits`` with forward hooks on a router class (``output_router_logits=True``);
+    :func:`deepseek_moe.hf.from_hf` hooks this module the same way, so a converted model returns them and computes
+    its own balance loss (``router_aux_loss_coef``) from them.
+    """
+
+    def forward(self, logits_AE: torch.Tensor) -> torch.Tensor:
+        return logits_AE

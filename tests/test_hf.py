@@ -95,6 +95,7 @@ def test_from_hf_per_expert_modulelist_layout():
             self.w1 = torch.nn.Linear(H, I, bias=False)
             self.w3 = torch.nn.Linear(H, I, bias=False)
             self.w2 = torch.nn.Linear(I, H, bias=False)
+            self.act_fn = torch.nn.SiLU()
             with torch.no_grad():
                 self.w1.weight.copy_(block.experts.gate_up_proj[e, :I])
                 self.w3.weight.copy_(block.experts.gate_up_proj[e, I:])
@@ -104,7 +105,7 @@ def test_from_hf_per_expert_modulelist_layout():
     old.gate = torch.nn.Linear(H, E, bias=False)
     old.gate.weight.data.copy_(block.gate.weight)
     old.experts = torch.nn.ModuleList(Expert(e) for e in range(E))
-    old.top_k = 2
+    old.top_k, old.jitter_noise = 2, 0.0
     layer = hf.from_hf(old)
     x = torch.randn(9, H)
     with torch.no_grad():

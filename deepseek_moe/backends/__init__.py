@@ -1,8 +1,9 @@
 """Backend registry: pick the implementation of the routed experts by name, with reasons when one can't run.
 
-``select("auto", device, dtype)`` honours the env var ``DEEPSEEK_MOE_BACKEND``; otherwise it picks ``triton`` on
-CUDA when triton is installed and supports the dtype, ``ext`` on CPU for fp32 when the compiled extension is
-built or loaded (auto never compiles), else ``torch``. Optional dependencies are imported only
+``select("auto", device, dtype, activation)`` honours the env var ``DEEPSEEK_MOE_BACKEND``; otherwise it picks
+``triton`` on CUDA when triton is installed and supports the dtype, ``ext`` on CPU for fp32 when the compiled
+extension is built or loaded (auto never compiles), else ``torch``. The fused backends (triton, ext) implement the
+SiLU GLU only: for another ``hidden_act`` auto picks ``torch``. Optional dependencies are imported only
 when a backend runs; importing this package never imports them.
 """
 from __future__ import annotations
@@ -36,19 +37,20 @@ _NOT_IN_RELEASE = {
 }
 
 
-def _resolve_name(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
-                  ) -> str:
+def _resolve_name(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                  activation: str = "silu") -> str:
     if name == "auto":
         env = os.environ.get("DEEPSEEK_MOE_BACKEND", "").strip()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"DEEPSEEK_MOE_BACKEND={env!r} is invalid; expected one of {BACKENDS}")
             return env
-        if device.type == "cuda" and _BUILTIN["triton"].unavailable_reason(device, dtype) is None:
+        fused_ok = activation == "silu"
+        if fused_ok and device.type == "cuda" and _BUILTIN["triton"].unavailable_reason(device, dtype) is None:
             return "triton"
         # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 (docs/benchmarks.md);
         # auto uses it only when that needs no compiling (built ahead of time, or loaded already).
-        if device.type == "cpu" and dtype == torch.float32 and _BUILTIN["ext"].ready():
+        if fused_ok and device.type == "cpu" and dtype == torch.float32 and _BUILTIN["ext"].ready():
             return "ext"
         return "torch"
     if name not in BACKENDS:
@@ -56,33 +58,36 @@ def _resolve_name(name: str, device: torch.device = torch.device("cpu"), dtype: 
     return name
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if backend ``name`` can run on (device, dtype), else why not."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu"
+                       ) -> Optional[str]:
+    """None if backend ``name`` can run on (device, dtype) with the GLU gate ``activation``, else why not."""
     device = torch.device(device)
-    name = _resolve_name(name, device, dtype)
+    name = _resolve_name(name, device, dtype, activation)
     if name in _NOT_IN_RELEASE:
         return _NOT_IN_RELEASE[name]
-    return _BUILTIN[name].unavailable_reason(device, dtype)
+    return _BUILTIN[name].activation_reason(activation) or _BUILTIN[name].unavailable_reason(device, dtype)
 
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"),
-           dtype: torch.dtype = torch.float32) -> Backend:
-    """The backend object for ``name`` ("auto" | "eager" | "torch" | ...) on (device, dtype).
+           dtype: torch.dtype = torch.float32, activation: str = "silu") -> Backend:
+    """The backend object for ``name`` ("auto" | "eager" | "torch" | ...) on (device, dtype) for experts with the
+    GLU gate ``activation``.
 
     Raises ValueError for an unknown name and :class:`BackendUnavailable` (with the reason) for a known
     backend that cannot run here.
     """
     device = torch.device(device)
-    resolved = _resolve_name(name, device, dtype)
+    resolved = _resolve_name(name, device, dtype, activation)
     if name != "auto" and resolved in _BUILTIN:
         _BUILTIN[resolved].prepare()
-    reason = unavailable_reason(resolved, device, dtype)
+    reason = unavailable_reason(resolved, device, dtype, activation)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")
     return _BUILTIN[resolved]
 
 
-def backend_status(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
-                   ) -> Dict[str, Optional[str]]:
-    """{backend name: None if usable on (device, dtype) else the reason} for every named backend."""
-    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS if name != "auto"}
+def backend_status(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                   activation: str = "silu") -> Dict[str, Optional[str]]:
+    """{backend name: None if usable on (device, dtype) with ``activation`` else the reason} for every named
+    backend."""
+    return {name: unavailable_reason(name, device, dtype, activation) for name in BACKENDS if name != "auto"}

@@ -6,10 +6,9 @@ n pairs routed to the current expert.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..dispatch import DispatchPlan
-from .base import Backend, acc_dtype
+from .base import Backend, acc_dtype, activate
 
 
 class EagerBackend(Backend):
@@ -19,7 +18,7 @@ class EagerBackend(Backend):
 
     name = "eager"
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         T, H = x_TH.shape
         I = down_EHI.shape[-1]
         acc = acc_dtype(x_TH.dtype)
@@ -30,7 +29,7 @@ class EagerBackend(Backend):
                 continue
             h_nJ = x_TH[tok_n] @ gate_up_EJH[e].T
             gate_nI, up_nI = h_nJ[:, :I].to(acc), h_nJ[:, I:].to(acc)
-            act_nI = (F.silu(gate_nI) * up_nI).to(x_TH.dtype)
+            act_nI = (activate(gate_nI, activation) * up_nI).to(x_TH.dtype)
             out_nH = act_nI @ down_EHI[e].T
             w_n1 = plan.weight_TK[tok_n, slot_n].to(acc).unsqueeze(1)
             y_TH = y_TH.index_add(0, tok_n, out_nH.to(acc) * w_n1)

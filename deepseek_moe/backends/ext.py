@@ -143,6 +143,7 @@ class ExtBackend(TorchBackend):
 
     name = "ext"
     compiled = True
+    activations = ("silu",)  # the C++ segment loop implements SwiGLU only
 
     def auto_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
         # DEEPSEEK_MOE_TORCH_STRATEGY belongs to the torch backend; the C++ segment loop exists on CPU only.
@@ -186,7 +187,8 @@ class ExtBackend(TorchBackend):
         except ext.ExtensionUnavailable:
             pass
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+        self.check_activation(activation)
         ensure_loaded()
         if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
             return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI, gather=permute, combine=combine)

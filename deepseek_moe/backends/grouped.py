@@ -1,12 +1,12 @@
 """The ``torch`` backend: grouped GEMMs in plain PyTorch, two strategies behind one interface.
 
 * ``segments`` (default on CPU): one custom op that walks the expert segments of the sorted pairs and, for each
-  expert, gathers its rows, runs gate_up GEMM → SwiGLU·w → down GEMM and scatter-adds into y while the segment
+  expert, gathers its rows, runs gate_up GEMM → GLU·w → down GEMM and scatter-adds into y while the segment
   is still in cache. No (N, H) gathered copy, no (N, H) output, no full-size per-expert gradient buffers; the
   backward mirrors it. Registered with ``torch.library`` so ``torch.compile`` treats it as one op.
 * ``grouped_mm`` (default on CUDA bf16, compute capability >= 9.0, where ``torch.nn.functional.grouped_mm``
   exists): gather rows →
-  ``grouped_mm`` → SwiGLU·w → ``grouped_mm`` → sum-combine, autograd through PyTorch's kernels.
+  ``grouped_mm`` → GLU·w → ``grouped_mm`` → sum-combine, autograd through PyTorch's kernels.
 
 Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed experts, N kept pairs.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
-from .base import Backend, acc_dtype, swiglu_weighted, swiglu_weighted_backward
+from .base import Backend, acc_dtype, glu_weighted, glu_weighted_backward
 
 STRATEGIES = ("auto", "segments", "grouped_mm")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -88,13 +88,13 @@ _step_buffers = _StepBuffers()
 # ------------------------------------------------------------------------------------------ segments op
 @torch.library.custom_op("deepseek_moe::segment_mlp", mutates_args=())
 def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor, token_N: torch.Tensor,
-                weight_N: torch.Tensor, counts_E: torch.Tensor, compiled: bool = False
+                weight_N: torch.Tensor, counts_E: torch.Tensor, compiled: bool = False, activation: str = "silu"
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """y_TH = Σ over sorted pairs n of weight_N[n] · SwiGLU_{e(n)}(x_TH[token_N[n]]), and the saved h_NJ.
+    """y_TH = Σ over sorted pairs n of weight_N[n] · GLU_{e(n)}(x_TH[token_N[n]]), and the saved h_NJ.
 
     token_N must be sorted by expert with ``counts_E`` pairs per expert. ``compiled``: run the segment loop in
     the C++ extension (``torch.ops.deepseek_moe.segment_mlp_fused``; load it first with
-    ``deepseek_moe.ext.load()``) instead of Python. Returns (y_TH in x's dtype, h_NJ = gate_up pre-activations,
+    ``deepseek_moe.ext.load()``; SiLU only) instead of Python. Returns (y_TH in x's dtype, h_NJ = gate_up pre-activations,
     kept for the backward).
     """
     T, H = x_TH.shape
@@ -114,21 +114,21 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
         if n == 0:
             continue
         torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_t[e], out=h_seg[e])
-        out_nH = torch.mm(swiglu_weighted(h_seg[e], w_seg[e], x_TH.dtype), down_t[e])
+        out_nH = torch.mm(glu_weighted(h_seg[e], w_seg[e], x_TH.dtype, activation), down_t[e])
         y_TH.index_add_(0, tok_seg[e], out_nH if out_nH.dtype == acc else out_nH.to(acc))
     return y_TH.to(x_TH.dtype), h_NJ.view(h_NJ.shape)
 
 
 @segment_mlp.register_fake
-def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled=False):
+def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled=False, activation="silu"):
     return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], 2 * down_EHI.shape[-1])
 
 
 @torch.library.custom_op("deepseek_moe::segment_mlp_backward", mutates_args=())
 def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJH: torch.Tensor,
                          down_EHI: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor,
-                         counts_E: torch.Tensor, h_NJ: torch.Tensor, compiled: bool = False
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         counts_E: torch.Tensor, h_NJ: torch.Tensor, compiled: bool = False,
+                         activation: str = "silu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`segment_mlp`: (grad_x_TH, grad_gate_up_EJH, grad_down_EHI, grad_weight_N)."""
     dtype = x_TH.dtype
     grad_y_TH = grad_y_TH.contiguous()
@@ -151,7 +151,7 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
             continue
         grad_out_nH = grad_y_TH.index_select(0, tok_seg[e])
         grad_a_nI = torch.mm(grad_out_nH, down_EHI[e])
-        grad_h_nJ, gw_n, a_nI = swiglu_weighted_backward(h_seg[e], w_seg[e], grad_a_nI)
+        grad_h_nJ, gw_n, a_nI = glu_weighted_backward(h_seg[e], w_seg[e], grad_a_nI, activation)
         gw_seg[e].copy_(gw_n)
         if dtype != acc:
             a_nI, grad_h_nJ = a_nI.to(dtype), grad_h_nJ.to(dtype)
@@ -163,15 +163,16 @@ def segment_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJ
 
 
 @segment_mlp_backward.register_fake
-def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ, compiled=False):
+def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ, compiled=False,
+      activation="silu"):
     return (x_TH.new_empty(x_TH.shape), gate_up_EJH.new_empty(gate_up_EJH.shape),
             down_EHI.new_empty(down_EHI.shape), weight_N.new_empty(weight_N.shape))
 
 
 def _segment_setup(ctx, inputs, output):
-    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled = inputs
+    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, compiled, activation = inputs
     ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, output[1])
-    ctx.compiled = compiled
+    ctx.compiled, ctx.activation = compiled, activation
     # h_NJ is returned only to be saved: nothing uses its gradient, and materialising that (N, 2I) zero tensor
     # cost ~5% of the layer's forward+backward.
     ctx.set_materialize_grads(False)
@@ -179,11 +180,11 @@ def _segment_setup(ctx, inputs, output):
 
 def _segment_backward(ctx, grad_y_TH, grad_h_NJ):
     if grad_y_TH is None:  # y unused (grads are not materialised): nothing flows back
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ = ctx.saved_tensors
     gx, ggu, gdn, gw = segment_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N,
-                                            counts_E, h_NJ, ctx.compiled)
-    return gx, ggu, gdn, None, gw, None, None
+                                            counts_E, h_NJ, ctx.compiled, ctx.activation)
+    return gx, ggu, gdn, None, gw, None, None, None
 
 
 segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
@@ -257,26 +258,27 @@ class TorchBackend(Backend):
             strategy = "grouped_mm" if _cuda_grouped_mm_ok(device, dtype) else "segments"
         return strategy
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
-            return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+            return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI, activation=activation)
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
         multiple = self.resolve_pad_multiple(x_TH.device, x_TH.dtype)
         if multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, multiple)
         y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
-                              self.compiled)
+                              self.compiled, activation)
         return y_TH
 
 
-def grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, gather=gather_rows, combine=combine_rows):
-    """The routed experts as permute → grouped GEMM → SwiGLU·w → grouped GEMM → unweighted combine.
+def grouped_mm_mlp(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, gather=gather_rows, combine=combine_rows,
+                   activation="silu"):
+    """The routed experts as permute → grouped GEMM → GLU·w → grouped GEMM → unweighted combine.
 
     ``gather(x_TH, plan) -> x_NH`` and ``combine(o_NH, plan) -> y_TH`` are the data-movement ops (the torch ops by
     default; the ``ext`` backend passes the compiled extension's, which give bit-identical rows)."""
     offs_E = plan.offsets_E1[1:].to(torch.int32)
     x_NH = gather(x_TH, plan)
     h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
-    a_NI = swiglu_weighted(h_NJ, sorted_weights(plan), x_TH.dtype)
+    a_NI = glu_weighted(h_NJ, sorted_weights(plan), x_TH.dtype, activation)
     out_NH = _grouped_mm(a_NI, down_EHI.transpose(1, 2), offs=offs_E)
     return combine(out_NH, plan)

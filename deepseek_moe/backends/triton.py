@@ -102,6 +102,7 @@ class TritonBackend(Backend):
     GEMM's rows and a K-way sum; the backward mirrors it (see docs/kernels.md)."""
 
     name = "triton"
+    activations = ("silu",)  # SiLU is fused into the GEMM epilogues
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -115,7 +116,8 @@ class TritonBackend(Backend):
         return (f"Triton kernels run on CUDA devices (on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
                 f"before importing deepseek_moe; slow, for testing); got device {device.type!r}")
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+        self.check_activation(activation)
         y_TH, _ = triton_expert_mlp(x_TH.contiguous(), gate_up_EJH, down_EHI, plan.token_N, plan.pair_N,
                                     sorted_weights(plan).float(), plan.offsets_E1, plan.top_k)
         return y_TH

@@ -62,7 +62,7 @@ class ExpertParallel:
 
     def routed(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_LJH: torch.Tensor, down_LHI: torch.Tensor,
                backend: Backend, affinity_N: Optional[torch.Tensor] = None,
-               capacity_factor: Optional[float] = None) -> torch.Tensor:
+               capacity_factor: Optional[float] = None, activation: str = "silu") -> torch.Tensor:
         """Σ_k w·expert(x) for the local tokens, the experts living on their ranks. x_TH (T, H) -> (T, H).
 
         Each token row travels once per destination rank, however many of its experts live there (so
@@ -121,7 +121,7 @@ class ExpertParallel:
                 self.last_dropped = torch.tensor(affinity_P.numel() - capacity, device=device)
                 row_P, expert_P1, w_P = row_P[keep_P], expert_P1[keep_P], w_P[keep_P]
         local = backend.build_plan(expert_P1, torch.ones(row_P.numel(), 1, device=device), L)
-        o_PH = backend.routed_mlp(x_RH.index_select(0, row_P), local, gate_up_LJH, down_LHI)
+        o_PH = backend.routed_mlp(x_RH.index_select(0, row_P), local, gate_up_LJH, down_LHI, activation)
         o_RH = torch.zeros(x_RH.shape, dtype=acc, device=device).index_add(0, row_P, o_PH.to(acc) * w_P.unsqueeze(1))
         back_UH = all_to_all_single_autograd(o_RH.to(x_TH.dtype), send_rows, recv_rows, self.group)
         self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),

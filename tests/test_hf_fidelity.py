@@ -1,0 +1,300 @@
+"""A converted transformers model behaves as the stock one: every family, tiny random configs (including the ones
+transformers' own testers use: gelu experts, DeepSeek-V3 with top_k = E), logits and loss, router logits and aux
+loss, gradients of every parameter, generate, bf16/fp16 loading, meta-device init, save/load into the stock class,
+the way back (to_hf), jitter and experts_implementation. The stock model is the oracle throughout."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")  # CI installs the hf extra; this guards local minimal installs
+
+import deepseek_moe as dm  # noqa: E402
+from deepseek_moe import hf  # noqa: E402
+from deepseek_moe.testing import assert_close  # noqa: E402
+
+H, V = 32, 97
+COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+              initializer_range=0.2)
+MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+def _config(family, **extra):
+    if family == "dbrx":
+        ffn = dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)
+        ffn.update(extra.pop("ffn_config", {}))
+        return transformers.DbrxConfig(d_model=H, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
+                                       initializer_range=0.2, ffn_config=ffn, **extra,
+                                       attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0})
+    cls, fields = {
+        # transformers' tester: 8 experts, n_group=2, topk_group=1, top_k = E
+        "deepseek_v3": (transformers.DeepseekV3Config, dict(
+            MLA, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0,
+            norm_topk_prob=True, routed_scaling_factor=2.5)),
+        # the group limit binds: 2 of 4 groups, top-3
+        "deepseek_v3_groups": (transformers.DeepseekV3Config, dict(
+            MLA, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16,
+            num_experts_per_tok=3, n_shared_experts=2, n_group=4, topk_group=2, first_k_dense_replace=0,
+            norm_topk_prob=True, routed_scaling_factor=2.5)),
+        "deepseek_v2": (transformers.DeepseekV2Config, dict(
+            MLA, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+            first_k_dense_replace=0, routed_scaling_factor=1.5)),
+        # transformers' tester uses gelu experts
+        "mixtral": (transformers.MixtralConfig, dict(
+            num_key_value_heads=2, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+            hidden_act="gelu")),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
+            num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=40,
+            num_experts=8, num_experts_per_tok=3, norm_topk_prob=False)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+            num_key_value_heads=2, intermediate_size=48, head_dim=8, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True)),
+        "olmoe": (transformers.OlmoeConfig, dict(
+            num_key_value_heads=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
+    }[family]
+    return cls(**{**COMMON, **fields, **extra})
+
+
+FAMILIES = ["deepseek_v3", "deepseek_v3_groups", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"]
+
+
+def _model(family, seed=0, **extra):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family, **extra))
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # a non-zero bias steers the selection
+            buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return model
+
+
+def _pair(family, **extra):
+    stock = _model(family, **extra)
+    ours = _model(family, **extra)
+    n = hf.replace_moe_blocks(ours)
+    assert n == 2 and len(hf.moe_layers(ours)) == 2
+    return stock, ours
+
+
+def _batch(seed=0, B=2, S=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    return ids
+
+
+def _stock_names_of_grads(model):
+    """{stock parameter name: gradient} of a converted model (our layers' gradients in the family's layout)."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for prefix, layer in hf.moe_layers(model).items():
+        hf._save_in_family_layout(layer, grads, prefix + ".", None)
+    return grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_loss_router_logits_aux_loss_and_gradients(family):
+    stock, ours = _pair(family, output_router_logits=True)
+    stock.train(), ours.train()
+    ids = _batch()
+    out_s = stock(ids, labels=ids)
+    out_o = ours(ids, labels=ids)
+    assert_close(out_o.logits, out_s.logits, 1e-5, f"{family} logits")
+    assert_close(out_o.loss, out_s.loss, 1e-6, f"{family} loss")
+    assert len(out_o.router_logits) == len(out_s.router_logits) == 2
+    for got, ref in zip(out_o.router_logits, out_s.router_logits):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert_close(got, ref, 1e-6, f"{family} router logits")
+    if out_s.aux_loss is not None:  # the families with router_aux_loss_coef
+        assert_close(out_o.aux_loss, out_s.aux_loss, 1e-6, f"{family} aux_loss")
+        assert out_o.aux_loss.requires_grad
+    out_s.loss.backward()
+    out_o.loss.backward()
+    ref = {name: p.grad for name, p in stock.named_parameters()}
+    got = _stock_names_of_grads(ours)
+    assert set(got) == set(ref)
+    for name, g in ref.items():
+        assert g is not None and got[name] is not None, name
+        assert_close(got[name], g, 1e-5, f"{family} grad {name}")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "qwen2_moe", "dbrx"])
+def test_greedy_generate_with_and_without_cache(family):
+    stock, ours = _pair(family)
+    stock.eval(), ours.eval()
+    ids = _batch(1, B=1, S=5)
+    for use_cache in (True, False):
+        kw = dict(max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw)), (family, use_cache)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "dbrx"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_from_pretrained_then_convert(family, dtype, tmp_path):
+    _model(family).save_pretrained(tmp_path)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    hf.replace_moe_blocks(ours)
+    fp32_router = family.startswith("deepseek")  # transformers keeps V2/V3's gate fp32 (_keep_in_fp32_modules)
+    for layer in hf.moe_layers(ours).values():
+        assert layer.experts.gate_up_proj.dtype == dtype
+        assert layer.gate.weight.dtype == torch.float32  # ours always, see Router
+        if layer.shared_experts is not None:
+            assert layer.shared_experts.down_proj.weight.dtype == dtype
+    assert fp32_router == (stock.get_submodule(next(iter(hf.moe_layers(ours)))).state_dict()[
+        "router.layer.weight" if family == "dbrx" else "gate.weight"].dtype == torch.float32)
+    ids = _batch(2)
+    with torch.no_grad():
+        got, ref = ours(ids).logits, stock(ids).logits
+    assert got.dtype == ref.dtype == dtype
+    # 16-bit experts: the combine accumulates in fp32 here and in the model dtype there; and for the families with
+    # a 16-bit gate the router here computes in fp32 (a documented difference).
+    assert_close(got.float(), ref.float(), 3e-2, f"{family} {dtype} logits")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "qwen2_moe", "dbrx"])
+def test_meta_device_init_and_init_weights(family):
+    config = _config(family)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    hf.replace_moe_blocks(model)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for layer in hf.moe_layers(model).values():
+        for name, t in list(layer.named_parameters()) + [("counter", layer.load_since_update)]:
+            assert torch.isfinite(t).all(), name
+        std = config.initializer_range
+        for t in (layer.gate.weight, layer.experts.gate_up_proj, layer.experts.down_proj):
+            assert 0.7 * std < float(t.float().std()) < 1.3 * std
+        assert not layer.gate.e_score_correction_bias.any()
+        assert not layer.tokens_per_expert.any() and not layer.load_since_update.any()
+    # init_weights on a converted, initialised model leaves the converted weights alone (as for stock modules).
+    stock, ours = _pair(family)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.init_weights()
+    after = ours.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_loads_into_stock_class_and_to_hf(family, tmp_path):
+    stock, ours = _pair(family)
+    stock.eval(), ours.eval()
+    ids = _batch(3)
+    ours.save_pretrained(tmp_path)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is type(stock)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        ref = stock(ids).logits
+        assert torch.equal(loaded.eval()(ids).logits, ref)
+        assert torch.equal(ours(ids).logits, ours(ids).logits)
+    assert set(ours.state_dict()) == set(stock.state_dict())
+    # The way back: every layer becomes the stock block again, with the same function.
+    assert hf.restore_moe_blocks(ours) == 2 and not hf.moe_layers(ours)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, ref, 1e-6, f"{family} restored")
+
+
+@pytest.mark.parametrize("family,extra", [("mixtral", dict(router_jitter_noise=0.1)),
+                                          ("dbrx", dict(ffn_config=dict(moe_jitter_eps=0.1)))])
+def test_training_jitter_matches_stock(family, extra):
+    stock, ours = _pair(family, **extra)
+    name = next(iter(hf.moe_layers(ours)))
+    block, layer = stock.get_submodule(name).train(), ours.get_submodule(name).train()
+    assert layer.config.router_jitter_noise == pytest.approx(0.1)
+    x = torch.randn(2, 7, H)
+    outs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ref = block(x.clone())  # the stock block scales its input in place
+        torch.manual_seed(seed)
+        got = layer(x)
+        assert_close(got, ref, 1e-5, f"{family} jittered output, seed {seed}")
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1])  # the noise moves the output in training ...
+    layer.eval(), block.eval()
+    with torch.no_grad():  # ... and not in eval
+        assert torch.equal(layer(x), layer(x))
+        assert_close(layer(x), block(x.clone()), 1e-5, "eval")
+    # The multiplicative noise has the stated statistics: mean 1, half-width 0.1 (uniform: std 0.1/sqrt(3)).
+    layer.train()
+    torch.manual_seed(2)
+    u = torch.empty(200_000).uniform_(0.9, 1.1)
+    assert abs(float(u.mean()) - 1) < 1e-3 and abs(float(u.std()) - 0.1 / 3 ** 0.5) < 1e-3
+
+
+def test_experts_implementation_follows_the_model():
+    _, ours = _pair("mixtral")
+    layer = next(iter(hf.moe_layers(ours).values()))
+    assert layer._backend(torch.device("cpu"), torch.float32).name != "eager"
+    ours.set_experts_implementation("eager")
+    assert layer._backend(torch.device("cpu"), torch.float32).name == "eager"
+    ids = _batch(4)
+    with torch.no_grad():
+        ours(ids)
+    explicit = hf.from_hf(_model("mixtral").model.layers[0].mlp, backend="torch")
+    assert explicit._backend(torch.device("cpu"), torch.float32).name == "torch"
+
+
+def test_gelu_experts_use_the_torch_path_under_auto():
+    _, ours = _pair("mixtral")
+    layer = next(iter(hf.moe_layers(ours).values()))
+    assert layer.config.hidden_act == "gelu"
+    assert layer._backend(torch.device("cpu"), torch.float32).name in ("torch", "eager")
+    reasons = dm.backend_status(torch.device("cpu"), torch.float32, activation="gelu")
+    assert "GLU only" in reasons["ext"] and "GLU only" in reasons["triton"]
+
+
+@pytest.mark.parametrize("family,extra,field", [
+    ("mixtral", dict(hidden_act="tanh"), "hidden_act"),
+    ("dbrx", dict(ffn_config=dict(moe_normalize_expert_weights=2.0)), "moe_normalize_expert_weights"),
+    ("deepseek_v3", dict(num_experts_per_tok=6), "num_experts_per_tok"),
+    ("deepseek_v2", dict(mlp_bias=True), "mlp_bias"),
+])
+def test_unsupported_config_raises_naming_the_field(family, extra, field):
+    model = _model(family, **extra)
+    blocks = [m for m in model.modules() if type(m).__name__ in hf.SUPPORTED_BLOCKS]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=field):
+        hf.replace_moe_blocks(model)
+    assert all(type(m).__name__ in hf.SUPPORTED_BLOCKS for m in blocks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+
+def test_v2_top_k_beyond_the_kept_groups_converts():
+    """transformers zeroes the scores outside the kept groups, so picks beyond them carry weight 0."""
+    stock, ours = _pair("deepseek_v2", num_experts_per_tok=6, n_group=4, topk_group=1)
+    assert next(iter(hf.moe_layers(ours).values())).config.top_k == 2
+    ids = _batch(5)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, stock(ids).logits, 1e-5, "v2 top_k > kept experts")
+
+
+def test_megablocks_dmoe_glu_state_dict_loads():
+    """A MegaBlocks dMoE GLU state dict, written out from the layout megablocks 0.10 documents (router.layer,
+    experts.mlp.w1/v1/w2 stacked (E·I, H), expert e: (act(x w1_eᵀ) * x v1_eᵀ) w2_e), against a float64 reference."""
+    E, I, K = 4, 8, 2
+    g = torch.Generator().manual_seed(0)
+    state = {"router.layer.weight": torch.randn(E, H, generator=g), "experts.mlp.w1": torch.randn(E * I, H, generator=g),
+             "experts.mlp.v1": torch.randn(E * I, H, generator=g), "experts.mlp.w2": torch.randn(E * I, H, generator=g),
+             "experts.bias": torch.zeros(H)}
+    layer = hf.from_megablocks(state, top_k=K, normalize_expert_weights=1)
+    x = torch.randn(5, H, generator=g)
+    d = {k: v.double() for k, v in state.items()}
+    scores = (x.double() @ d["router.layer.weight"].T).softmax(-1)
+    w, idx = scores.topk(K, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    ref = torch.zeros(5, H, dtype=torch.float64)
+    for t in range(5):
+        for k in range(K):
+            e = int(idx[t, k])
+            rows = slice(e * I, (e + 1) * I)
+            a = torch.nn.functional.gelu(x[t].double() @ d["experts.mlp.w1"][rows].T, approximate="tanh")
+            ref[t] += w[t, k] * ((a * (x[t].double() @ d["experts.mlp.v1"][rows].T)) @ d["experts.mlp.w2"][rows])
+    with torch.no_grad():
+        assert_close(layer(x).double(), ref, 1e-5, "megablocks dMoE")
+    with pytest.raises(ValueError, match="experts.bias"):
+        hf.from_megablocks({**state, "experts.bias": torch.ones(H)}, top_k=K)
+    with pytest.raises(ValueError, match="normalize_expert_weights"):
+        hf.from_megablocks(state, top_k=K, normalize_expert_weights=2)
