@@ -225,3 +225,73 @@ def test_recycled_gradient_buffers_never_change_results(monkeypatch):
         fast(xa)
     fast.zero_grad(set_to_none=True)
     assert_close(_grads(fast, xa)["experts.down_proj"], ga["experts.down_proj"], 1e-5, "after inference mode")
+
+
+def _glu_reference(topk, weight, cap, x, gate_up, down, activation):
+    """Σ_k w · down(act(gate x) · up x) over the kept pairs, in float64 through autograd (independent of backends)."""
+    plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
+    xd, gud, dnd, wd = (t.detach().double().requires_grad_() for t in (x, gate_up, down, weight))
+    I = down.shape[-1]
+    acts = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),
+            "relu": F.relu}
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t, k in plan.keep_TK.nonzero().tolist():
+        e = int(topk[t, k])
+        h = gud[e] @ xd[t]
+        y = y.index_add(0, torch.tensor([t]), (wd[t, k] * (dnd[e] @ (acts[activation](h[:I]) * h[I:])))[None])
+    return y, (xd, gud, dnd, wd)
+
+
+@pytest.mark.parametrize("activation", dm.config.ACTIVATIONS)
+@pytest.mark.parametrize("backend", ["eager"] + [f"torch:{s}" for s in STRATEGIES])
+def test_glu_activations_match_float64(activation, backend):
+    problem = _problem(45, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
+    topk, weight, cap, x, gate_up, down, grad_y = problem
+    if backend.startswith("torch:grouped_mm") and not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no public fp32 grouped_mm")
+    impl = EagerBackend() if backend == "eager" else TorchBackend(backend.split(":")[1])
+    plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
+    y = impl.routed_mlp(x, plan, gate_up, down, activation)
+    grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y)
+    ref, leaves = _glu_reference(*problem[:6], activation)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_y.double())
+    for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), (y,) + grads,
+                          (ref,) + ref_grads):
+        assert_close(a.double(), b, 1e-5, f"{backend}/{activation}/{name}")
+
+
+@pytest.mark.parametrize("activation", dm.config.ACTIVATIONS)
+def test_shared_experts_glu_and_layer_with_each_activation(activation):
+    from deepseek_moe.backends.base import GLU, activate
+    h = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    a = GLU.apply(h, activation)
+    hd = h.detach().clone().requires_grad_()
+    ref = activate(hd[:, :5], activation) * hd[:, 5:]
+    g = torch.randn(6, 5, dtype=torch.float64)
+    assert_close(a, ref, 1e-12, "GLU forward")
+    assert_close(torch.autograd.grad(a, h, g)[0], torch.autograd.grad(ref, hd, g)[0], 1e-12, "GLU backward")
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2, hidden_act=activation)
+    layer = dm.DeepSeekMoELayer(cfg)
+    eager = dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
+    eager.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 16)
+    y, y_ref = layer(x), eager(x)
+    assert_close(y, y_ref, 1e-5, f"layer {activation}")
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
+        assert_close(p.grad, q.grad, 1e-5, f"grad {name}")
+
+
+def test_fused_backends_decline_other_activations():
+    from deepseek_moe.backends import TritonBackend, ExtBackend
+    for backend in (TritonBackend(), ExtBackend()):
+        assert backend.activation_reason("silu") is None
+        with pytest.raises(ValueError, match="hidden_act='gelu'"):
+            backend.check_activation("gelu")
+    status = backend_status(torch.device("cpu"), torch.float32, activation="relu")
+    assert status["torch"] is None and status["eager"] is None
+    assert "GLU only" in status["ext"] and "GLU only" in status["triton"]
+    with pytest.raises(dm.BackendUnavailable, match="GLU only"):
+        select("triton", torch.device("cpu"), torch.float32, activation="gelu")
+    assert select("auto", torch.device("cpu"), torch.float32, activation="gelu").name == "torch"

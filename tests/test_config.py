@@ -16,7 +16,9 @@ BASE = dict(hidden_size=64, expert_hidden_size=32, num_routed_experts=16, top_k=
     ("num_devices", 3), ("comm_loss_alpha", -1.0), ("max_devices_per_token", 2), ("seq_balance_alpha", -1),
     ("z_loss_coef", -1), ("bias_update_speed", -0.5), ("capacity_factor", 0.0), ("capacity_factor", -1.0),
     ("shared_expert_gate", None), ("backend", "cuda"), ("initializer_range", 0),
-    ("shared_expert_hidden_size", 0), ("shared_expert_hidden_size", 2.0),
+    ("shared_expert_hidden_size", 0), ("shared_expert_hidden_size", 2.0), ("hidden_act", "tanh"),
+    ("hidden_act", "swish"), ("router_jitter_noise", -0.1), ("router_jitter_noise", 1.0),
+    ("router_jitter_noise", True),
 ])
 def test_invalid_field_names_field_and_value(field, value):
     with pytest.raises(dm.ConfigError) as info:

@@ -59,14 +59,20 @@ def test_from_hf_same_function_and_gradients(kind):
     block = _block(kind)
     layer = hf.from_hf(block)
     x = torch.randn(2, 7, H)
-    with torch.no_grad():
-        ref = block(x)
-    y = layer(x)
+    x_ref = x.clone().requires_grad_()
+    ref = block(x_ref)
+    y = layer(x.requires_grad_())
     assert_close(y, ref, 1e-5, f"{kind} output")
-    y.square().sum().backward()
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    g = torch.randn_like(y)
+    ref.backward(g)
+    y.backward(g)
+    assert_close(x.grad, x_ref.grad, 1e-5, f"{kind} input gradient")
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    hf._save_in_family_layout(layer, grads, "", None)  # our gradients under the block's names and layout
+    ref_grads = dict(block.named_parameters())
+    assert set(grads) == set(ref_grads)
+    for name, p in ref_grads.items():
+        assert_close(grads[name], p.grad, 1e-5, f"{kind} grad {name}")
 
 
 def test_from_hf_carries_routing_details():

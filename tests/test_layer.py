@@ -207,3 +207,23 @@ def test_import_needs_only_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch.Size([3, 8])" and out.stderr == ""
+
+
+def test_router_jitter_scales_the_routed_path_in_training_only():
+    """u ~ U(1-ε, 1+ε) multiplies the router's and routed experts' input in training; shared experts see x."""
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2, num_shared_experts=1,
+                       router_jitter_noise=0.2, backend="eager")
+    layer = dm.DeepSeekMoELayer(cfg)
+    plain = dm.DeepSeekMoELayer(cfg.replace(router_jitter_noise=0.0))
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(3)
+    u = torch.empty_like(x).uniform_(0.8, 1.2)
+    torch.manual_seed(3)
+    y = layer(x)
+    shared = plain.shared_experts(x)
+    routed = plain(x * u) - plain.shared_experts(x * u)
+    assert torch.allclose(y, routed + shared, atol=1e-5)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain.eval()(x))
