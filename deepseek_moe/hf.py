@@ -189,6 +189,10 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     configuration the layer cannot reproduce.
     """
     family = family_of(block)
+    biases = [name for name, _ in block.named_parameters() if name.endswith("bias")]
+    if biases:
+        raise ValueError(f"from_hf: {type(block).__name__} has bias parameters {biases} (mlp_bias=True); the "
+                         f"layer's experts have none")
     E, H = _router_weight(block).shape
     I, activation = _expert_sizes(block, family)
     shared = getattr(block, family.shared) if family.shared else None
@@ -236,6 +240,14 @@ def _rename_prefix(state: Dict[str, torch.Tensor], old: str, new: str) -> None:
         state[new + key[len(old):]] = state.pop(key)
 
 
+def _family_to_ours(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int) -> None:
+    """A block's checkpoint keys under ``prefix`` -> ours, in place (ours pass unchanged)."""
+    if family.layout == "dbrx":
+        _dbrx_to_ours(state, prefix, E)
+    if family.shared and family.shared != "shared_experts":
+        _rename_prefix(state, prefix + family.shared + ".", prefix + "shared_experts.")
+
+
 def _save_in_family_layout(module: DeepSeekMoELayer, state, prefix, local_metadata) -> None:
     """state_dict post-hook of converted layers: the family's own key names and tensor layout."""
     family = module.hf_family
@@ -247,11 +259,7 @@ def _save_in_family_layout(module: DeepSeekMoELayer, state, prefix, local_metada
 
 def _load_from_family_layout(module: DeepSeekMoELayer, state, prefix, *args) -> None:
     """load_state_dict pre-hook of converted layers: accept the family's layout (and ours)."""
-    family = module.hf_family
-    if family.layout == "dbrx":
-        _dbrx_to_ours(state, prefix, module.config.num_routed_experts)
-    if family.shared and family.shared != "shared_experts":
-        _rename_prefix(state, prefix + family.shared + ".", prefix + "shared_experts.")
+    _family_to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
 
 
 # ------------------------------------------------------------------------------------ transformers hooks
@@ -297,16 +305,6 @@ def _copy_init_flags(block: nn.Module, layer: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ convert
-def _state_from_hf(block: nn.Module, family: Family, E: int) -> Dict[str, torch.Tensor]:
-    """The block's state_dict under our names (per-expert layouts are fused by RoutedExperts on load)."""
-    state = dict(block.state_dict())
-    if family.layout == "dbrx":
-        _dbrx_to_ours(state, "", E)
-    if family.shared and family.shared != "shared_experts":
-        _rename_prefix(state, family.shared + ".", "shared_experts.")
-    return state
-
-
 def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     """A :class:`DeepSeekMoELayer` with the same function and the same weights as transformers' MoE ``block``.
 
@@ -333,7 +331,8 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     # A family without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move.
     layer.gate.register_buffer("e_score_correction_bias", bias,
                                persistent=family.has_bias or cfg.bias_update_speed > 0)
-    state = _state_from_hf(block, family, cfg.num_routed_experts)
+    state = dict(block.state_dict())  # per-expert (4.57) layouts are fused by RoutedExperts on load
+    _family_to_ours(state, "", family, cfg.num_routed_experts)
     if not family.has_bias and cfg.bias_update_speed > 0:
         state["gate.e_score_correction_bias"] = bias
     result = layer.load_state_dict(state, strict=False)
@@ -404,8 +403,12 @@ def replace_moe_blocks(model: nn.Module, **overrides) -> int:
     blocks replaced.
     """
     config = getattr(model, "config", None)
-    count = len(_replace(model, lambda name, m: type(m).__name__ in SUPPORTED_BLOCKS,
-                         lambda name, m: from_hf(m, hf_config=_hf_config_of(m) or config, **overrides)))
+    match = lambda name, m: type(m).__name__ in SUPPORTED_BLOCKS  # noqa: E731
+    for module in model.modules():  # every block is checked before the first one is replaced
+        if match("", module):
+            config_from_hf(module, _hf_config_of(module) or config, **overrides)
+    count = len(_replace(model, match, lambda name, m: from_hf(m, hf_config=_hf_config_of(m) or config,
+                                                               **overrides)))
     if count:
         _adopt_init(model)
     return count

@@ -118,9 +118,10 @@ def test_logits_loss_router_logits_aux_loss_and_gradients(family):
         assert_close(got[name], g, 1e-5, f"{family} grad {name}")
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "qwen2_moe", "dbrx"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_with_and_without_cache(family):
-    stock, ours = _pair(family)
+    # output_router_logits in the config: generate's forwards record router logits and compute the aux loss too.
+    stock, ours = _pair(family, output_router_logits=True)
     stock.eval(), ours.eval()
     ids = _batch(1, B=1, S=5)
     for use_cache in (True, False):
@@ -128,7 +129,35 @@ def test_greedy_generate_with_and_without_cache(family):
         assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw)), (family, use_cache)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "dbrx"])
+@pytest.mark.parametrize("family", ["deepseek_v3_groups", "mixtral", "qwen2_moe", "dbrx"])
+def test_padded_batch_under_padding_mask_gives_the_stock_loss_and_aux_loss(family):
+    """Inside dm.padding_mask the layers skip padded rows; the model's masked aux loss and loss are the stock ones."""
+    stock, ours = _pair(family, output_router_logits=True)
+    ids = _batch(6, B=3, S=8)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out_s = stock(ids, attention_mask=mask, labels=labels)
+    with dm.padding_mask(mask == 0):
+        out_o = ours(ids, attention_mask=mask, labels=labels)
+        out_o.loss.backward()
+    out_s.loss.backward()
+    real = mask.bool()
+    assert_close(out_o.logits[real], out_s.logits[real], 1e-5, f"{family} real-token logits")
+    assert_close(out_o.loss, out_s.loss, 1e-6, f"{family} loss")
+    if out_s.aux_loss is not None:
+        assert_close(out_o.aux_loss, out_s.aux_loss, 1e-6, f"{family} aux_loss")
+    for got, ref in zip(out_o.router_logits, out_s.router_logits):
+        assert_close(got[real.reshape(-1)], ref[real.reshape(-1)], 1e-6, "router logits of real tokens")
+        assert not got[~real.reshape(-1)].any()  # padded rows are zeros
+    ref = {name: p.grad for name, p in stock.named_parameters()}
+    got = _stock_names_of_grads(ours)
+    for name, g in ref.items():
+        assert_close(got[name], g, 1e-5, f"{family} grad {name}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_from_pretrained_then_convert(family, dtype, tmp_path):
     _model(family).save_pretrained(tmp_path)
@@ -148,11 +177,13 @@ def test_16bit_from_pretrained_then_convert(family, dtype, tmp_path):
         got, ref = ours(ids).logits, stock(ids).logits
     assert got.dtype == ref.dtype == dtype
     # 16-bit experts: the combine accumulates in fp32 here and in the model dtype there; and for the families with
-    # a 16-bit gate the router here computes in fp32 (a documented difference).
-    assert_close(got.float(), ref.float(), 3e-2, f"{family} {dtype} logits")
+    # a 16-bit gate the router here computes in fp32 (a documented difference). In bf16 such rounding differences
+    # flip near-tie routing choices of these tiny random models (benchmarks/results/hf_16bit_fidelity.txt: 0.6-3.7 %
+    # relative RMS, as far from fp32 as the stock bf16 model); wrong weights or dtypes would be O(1).
+    assert_close(got.float(), ref.float(), 8e-2 if dtype == torch.bfloat16 else 5e-3, f"{family} {dtype} logits")
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "qwen2_moe", "dbrx"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_meta_device_init_and_init_weights(family):
     config = _config(family)
     with torch.device("meta"):
@@ -254,12 +285,11 @@ def test_gelu_experts_use_the_torch_path_under_auto():
 ])
 def test_unsupported_config_raises_naming_the_field(family, extra, field):
     model = _model(family, **extra)
-    blocks = [m for m in model.modules() if type(m).__name__ in hf.SUPPORTED_BLOCKS]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=field):
         hf.replace_moe_blocks(model)
-    assert all(type(m).__name__ in hf.SUPPORTED_BLOCKS for m in blocks)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    assert not hf.moe_layers(model)  # no block was replaced, not even the first
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_v2_top_k_beyond_the_kept_groups_converts():
