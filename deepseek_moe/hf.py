@@ -25,7 +25,7 @@ Legend: H hidden size, I expert width, E routed experts, K experts per token, F 
 """
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -263,22 +263,49 @@ def _load_from_family_layout(module: DeepSeekMoELayer, state, prefix, *args) -> 
 
 
 # ------------------------------------------------------------------------------------ transformers hooks
-def _record_router_logits(layer: DeepSeekMoELayer) -> None:
-    """Hook ``layer.logits_probe`` into transformers' output recording under the key ``router_logits``, as its
-    ``OutputRecorder`` does for a stock router (transformers >= 5; earlier versions record no logits)."""
+def _install_output_capturing_hook():
+    """transformers' function that installs its output-recording forward hook, or None (transformers < 5)."""
     try:
         from transformers.utils import output_capturing
     except ImportError:
-        return
-    install = (getattr(output_capturing, "install_output_capuring_hook", None)
-               or getattr(output_capturing, "install_output_capturing_hook", None))
-    if install is not None:
-        install(layer.logits_probe, "router_logits", 0)
+        return None
+    return (getattr(output_capturing, "install_output_capuring_hook", None)
+            or getattr(output_capturing, "install_output_capturing_hook", None))
+
+
+class _RecordOutput:
+    """A forward hook that runs transformers' own output-recording hook for ``key``, as its ``OutputRecorder``
+    installs on a stock router. transformers' hook is a closure, which pickle cannot save, so it is built on first
+    use and left out of the pickled state: a converted model stays picklable."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self._hook = None
+
+    def __getstate__(self):
+        return {"key": self.key}
+
+    def __setstate__(self, state):
+        self.key, self._hook = state["key"], None
+
+    def __call__(self, module, args, output):
+        if self._hook is None:
+            holder = nn.Module()
+            _install_output_capturing_hook()(holder, self.key, 0)
+            (self._hook,) = holder._forward_hooks.values()
+        return self._hook(module, args, output)
+
+
+def _record_router_logits(layer: DeepSeekMoELayer) -> None:
+    """Record ``layer.logits_probe``'s output as transformers' ``router_logits`` (transformers >= 5; earlier
+    versions record none)."""
+    if _install_output_capturing_hook() is not None:
+        layer.logits_probe.register_forward_hook(_RecordOutput("router_logits"))
 
 
 def _init_weights_with_moe(self, module: nn.Module) -> None:
-    """A transformers model's ``_init_weights``, extended to the converted layers' own modules (bound to each
-    PreTrainedModel that holds one; transformers' init guards skip weights that were loaded)."""
+    """A transformers model's ``_init_weights``, extended to the converted layers' own modules (set, with ``self``
+    bound, on each PreTrainedModel that holds one; transformers' init guards skip weights that were loaded)."""
     if isinstance(module, (Router, RoutedExperts)):
         module.reset_parameters()
     elif isinstance(module, DeepSeekMoELayer):
@@ -291,7 +318,8 @@ def _adopt_init(model: nn.Module) -> None:
     """Let ``model.init_weights()`` (and transformers' meta-device materialisation) initialise our layers too."""
     for sub in model.modules():
         if hasattr(sub, "_initialize_weights") and hasattr(type(sub), "_init_weights"):
-            sub._init_weights = types.MethodType(_init_weights_with_moe, sub)
+            # A partial, not a bound method: it pickles (a bound method pickles by its name on the instance).
+            sub._init_weights = functools.partial(_init_weights_with_moe, sub)
 
 
 def _copy_init_flags(block: nn.Module, layer: nn.Module) -> None:

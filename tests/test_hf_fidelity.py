@@ -328,3 +328,17 @@ def test_megablocks_dmoe_glu_state_dict_loads():
         hf.from_megablocks({**state, "experts.bias": torch.ones(H)}, top_k=K)
     with pytest.raises(ValueError, match="normalize_expert_weights"):
         hf.from_megablocks(state, top_k=K, normalize_expert_weights=2)
+
+
+def test_converted_model_pickles_and_still_records_router_logits():
+    import io
+    stock, ours = _pair("qwen2_moe", output_router_logits=True)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    ids = _batch(7)
+    out_s, out_l = stock(ids, labels=ids), loaded(ids, labels=ids)
+    assert len(out_l.router_logits) == 2
+    assert_close(out_l.aux_loss, out_s.aux_loss, 1e-6, "aux_loss after pickling")
+    assert_close(out_l.loss, out_s.loss, 1e-6, "loss after pickling")
