@@ -46,8 +46,9 @@ class Family:
 
     ``fields(block)`` returns the MoEConfig fields of its routing (raising ValueError for a configuration the layer
     cannot reproduce); ``has_bias``: the block has ``gate.e_score_correction_bias``; ``router_fp32``: transformers
-    keeps its router weight fp32 in 16-bit models; ``shared``: the shared-expert attribute name; ``layout``:
-    "fused" (our names) or "dbrx" (MegaBlocks' stacked w1/v1/w2).
+    keeps its router weight fp32 in 16-bit models; ``shared``: the shared-expert attribute name and
+    ``shared_field`` the config field of its width; ``layout``: "fused" (our names) or "dbrx" (MegaBlocks' stacked
+    w1/v1/w2).
     """
 
     name: str
@@ -56,6 +57,7 @@ class Family:
     has_bias: bool = False
     router_fp32: bool = False
     shared: Optional[str] = None
+    shared_field: Optional[str] = None
     layout: str = "fused"
 
 
@@ -130,12 +132,14 @@ def _dbrx(block: nn.Module) -> Dict[str, Any]:
 
 
 FAMILIES: Tuple[Family, ...] = (
-    Family("deepseek_v3", ("DeepseekV3MoE",), _deepseek_v3, has_bias=True, router_fp32=True, shared="shared_experts"),
+    Family("deepseek_v3", ("DeepseekV3MoE",), _deepseek_v3, has_bias=True, router_fp32=True, shared="shared_experts",
+           shared_field="n_shared_experts"),
     # DeepseekV2MoE: transformers 4.57's spelling of DeepseekV2Moe.
     Family("deepseek_v2", ("DeepseekV2Moe", "DeepseekV2MoE"), _deepseek_v2, router_fp32=True,
-           shared="shared_experts"),
+           shared="shared_experts", shared_field="n_shared_experts"),
     Family("mixtral", ("MixtralSparseMoeBlock",), _mixtral),
-    Family("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _qwen2_moe, shared="shared_expert"),
+    Family("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _qwen2_moe, shared="shared_expert",
+           shared_field="shared_expert_intermediate_size"),
     Family("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_topk),
     Family("olmoe", ("OlmoeSparseMoeBlock",), _softmax_topk),
     Family("dbrx", ("DbrxFFN",), _dbrx, layout="dbrx"),
@@ -155,7 +159,8 @@ def family_of(block: nn.Module) -> Family:
 def _activation_name(act: nn.Module, field: str) -> str:
     """Our name of the GLU gate activation ``act`` (identified by its values, so any transformers spelling of the
     same function maps); ValueError naming the config ``field`` otherwise."""
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    # Fine near 0, where the GELUs and SiLU differ, and wide, where clipped variants (relu6, gelu_10) part.
+    probe = torch.cat([torch.linspace(-6, 6, 97), torch.linspace(-100, 100, 201)]).double()
     got = act(probe)
     for name in ACTIVATIONS:
         if torch.allclose(got, activate(probe, name), rtol=1e-6, atol=1e-7):
@@ -197,6 +202,10 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     I, activation = _expert_sizes(block, family)
     shared = getattr(block, family.shared) if family.shared else None
     shared_width = shared.gate_proj.weight.shape[0] if shared is not None else 0
+    if shared is not None and shared_width == 0:
+        raise ValueError(f"from_hf: {type(block).__name__} has a zero-width shared expert ({family.shared_field}=0); "
+                         f"the layer has no such expert (its stock checkpoint keys would be lost), so it is not "
+                         f"supported")
     if shared is not None and shared_width and _activation_name(shared.act_fn, "hidden_act") != activation:
         raise ValueError("from_hf: the shared and routed experts use different activations; the layer uses one")
     hf_config = hf_config if hf_config is not None else _hf_config_of(block)
@@ -446,8 +455,17 @@ def restore_moe_blocks(model: nn.Module) -> int:
     """Replace every layer made by :func:`from_hf` in ``model`` by :func:`to_hf` of it (the stock block), in
     place. Returns the number of layers replaced."""
     config = getattr(model, "config", None)
-    return len(_replace(model, lambda name, m: getattr(m, "hf_family", None) is not None,
-                        lambda name, m: to_hf(m, m.hf_config or config)))
+    hooked = [name for name, m in model.named_modules() if getattr(m, "_output_capturing_hooks_installed", False)]
+
+    def make(name: str, layer: DeepSeekMoELayer) -> nn.Module:
+        block = to_hf(layer, layer.hf_config or config)
+        if any(h == "" or name.startswith(h + ".") for h in hooked):
+            # transformers hooks a model's routers once, at its first recording forward: hook the new one alike.
+            router = block.router if layer.hf_family.layout == "dbrx" else block.gate
+            router.register_forward_hook(_RecordOutput("router_logits"))
+        return block
+
+    return len(_replace(model, lambda name, m: getattr(m, "hf_family", None) is not None, make))
 
 
 def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act: str = "gelu_pytorch_tanh",

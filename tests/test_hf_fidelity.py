@@ -221,10 +221,17 @@ def test_save_pretrained_loads_into_stock_class_and_to_hf(family, tmp_path):
         assert torch.equal(loaded.eval()(ids).logits, ref)
         assert torch.equal(ours(ids).logits, ours(ids).logits)
     assert set(ours.state_dict()) == set(stock.state_dict())
-    # The way back: every layer becomes the stock block again, with the same function.
+    # The way back: every layer becomes the stock block again, with the same function, and records its router
+    # logits although transformers hooked the model's routers at an earlier forward.
+    with torch.no_grad():
+        ours(ids, output_router_logits=True)
     assert hf.restore_moe_blocks(ours) == 2 and not hf.moe_layers(ours)
     with torch.no_grad():
-        assert_close(ours(ids).logits, ref, 1e-6, f"{family} restored")
+        out, out_ref = ours(ids, output_router_logits=True), stock(ids, output_router_logits=True)
+    assert_close(out.logits, ref, 1e-6, f"{family} restored")
+    assert len(out.router_logits) == len(out_ref.router_logits) == 2
+    if out_ref.aux_loss is not None:
+        assert_close(out.aux_loss, out_ref.aux_loss, 1e-6, f"{family} restored aux_loss")
 
 
 @pytest.mark.parametrize("family,extra", [("mixtral", dict(router_jitter_noise=0.1)),
@@ -279,10 +286,15 @@ def test_gelu_experts_use_the_torch_path_under_auto():
 
 @pytest.mark.parametrize("family,extra,field", [
     ("mixtral", dict(hidden_act="tanh"), "hidden_act"),
+    ("mixtral", dict(hidden_act="relu6"), "hidden_act"),      # equals relu below 6
+    ("qwen3_moe", dict(hidden_act="gelu_10"), "hidden_act"),  # equals gelu inside [-10, 10]
+    ("qwen2_moe", dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),
+    ("deepseek_v3", dict(n_shared_experts=0), "n_shared_experts=0"),
     ("dbrx", dict(ffn_config=dict(moe_normalize_expert_weights=2.0)), "moe_normalize_expert_weights"),
     ("deepseek_v3", dict(num_experts_per_tok=6), "num_experts_per_tok"),
     ("deepseek_v2", dict(mlp_bias=True), "mlp_bias"),
 ])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the stock zero-width shared expert
 def test_unsupported_config_raises_naming_the_field(family, extra, field):
     model = _model(family, **extra)
     before = {k: v.clone() for k, v in model.state_dict().items()}
