@@ -206,7 +206,7 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
         raise ValueError(f"from_hf: {type(block).__name__} has a zero-width shared expert ({family.shared_field}=0); "
                          f"the layer has no such expert (its stock checkpoint keys would be lost), so it is not "
                          f"supported")
-    if shared is not None and shared_width and _activation_name(shared.act_fn, "hidden_act") != activation:
+    if shared is not None and _activation_name(shared.act_fn, "hidden_act") != activation:
         raise ValueError("from_hf: the shared and routed experts use different activations; the layer uses one")
     hf_config = hf_config if hf_config is not None else _hf_config_of(block)
     fields = dict(hidden_size=H, expert_hidden_size=I, num_routed_experts=E,
