@@ -159,7 +159,7 @@ class DeepSeekMoELayer(nn.Module):
         With ``router_jitter_noise`` ε > 0, a training forward scales the routed path's input (router and routed
         experts, not the shared experts) by u ~ U(1 − ε, 1 + ε) elementwise, drawn over x's whole shape as
         transformers' Mixtral and DBRX do (same seed, same noise). The router logits of every position, (A, E)
-        fp32 with zero rows at padded positions, pass through ``self.logits_probe`` for forward hooks
+        fp32 (fp64 for fp64 x) with zero rows at padded positions, pass through ``self.logits_probe`` for forward hooks
         (transformers' ``output_router_logits``).
         """
         self._check_input(x)

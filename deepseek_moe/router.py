@@ -129,7 +129,8 @@ class Router(nn.Module):
 
 
 class LogitsProbe(nn.Module):
-    """Identity on the router logits, (A, E) fp32: a module boundary where forward hooks observe them.
+    """Identity on the router logits, (A, E) fp32 (fp64 for fp64 input): a module boundary where forward hooks
+    observe them.
 
     transformers records ``router_logits`` with forward hooks on a router class (``output_router_logits=True``);
     :func:`deepseek_moe.hf.from_hf` hooks this module the same way, so a converted model returns them and computes

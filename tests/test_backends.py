@@ -295,3 +295,26 @@ def test_fused_backends_decline_other_activations():
     with pytest.raises(dm.BackendUnavailable, match="GLU only"):
         select("triton", torch.device("cpu"), torch.float32, activation="gelu")
     assert select("auto", torch.device("cpu"), torch.float32, activation="gelu").name == "torch"
+
+
+def test_activation_is_checked_before_any_build_or_run(monkeypatch):
+    from deepseek_moe.backends import ExtBackend
+    from deepseek_moe.backends.grouped import segment_mlp
+
+    def no_build(self):
+        raise AssertionError("prepare() ran: a build would start before the activation check")
+    monkeypatch.setattr(ExtBackend, "prepare", no_build)
+    with pytest.raises(dm.BackendUnavailable, match="GLU only"):
+        select("ext", torch.device("cpu"), torch.float32, activation="gelu")
+    monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "ext")
+    with pytest.raises(dm.BackendUnavailable, match="DEEPSEEK_MOE_BACKEND"):
+        select("auto", torch.device("cpu"), torch.float32, activation="gelu")
+    # The compiled segment loop is SwiGLU only: asking it for another activation is an error, not SiLU.
+    x, gu, dn = torch.randn(3, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="SwiGLU only"):
+        segment_mlp(x, gu, dn, torch.tensor([0, 1]), torch.ones(2), torch.tensor([1, 1]), True, "gelu")
+    # An invalid name fails even when no token reaches an expert.
+    empty = build_plan(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), 2)
+    for backend in (TorchBackend(), EagerBackend()):
+        with pytest.raises(ValueError, match="hidden_act='tanh' is invalid"):
+            backend.routed_mlp(torch.zeros(0, 4), empty, gu, dn, "tanh")

@@ -78,6 +78,12 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
     """
     device = torch.device(device)
     resolved = _resolve_name(name, device, dtype, activation)
+    if resolved in _BUILTIN:
+        # Refuse an unsupported activation before prepare() can start a build.
+        reason = _BUILTIN[resolved].activation_reason(activation)
+        if reason is not None:
+            via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" else ""
+            raise BackendUnavailable(f"backend {resolved!r}{via} cannot run these experts: {reason}")
     if name != "auto" and resolved in _BUILTIN:
         _BUILTIN[resolved].prepare()
     reason = unavailable_reason(resolved, device, dtype, activation)

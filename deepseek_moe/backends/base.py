@@ -32,8 +32,11 @@ class Backend:
         """None if this backend implements the GLU gate ``activation``, else why not."""
         if activation in self.activations:
             return None
+        if activation not in ACTIVATIONS:
+            return f"hidden_act={activation!r} is invalid; expected one of {ACTIVATIONS}"
         return (f"the {self.name} backend implements the {'/'.join(self.activations)} GLU only, not "
-                f"hidden_act={activation!r}; use backend='torch' (or 'auto', which picks it)")
+                f"hidden_act={activation!r}; use backend='torch' or 'auto' (which picks it unless "
+                f"DEEPSEEK_MOE_BACKEND names {self.name!r})")
 
     def check_activation(self, activation: str) -> None:
         """Raise ValueError when :meth:`activation_reason` has a reason."""

@@ -19,6 +19,7 @@ class EagerBackend(Backend):
     name = "eager"
 
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+        self.check_activation(activation)
         T, H = x_TH.shape
         I = down_EHI.shape[-1]
         acc = acc_dtype(x_TH.dtype)

@@ -97,6 +97,8 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     ``deepseek_moe.ext.load()``; SiLU only) instead of Python. Returns (y_TH in x's dtype, h_NJ = gate_up pre-activations,
     kept for the backward).
     """
+    if compiled and activation != "silu":
+        raise ValueError(f"segment_mlp: the compiled segment loop implements SwiGLU only, not activation={activation!r}")
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
     h_NJ = _step_buffers.get(gate_up_EJH, "h", (token_N.shape[0], 2 * I)) if x_TH.dtype == gate_up_EJH.dtype \
@@ -259,6 +261,7 @@ class TorchBackend(Backend):
         return strategy
 
     def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+        self.check_activation(activation)
         if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
             return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI, activation=activation)
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
