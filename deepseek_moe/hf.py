@@ -284,24 +284,22 @@ def _install_output_capturing_hook():
 
 class _RecordOutput:
     """A forward hook that runs transformers' own output-recording hook for ``key``, as its ``OutputRecorder``
-    installs on a stock router. transformers' hook is a closure, which pickle cannot save, so it is built on first
-    use and left out of the pickled state: a converted model stays picklable."""
+    installs on a stock router. transformers' hook is a closure, which pickle cannot save: it is left out of the
+    pickled state and built again on loading, so a converted model stays picklable."""
 
     def __init__(self, key: str):
-        self.key = key
-        self._hook = None
+        self.__setstate__({"key": key})
 
     def __getstate__(self):
         return {"key": self.key}
 
     def __setstate__(self, state):
-        self.key, self._hook = state["key"], None
+        self.key = state["key"]
+        holder = nn.Module()
+        _install_output_capturing_hook()(holder, self.key, 0)
+        (self._hook,) = holder._forward_hooks.values()
 
     def __call__(self, module, args, output):
-        if self._hook is None:
-            holder = nn.Module()
-            _install_output_capturing_hook()(holder, self.key, 0)
-            (self._hook,) = holder._forward_hooks.values()
         return self._hook(module, args, output)
 
 

@@ -78,6 +78,9 @@ class DeepSeekMoELayer(nn.Module):
         # Set by deepseek_moe.hf.from_hf: the transformers config of the model the layer came from (its
         # experts_implementation steers backend "auto"; deepseek_moe.hf.to_hf rebuilds the stock block from it).
         self.hf_config = None
+        # {(backend name asked for, device, compute dtype): backend}: a backend is selected once per key (selection
+        # reads the environment and looks for a prebuilt extension on disk), again after a move (_apply).
+        self._backends: Dict[tuple, backends.Backend] = {}
 
     _COUNTERS = ("tokens_per_expert", "load_since_update", "balance_window", "_num_dropped")
 
@@ -100,11 +103,15 @@ class DeepSeekMoELayer(nn.Module):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
+            if key == "_backends":  # selected backends are shared objects of this process, not state to copy
+                new.__dict__[key] = {}
+                continue
             new.__dict__[key] = copy.deepcopy(value.detach() if key == "aux_loss" else value, memo)
         return new
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        self._backends = {}
         for name in self._COUNTERS:
             t = getattr(self, name)
             moved = fn(t)
@@ -130,7 +137,20 @@ class DeepSeekMoELayer(nn.Module):
         # "eager" is the reference loop here too; any other name (grouped_mm, batched_mm, ...) means "auto".
         if name == "auto" and getattr(self.hf_config, "_experts_implementation", None) == "eager":
             name = "eager"
-        return backends.select(name, device, dtype, cfg.hidden_act)
+        if torch.compiler.is_compiling():
+            return backends.by_name(backends.selected_name(name, device, dtype, cfg.hidden_act))
+        key = (name, device, dtype)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = backends.select(name, device, dtype, cfg.hidden_act)
+        return backend
+
+    @property
+    def backend_name(self) -> str:
+        """The experts backend a forward in the parameters' device and dtype runs (``config.backend`` resolved:
+        "auto" becomes the backend it picks). Raises :class:`~deepseek_moe.BackendUnavailable` if none can run."""
+        weight = self.experts.gate_up_proj
+        return self._backend(weight.device, weight.dtype).name
 
     def route(self, x_TH: torch.Tensor, backend: Optional[backends.Backend] = None) -> "tuple[Routing, DispatchPlan]":
         """Routing and dispatch plan for x_TH (T, H), with capacity applied in training; ``backend`` builds the
@@ -284,6 +304,10 @@ class DeepSeekMoELayer(nn.Module):
         c = self.config
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
                 f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={c.backend}")
+
+    def __getstate__(self):
+        # Selected backends belong to this process (a loaded extension, the environment): select again after loading.
+        return {**super().__getstate__(), "_backends": {}}
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -354,3 +354,11 @@ def test_converted_model_pickles_and_still_records_router_logits():
     assert len(out_l.router_logits) == 2
     assert_close(out_l.aux_loss, out_s.aux_loss, 1e-6, "aux_loss after pickling")
     assert_close(out_l.loss, out_s.loss, 1e-6, "loss after pickling")
+
+
+def test_converted_model_compiles_fullgraph():
+    stock, ours = _pair("mixtral")
+    stock.eval(), ours.eval()
+    ids = _batch(8)
+    with torch.no_grad():
+        assert_close(torch.compile(ours, fullgraph=True)(ids).logits, stock(ids).logits, 1e-5, "compiled")

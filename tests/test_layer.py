@@ -227,3 +227,26 @@ def test_router_jitter_scales_the_routed_path_in_training_only():
     layer.eval()
     with torch.no_grad():
         assert torch.equal(layer(x), plain.eval()(x))
+
+
+def test_backend_is_selected_once_and_fullgraph_compiles_on_cpu(monkeypatch):
+    """Selection reads the environment and the filesystem: once per (device, dtype), again after a move; a
+    compiled layer takes it as a trace-time constant, so fullgraph compiles with backend "auto" on CPU."""
+    from deepseek_moe import backends
+    calls = []
+    real = backends.select
+    monkeypatch.setattr(backends, "select", lambda *a, **k: calls.append(a) or real(*a, **k))
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
+    x = torch.randn(2, 3, 16)
+    for _ in range(5):
+        layer(x).sum().backward()
+    assert len(calls) == 1
+    assert layer.backend_name == real("auto", torch.device("cpu"), torch.float32).name
+    layer.double()
+    layer(x.double())
+    assert len(calls) == 2 and calls[-1][2] == torch.float64
+    layer.float().eval()
+    with torch.no_grad():
+        ref = layer(x)
+        got = torch.compile(layer, fullgraph=True)(x)
+    assert torch.allclose(got, ref, atol=1e-6)

@@ -21,7 +21,7 @@ from .grouped import TorchBackend
 from .triton import TritonBackend
 
 __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
-           "backend_status"]
+           "selected_name", "by_name", "backend_status"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -90,6 +90,18 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")
     return _BUILTIN[resolved]
+
+
+@torch.compiler.assume_constant_result
+def selected_name(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> str:
+    """``select(name, device, dtype, activation).name``. Under torch.compile it runs once, at trace time, and its
+    result is a constant of the graph: it reads the environment and the filesystem, which dynamo cannot trace."""
+    return select(name, device, dtype, activation).name
+
+
+def by_name(name: str) -> Backend:
+    """The backend object registered as ``name`` (as :func:`selected_name` returns it)."""
+    return _BUILTIN[name]
 
 
 def backend_status(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
