@@ -356,3 +356,12 @@ def test_block_cache_is_thread_safe(host_cache):
     assert not failures
     info = ext.cache_info()
     assert info["in_use_bytes"] == 0 and info["hits"] > 0
+
+
+def test_ext_layer_compiles_fullgraph():
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
+                                backend="ext").eval()
+    assert layer.backend_name == "ext"
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(layer, fullgraph=True)(x), layer(x), atol=1e-6)

@@ -33,6 +33,8 @@ def ensure_loaded() -> None:
 
     Raises :class:`deepseek_moe.ext.ExtensionUnavailable` when it cannot be loaded."""
     global _registered
+    if torch.compiler.is_compiling():  # a traced forward runs after the backend's selection, which loaded it
+        return
     ext.load()
     with _register_lock:
         if _registered:
