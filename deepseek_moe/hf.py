@@ -123,11 +123,14 @@ def _qwen2_moe(block: nn.Module) -> Dict[str, Any]:
 
 
 def _dbrx(block: nn.Module) -> Dict[str, Any]:
-    p = block.moe_normalize_expert_weights
+    # transformers 5 keeps top_k and the normalisation on DbrxFFN; 4.57 on its router (as moe_top_k).
+    holder = block if hasattr(block, "moe_normalize_expert_weights") else block.router
+    p = holder.moe_normalize_expert_weights
     if p not in (None, 1, 1.0):
         raise ValueError(f"from_hf: DBRX ffn_config.moe_normalize_expert_weights={p!r} is not supported; expected "
                          f"None or 1 (sum normalisation)")
-    return dict(score_func="softmax", norm_topk_prob=p is not None, top_k=block.top_k,
+    return dict(score_func="softmax", norm_topk_prob=p is not None, top_k=getattr(holder, "top_k", None)
+                or holder.moe_top_k,
                 router_jitter_noise=float(block.router.moe_jitter_eps or 0.0))
 
 
@@ -173,7 +176,8 @@ def _expert_sizes(block: nn.Module, family: Family) -> Tuple[int, str]:
     """(I, activation name) of the block's routed experts."""
     experts = block.experts
     if family.layout == "dbrx":
-        return experts.ffn_hidden_size, _activation_name(experts.mlp.activation_fn, "ffn_config.ffn_act_fn")
+        E = _router_weight(block).shape[0]
+        return experts.mlp.w1.shape[0] // E, _activation_name(experts.mlp.activation_fn, "ffn_config.ffn_act_fn")
     if isinstance(experts, nn.ModuleList):  # transformers < 5: one MLP module per expert
         first = experts[0]
         down = getattr(first, "down_proj", None) or getattr(first, "w2")

@@ -36,6 +36,16 @@ try:
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MoE as V2
     blocks['deepseek_v2']=rnd(V2(DeepseekV2Config(hidden_size=H, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5)))
 except Exception as e: print('v2:', type(e).__name__, e)
+from transformers import Qwen3MoeConfig, OlmoeConfig, DbrxConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+blocks['qwen3_moe'] = rnd(Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=16, num_experts=8,
+                                                                num_experts_per_tok=2, norm_topk_prob=True)))
+blocks['olmoe'] = rnd(OlmoeSparseMoeBlock(OlmoeConfig(hidden_size=H, intermediate_size=16, num_experts=8,
+                                                      num_experts_per_tok=2)))
+blocks['dbrx'] = rnd(DbrxFFN(DbrxConfig(d_model=H, n_heads=4, ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4,
+                                                                          "moe_top_k": 2})))
 failed = False
 for k,b in blocks.items():
     print(k, type(b).__name__, type(b.experts).__name__)
