@@ -344,6 +344,14 @@ def _copy_init_flags(block: nn.Module, layer: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ convert
+def _load_every_key(layer: DeepSeekMoELayer, state: Dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``layer``; ValueError (starting with ``source``) when a key is left over on either side."""
+    result = layer.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{source} has weights the layer cannot hold (unexpected: {result.unexpected_keys}, "
+                         f"missing: {result.missing_keys})")
+
+
 def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     """A :class:`DeepSeekMoELayer` with the same function and the same weights as transformers' MoE ``block``.
 
@@ -374,11 +382,7 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     _family_to_ours(state, "", family, cfg.num_routed_experts)
     if not family.has_bias and cfg.bias_update_speed > 0:
         state["gate.e_score_correction_bias"] = bias
-    result = layer.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"from_hf: {type(block).__name__} has weights the layer cannot hold "
-                         f"(unexpected: {result.unexpected_keys}, missing: {result.missing_keys}); e.g. expert or "
-                         f"MLP biases (mlp_bias=True) are not supported")
+    _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
     layer.hf_family = family
     layer.hf_block_class = type(block)
     layer.hf_config = hf_config if hf_config is not None else _hf_config_of(block)
@@ -501,10 +505,7 @@ def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act:
     ref = state["experts.gate_up_proj"]
     layer = DeepSeekMoELayer(cfg).to(device=ref.device, dtype=ref.dtype)
     state.setdefault("gate.e_score_correction_bias", layer.gate.e_score_correction_bias)
-    result = layer.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"from_megablocks: keys the layer cannot map (unexpected: {result.unexpected_keys}, "
-                         f"missing: {result.missing_keys})")
+    _load_every_key(layer, state, "from_megablocks: the state dict")
     return layer
 
 

@@ -5,6 +5,7 @@ N kept (token, slot) pairs in expert-sorted order.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -73,32 +74,31 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# name -> (forward, ATen backward op computing grad · act'(g), its extra arguments)
+_GLU_GATES = {
+    "silu": (F.silu, torch.ops.aten.silu_backward, {}),
+    "gelu": (F.gelu, torch.ops.aten.gelu_backward, {"approximate": "none"}),
+    "gelu_pytorch_tanh": (partial(F.gelu, approximate="tanh"), torch.ops.aten.gelu_backward, {"approximate": "tanh"}),
+    "relu": (F.relu, torch.ops.aten.threshold_backward, {"threshold": 0.0}),
+}
+
+
+def _gate(activation: str):
+    try:
+        return _GLU_GATES[activation]
+    except KeyError:
+        raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}") from None
+
+
 def activate(g: torch.Tensor, activation: str) -> torch.Tensor:
     """The GLU gate activation ``act(g)`` by its transformers name (see ``deepseek_moe.config.ACTIVATIONS``)."""
-    if activation == "silu":
-        return F.silu(g)
-    if activation == "gelu":
-        return F.gelu(g)
-    if activation == "gelu_pytorch_tanh":
-        return F.gelu(g, approximate="tanh")
-    if activation == "relu":
-        return F.relu(g)
-    raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}")
+    return _gate(activation)[0](g)
 
 
 def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str,
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """grad · act'(g), through ATen's own backward kernels (into ``out`` when given)."""
-    aten = torch.ops.aten
-    if activation == "silu":
-        op, kwargs = aten.silu_backward, {}
-    elif activation in ("gelu", "gelu_pytorch_tanh"):
-        op, kwargs = aten.gelu_backward, {"approximate": "none" if activation == "gelu" else "tanh"}
-    elif activation == "relu":
-        return (aten.threshold_backward(grad_NI, g_NI, 0.0) if out is None
-                else aten.threshold_backward.grad_input(grad_NI, g_NI, 0.0, grad_input=out))
-    else:
-        raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}")
+    _, op, kwargs = _gate(activation)
     if out is None:
         return op(grad_NI, g_NI, **kwargs)
     return op.grad_input(grad_NI, g_NI, **kwargs, grad_input=out)
