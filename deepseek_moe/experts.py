@@ -1,12 +1,11 @@
 """Expert weights: RoutedExperts (fused 3-D tensors, transformers-v5 layout) and SharedExperts (dense GLU).
 
-Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows, then up rows), E routed experts,
-Ks shared experts.
+Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows, then up rows), E routed experts
+(those on this rank), N dispatched rows, Ks shared experts.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,19 @@ from .dispatch import DispatchPlan
 # Per-expert checkpoint layouts accepted on load: DeepSeek/Qwen names and Mixtral's w1 (gate) / w3 (up) / w2.
 _PER_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, t, scale: float):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class RoutedExperts(nn.Module):
@@ -37,35 +49,29 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.first_expert = 0  # experts [first_expert, first_expert + len(gate_up_proj)) live here
-        # Set by deepseek_moe.parallel.shard_experts: tokens then reach these experts through all-to-all.
-        self.expert_parallel = None
+        # Expert parallelism: the weights' gradient is scaled by this (1/W: the mean over the ranks' losses).
+        self.grad_scale = 1.0
         self.reset_parameters()
 
-    def shard_(self, first: int, count: int) -> None:
-        """Keep only experts [first, first + count) (expert parallelism); a full checkpoint still loads."""
+    def shard_(self, first: int, count: int, grad_scale: float = 1.0) -> None:
+        """Keep only experts [first, first + count) (expert parallelism), their gradients scaled by ``grad_scale``;
+        a full checkpoint still loads."""
         self.gate_up_proj = nn.Parameter(self.gate_up_proj.detach()[first:first + count].clone())
         self.down_proj = nn.Parameter(self.down_proj.detach()[first:first + count].clone())
         self.first_expert = first
+        self.grad_scale = grad_scale
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
         nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
 
-    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, backend: Backend,
-                affinity_N: Optional[torch.Tensor] = None,
-                device_capacity_factor: Optional[float] = None) -> torch.Tensor:
-        """x_TH (T, H) in the compute dtype -> (T, H) routed output Σ_k w·expert(x), same dtype.
-
-        Expert-parallel (after ``shard_experts``): the pairs travel to the ranks holding their experts; with
-        ``device_capacity_factor``, ``affinity_N`` (N,), the router score of each sorted pair, decides which pairs
-        a rank keeps.
-        """
-        dtype = x_TH.dtype
-        gate_up_EJH, down_EHI = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-        if self.expert_parallel is None:
-            return backend.routed_mlp(x_TH, plan, gate_up_EJH, down_EHI, self.cfg.hidden_act)
-        return self.expert_parallel.routed(x_TH, plan, gate_up_EJH, down_EHI, backend, affinity_N,
-                                           device_capacity_factor, self.cfg.hidden_act)
+    def forward(self, x: torch.Tensor, plan: DispatchPlan, backend: Backend) -> torch.Tensor:
+        """The experts stage: ``backend.run`` on the dispatched rows in the compute dtype (x_NH, or x_TH for a
+        backend that gathers; see :class:`~deepseek_moe.backends.Backend`) with these weights in that dtype."""
+        gate_up_EJH, down_EHI = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        if self.grad_scale != 1.0:
+            gate_up_EJH, down_EHI = _ScaleGrad.apply(gate_up_EJH, self.grad_scale), _ScaleGrad.apply(down_EHI, self.grad_scale)
+        return backend.run(x, plan, gate_up_EJH, down_EHI, self.cfg.hidden_act)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -103,20 +109,31 @@ class RoutedExperts(nn.Module):
 
 class SharedExperts(nn.Module):
     """The Ks shared experts as one dense GLU MLP of width ``cfg.shared_width`` (Ks·I unless
-    ``shared_expert_hidden_size`` says otherwise): ``down(act(gate(x)) * up(x))``, act = ``cfg.hidden_act``."""
+    ``shared_expert_hidden_size`` says otherwise): ``down(act(gate(x)) * up(x))``, act = ``cfg.hidden_act``.
+    :meth:`dense` builds the same MLP from its sizes (a dense FFN)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        width = cfg.shared_width
-        self.activation = cfg.hidden_act
-        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self._build(cfg.hidden_size, cfg.shared_width, cfg.hidden_act, cfg.initializer_range)
+
+    @classmethod
+    def dense(cls, hidden_size: int, width: int, activation: str = "silu", std: float = 0.02) -> "SharedExperts":
+        """A dense GLU FFN (H -> width -> H), weights drawn from N(0, std²)."""
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp._build(hidden_size, width, activation, std)
+        return mlp
+
+    def _build(self, hidden_size: int, width: int, activation: str, std: float) -> None:
+        self.activation = activation
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
         for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=cfg.initializer_range)
+            nn.init.normal_(lin.weight, std=std)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """(T, H) -> (T, H)."""
+        """(..., H) -> (..., H)."""
         # One GEMM for gate and up: x is read once and the GEMM is twice as wide (the weights stay separate
         # parameters so checkpoints keep the transformers names).
         gate_up_TJ = F.linear(x_TH, torch.cat([self.gate_proj.weight, self.up_proj.weight]))

@@ -1,4 +1,4 @@
-"""The optional compiled extension (``csrc/``): C++ dispatch/combine ops and the fused segment MLP for CPU.
+"""The optional compiled extension (``csrc/``): the routing sort, the weighted combine and the fused segment MLP.
 
 Never required. Two ways to get it:
 
@@ -6,14 +6,9 @@ Never required. Two ways to get it:
 * just in time: ``deepseek_moe.ext.load()`` compiles the sources with ``torch.utils.cpp_extension`` (ninja, a
   C++17 compiler; ~30 s once, then cached under ``$TORCH_EXTENSIONS_DIR``).
 
-After loading, the ops live under ``torch.ops.deepseek_moe`` (``route_plan``, ``permute``, ``combine``,
-``combine_backward``, ``segment_mlp_fused``, ``segment_mlp_fused_backward``) and ``backend="ext"`` can run.
-
-Host block cache: the ops' outputs of 32 MiB and more come from a cache of freed blocks on transparent huge pages
-(``csrc/cpu/host_cache.h``), because faulting in a fresh multi-hundred-MB output costs several times writing it
-(docs/benchmarks.md). It keeps at most ``DEEPSEEK_MOE_EXT_CACHE_MB`` MiB of freed blocks (default 2048; 0 turns it
-off and every output comes from ATen's allocator); :func:`cache_info`, :func:`empty_cache` and
-:func:`set_cache_limit` inspect and control it.
+After loading, the ops live under ``torch.ops.deepseek_moe`` (``route_plan``, ``combine``, ``combine_backward``,
+``segment_mlp_fused``, ``segment_mlp_fused_backward``) and ``backend="ext"`` can run. Their outputs come from
+ATen's allocator.
 """
 from __future__ import annotations
 
@@ -21,12 +16,11 @@ import glob
 import os
 import shutil
 import threading
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error", "cache_info",
-           "empty_cache", "set_cache_limit"]
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
@@ -123,31 +117,3 @@ def _jit_build(verbose: bool) -> None:
     cpp_load(name="deepseek_moe_ext", sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=verbose)
-
-
-_CACHE_FIELDS = ("cached_bytes", "limit_bytes", "in_use_bytes", "hits", "misses", "hugepages")
-
-
-def cache_info() -> Optional[Dict[str, int]]:
-    """The host block cache's state: ``cached_bytes`` (freed blocks kept), ``limit_bytes``, ``in_use_bytes`` (live
-    outputs from the cache allocator), ``hits``, ``misses`` and ``hugepages`` (1 when new blocks get the
-    MADV_HUGEPAGE advice). None while the extension is not loaded."""
-    if not _loaded:
-        return None
-    return dict(zip(_CACHE_FIELDS, torch.ops.deepseek_moe.host_cache_info()))
-
-
-def empty_cache() -> None:
-    """Return every cached block to the OS (live outputs are unaffected). A no-op while the extension is not
-    loaded."""
-    if _loaded:
-        torch.ops.deepseek_moe.host_cache_empty()
-
-
-def set_cache_limit(limit_bytes: Optional[int]) -> None:
-    """Keep at most ``limit_bytes`` of freed blocks (0: the cache is off and outputs come from ATen's allocator);
-    None restores ``DEEPSEEK_MOE_EXT_CACHE_MB``. Loads the extension if needed."""
-    if limit_bytes is not None and limit_bytes < 0:
-        raise ValueError(f"limit_bytes must be >= 0 or None, got {limit_bytes}")
-    load()
-    torch.ops.deepseek_moe.host_cache_set_limit(-1 if limit_bytes is None else int(limit_bytes))

@@ -1,8 +1,11 @@
 """DeepSeekMoELayer: router + dispatch + routed experts + shared experts, a drop-in for a transformer MLP.
 
+The forward is one pipeline (``_moe``): router → dispatcher.dispatch → experts → dispatcher.combine, plus the shared
+experts. The dispatcher (local, or all-to-all after ``deepseek_moe.parallel.shard_experts``) and the experts
+implementation (a backend, selected once per device and compute dtype) are objects chosen outside the forward.
+
 Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, K experts per token,
-R positions of the real tokens in the flattened input, A all positions of the flattened input (real and padded),
-N kept (token, slot) pairs.
+R positions of the real tokens in the flattened input, A all positions of the flattened input (real and padded).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 
 from . import backends
 from .config import MoEConfig
-from .dispatch import DispatchPlan, expert_capacity
+from .dispatch import Dispatched, Dispatcher, DispatchPlan, LocalDispatcher
 from .experts import RoutedExperts, SharedExperts
 from .counters import count_load
 from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
@@ -73,8 +76,9 @@ class DeepSeekMoELayer(nn.Module):
         self._context_mask_in_forward = False
         # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
         self.balance_group = None
-        # Set by deepseek_moe.parallel.shard_experts: this rank then holds only its share of the routed experts.
-        self.expert_parallel = None
+        # How token rows reach the routed experts: all on this device, or (deepseek_moe.parallel.shard_experts) an
+        # all-to-all to the ranks that hold them.
+        self.dispatcher: Dispatcher = LocalDispatcher(E, config.capacity_factor)
         # Set by deepseek_moe.hf.from_hf: the transformers config of the model the layer came from (its
         # experts_implementation steers backend "auto"; deepseek_moe.hf.to_hf rebuilds the stock block from it).
         self.hf_config = None
@@ -138,7 +142,7 @@ class DeepSeekMoELayer(nn.Module):
         if name == "auto" and getattr(self.hf_config, "_experts_implementation", None) == "eager":
             name = "eager"
         if torch.compiler.is_compiling():
-            return backends.by_name(backends.selected_name(name, device, dtype, cfg.hidden_act))
+            return backends.from_spec(backends.selected_spec(name, device, dtype, cfg.hidden_act))
         key = (name, device, dtype)
         backend = self._backends.get(key)
         if backend is None:
@@ -146,26 +150,27 @@ class DeepSeekMoELayer(nn.Module):
         return backend
 
     @property
-    def backend_name(self) -> str:
+    def backend(self) -> backends.Backend:
         """The experts backend a forward in the parameters' device and dtype runs (``config.backend`` resolved:
-        "auto" becomes the backend it picks). Raises :class:`~deepseek_moe.BackendUnavailable` if none can run."""
+        "auto" becomes the backend it picks, configured for that device and dtype). Raises
+        :class:`~deepseek_moe.BackendUnavailable` if none can run."""
         weight = self.experts.gate_up_proj
-        return self._backend(weight.device, weight.dtype).name
+        return self._backend(weight.device, weight.dtype)
 
-    def route(self, x_TH: torch.Tensor, backend: Optional[backends.Backend] = None) -> "tuple[Routing, DispatchPlan]":
-        """Routing and dispatch plan for x_TH (T, H), with capacity applied in training; ``backend`` builds the
-        plan (default: the one the config selects for x)."""
-        cfg = self.config
-        if backend is None:
-            backend = self._backend(x_TH.device, x_TH.dtype)
+    @property
+    def backend_name(self) -> str:
+        """``backend.name``: the name of the backend a forward in the parameters' device and dtype runs."""
+        return self.backend.name
+
+    @property
+    def expert_parallel(self) -> Optional[Dispatcher]:
+        """The all-to-all dispatcher after :func:`deepseek_moe.parallel.shard_experts`, else None."""
+        return None if isinstance(self.dispatcher, LocalDispatcher) else self.dispatcher
+
+    def route(self, x_TH: torch.Tensor) -> "tuple[Routing, DispatchPlan]":
+        """Routing and dispatch plan of x_TH (T, H) (capacity applied in training), without running experts."""
         routing = self.gate(x_TH)
-        capacity = None
-        if cfg.capacity_factor is not None and self.training:
-            capacity = expert_capacity(x_TH.shape[0], cfg.top_k, cfg.num_routed_experts, cfg.capacity_factor)
-        affinity_TK = routing.scores_TE.gather(1, routing.topk_idx_TK) if capacity is not None else None
-        plan = backend.build_plan(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_routed_experts, capacity,
-                                  affinity_TK)
-        return routing, plan
+        return routing, self.dispatcher.plan(routing, self._backend(x_TH.device, x_TH.dtype), self.training)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., H) -> (..., H), same dtype.
@@ -227,28 +232,32 @@ class DeepSeekMoELayer(nn.Module):
              seq_T: Optional[torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":
         """router → dispatch → routed experts → combine, plus shared experts, on the real tokens x_TH (T, H);
         the router and routed experts read ``routed_TH`` (x_TH, or x_TH jittered). Returns (y_TH, router logits)."""
-        cfg = self.config
-        device_type = x_TH.device.type
-        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else x_TH.dtype)
-        backend = self._backend(x_TH.device, compute_dtype)
-        routing, plan = self.route(routed_TH, backend)
-        device_capacity, affinity_N = None, None
-        if self.expert_parallel is not None and cfg.device_capacity_factor is not None and self.training:
-            device_capacity = cfg.device_capacity_factor
-            affinity_N = routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
-        y_TH = self.experts(routed_TH.to(compute_dtype), plan, backend, affinity_N, device_capacity)
+        compute_dtype = self._compute_dtype(x_TH)
+        experts = self._backend(x_TH.device, compute_dtype)
+        routing = self.gate(routed_TH)
+        x_in, dispatched = self.dispatcher.dispatch(routed_TH.to(compute_dtype), routing, experts, self.training)
+        o = self.experts(x_in, dispatched.experts_plan, experts)
+        y_TH = self.dispatcher.combine(o, dispatched, experts)
         if self.shared_experts is not None:
-            shared_TH = self.shared_experts(x_TH)
-            if self.shared_expert_gate is not None:
-                shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
-            y_TH = y_TH + shared_TH
-        self._record(routing, plan, num_sequences, seq_T)
+            y_TH = y_TH + self._shared(x_TH)
+        self._record(routing, dispatched, num_sequences, seq_T)
         return y_TH.to(x_TH.dtype), routing.logits_TE
 
-    def _record(self, routing: Routing, plan: DispatchPlan, num_sequences: int,
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        device_type = x.device.type
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+    def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
+        shared_TH = self.shared_experts(x_TH)
+        if self.shared_expert_gate is not None:
+            shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
+        return shared_TH
+
+    def _record(self, routing: Routing, dispatched: Dispatched, num_sequences: int,
                 seq_T: Optional[torch.Tensor]) -> None:
         cfg = self.config
+        plan = dispatched.plan
         self._counters_on(plan.counts_E.device)
         self.tokens_per_expert = plan.counts_E.detach()
         if self.training:
@@ -270,9 +279,7 @@ class DeepSeekMoELayer(nn.Module):
                               "train on.", stacklevel=3)
         else:
             self.aux_loss = torch.zeros((), device=plan.counts_E.device)
-        self._num_dropped = plan.num_dropped
-        if self.expert_parallel is not None:  # pairs this rank dropped for its device capacity
-            self._num_dropped = self._num_dropped + self.expert_parallel.last_dropped
+        self._num_dropped = dispatched.num_dropped
 
     @property
     def last_stats(self) -> Dict[str, float]:
@@ -302,8 +309,16 @@ class DeepSeekMoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        try:
+            backend = repr(self.backend)
+        except (backends.BackendUnavailable, ValueError) as err:
+            backend = f"{c.backend} (unavailable: {err})"
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
-                f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={c.backend}")
+                f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={backend}")
+
+    def _set_config(self, config: MoEConfig) -> None:
+        """Give the layer and its parts one new config (``shard_experts``: num_devices becomes the group size)."""
+        self.config = self.gate.cfg = self.experts.cfg = config
 
     def __getstate__(self):
         # Selected backends belong to this process (a loaded extension, the environment): select again after loading.

@@ -1,5 +1,6 @@
-"""The compiled extension (csrc/): its dispatch ops equal the torch ops exactly, their gradients equal autograd's,
-and the layer with backend="ext" equals the eager reference. CI builds the CPU extension just in time."""
+"""The compiled extension (csrc/): its routing sort and combine equal the torch ops, their gradients equal
+autograd's, and the layer with backend="ext" equals the eager reference. CI builds the CPU extension just in
+time."""
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import deepseek_moe as dm
 from deepseek_moe import ext
 from deepseek_moe.backends import EagerBackend, ExtBackend, TorchBackend, select
 from deepseek_moe.backends import ext as ext_backend
-from deepseek_moe.dispatch import build_plan, combine_rows, expert_capacity, gather_rows
+from deepseek_moe.dispatch import build_plan, combine_rows, expert_capacity
 from deepseek_moe.testing import assert_close, make_topk
 
 from test_backends import TOL, _problem, _run
@@ -44,16 +45,14 @@ def test_route_plan_equals_build_plan(T, E, K, empty, kind, seed):
 @given(T=st.integers(0, 40), E=st.integers(1, 12), K=st.integers(1, 12), H=st.integers(1, 40),
        capacity=st.sampled_from([None, 0.5, 1.0]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-def test_permute_and_combine_equal_torch_ops_exactly(T, E, K, H, capacity, seed, dtype):
+def test_combine_equals_torch_combine(T, E, K, H, capacity, seed, dtype):
     K = min(K, E)
     g = torch.Generator().manual_seed(seed)
     topk = make_topk(T, E, K, "skewed", generator=g)
     weight = torch.rand(T, K, generator=g)
     cap = None if capacity is None or T == 0 else expert_capacity(T, K, E, capacity)
     plan = build_plan(topk, weight, E, cap, weight)
-    x = torch.randn(T, H, generator=g).to(dtype)
     o = torch.randn(plan.pair_N.numel(), H, generator=g).to(dtype)
-    assert torch.equal(ext_backend.permute(x, plan), gather_rows(x, plan))
     assert torch.equal(ext_backend.combine(o, plan), combine_rows(o, plan))
     # Weighted: the same fp32 sum in slot order, dropped pairs (slot == N) adding nothing.
     o_pad = torch.cat([o, o.new_zeros(1, H)]).to(torch.promote_types(dtype, torch.float32))
@@ -62,6 +61,7 @@ def test_permute_and_combine_equal_torch_ops_exactly(T, E, K, H, capacity, seed,
     for k in range(K):
         expected = expected + w[:, k:k + 1] * o_pad[plan.slot_TK[:, k]]
     assert torch.equal(ext_backend.combine(o, plan, weighted=True), expected.to(dtype))
+    assert_close(combine_rows(o, plan, weighted=True), expected.to(dtype), TOL[dtype], "torch weighted combine")
 
 
 @pytest.mark.parametrize("capacity", [None, 0.5])
@@ -71,17 +71,16 @@ def test_gradients_equal_autograd_of_torch_ops(capacity):
     weight = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
     cap = None if capacity is None else expert_capacity(T, K, E, capacity)
     plan = build_plan(topk, weight, E, cap, weight.detach())
-    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
     o = torch.randn(plan.pair_N.numel(), H, dtype=torch.float64, requires_grad=True)
-    g_x, g_o = torch.randn(plan.pair_N.numel(), H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
-    for ours, ref in ((lambda: ext_backend.permute(x, plan), lambda: gather_rows(x, plan)),
-                      (lambda: ext_backend.combine(o, plan), lambda: combine_rows(o, plan))):
-        a, b = ours(), ref()
-        grad = g_x if a.shape[0] == plan.pair_N.numel() else g_o
-        inputs = (x,) if a.shape[0] == plan.pair_N.numel() else (o,)
-        assert torch.equal(torch.autograd.grad(a, inputs, grad)[0], torch.autograd.grad(b, inputs, grad)[0])
-    # Weighted combine: gradients of o and of the gate weights, against autograd of the explicit sum.
+    g_o = torch.randn(T, H, dtype=torch.float64)
+    a, b = ext_backend.combine(o, plan), combine_rows(o, plan)
+    assert torch.equal(torch.autograd.grad(a, o, g_o)[0], torch.autograd.grad(b, o, g_o)[0])
+    # Weighted combine: gradients of o and of the gate weights, against autograd of the explicit sum, and the
+    # torch combine's.
     assert torch.autograd.gradcheck(lambda o, w: torch.ops.deepseek_moe.combine(o, plan.slot_TK, w), (o, weight))
+    a, b = ext_backend.combine(o, plan, weighted=True), combine_rows(o, plan, weighted=True)
+    for ga, gb in zip(torch.autograd.grad(a, (o, weight), g_o), torch.autograd.grad(b, (o, weight), g_o)):
+        assert_close(ga, gb, 1e-12, "weighted combine gradient")
 
 
 def _run_own_plan(backend, topk, weight, capacity, x, gate_up, down, grad_y):
@@ -112,13 +111,13 @@ def test_ext_backend_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
 
 
 @pytest.mark.parametrize("T,E,K,kind,empty,cap", CASES)
-def test_ext_grouped_mm_equals_torch_grouped_mm_exactly(T, E, K, kind, empty, cap):
-    """The grouped_mm strategy with the extension's permute/combine is the torch backend's pipeline with other
-    data-movement ops (and the counting-sort plan): every output and gradient is bit-identical."""
+def test_ext_grouped_mm_equals_torch_grouped_mm(T, E, K, kind, empty, cap):
+    """The grouped_mm strategy is the torch backend's pipeline with the counting-sort plan and the extension's
+    weighted combine: the same GEMMs, a combine that may round differently."""
     problem = _problem(T, E, K, 24, 16, torch.float32, kind, empty, cap)
     ours, ref = _run_own_plan(ExtBackend("grouped_mm"), *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), ours, ref):
-        assert torch.equal(a, b), name
+        assert_close(a, b, 1e-6, name)
 
 
 def test_ext_backend_on_cuda_explains_what_it_needs():
@@ -126,8 +125,8 @@ def test_ext_backend_on_cuda_explains_what_it_needs():
     if ext_backend.has_cuda_kernels():
         pytest.skip("this build has CUDA kernels (covered by the GPU test)")
     assert "no CUDA kernels" in reason and "TORCH_CUDA_ARCH_LIST" in reason
-    assert ExtBackend().resolve_strategy(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
-    assert ExtBackend().resolve_strategy(torch.device("cpu"), torch.bfloat16) == "segments"
+    assert ExtBackend.for_device(torch.device("cuda"), torch.bfloat16).strategy == "grouped_mm"
+    assert ExtBackend.for_device(torch.device("cpu"), torch.bfloat16).strategy == "segments"
 
 
 @pytest.mark.gpu
@@ -136,15 +135,20 @@ def test_ext_backend_on_cuda_matches_torch_backend():
     if not ext_backend.has_cuda_kernels():
         pytest.skip("the loaded extension has no CUDA kernels: build it with DEEPSEEK_MOE_BUILD_EXT=1")
     device = torch.device("cuda")
-    if ExtBackend().unavailable_reason(device, torch.bfloat16):
-        pytest.skip(ExtBackend().unavailable_reason(device, torch.bfloat16))
+    backend = ExtBackend.for_device(device, torch.bfloat16)
+    if backend.unavailable_reason(device, torch.bfloat16):
+        pytest.skip(backend.unavailable_reason(device, torch.bfloat16))
     for T, E, K, kind, empty, cap in CASES:
         problem = [t if not isinstance(t, torch.Tensor) else
                    t.detach().to(device).requires_grad_(t.requires_grad) if t.is_floating_point() else t.to(device)
                    for t in _problem(T, E, K, 64, 32, torch.bfloat16, kind, empty, cap)]
-        ours, ref = _run_own_plan(ExtBackend(), *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
+        ours, ref = _run_own_plan(backend, *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
         for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), ours, ref):
-            assert torch.equal(a, b), f"{(T, E, K, kind, empty, cap)} {name}"
+            assert_close(a, b, 1e-2, f"{(T, E, K, kind, empty, cap)} {name}")
+        plan = ExtBackend().build_plan(problem[0], problem[1], E)
+        ref_plan = build_plan(problem[0], problem[1], E)
+        for name, value in _plan_fields(ref_plan).items():
+            assert torch.equal(_plan_fields(plan)[name], value), name
 
 
 def test_ext_backend_gradcheck_float64():
@@ -190,8 +194,6 @@ def test_compiled_segment_loop_matches_python_loop():
 def test_errors_are_clear(monkeypatch):
     with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, 4\)"):
         torch.ops.deepseek_moe.route_plan(torch.tensor([[0, 4]]), 4)
-    with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 2\)"):
-        torch.ops.deepseek_moe.permute(torch.zeros(2, 3), torch.tensor([0, 2]), torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 2\]"):
         torch.ops.deepseek_moe.combine(torch.zeros(2, 3), torch.tensor([[0], [3]]), None)
     assert select("ext").name == "ext"
@@ -228,134 +230,6 @@ def test_auto_uses_loaded_extension_for_fp32_on_cpu(monkeypatch):
     monkeypatch.setattr(ext, "_loaded", False)
     monkeypatch.setattr(ext, "_prebuilt", lambda: None)
     assert select("auto", torch.device("cpu"), torch.float32).name == "torch"  # auto never compiles
-
-
-@pytest.fixture
-def host_cache():
-    """The extension's host block cache, emptied before and after, with the environment's limit restored."""
-    ext.set_cache_limit(None)
-    ext.empty_cache()
-    yield
-    ext.set_cache_limit(None)
-    ext.empty_cache()
-
-
-def _large_problem(seed):
-    # Outputs of >= 32 MiB go through the host block cache: T·H·4 = 4096·2048·4 B = 32 MiB, N·H·4 up to 96 MiB;
-    # capacity drops pairs so combine must write rows whose slots all read nothing (slot == N) into reused, dirty
-    # blocks.
-    T, E, K, H = 4096, 16, 3, 2048
-    g = torch.Generator().manual_seed(seed)
-    topk = make_topk(T, E, K, "skewed", generator=g, empty_experts=3)
-    weight = torch.rand(T, K, generator=g, requires_grad=True)
-    plan = build_plan(topk, weight, E, expert_capacity(T, K, E, 0.5) if seed % 2 else None, weight.detach())
-    x = torch.randn(T, H, generator=g, requires_grad=True)
-    o = torch.randn(plan.pair_N.numel(), H, generator=g, requires_grad=True)
-    return plan, x, o
-
-
-def test_large_outputs_from_the_block_cache_are_exact(host_cache):
-    """Large outputs reuse freed blocks (hits), reused memory's old contents never leak into a result, and every
-    block is back once its tensors are gone."""
-    for seed in range(3):
-        _check_large_problem(seed)
-    info = ext.cache_info()
-    assert info["hits"] > 0 and info["in_use_bytes"] == 0 and info["cached_bytes"] > 0
-
-
-def _check_large_problem(seed):
-    plan, x, o = _large_problem(seed)
-    for ours, ref, inp in ((lambda: ext_backend.permute(x, plan), lambda: gather_rows(x, plan), x),
-                           (lambda: ext_backend.combine(o, plan), lambda: combine_rows(o, plan), o)):
-        a, b = ours(), ref()
-        assert torch.equal(a, b)
-        grad = torch.randn_like(a)
-        assert torch.equal(torch.autograd.grad(a, inp, grad)[0], torch.autograd.grad(b, inp, grad)[0])
-    y = ext_backend.combine(o, plan, weighted=True)
-    o_pad = torch.cat([o.detach(), o.new_zeros(1, o.shape[1])])
-    w = plan.weight_TK.detach()
-    expected = sum(w[:, k:k + 1] * o_pad[plan.slot_TK[:, k]] for k in range(plan.slot_TK.shape[1]))
-    assert torch.equal(y, expected)
-    grad_y = torch.randn_like(y)
-    g_o, g_w = torch.autograd.grad(y, (o, plan.weight_TK), grad_y)
-    kept = plan.slot_TK < o.shape[0]
-    g_o_ref = torch.zeros_like(o)
-    g_o_ref[plan.slot_TK[kept]] = (w.unsqueeze(-1) * grad_y.unsqueeze(1))[kept]
-    assert torch.equal(g_o, g_o_ref)
-    assert_close(g_w, torch.where(kept, (o_pad[plan.slot_TK] * grad_y.unsqueeze(1)).sum(-1), 0.0), 1e-6, "g_w")
-
-
-def test_block_cache_limit_and_release(host_cache):
-    plan, x, _ = _large_problem(0)
-    out = ext_backend.permute(x.detach(), plan)
-    assert ext.cache_info()["in_use_bytes"] >= out.numel() * 4
-    ext.set_cache_limit(0)
-    del out
-    assert ext.cache_info()["cached_bytes"] == 0  # limit 0: a released block goes straight back to the OS
-    out = ext_backend.permute(x.detach(), plan)
-    expected = out.clone()
-    assert ext.cache_info()["in_use_bytes"] == 0  # and outputs come from ATen's allocator
-    del out
-    ext.set_cache_limit(None)
-    assert ext.cache_info()["limit_bytes"] == int(os.environ.get("DEEPSEEK_MOE_EXT_CACHE_MB", 2048)) << 20
-    kept = ext_backend.permute(x.detach(), plan)
-    del kept
-    assert ext.cache_info()["cached_bytes"] > 0
-    live = ext_backend.permute(x.detach(), plan)  # a hit
-    ext.empty_cache()
-    assert ext.cache_info()["cached_bytes"] == 0
-    assert torch.equal(live, expected)  # emptying the cache leaves live outputs alone
-    live.resize_(2 * live.shape[0], live.shape[1])  # storages from the cache are resizable like ATen's
-    assert torch.equal(live[: expected.shape[0]], expected)
-    with pytest.raises(ValueError):
-        ext.set_cache_limit(-1)
-
-
-def test_peak_memory_counts_cached_outputs(host_cache):
-    """torch.profiler sees the cache's allocations, so the bench's CPU peak-memory column stays right."""
-    from deepseek_moe.bench.timing import peak_memory
-
-    plan, x, _ = _large_problem(0)
-    nbytes = plan.pair_N.numel() * x.shape[1] * 4
-    ext_backend.permute(x.detach(), plan)  # warm: the block is cached, the next call is a hit
-    assert peak_memory(lambda: ext_backend.permute(x.detach(), plan), torch.device("cpu")) >= nbytes
-
-
-def test_segment_loop_with_cached_outputs_matches_python_loop(host_cache):
-    """y and grad_x (T·H·4 B = 32 MiB) come from the block cache; the second round gets the first round's blocks
-    back, dirty, and must still accumulate from zero."""
-    problem = _problem(4096, 16, 3, 2048, 16, torch.float32, "skewed", empty_experts=4)
-    python = _run(TorchBackend("segments"), *problem)
-    for _ in range(2):
-        compiled = _run(ExtBackend(), *problem)
-        for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), compiled, python):
-            assert_close(a, b, 1e-5, f"compiled vs python loop/{name}")
-    assert ext.cache_info()["hits"] > 0
-
-
-def test_block_cache_is_thread_safe(host_cache):
-    """Threads allocating and releasing cached blocks at once (the ops release the GIL) get exact results, and
-    every block comes back."""
-    import threading
-
-    plan, x, _ = _large_problem(1)
-    x = x.detach()
-    expected = gather_rows(x, plan)
-    failures = []
-
-    def work():
-        for _ in range(4):
-            if not torch.equal(ext_backend.permute(x, plan), expected):
-                failures.append("permute")
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures
-    info = ext.cache_info()
-    assert info["in_use_bytes"] == 0 and info["hits"] > 0
 
 
 def test_ext_layer_compiles_fullgraph():

@@ -98,7 +98,7 @@ def _check_device_capacity(rank, world):
     assert layer.last_stats["num_dropped"] == 0
     layer.train()
     ref.train()
-    layer.config = layer.config.replace(device_capacity_factor=float(world))  # never binds
+    layer.dispatcher.device_capacity_factor = float(world)  # never binds
     assert_close(layer(x), ref(x_all)[rank * T_LOCAL:(rank + 1) * T_LOCAL], 1e-5, f"rank {rank}: loose capacity")
 
 

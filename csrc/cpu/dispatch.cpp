@@ -1,6 +1,6 @@
-// Dispatch data movement on CPU: routing metadata by counting sort, permute (row gather) and weighted
-// combine (K-way sum into token rows), each one parallel pass. These are the same maps as the torch ops in
-// deepseek_moe/dispatch.py (build_plan, gather_rows, combine_rows) and give bit-identical results.
+// Dispatch on CPU: routing metadata by counting sort, and the weighted combine (K-way sum into token rows), each
+// one parallel pass. These are the same maps as the torch ops in deepseek_moe/dispatch.py (build_plan,
+// combine_rows) and give the same results (bit-identical unweighted).
 //
 // Legend: T tokens, K slots per token, P = T·K pairs (p = t·K + k), E experts, N sorted pairs, H hidden size.
 
@@ -14,8 +14,6 @@
 #include <atomic>
 #include <cstring>
 #include <vector>
-
-#include "host_cache.h"
 
 namespace deepseek_moe {
 namespace {
@@ -95,33 +93,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> route_plan_cpu(const Tensor& 
   return {counts_E, offsets_E1, pair_N, token_N, slot_TK};
 }
 
-// x_NH[n] = x_TH[token_N[n]]. slot_TK is for the backward only.
-Tensor permute_cpu(const Tensor& x_in, const Tensor& token_in, const Tensor& slot_TK) {
-  TORCH_CHECK(slot_TK.dim() == 2 && slot_TK.size(0) == x_in.size(0), "permute: slot must be (T, K)");
-  TORCH_CHECK(x_in.dim() == 2, "permute: x must be (T, H), got ", x_in.sizes());
-  TORCH_CHECK(token_in.dim() == 1 && token_in.scalar_type() == at::kLong, "permute: token_N must be int64 (N,)");
-  const Tensor x_TH = x_in.contiguous(), token_N = token_in.contiguous();
-  const int64_t T = x_TH.size(0), H = x_TH.size(1), N = token_N.size(0);
-  Tensor x_NH = empty_output({N, H}, x_TH.options());
-  const int64_t row_bytes = H * x_TH.element_size();
-  const char* src = static_cast<const char*>(x_TH.const_data_ptr());
-  char* dst = static_cast<char*>(x_NH.mutable_data_ptr());
-  const int64_t* token = token_N.const_data_ptr<int64_t>();
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t t = token[n];
-      if (t < 0 || t >= T) {
-        bad.store(true, std::memory_order_relaxed);
-        continue;
-      }
-      std::memcpy(dst + n * row_bytes, src + t * row_bytes, row_bytes);
-    }
-  });
-  TORCH_CHECK(!bad.load(), "permute: token ids must lie in [0, ", T, ")");
-  return x_NH;
-}
-
 // y_TH[t] = Σ_k w[t, k] · o_NH[slot[t, k]] (w = 1 without weight), accumulated in fp32 (fp64 for fp64) in slot
 // order; slot == N marks a dropped pair and adds nothing. y has o's dtype.
 Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optional<Tensor>& weight_in) {
@@ -135,7 +106,7 @@ Tensor combine_cpu(const Tensor& o_in, const Tensor& slot_in, const std::optiona
     TORCH_CHECK(weight_in->sizes() == slot_TK.sizes(), "combine: weight must be (T, K) like slot");
     weight_TK = weight_in->to(acc).contiguous();
   }
-  Tensor y_TH = empty_output({T, H}, o_NH.options());
+  Tensor y_TH = at::empty({T, H}, o_NH.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_NH.scalar_type(), "combine", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -180,7 +151,7 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
   const bool weighted = weight_in.has_value();
   Tensor weight_TK = weighted ? weight_in->to(acc).contiguous() : Tensor();
   // Every sorted row belongs to exactly one kept (t, k), so every row is written below: no zero fill.
-  Tensor grad_o_NH = empty_output({N, H}, o_NH.options());
+  Tensor grad_o_NH = at::empty({N, H}, o_NH.options());
   Tensor grad_w_TK = weighted ? at::empty({T, K}, o_NH.options().dtype(acc)) : Tensor();
   const Tensor grad_y = grad_y_TH.to(o_NH.scalar_type());
   std::atomic<bool> bad{false};
@@ -226,7 +197,6 @@ std::tuple<Tensor, Tensor> combine_backward_cpu(const Tensor& grad_y_in, const T
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("route_plan", &route_plan_cpu);
-  m.impl("permute", &permute_cpu);
   m.impl("combine", &combine_cpu);
   m.impl("combine_backward", &combine_backward_cpu);
 }

@@ -16,8 +16,6 @@
 
 #include <vector>
 
-#include "host_cache.h"
-
 namespace deepseek_moe {
 namespace {
 
@@ -124,18 +122,17 @@ void check_inputs(const Tensor& x_TH, const Tensor& gate_up_EJH, const Tensor& d
 
 }  // namespace
 
-Tensor segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
-                             const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, Tensor& h_NJ) {
+std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
+                                                 const Tensor& token_in, const Tensor& weight_in,
+                                                 const Tensor& counts_E) {
   check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
   const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2), N = token_N.size(0);
   const std::vector<int64_t> counts = host_counts(counts_E);
   const auto acc = at::toOpMathType(x_TH.scalar_type());
-  Tensor y_TH = empty_output({T, H}, x_TH.options().dtype(acc)).zero_();
-  TORCH_CHECK(h_NJ.is_contiguous() && h_NJ.sizes() == at::IntArrayRef({N, 2 * I}) &&
-                  h_NJ.scalar_type() == x_TH.scalar_type(),
-              "segment_mlp: h_out must be a contiguous (N, 2I) tensor of x's dtype");
+  Tensor y_TH = at::zeros({T, H}, x_TH.options().dtype(acc));
+  Tensor h_NJ = at::empty({N, 2 * I}, x_TH.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "segment_mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
@@ -152,13 +149,12 @@ Tensor segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const
                                         tok_n.const_data_ptr<int64_t>(), n, H);
     });
   });
-  return y_TH.to(x_TH.scalar_type());
+  return {y_TH.to(x_TH.scalar_type()), h_NJ};
 }
 
-std::tuple<Tensor, Tensor> segment_mlp_fused_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> segment_mlp_fused_backward_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
-    const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, const Tensor& h_in,
-    Tensor& grad_gate_up, Tensor& grad_down) {
+    const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, const Tensor& h_in) {
   check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor grad_y_TH = grad_y_in.contiguous(), x_TH = x_in.contiguous();
   const Tensor gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
@@ -168,11 +164,8 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_backward_cpu(
               "segment_mlp_backward: grad_y must match x");
   const std::vector<int64_t> counts = host_counts(counts_E);
   const auto acc = at::toOpMathType(x_TH.scalar_type());
-  Tensor grad_x_TH = empty_output({T, H}, x_TH.options().dtype(acc)).zero_();
-  TORCH_CHECK(grad_gate_up.is_contiguous() && grad_gate_up.sizes() == gate_up.sizes() &&
-                  grad_down.is_contiguous() && grad_down.sizes() == down.sizes() &&
-                  grad_gate_up.scalar_type() == gate_up.scalar_type() && grad_down.scalar_type() == down.scalar_type(),
-              "segment_mlp_backward: gradient buffers must be contiguous and match the weights");
+  Tensor grad_x_TH = at::zeros({T, H}, x_TH.options().dtype(acc));
+  Tensor grad_gate_up = at::empty_like(gate_up), grad_down = at::empty_like(down);
   Tensor grad_w_N = at::empty_like(weight_N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "segment_mlp_fused_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -203,7 +196,7 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_backward_cpu(
                                         tok_n.const_data_ptr<int64_t>(), n, H);
     });
   });
-  return {grad_x_TH.to(x_TH.scalar_type()), grad_w_N};
+  return {grad_x_TH.to(x_TH.scalar_type()), grad_gate_up, grad_down, grad_w_N};
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {

@@ -3,8 +3,10 @@
 ``select("auto", device, dtype, activation)`` honours the env var ``DEEPSEEK_MOE_BACKEND``; otherwise it picks
 ``triton`` on CUDA when triton is installed and supports the dtype, ``ext`` on CPU for fp32 when the compiled
 extension is built or loaded (auto never compiles), else ``torch``. The fused backends (triton, ext) implement the
-SiLU GLU only: for another ``hidden_act`` auto picks ``torch``. Optional dependencies are imported only
-when a backend runs; importing this package never imports them.
+SiLU GLU only: for another ``hidden_act`` auto picks ``torch``. ``select`` returns a backend configured for the
+device and dtype (the torch backend's strategy: ``DEEPSEEK_MOE_TORCH_STRATEGY`` or by device); the environment is
+read there, once per selection, never per forward. Optional dependencies are imported only when a backend runs;
+importing this package never imports them.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from ..config import BACKENDS
 from .base import Backend
 from .eager import EagerBackend
 from .ext import ExtBackend
-from .grouped import TorchBackend
+from .grouped import STRATEGIES, TorchBackend
 from .triton import TritonBackend
 
 __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
-           "selected_name", "by_name", "backend_status"]
+           "selected_spec", "from_spec", "backend_status"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,6 +32,19 @@ class BackendUnavailable(RuntimeError):
 
 _BUILTIN: Dict[str, Backend] = {"eager": EagerBackend(), "torch": TorchBackend(), "triton": TritonBackend(),
                                 "ext": ExtBackend()}
+_TORCH_STRATEGIES = ("auto",) + STRATEGIES
+
+
+def _configured(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Backend ``name`` configured for (device, dtype)."""
+    if name == "torch":
+        strategy = os.environ.get("DEEPSEEK_MOE_TORCH_STRATEGY", "auto").strip() or "auto"
+        if strategy not in _TORCH_STRATEGIES:
+            raise ValueError(f"DEEPSEEK_MOE_TORCH_STRATEGY={strategy!r} is invalid; expected one of {_TORCH_STRATEGIES}")
+        return TorchBackend.for_device(device, dtype, strategy)
+    if name == "ext":
+        return ExtBackend.for_device(device, dtype)
+    return _BUILTIN[name]
 
 # Contract names whose implementations are not part of this release: selecting one says so plainly.
 _NOT_IN_RELEASE = {
@@ -65,7 +80,8 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, acti
     name = _resolve_name(name, device, dtype, activation)
     if name in _NOT_IN_RELEASE:
         return _NOT_IN_RELEASE[name]
-    return _BUILTIN[name].activation_reason(activation) or _BUILTIN[name].unavailable_reason(device, dtype)
+    return _BUILTIN[name].activation_reason(activation) or _configured(name, device, dtype).unavailable_reason(
+        device, dtype)
 
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"),
@@ -89,18 +105,25 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
     reason = unavailable_reason(resolved, device, dtype, activation)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")
-    return _BUILTIN[resolved]
+    return _configured(resolved, device, dtype)
 
 
 @torch.compiler.assume_constant_result
-def selected_name(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> str:
-    """``select(name, device, dtype, activation).name``. Under torch.compile it runs once, at trace time, and its
-    result is a constant of the graph: it reads the environment and the filesystem, which dynamo cannot trace."""
-    return select(name, device, dtype, activation).name
+def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> str:
+    """:func:`select`'s backend as a string for :func:`from_spec`. Under torch.compile it runs once, at trace time,
+    and its result is a constant of the graph: it reads the environment and the filesystem, which dynamo cannot
+    trace."""
+    backend = select(name, device, dtype, activation)
+    return ":".join([backend.name, getattr(backend, "strategy", ""), str(getattr(backend, "pad_multiple", ""))])
 
 
-def by_name(name: str) -> Backend:
-    """The backend object registered as ``name`` (as :func:`selected_name` returns it)."""
+def from_spec(spec: str) -> Backend:
+    """The backend that :func:`selected_spec` describes."""
+    name, strategy, pad = spec.split(":")
+    if name == "torch":
+        return TorchBackend(strategy, int(pad))
+    if name == "ext":
+        return ExtBackend(strategy)
     return _BUILTIN[name]
 
 

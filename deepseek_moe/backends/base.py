@@ -12,19 +12,29 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ACTIVATIONS
-from ..dispatch import DispatchPlan, build_plan
+from ..dispatch import DispatchPlan, build_plan, combine_rows, gather_rows
 
 
 class Backend:
-    """A way to run the routed experts: y_TH = Σ_k w[t,k] · GLU_e(x_t) over the kept pairs of ``plan``.
+    """An implementation of the routed experts, the ``experts`` stage of the pipeline
+    ``dispatch → experts → combine`` (see :mod:`deepseek_moe.dispatch`).
 
-    Subclasses set ``name`` and implement :meth:`routed_mlp`; :meth:`unavailable_reason` returns None when
-    the backend can run on that device and dtype, else a sentence saying why not and how to fix it.
-    ``activations``: the GLU gate activations it implements (fused kernels: SiLU only).
+    :meth:`run` maps the dispatched rows to the experts' outputs. Two class attributes say which neighbouring steps
+    a fused implementation does itself (as vLLM's ``TopKWeightAndReduce`` does), so the dispatcher skips them:
+
+    * ``gathers``: False — ``run`` gets x_NH, the pairs' rows in expert order; True — it gets x_TH and reads each
+      pair's row through ``plan.token_N`` itself.
+    * ``reduces``: False — ``run`` returns o_NH, each pair's unweighted expert output, and the dispatcher's
+      weighted combine makes y_TH; True — it returns y_TH = Σ_k w[t,k]·o, having weighed and summed itself.
+
+    :meth:`unavailable_reason` returns None when the backend can run on that device and dtype, else a sentence
+    saying why not and how to fix it. ``activations``: the GLU gate activations it implements.
     """
 
     name = "base"
     activations = ACTIVATIONS
+    gathers = False
+    reduces = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return None
@@ -50,20 +60,27 @@ class Backend:
         a build or a load does it here (status queries never trigger one)."""
 
     def build_plan(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int,
-                   capacity: Optional[int] = None, affinity_TK: Optional[torch.Tensor] = None) -> DispatchPlan:
-        """The dispatch plan this backend consumes (see :func:`deepseek_moe.dispatch.build_plan`); backends with
-        a faster sort override it and must return the same plan."""
-        return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK)
+                   capacity: Optional[int] = None, affinity_TK: Optional[torch.Tensor] = None,
+                   keep_TK: Optional[torch.Tensor] = None) -> DispatchPlan:
+        """The dispatch plan (see :func:`deepseek_moe.dispatch.build_plan`); a backend with a faster sort
+        overrides it and must return the same plan."""
+        return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
+
+    def run(self, x: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
+            activation: str = "silu") -> torch.Tensor:
+        """The experts on the dispatched rows. ``x``: x_NH (N, H), or x_TH (T, H) when :attr:`gathers`;
+        gate_up_EJH (E, 2I, H), down_EHI (E, H, I), all one dtype; ``activation``: one of :attr:`activations`.
+        Returns o_NH (N, H), or y_TH (T, H) when :attr:`reduces`, in x's dtype; differentiable w.r.t. x, both
+        weights and (when :attr:`reduces`) ``plan.weight_TK``."""
+        raise NotImplementedError
 
     def routed_mlp(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor,
                    down_EHI: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-        """x_TH (T, H), gate_up_EJH (E, 2I, H), down_EHI (E, H, I), all one dtype -> y_TH (T, H), x's dtype.
-        ``activation``: one of :attr:`activations`.
-
-        The weighted K-way combine accumulates in fp32; gradients flow to x, both weights and
-        ``plan.weight_TK``.
-        """
-        raise NotImplementedError
+        """y_TH (T, H) = Σ_k w[t,k]·GLU_e(x_t) over the kept pairs of ``plan``: :meth:`run` between the local
+        dispatcher's gather and combine (the whole routed path on one device)."""
+        x = x_TH if self.gathers else gather_rows(x_TH, plan)
+        o = self.run(x, plan, gate_up_EJH, down_EHI, activation)
+        return o if self.reduces else combine_rows(o, plan, weighted=True)
 
     def __repr__(self) -> str:
         return f"<deepseek_moe backend {self.name!r}>"
@@ -104,21 +121,23 @@ def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str
     return op.grad_input(grad_NI, g_NI, **kwargs, grad_input=out)
 
 
-def glu_weighted(h_NJ: torch.Tensor, w_N: torch.Tensor, out_dtype: torch.dtype,
-                 activation: str = "silu") -> torch.Tensor:
-    """a = act(gate) · up · w in the accumulation dtype, cast to ``out_dtype``. h_NJ (N, 2I), w_N (N,) -> (N, I)."""
+def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GLU of the package, a = act(gate) · up (· w), in the accumulation dtype: h_NJ (N, 2I) gate columns
+    then up columns, w_N (N,) optional -> (N, I). Every fused kernel is tested against it."""
     I = h_NJ.shape[1] // 2
     acc = acc_dtype(h_NJ.dtype)
-    gate_NI, up_NI, w_N1 = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc), w_N.to(acc).unsqueeze(1)
-    if torch.is_grad_enabled() and (h_NJ.requires_grad or w_N.requires_grad):
-        return (activate(gate_NI, activation) * up_NI * w_N1).to(out_dtype)
-    # No autograd (inside the segment op): one buffer, updated in place.
-    return activate(gate_NI, activation).mul_(up_NI).mul_(w_N1).to(out_dtype)
+    gate_NI, up_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
+    if torch.is_grad_enabled() and (h_NJ.requires_grad or (w_N is not None and w_N.requires_grad)):
+        a_NI = activate(gate_NI, activation) * up_NI
+        return a_NI if w_N is None else a_NI * w_N.to(acc).unsqueeze(1)
+    # No autograd (inside the segment op, or inference): one buffer, updated in place.
+    a_NI = activate(gate_NI, activation).mul_(up_NI)
+    return a_NI if w_N is None else a_NI.mul_(w_N.to(acc).unsqueeze(1))
 
 
-def glu_weighted_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: torch.Tensor,
+def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: torch.Tensor,
                           activation: str = "silu") -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Gradients of :func:`glu_weighted`, in the accumulation dtype (see :func:`acc_dtype`).
+    """Gradients of :func:`glu`, in the accumulation dtype (see :func:`acc_dtype`).
 
     ``w_N`` None means no weight (w = 1; the returned grad_w_N is None, and ``grad_a_NI`` is only read);
     with a weight, ``grad_a_NI`` may be overwritten (callers pass a temporary). Returns (grad_h_NJ (N, 2I),
@@ -155,6 +174,8 @@ class GLU(torch.autograd.Function):
     def forward(ctx, h_TJ: torch.Tensor, activation: str = "silu") -> torch.Tensor:
         ctx.save_for_backward(h_TJ)
         ctx.activation = activation
+        # In h's dtype, as transformers' dense MLPs compute it (a converted model's shared experts match the stock
+        # ones in bf16 too).
         I = h_TJ.shape[-1] // 2
         return activate(h_TJ[..., :I], activation) * h_TJ[..., I:]
 
@@ -169,5 +190,5 @@ class GLU(torch.autograd.Function):
             grad_h = torch.cat([activate_backward(dy * u, g, ctx.activation), dy * activate(g, ctx.activation)], -1)
             return grad_h.to(h_TJ.dtype), None
         h_2d = h_TJ.reshape(-1, h_TJ.shape[-1])
-        grad_h, _, _ = glu_weighted_backward(h_2d, None, grad_a_TI.reshape(-1, grad_a_TI.shape[-1]), ctx.activation)
+        grad_h, _, _ = glu_backward(h_2d, None, grad_a_TI.reshape(-1, grad_a_TI.shape[-1]), ctx.activation)
         return grad_h.to(h_TJ.dtype).view(h_TJ.shape), None

@@ -1,41 +1,26 @@
-"""The reference backend: a per-expert loop written to be read. Every other backend is tested against it.
+"""The reference experts: a per-expert loop written to be read. Every other backend is tested against it.
 
-Legend: T tokens, H hidden size, I expert hidden size, E routed experts, K experts per token,
-n pairs routed to the current expert.
+Legend: N dispatched rows (pairs in expert order), H hidden size, I expert hidden size, J = 2·I, E routed
+experts, n rows of the current expert.
 """
 from __future__ import annotations
 
 import torch
 
 from ..dispatch import DispatchPlan
-from .base import Backend, acc_dtype, activate
+from .base import Backend, glu
 
 
 class EagerBackend(Backend):
-    """Loops over experts; uses only ``topk_idx_TK``, ``keep_TK`` and ``weight_TK`` of the plan (not its sort),
-    so it also checks the dispatch sort of the fast backends. Slow: O(E) small ops and full-size gradient
-    buffers per expert."""
+    """o_n = down_e · GLU(gate_up_e · x_n) for each expert's segment of the dispatched rows; the dispatcher
+    gathers the rows and makes the weighted combine. Slow: two small GEMMs per expert and a host sync."""
 
     name = "eager"
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+    def run(self, x_NH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         self.check_activation(activation)
-        T, H = x_TH.shape
-        I = down_EHI.shape[-1]
-        acc = acc_dtype(x_TH.dtype)
-        y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
-        for e in range(gate_up_EJH.shape[0]):
-            tok_n, slot_n = torch.nonzero((plan.topk_idx_TK == e) & plan.keep_TK, as_tuple=True)
-            if tok_n.numel() == 0:
-                continue
-            h_nJ = x_TH[tok_n] @ gate_up_EJH[e].T
-            gate_nI, up_nI = h_nJ[:, :I].to(acc), h_nJ[:, I:].to(acc)
-            act_nI = (activate(gate_nI, activation) * up_nI).to(x_TH.dtype)
-            out_nH = act_nI @ down_EHI[e].T
-            w_n1 = plan.weight_TK[tok_n, slot_n].to(acc).unsqueeze(1)
-            y_TH = y_TH.index_add(0, tok_n, out_nH.to(acc) * w_n1)
-        if not plan.keep_TK.any():
-            # No pair at all (an empty or all-padding batch): zero gradients rather than none, as the fast
-            # backends give, so data-parallel gradient reductions see every expert weight on every rank.
-            y_TH = y_TH + 0.0 * (gate_up_EJH.sum() + down_EHI.sum()).to(acc)
-        return y_TH.to(x_TH.dtype)
+        # Every expert runs, also on zero rows, so every expert weight gets a gradient (zeros for an idle
+        # expert), as data-parallel gradient reductions expect.
+        o_nH = [glu(x_nH @ gate_up_EJH[e].T, activation).to(x_NH.dtype) @ down_EHI[e].T
+                for e, x_nH in enumerate(x_NH.split(plan.counts_list()))]
+        return torch.cat(o_nH) if o_nH else x_NH.new_zeros(0, x_NH.shape[1])

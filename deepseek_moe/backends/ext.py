@@ -1,17 +1,15 @@
-"""The ``ext`` backend and the differentiable wrappers of the compiled extension's dispatch ops.
+"""The ``ext`` backend: the routed experts through the compiled extension (``csrc/``).
 
-``backend="ext"`` (CPU) builds the dispatch plan with the extension's stable counting sort
-(``route_plan``, one pass instead of an argsort) and runs the routed experts through the segment loop in C++
-(``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w → GEMM → add into y; ATen's GEMMs). On CPU
-that fused loop is the best available GEMM path: separate permute / grouped GEMM / combine passes over the
-(N, H) rows measured 1.87× a dense FFN against ≈1.3× for the segment loop (docs/benchmarks.md). On CUDA (with the
-CUDA build of the extension) it runs the extension's permute and combine around PyTorch's grouped GEMM.
+* ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
+  argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
+  GEMM → add into y; ATen's GEMMs). It gathers and reduces itself.
+* ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the dispatcher gathers,
+  PyTorch's grouped GEMMs run the experts, and the extension's weighted ``combine`` (one pass per token row,
+  fp32) weighs and sums: it reduces itself.
 
-:func:`permute` and :func:`combine` are the extension's data-movement ops with mirror-image backwards
-(permute ↔ unweighted combine; weighted combine's backward is a weighted gather plus per-pair dot products);
-they are what an expert-parallel or custom expert layer builds on.
+What each op gains over the torch path is measured in docs/benchmarks.md.
 
-Legend: T tokens, K slots per token, E experts, N sorted pairs, H hidden size.
+Legend: T tokens, K slots per token, E experts, N sorted pairs, H hidden size, I expert hidden size, J = 2·I.
 """
 from __future__ import annotations
 
@@ -21,11 +19,13 @@ from typing import Optional
 import torch
 
 from .. import ext
-from ..dispatch import DispatchPlan, build_plan
-from .grouped import TorchBackend, _cuda_grouped_mm_ok, grouped_mm_mlp
+from ..dispatch import DispatchPlan, sorted_weights
+from .base import Backend, acc_dtype
+from .grouped import _grouped_mm, cuda_grouped_mm_ok, grouped_mm_experts
 
 _registered = False
 _register_lock = threading.Lock()
+_OPS = "deepseek_moe::"
 
 
 def ensure_loaded() -> None:
@@ -37,60 +37,43 @@ def ensure_loaded() -> None:
         return
     ext.load()
     with _register_lock:
-        if _registered:
-            return
-        _register()
-        _registered = True
+        if not _registered:
+            _register()
+            _registered = True
 
 
 def _register() -> None:
-    lib = "deepseek_moe::"
-
-    @torch.library.register_fake(lib + "route_plan")
+    @torch.library.register_fake(_OPS + "route_plan")
     def _(topk_idx, num_experts):
         T, K = topk_idx.shape
         new = topk_idx.new_empty
         return new(num_experts), new(num_experts + 1), new(T * K), new(T * K), new(T, K)
 
-    @torch.library.register_fake(lib + "permute")
-    def _(x, token, slot):
-        return x.new_empty(token.shape[0], x.shape[1])
-
-    @torch.library.register_fake(lib + "combine")
+    @torch.library.register_fake(_OPS + "combine")
     def _(o, slot, weight):
         return o.new_empty(slot.shape[0], o.shape[1])
 
-    @torch.library.register_fake(lib + "combine_backward")
+    @torch.library.register_fake(_OPS + "combine_backward")
     def _(grad_y, o, slot, weight):
-        acc = torch.promote_types(o.dtype, torch.float32)
+        acc = acc_dtype(o.dtype)
         return o.new_empty(o.shape), (o.new_empty(slot.shape, dtype=acc) if weight is not None
                                       else o.new_empty(0, dtype=acc))
 
-    @torch.library.register_fake(lib + "segment_mlp_fused")
-    def _(x, gate_up, down, token, weight, counts, h_out):
-        return x.new_empty(x.shape)
+    @torch.library.register_fake(_OPS + "segment_mlp_fused")
+    def _(x, gate_up, down, token, weight, counts):
+        return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
 
-    @torch.library.register_fake(lib + "segment_mlp_fused_backward")
-    def _(grad_y, x, gate_up, down, token, weight, counts, h, grad_gate_up_out, grad_down_out):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+    @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
+    def _(grad_y, x, gate_up, down, token, weight, counts, h):
+        return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape), \
+            weight.new_empty(weight.shape)
 
-    torch.library.register_autograd(lib + "permute", _permute_backward, setup_context=_permute_setup)
-    torch.library.register_autograd(lib + "combine", _combine_backward, setup_context=_combine_setup)
-
-
-def _permute_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2])
-
-
-def _permute_backward(ctx, grad_NH):
-    """grad_x[t] = Σ_k grad_NH[slot[t, k]]: the unweighted combine (the mirror image of the gather)."""
-    (slot_TK,) = ctx.saved_tensors
-    return torch.ops.deepseek_moe.combine(grad_NH.contiguous(), slot_TK, None), None, None
+    torch.library.register_autograd(_OPS + "combine", _combine_backward, setup_context=_combine_setup)
+    torch.library.register_autograd(_OPS + "segment_mlp_fused", _segment_backward, setup_context=_segment_setup)
 
 
 def _combine_setup(ctx, inputs, output):
-    o, slot, weight = inputs
-    ctx.save_for_backward(o, slot, weight)
+    ctx.save_for_backward(*inputs)
 
 
 def _combine_backward(ctx, grad_y):
@@ -99,17 +82,24 @@ def _combine_backward(ctx, grad_y):
     return grad_o, None, (grad_w.to(weight.dtype) if weight is not None else None)
 
 
-def permute(x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """(T, H) -> (N, H): each kept pair's token row in expert-sorted order (differentiable; the extension's
-    equivalent of :func:`deepseek_moe.dispatch.gather_rows`, bit-identical)."""
-    ensure_loaded()
-    return torch.ops.deepseek_moe.permute(x_TH, plan.token_N, plan.slot_TK)
+def _segment_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.set_materialize_grads(False)  # h is returned only to be saved: never build its (N, 2I) zero gradient
+
+
+def _segment_backward(ctx, grad_y, grad_h):
+    if grad_y is None:
+        return (None,) * 6
+    x, gate_up, down, token, weight, counts, h = ctx.saved_tensors
+    gx, ggu, gdn, gw = torch.ops.deepseek_moe.segment_mlp_fused_backward(grad_y.contiguous(), x, gate_up, down,
+                                                                         token, weight, counts, h)
+    return gx, ggu, gdn, None, gw, None
 
 
 def combine(o_NH: torch.Tensor, plan: DispatchPlan, weighted: bool = False) -> torch.Tensor:
     """(N, H) -> (T, H): y[t] = Σ_k w[t, k] · o[slot[t, k]] in fp32, o's dtype out; w = 1 unless ``weighted``
-    (then the plan's gate weights, differentiable). Unweighted it is bit-identical to
-    :func:`deepseek_moe.dispatch.combine_rows`."""
+    (then the plan's gate weights, differentiable). The extension's :func:`deepseek_moe.dispatch.combine_rows`
+    (bit-identical unweighted)."""
     ensure_loaded()
     return torch.ops.deepseek_moe.combine(o_NH, plan.slot_TK, plan.weight_TK if weighted else None)
 
@@ -129,27 +119,28 @@ def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension carries its CUDA kernels (an ahead-of-time build with a CUDA torch)."""
-    return ext.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("deepseek_moe::permute", "CUDA")
+    return ext.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(_OPS + "route_plan", "CUDA")
 
 
-class ExtBackend(TorchBackend):
-    """The compiled extension. ``strategy``:
-
-    * ``"segments"`` (``auto`` on CPU): the counting-sort plan and the C++ segment loop (module docstring);
-    * ``"grouped_mm"`` (``auto`` on CUDA): the counting-sort plan, the extension's permute, PyTorch's grouped GEMM
-      and the extension's combine. On CUDA this needs the CUDA build of the extension and torch's grouped GEMM
-      (bf16, compute capability >= 9.0); on CPU it runs with the CPU ops (slower than the segment loop there).
-
-    With capacity, the plan comes from :func:`deepseek_moe.dispatch.build_plan` (the extension sorts dropless
+class ExtBackend(Backend):
+    """The compiled extension, with ``strategy`` "segments" (CPU) or "grouped_mm" (module docstring). With capacity
+    or a slot mask the plan comes from :func:`deepseek_moe.dispatch.build_plan` (the extension sorts dropless
     plans only)."""
 
     name = "ext"
-    compiled = True
     activations = ("silu",)  # the C++ segment loop implements SwiGLU only
+    reduces = True
 
-    def auto_strategy(self, device: torch.device, dtype: torch.dtype) -> str:
-        # DEEPSEEK_MOE_TORCH_STRATEGY belongs to the torch backend; the C++ segment loop exists on CPU only.
-        return "segments" if device.type == "cpu" else "grouped_mm"
+    def __init__(self, strategy: str = "segments"):
+        if strategy not in ("segments", "grouped_mm"):
+            raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected 'segments' or 'grouped_mm'")
+        self.strategy = strategy
+        self.gathers = strategy == "segments"
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype) -> "ExtBackend":
+        """The segment loop on CPU, the grouped GEMM with the extension's combine elsewhere."""
+        return cls("segments" if device.type == "cpu" else "grouped_mm")
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -167,11 +158,13 @@ class ExtBackend(TorchBackend):
                 return ("the loaded extension has no CUDA kernels (a just-in-time build is CPU-only): build it ahead "
                         "of time with a CUDA torch, TORCH_CUDA_ARCH_LIST=... DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . "
                         "--no-build-isolation")
-            if self.resolve_strategy(device, dtype) == "segments":
+            if self.strategy == "segments":
                 return "the ext backend's segment loop runs on CPU only; use strategy 'grouped_mm' on CUDA"
-            if not _cuda_grouped_mm_ok(device, dtype):
+            if not cuda_grouped_mm_ok(device, dtype):
                 return ("the ext backend on CUDA uses PyTorch's grouped GEMM, which runs bf16 on compute capability "
                         f">= 9.0; got {dtype} on {torch.cuda.get_device_name(device)}")
+        if self.strategy == "grouped_mm" and _grouped_mm is None:
+            return f"torch {torch.__version__} has no grouped_mm"
         return None
 
     def ready(self) -> bool:
@@ -189,15 +182,21 @@ class ExtBackend(TorchBackend):
         except ext.ExtensionUnavailable:
             pass
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+    def run(self, x, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         self.check_activation(activation)
         ensure_loaded()
-        if self.resolve_strategy(x_TH.device, x_TH.dtype) == "grouped_mm":
-            return grouped_mm_mlp(x_TH, plan, gate_up_EJH, down_EHI, gather=permute, combine=combine)
-        return super().routed_mlp(x_TH, plan, gate_up_EJH, down_EHI)
+        if self.strategy == "grouped_mm":
+            return combine(grouped_mm_experts(x, plan, gate_up_EJH, down_EHI, activation), plan, weighted=True)
+        y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x, gate_up_EJH.contiguous(), down_EHI.contiguous(),
+                                                           plan.token_N, sorted_weights(plan).to(acc_dtype(x.dtype)),
+                                                           plan.counts_E)
+        return y_TH
 
-    def build_plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None) -> DispatchPlan:
+    def build_plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):
         on_device = topk_idx_TK.device.type == "cpu" or (topk_idx_TK.device.type == "cuda" and has_cuda_kernels())
-        if capacity is not None or not on_device:
-            return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK)
+        if capacity is not None or keep_TK is not None or not on_device:
+            return super().build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
         return route_plan(topk_idx_TK, weight_TK, num_experts)
+
+    def __repr__(self) -> str:
+        return f"<deepseek_moe backend 'ext' strategy={self.strategy!r}>"

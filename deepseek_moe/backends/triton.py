@@ -103,6 +103,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     activations = ("silu",)  # SiLU is fused into the GEMM epilogues
+    gathers = reduces = True  # the gather is fused into the first GEMM's loads, w·SwiGLU and the K-way sum follow
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -116,7 +117,7 @@ class TritonBackend(Backend):
         return (f"Triton kernels run on CUDA devices (on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
                 f"before importing deepseek_moe; slow, for testing); got device {device.type!r}")
 
-    def routed_mlp(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         self.check_activation(activation)
         y_TH, _ = triton_expert_mlp(x_TH.contiguous(), gate_up_EJH, down_EHI, plan.token_N, plan.pair_N,
                                     sorted_weights(plan).float(), plan.offsets_E1, plan.top_k)

