@@ -13,25 +13,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Callable, Dict, List
 
 import torch
 
 import deepseek_moe as dm
 from deepseek_moe.backends import ext as ext_backend
-from deepseek_moe.bench.timing import run_once, time_call
+from deepseek_moe.bench.timing import interleaved, run_once
 from deepseek_moe.dispatch import build_plan, combine_rows
 from deepseek_moe.testing import make_topk
-
-
-def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, List[float]]:
-    for fn in fns.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, device))
-    return times
 
 
 def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: int, device: torch.device) -> None:
@@ -51,7 +40,7 @@ def dispatch_part(T: int, H: int, E: int, K: int, dtype: torch.dtype, repeats: i
     print(f"dispatch ops: T={T} H={H} E={E} K={K} {dtype}, {where}, median of {repeats}")
     print(f"{'step':18s} {'torch ms':>9s} {'ext ms':>8s} {'speed-up':>9s}")
     for step, fns in steps.items():
-        times = _median_times(fns, repeats, device)
+        times = interleaved({k: (lambda r, f=f: f()) for k, f in fns.items()}, repeats, device)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{step:18s} {med['torch'] * 1e3:9.2f} {med['ext'] * 1e3:8.2f} {med['torch'] / med['ext']:8.2f}x")
 
@@ -62,8 +51,8 @@ def layer_part(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, repea
     layers = {name: dm.DeepSeekMoELayer(cfg.replace(backend=name)).to(device, dtype) for name in ("torch", "ext")}
     layers["ext"].load_state_dict(layers["torch"].state_dict())
     x = torch.randn(T, H, dtype=dtype, device=device, requires_grad=True)
-    times = _median_times({name: (lambda m=m: run_once(m, x, "fwdbwd")) for name, m in layers.items()}, repeats,
-                          device)
+    times = interleaved({name: (lambda r, m=m: run_once(m, x, "fwdbwd")) for name, m in layers.items()}, repeats,
+                        device)
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in times.items()}
     print(f"\nlayer fwd+bwd: T={T} H={H} {E}x{I} +2 shared K={K} {dtype}, median of {repeats}")

@@ -21,8 +21,9 @@ from transformers import DeepseekV3Config  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 
 from deepseek_moe import hf  # noqa: E402
-from deepseek_moe.bench.contenders import DenseSwiGLU, _Batched  # noqa: E402
-from deepseek_moe.bench.timing import run_once, time_call  # noqa: E402
+from deepseek_moe.bench.contenders import BlockOnTokens  # noqa: E402
+from deepseek_moe.bench.timing import interleaved, run_once  # noqa: E402
+from deepseek_moe.experts import SharedExperts  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -54,19 +55,16 @@ def main(argv=None) -> int:
         torch.nn.init.normal_(block.gate.weight, std=0.02)
         if contenders:
             block.load_state_dict(next(iter(contenders.values())).block.state_dict())
-        contenders[f"transformers {impl}"] = _Batched(block)
+        contenders[f"transformers {impl}"] = BlockOnTokens(block)
     first = next(iter(contenders.values())).block
     for backend in args.backends.split(","):
         contenders[f"deepseek_moe (from_hf, {backend})"] = hf.from_hf(first, backend=backend)
-    contenders["dense SwiGLU"] = DenseSwiGLU(H, (Ks + K) * I)
+    contenders["dense SwiGLU"] = SharedExperts.dense(H, (Ks + K) * I)
     xs = [torch.randn(T, H, requires_grad=True) for _ in range(args.repeats + 1)]
-    for m in contenders.values():
-        run_once(m, xs[-1], "fwdbwd")
-    times = {name: [] for name in contenders}
-    for r in range(args.repeats):
-        for name, m in contenders.items():
-            times[name].append(time_call(lambda: run_once(m, xs[r], "fwdbwd"), torch.device("cpu")))
-            print(f"  round {r + 1}/{args.repeats} {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
+    fns = {name: (lambda r, m=m: run_once(m, xs[r], "fwdbwd")) for name, m in contenders.items()}
+    times = interleaved(fns, args.repeats, torch.device("cpu"),
+                        on_sample=lambda: print(".", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     hf_best = min(v for k, v in med.items() if k.startswith("transformers"))
     dense = med["dense SwiGLU"]

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
-from torch import nn
 
 import deepseek_moe as dm
-from deepseek_moe.bench.contenders import DenseSwiGLU
-from deepseek_moe.bench.timing import run_once, time_call
+from deepseek_moe.bench.timing import interleaved, run_once
+from deepseek_moe.experts import SharedExperts
 
 
 def main(argv=None) -> int:
@@ -44,22 +42,16 @@ def main(argv=None) -> int:
     print(f"{'dtype':9s} {'mode':7s} {'contender':12s} {'median s':>9s} {'vs dense':>9s}")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        contenders = {"dense": DenseSwiGLU(cfg.hidden_size, cfg.dense_equivalent_width).to(dtype)}
+        contenders = {"dense": SharedExperts.dense(cfg.hidden_size, cfg.dense_equivalent_width).to(dtype)}
         for backend in ("torch",) + (() if args.no_eager else ("eager",)):
             layer = dm.DeepSeekMoELayer(cfg.replace(backend=backend, aux_loss_alpha=0.0)).to(dtype)
             contenders[backend] = layer
         xs = [torch.randn(args.tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
               for _ in range(args.repeats + 1)]
-        cpu = torch.device("cpu")
         for mode in ("fwd", "fwdbwd"):
-            times = {name: [] for name in contenders}
-            for name, m in contenders.items():
-                run_once(m, xs[-1], mode)  # warm-up
-            for r in range(args.repeats):
-                for name, m in contenders.items():
-                    if name == "eager" and r >= 1:
-                        continue  # one timed round is enough for the slow oracle
-                    times[name].append(time_call(lambda: run_once(m, xs[r], mode), cpu))
+            fns = {name: (lambda r, m=m: run_once(m, xs[r], mode)) for name, m in contenders.items()}
+            # One timed round is enough for the slow oracle.
+            times = interleaved(fns, args.repeats, torch.device("cpu"), skip=lambda name, r: name == "eager" and r >= 1)
             dense = statistics.median(times["dense"])
             for name, ts in times.items():
                 med = statistics.median(ts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -22,7 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe import hf  # noqa: E402
-from deepseek_moe.bench.lm import byte_batches, load_text  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository root
+from benchmarks.quality.lm import byte_batches, load_text  # noqa: E402
 
 
 def progress(total: int):

@@ -9,13 +9,17 @@ Every few steps it prints the task loss, the balance loss and the expert load (M
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import deepseek_moe as dm
-from deepseek_moe.bench.lm import TinyLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository root
+from benchmarks.quality.lm import TinyLM  # noqa: E402
 
 
 def batch(vocab: int, size: int, seq: int, generator: torch.Generator):

@@ -237,14 +237,24 @@ def test_glu_activations_match_float64(activation, backend):
 
 @pytest.mark.parametrize("activation", dm.config.ACTIVATIONS)
 def test_shared_experts_glu_and_layer_with_each_activation(activation):
-    from deepseek_moe.backends.base import GLU, activate
+    from deepseek_moe.backends.base import glu, glu_backward
+    from deepseek_moe.experts import SharedExperts
+    acts = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),
+            "relu": F.relu}
     h = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
-    a = GLU.apply(h, activation)
-    hd = h.detach().clone().requires_grad_()
-    ref = activate(hd[:, :5], activation) * hd[:, 5:]
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    ref = acts[activation](h[:, :5]) * h[:, 5:] * w[:, None]
     g = torch.randn(6, 5, dtype=torch.float64)
-    assert_close(a, ref, 1e-12, "GLU forward")
-    assert_close(torch.autograd.grad(a, h, g)[0], torch.autograd.grad(ref, hd, g)[0], 1e-12, "GLU backward")
+    assert_close(glu(h.detach(), activation, w.detach()), ref, 1e-12, "glu forward")
+    grad_h, grad_w, a = glu_backward(h.detach(), w.detach(), g.clone(), activation)
+    ref_h, ref_w = torch.autograd.grad(ref, (h, w), g)
+    assert_close(grad_h, ref_h, 1e-12, "glu backward h")
+    assert_close(grad_w, ref_w, 1e-12, "glu backward w")
+    assert_close(a, ref.detach(), 1e-12, "glu backward's weighted activation")
+    mlp = SharedExperts.dense(8, 12, activation).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = mlp.down_proj.weight @ (acts[activation](mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
+    assert_close(mlp(x), expected.T, 1e-12, "shared experts")
     cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2, hidden_act=activation)
     layer = dm.DeepSeekMoELayer(cfg)
     eager = dm.DeepSeekMoELayer(cfg.replace(backend="eager"))
@@ -282,7 +292,7 @@ def test_activation_is_checked_before_any_build_or_run(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "ext")
     with pytest.raises(dm.BackendUnavailable, match="DEEPSEEK_MOE_BACKEND"):
         select("auto", torch.device("cpu"), torch.float32, activation="gelu")
-    x, gu, dn = torch.randn(3, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 3)
+    gu, dn = torch.randn(2, 6, 4), torch.randn(2, 4, 3)
     # An invalid name fails even when no token reaches an expert.
     empty = build_plan(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), 2)
     for backend in (TorchBackend(), EagerBackend()):

@@ -16,13 +16,13 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 import deepseek_moe as dm
-from deepseek_moe.bench.contenders import DenseSwiGLU
-from deepseek_moe.bench.timing import run_once, time_call
+from deepseek_moe.bench.timing import interleaved, run_once
+from deepseek_moe.experts import SharedExperts
 from deepseek_moe.testing import assert_close
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -74,12 +74,6 @@ def _check(cfg: dm.MoEConfig, dtype: torch.dtype, device: torch.device, tokens: 
     return worst
 
 
-def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_call(fn, device) for _ in range(repeats))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="4096,16384,65536")
@@ -116,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     contenders: Dict[str, torch.nn.Module] = {
         "triton": dm.DeepSeekMoELayer(cfg.replace(backend="triton")),
         "torch": dm.DeepSeekMoELayer(cfg.replace(backend="torch")),
-        f"dense-{width}": DenseSwiGLU(cfg.hidden_size, width),
+        f"dense-{width}": SharedExperts.dense(cfg.hidden_size, width),
     }
     mb, reason = _megablocks(cfg, dtype, device)
     if mb is not None:
@@ -131,10 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         x = torch.randn(T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
         for mode in ("fwd", "fwdbwd"):
             flops = cfg.flops_per_token * T * (3 if mode == "fwdbwd" else 1)
-            times = {}
-            for cname, m in contenders.items():
-                times[cname] = _time(lambda: run_once(m, x, mode), device, args.warmup, args.repeats)
-                print(f"  T={T} {mode} {cname}: {times[cname] * 1e3:.2f} ms", file=sys.stderr, flush=True)
+            fns = {cname: (lambda r, m=m: run_once(m, x, mode)) for cname, m in contenders.items()}
+            times = {k: statistics.median(v) for k, v in interleaved(fns, args.repeats, device, args.warmup).items()}
             dense = times[f"dense-{width}"]
             for cname, sec in times.items():
                 rows.append({"tokens": T, "mode": mode, "contender": cname, "ms": sec * 1e3,

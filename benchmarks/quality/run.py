@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_moe as dm
-from deepseek_moe.bench.contenders import DenseSwiGLU
-from deepseek_moe.bench.lm import TinyLM, byte_batches, load_text
+from deepseek_moe.experts import SharedExperts
+
+from benchmarks.quality.lm import TinyLM, byte_batches, load_text
 
 HIDDEN, LAYERS, SEQ, BATCH, WIDTH = 128, 2, 128, 16, 128  # WIDTH = F, one GShard expert's hidden size
 
@@ -61,7 +62,7 @@ def layer_config(name: str) -> Optional[dm.MoEConfig]:
 
 def build(name: str) -> TinyLM:
     cfg = layer_config(name)
-    make = (lambda: DenseSwiGLU(HIDDEN, 2 * WIDTH)) if cfg is None else (lambda: dm.DeepSeekMoELayer(cfg))
+    make = (lambda: SharedExperts.dense(HIDDEN, 2 * WIDTH)) if cfg is None else (lambda: dm.DeepSeekMoELayer(cfg))
     return TinyLM(256, HIDDEN, LAYERS, SEQ, make)
 
 

@@ -161,34 +161,3 @@ def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: tor
     torch.mul(dy_NI, u_NI, out=act_NI)  # act(g) is no longer needed: reuse its buffer for dy·u
     activate_backward(act_NI, g_NI, activation, out=grad_h_NJ[:, :I])
     return grad_h_NJ, grad_w_N, a_NI
-
-
-class GLU(torch.autograd.Function):
-    """a_TI = act(h_TJ[:, :I]) · h_TJ[:, I:] (h's dtype), for a (T, 2I) gate/up product.
-
-    The gradient of h is built in one (T, 2I) buffer; autograd through ``chunk`` would concatenate the two
-    halves, a full extra copy (measured ~2% of a shared-expert layer's forward+backward on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx, h_TJ: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-        ctx.save_for_backward(h_TJ)
-        ctx.activation = activation
-        # In h's dtype, as transformers' dense MLPs compute it (a converted model's shared experts match the stock
-        # ones in bf16 too).
-        I = h_TJ.shape[-1] // 2
-        return activate(h_TJ[..., :I], activation) * h_TJ[..., I:]
-
-    @staticmethod
-    def backward(ctx, grad_a_TI: torch.Tensor):
-        (h_TJ,) = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            # Traceable form (no out= into slices); the compiler fuses it into one kernel anyway.
-            I = h_TJ.shape[-1] // 2
-            acc = acc_dtype(h_TJ.dtype)
-            g, u, dy = h_TJ[..., :I].to(acc), h_TJ[..., I:].to(acc), grad_a_TI.to(acc)
-            grad_h = torch.cat([activate_backward(dy * u, g, ctx.activation), dy * activate(g, ctx.activation)], -1)
-            return grad_h.to(h_TJ.dtype), None
-        h_2d = h_TJ.reshape(-1, h_TJ.shape[-1])
-        grad_h, _, _ = glu_backward(h_2d, None, grad_a_TI.reshape(-1, grad_a_TI.shape[-1]), ctx.activation)
-        return grad_h.to(h_TJ.dtype).view(h_TJ.shape), None

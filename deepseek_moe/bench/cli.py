@@ -20,7 +20,7 @@ from ..config import ConfigError, PRESETS
 from .contenders import (DEFAULT_HF_IMPLEMENTATIONS, HF_IMPLEMENTATIONS, MATCHES, Contender, available_backends, configs_for, dense_contender,
                          hf_contender, moe_contender, peer_status)
 from .report import add_ratios, render_table, write_csv, write_json, write_plot
-from .timing import DECODE_CALLS_PER_SAMPLE, MODES, peak_memory, run_once, summarize, time_call
+from .timing import DECODE_CALLS_PER_SAMPLE, MODES, interleaved, peak_memory, run_once, summarize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK = dict(hidden_size=512, ffn_size=1408, tokens="512,2048", mode="fwd,fwdbwd", repeats=3, warmup=1)
@@ -169,11 +169,11 @@ def _progress(total: int, enabled: bool):
             bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                            transient=True)
             task = bar.add_task("benchmark", total=total)
-            return bar, lambda desc: bar.update(task, advance=1, description=desc)
+            return bar, lambda desc, steps=1: bar.update(task, advance=steps, description=desc)
         except ImportError:
             pass
     import contextlib
-    return contextlib.nullcontext(), lambda desc: None
+    return contextlib.nullcontext(), lambda desc, steps=1: None
 
 
 def run(args) -> List[Dict]:
@@ -205,16 +205,10 @@ def run(args) -> List[Dict]:
             xs = [torch.randn(T, args.hidden_size, device=device, dtype=dtype, requires_grad=(mode == "fwdbwd"))
                   for _ in range(args.repeats + 1)]
             calls = DECODE_CALLS_PER_SAMPLE if mode == "decode" else 1
-            samples: Dict[int, List[float]] = {i: [] for i in range(len(group))}
-            for i, (c, module) in enumerate(group):
-                for _ in range(args.warmup):
-                    run_once(module, xs[-1], mode)
-                    advance(f"warm-up {c.name} [{c.implementation}]")
-            # Rounds interleave the contenders so that background load hits them alike.
-            for r in range(args.repeats):
-                for i, (c, module) in enumerate(group):
-                    samples[i].append(time_call(lambda: run_once(module, xs[r], mode), device, calls))
-                    advance(f"{dtype_name} {mode} T={T} {c.name} [{c.implementation}]")
+            fns = {i: (lambda r, m=module: run_once(m, xs[r], mode)) for i, (_, module) in enumerate(group)}
+            advance(f"{dtype_name} {mode} T={T}", len(group) * args.warmup)
+            samples = interleaved(fns, args.repeats, device, args.warmup, calls,
+                                  on_sample=lambda: advance(f"{dtype_name} {mode} T={T}"))
             for i, (c, module) in enumerate(group):
                 median, spread = summarize(samples[i])
                 mem = peak_memory(lambda: run_once(module, xs[-1], mode), device)

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
 from ..config import ConfigError, MoEConfig, PRESETS, matched_pair
+from ..experts import SharedExperts
 from ..layer import DeepSeekMoELayer
 from ..losses import load_stats
 
@@ -22,21 +22,6 @@ HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 # batched_mm gathers one weight matrix per (token, expert) pair: O(T·K·I·H) memory (8 GB at T=512, H=512, F=1408
 # for the 64-expert layer), so it runs only when asked for by name.
 DEFAULT_HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
-
-
-class DenseSwiGLU(nn.Module):
-    """A dense SwiGLU FFN ``down(silu(gate(x)) * up(x))`` of width F: the compute-equivalent baseline."""
-
-    def __init__(self, hidden_size: int, width: int, std: float = 0.02):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
-        for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=std)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass
@@ -126,7 +111,7 @@ def dense_contender(hidden_size: int, width: int) -> Contender:
     return Contender(name=f"dense-{width}", side="dense", implementation="dense", total_params=params,
                      active_params=params, flops_per_token=dense_flops_per_token(hidden_size, width),
                      expert_combinations=1, dense_width=width, family=f"dense-{width}", kind="dense",
-                     build=lambda source: DenseSwiGLU(hidden_size, width))
+                     build=lambda source: SharedExperts.dense(hidden_size, width))
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
@@ -182,7 +167,7 @@ def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> O
             block = DeepseekV3MoE(hf_cfg)
             state = ours.state_dict()
         block.load_state_dict(state)
-        return _Batched(block)
+        return BlockOnTokens(block)
 
     return Contender(name=peer, side=side, implementation=implementation, total_params=cfg.total_params,
                      active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
@@ -190,8 +175,8 @@ def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> O
                      dense_width=cfg.dense_equivalent_width, family=name, kind="peer", build=build, config=cfg)
 
 
-class _Batched(nn.Module):
-    """transformers' MoE blocks want (B, S, H); the benchmarks feed (T, H)."""
+class BlockOnTokens(nn.Module):
+    """A transformers MoE block called on (T, H) tokens: the blocks want (B, S, H), the benchmarks feed (T, H)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()

@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -40,6 +40,27 @@ def time_call(fn: Callable[[], None], device: torch.device, calls: int = 1) -> f
     for _ in range(calls):
         fn()
     return (time.perf_counter() - begin) / calls
+
+
+def interleaved(fns: Dict[str, Callable[[int], None]], rounds: int, device: torch.device, warmup: int = 1,
+                calls: int = 1, skip: Optional[Callable[[str, int], bool]] = None,
+                on_sample: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each ``fn(r)``, the contenders interleaved round by round (background load on a shared
+    machine then hits them alike): ``warmup`` untimed calls each with r = -1, then ``rounds`` rounds r = 0, 1, ...
+    (an ``fn`` uses r to pick a fresh input), each sample timing ``calls`` back-to-back calls. ``skip(name, r)``
+    leaves a contender out of a round; ``on_sample`` runs after each sample (a progress bar)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(-1)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if skip is not None and skip(name, r):
+                continue
+            samples[name].append(time_call(lambda: fn(r), device, calls))
+            if on_sample is not None:
+                on_sample()
+    return samples
 
 
 def summarize(samples: List[float]) -> "tuple[float, float]":

@@ -1,11 +1,14 @@
 """Smoke test of the quality study (benchmarks/quality/run.py --quick): it trains, evaluates, records and plots;
-a finished run is not trained again; the ladder configs have equal expert parameters and active FLOPs."""
+a finished run is not trained again; the ladder configs have equal expert parameters and active FLOPs.
+
+It lives beside the study, not in tests/ (the package's suite, which also runs against an installed wheel):
+run it from a source checkout's root with ``python -m pytest benchmarks``."""
 import json
 import os
 
 import pytest
 
-from benchmarks.quality import run
+from benchmarks.quality import run  # a source checkout: run from its root (python -m pytest benchmarks)
 
 
 def test_ladder_is_matched():
