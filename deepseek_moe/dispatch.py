@@ -204,7 +204,7 @@ class CombineRows(torch.autograd.Function):
         acc = torch.promote_types(o_NH.dtype, torch.float32)
         w_N = weight_TK.reshape(-1).index_select(0, pair_N).to(acc)
         grad_o = (grad_NH.to(acc) * w_N.unsqueeze(1)).to(o_NH.dtype)
-        grad_w_N = torch.linalg.vecdot(o_NH.to(acc), grad_NH.to(acc))
+        grad_w_N = (o_NH.to(acc) * grad_NH.to(acc)).sum(1)  # not vecdot: autocast would run it in 16 bits
         grad_w_P = torch.zeros(weight_TK.numel(), dtype=acc, device=o_NH.device).index_copy_(0, pair_N, grad_w_N)
         return grad_o, grad_w_P.view(weight_TK.shape).to(weight_TK.dtype), None, None, None
 

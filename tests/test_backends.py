@@ -9,7 +9,15 @@ from deepseek_moe.backends.grouped import _grouped_mm
 from deepseek_moe.dispatch import build_plan, expert_capacity
 from deepseek_moe.testing import assert_close, make_topk
 
-STRATEGIES = ["segments"] + (["grouped_mm"] if _grouped_mm is not None else [])
+# "segments" is the segment loop itself; "segments:few_rows" its whole-tensor path for few rows per expert.
+STRATEGIES = ["segments", "segments:few_rows"] + (["grouped_mm"] if _grouped_mm is not None else [])
+
+
+def torch_backend(strategy: str) -> TorchBackend:
+    """The torch backend with ``strategy``, the segment loop's few-rows threshold forced either way."""
+    if strategy.startswith("segments"):
+        return TorchBackend("segments", few_rows=10**9 if strategy.endswith("few_rows") else 0)
+    return TorchBackend(strategy)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -42,14 +50,21 @@ def _run(backend, topk, weight, cap, x, gate_up, down, grad_y):
     (1, 4, 4, "random", 0, None),
 ])
 def test_torch_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
-    if strategy == "grouped_mm" and dtype == torch.float32 and not hasattr(F, "grouped_mm"):
+    if strategy != "segments" and dtype == torch.float32 and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no public fp32 grouped_mm")
     problem = _problem(T, E, K, 24, 16, dtype, kind, empty, cap)
     ref = _run(EagerBackend(), *problem)
-    out = _run(TorchBackend(strategy), *problem)
+    out = _run(torch_backend(strategy), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
         assert a.dtype == b.dtype, name
         assert_close(a, b, TOL[dtype], f"{strategy}/{dtype}/{name}")
+    with torch.no_grad():  # inference takes other paths (no saved activations)
+        assert_close(_run_no_grad(torch_backend(strategy), *problem), ref[0], TOL[dtype], f"{strategy}/{dtype}/no grad")
+
+
+def _run_no_grad(backend, topk, weight, cap, x, gate_up, down, grad_y):
+    with torch.no_grad():
+        return backend.routed_mlp(x, build_plan(topk, weight, gate_up.shape[0], cap, weight), gate_up, down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,7 +72,7 @@ def test_torch_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
 def test_padded_segments_match_eager(dtype, multiple):
     problem = _problem(77, 16, 3, 24, 16, dtype, "skewed", empty_experts=4, capacity_factor=0.8)
     ref = _run(EagerBackend(), *problem)
-    out = _run(TorchBackend("segments", pad_multiple=multiple), *problem)
+    out = _run(TorchBackend("segments", pad_multiple=multiple, few_rows=0), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
         assert_close(a, b, TOL[dtype], f"pad {multiple}/{dtype}/{name}")
 
@@ -78,7 +93,7 @@ def test_align_segments_layout():
 
 def test_empty_expert_gets_exactly_zero_gradient():
     problem = _problem(40, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
-    _, g_gu, g_dn, _ = _run(TorchBackend("segments"), *problem)[1:]
+    _, g_gu, g_dn, _ = _run(TorchBackend("segments", few_rows=0), *problem)[1:]
     assert bool((g_gu[-3:] == 0).all()) and bool((g_dn[-3:] == 0).all())
     assert bool((g_gu[:5].abs().sum((1, 2)) > 0).all())
 
@@ -90,7 +105,7 @@ def test_segments_gradcheck_float64():
 
     def f(x, gate_up, down, weight):
         plan = build_plan(topk, weight, 4)
-        return TorchBackend("segments").routed_mlp(x, plan, gate_up, down)
+        return TorchBackend("segments", few_rows=0).routed_mlp(x, plan, gate_up, down)
 
     assert torch.autograd.gradcheck(f, (x, gate_up, down, weight))
 
@@ -222,9 +237,9 @@ def _glu_reference(topk, weight, cap, x, gate_up, down, activation):
 def test_glu_activations_match_float64(activation, backend):
     problem = _problem(45, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
     topk, weight, cap, x, gate_up, down, grad_y = problem
-    if backend.startswith("torch:grouped_mm") and not hasattr(F, "grouped_mm"):
+    if backend not in ("eager", "torch:segments") and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no public fp32 grouped_mm")
-    impl = EagerBackend() if backend == "eager" else TorchBackend(backend.split(":")[1])
+    impl = EagerBackend() if backend == "eager" else torch_backend(backend.split(":", 1)[1])
     plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
     y = impl.routed_mlp(x, plan, gate_up, down, activation)
     grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y)

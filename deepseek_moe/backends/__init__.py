@@ -114,14 +114,15 @@ def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activatio
     and its result is a constant of the graph: it reads the environment and the filesystem, which dynamo cannot
     trace."""
     backend = select(name, device, dtype, activation)
-    return ":".join([backend.name, getattr(backend, "strategy", ""), str(getattr(backend, "pad_multiple", ""))])
+    return ":".join([backend.name, getattr(backend, "strategy", ""), str(getattr(backend, "pad_multiple", "")),
+                     str(getattr(backend, "few_rows_per_expert", ""))])
 
 
 def from_spec(spec: str) -> Backend:
     """The backend that :func:`selected_spec` describes."""
-    name, strategy, pad = spec.split(":")
+    name, strategy, pad, few_rows = spec.split(":")
     if name == "torch":
-        return TorchBackend(strategy, int(pad))
+        return TorchBackend(strategy, int(pad), int(few_rows))
     if name == "ext":
         return ExtBackend(strategy)
     return _BUILTIN[name]

@@ -18,7 +18,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import DispatchPlan, sorted_weights
+from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
 from .base import Backend, acc_dtype, glu, glu_backward
 
 STRATEGIES = ("segments", "grouped_mm")
@@ -35,20 +35,26 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     token_N must be sorted by expert with ``counts_E`` pairs per expert. Returns (y_TH in x's dtype, h_NJ = the
     gate_up pre-activations, kept for the backward).
     """
+    return _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save=True)
+
+
+def _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save: bool):
+    """The body of :func:`segment_mlp`; without ``save`` (no backward follows) h_NJ is not kept (returns None)."""
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
-    h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I)
-    counts: List[int] = counts_E.tolist()
+    h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I) if save else None
     acc = acc_dtype(x_TH.dtype)
     y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
-    h_seg, tok_seg, w_seg = h_NJ.split(counts), token_N.split(counts), weight_N.split(counts)
-    gate_up_t, down_t = gate_up_EJH.transpose(1, 2), down_EHI.transpose(1, 2)
-    for e, n in enumerate(counts):
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
         if n == 0:
             continue
-        torch.mm(x_TH.index_select(0, tok_seg[e]), gate_up_t[e], out=h_seg[e])
-        out_nH = torch.mm(glu(h_seg[e], activation, w_seg[e]).to(x_TH.dtype), down_t[e])
-        y_TH.index_add_(0, tok_seg[e], out_nH if out_nH.dtype == acc else out_nH.to(acc))
+        tok_n = token_N[start:start + n]
+        x_nH = x_TH.index_select(0, tok_n)
+        h_nJ = torch.mm(x_nH, gate_up_EJH[e].t(), out=h_NJ[start:start + n]) if save else x_nH @ gate_up_EJH[e].t()
+        out_nH = torch.mm(glu(h_nJ, activation, weight_N[start:start + n]).to(x_TH.dtype), down_EHI[e].t())
+        y_TH.index_add_(0, tok_n, out_nH if out_nH.dtype == acc else out_nH.to(acc))
+        start += n
     return y_TH.to(x_TH.dtype), h_NJ
 
 
@@ -118,6 +124,28 @@ segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
 
 
 # ------------------------------------------------------------------------------------------ backend
+def _few_rows_forward(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation) -> torch.Tensor:
+    """y_TH without autograd for plans with few rows per expert: one gather, each touched expert's two GEMMs into
+    shared buffers, one GLU·w pass and one scatter-add (CPU's grouped_mm also multiplies the empty experts, which
+    cost ~7 µs each)."""
+    T, H = x_TH.shape
+    N, I = plan.token_N.shape[0], down_EHI.shape[-1]
+    spans, start = [], 0
+    for e, n in enumerate(plan.counts_list()):
+        if n:
+            spans.append((e, start, start + n))
+        start += n
+    x_NH = x_TH.index_select(0, plan.token_N)
+    h_NJ, o_NH = x_TH.new_empty(N, 2 * I), x_TH.new_empty(N, H)
+    for e, begin, end in spans:
+        torch.mm(x_NH[begin:end], gate_up_EJH[e].t(), out=h_NJ[begin:end])
+    a_NI = glu(h_NJ, activation, sorted_weights(plan)).to(x_TH.dtype)
+    for e, begin, end in spans:
+        torch.mm(a_NI[begin:end], down_EHI[e].t(), out=o_NH[begin:end])
+    acc = acc_dtype(x_TH.dtype)
+    return torch.zeros(T, H, dtype=acc, device=x_TH.device).index_add_(0, plan.token_N, o_NH.to(acc)).to(x_TH.dtype)
+
+
 def cuda_grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """PyTorch's CUDA grouped GEMM runs bf16 on Hopper-class GPUs (compute capability >= 9.0) only."""
     return (device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm is not None
@@ -162,7 +190,7 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, strategy: str = "segments", pad_multiple: int = 1):
+    def __init__(self, strategy: str = "segments", pad_multiple: int = 1, few_rows: int = 64):
         if strategy not in STRATEGIES:
             raise ValueError(f"{type(self).__name__}: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         if not isinstance(pad_multiple, int) or pad_multiple < 1:
@@ -171,6 +199,7 @@ class TorchBackend(Backend):
             raise ValueError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
         self.strategy = strategy
         self.pad_multiple = pad_multiple
+        self.few_rows_per_expert = few_rows
         self.gathers = self.reduces = strategy == "segments"
 
     @classmethod
@@ -192,11 +221,33 @@ class TorchBackend(Backend):
         self.check_activation(activation)
         if self.strategy == "grouped_mm":
             return grouped_mm_experts(x, plan, gate_up_EJH, down_EHI, activation)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_EJH, down_EHI,
+                                                                                 plan.weight_TK))
+        if self.few_rows(plan, x.dtype):
+            # Few rows per expert (decode, small batches): whole-tensor passes beat the loop's per-expert ops.
+            if not needs_grad:
+                return _few_rows_forward(x, plan, gate_up_EJH, down_EHI, activation)
+            o_NH = grouped_mm_experts(gather_rows(x, plan), plan, gate_up_EJH, down_EHI, activation)
+            return combine_rows(o_NH, plan, weighted=True)
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x.dtype)), plan.counts_E
         if self.pad_multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, self.pad_multiple)
+        if not needs_grad and not torch.compiler.is_compiling():
+            # No backward follows: the op's body without the op (its dispatch costs ~0.1 ms, a tenth of a
+            # decode step) and without keeping h.
+            return _segment_forward(x, gate_up_EJH, down_EHI, token, weight, counts, activation, save=False)[0]
         y_TH, _ = segment_mlp(x, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts, activation)
         return y_TH
 
+    def few_rows(self, plan: DispatchPlan, dtype: torch.dtype) -> bool:
+        """Whether the segment loop hands ``plan`` to whole-tensor passes instead: under ``few_rows`` (constructor
+        argument, default 64; 0 never) rows per expert on average, where the loop's per-expert ops cost more than
+        its cache residency saves (measured on CPU: grouped_mm 1.1-1.5x faster up to T = 256 at K = 6, even at
+        T = 1024, 1.3x slower at T = 4096; docs/benchmarks.md). Not under torch.compile, whose CPU grouped_mm runs
+        bf16 only, and not for fp64, which grouped_mm lacks."""
+        return (_grouped_mm is not None and plan.pair_N.shape[0] < self.few_rows_per_expert * plan.num_experts
+                and dtype != torch.float64 and not torch.compiler.is_compiling())
+
     def __repr__(self) -> str:
-        return f"<deepseek_moe backend {self.name!r} strategy={self.strategy!r} pad_multiple={self.pad_multiple}>"
+        return (f"<deepseek_moe backend {self.name!r} strategy={self.strategy!r} pad_multiple={self.pad_multiple} "
+                f"few_rows={self.few_rows_per_expert}>")
