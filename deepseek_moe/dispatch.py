@@ -165,8 +165,10 @@ def _combine(o_NH: torch.Tensor, slot_TK: torch.Tensor, weight_TK: Optional[torc
         torch.index_select(src, 0, slot_TK[:, k], out=rows_TH)
         if weight_TK is None:
             y_TH += rows_TH
+        elif rows_TH.dtype == acc:  # w·o rounded, then added (no fused multiply-add: the compiled combine's sums)
+            y_TH += torch.mul(rows_TH, weight_TK[:, k:k + 1].to(acc), out=rows_TH)
         else:
-            y_TH.addcmul_(rows_TH, weight_TK[:, k:k + 1].to(acc))
+            y_TH += rows_TH.to(acc) * weight_TK[:, k:k + 1].to(acc)
     return y_TH.to(o_NH.dtype)
 
 

@@ -5,6 +5,8 @@ experts, n rows of the current expert.
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
 from ..dispatch import DispatchPlan
@@ -19,8 +21,13 @@ class EagerBackend(Backend):
 
     def run(self, x_NH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         self.check_activation(activation)
-        # Every expert runs, also on zero rows, so every expert weight gets a gradient (zeros for an idle
-        # expert), as data-parallel gradient reductions expect.
-        o_nH = [glu(x_nH @ gate_up_EJH[e].T, activation).to(x_NH.dtype) @ down_EHI[e].T
-                for e, x_nH in enumerate(x_NH.split(plan.counts_list()))]
-        return torch.cat(o_nH) if o_nH else x_NH.new_zeros(0, x_NH.shape[1])
+        return expert_loop(x_NH, plan.counts_list(), gate_up_EJH, down_EHI, activation)
+
+
+def expert_loop(x_NH: torch.Tensor, counts: List[int], gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
+                activation: str) -> torch.Tensor:
+    """o_NH: each expert's segment of the sorted rows (``counts`` rows per expert) through its GLU MLP."""
+    # Every expert runs, also on zero rows, so every expert weight gets a gradient (zeros for an idle expert), as
+    # data-parallel gradient reductions expect.
+    return torch.cat([glu(x_nH @ gate_up_EJH[e].T, activation).to(x_NH.dtype) @ down_EHI[e].T
+                      for e, x_nH in enumerate(x_NH.split(counts))])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..dispatch import DispatchPlan, combine_rows, gather_rows, sorted_weights
 from .base import Backend, acc_dtype, glu, glu_backward
+from .eager import expert_loop
 
 STRATEGIES = ("segments", "grouped_mm")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -173,7 +174,11 @@ def align_segments(token_N: torch.Tensor, weight_N: torch.Tensor, counts_E: torc
 
 def grouped_mm_experts(x_NH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
                        activation: str = "silu") -> torch.Tensor:
-    """o_NH = down_e · GLU(gate_up_e · x_n) for the expert-sorted rows x_NH (N, H), as two grouped GEMMs."""
+    """o_NH = down_e · GLU(gate_up_e · x_n) for the expert-sorted rows x_NH (N, H), as two grouped GEMMs; the
+    reference loop where grouped_mm cannot take the shapes (rows of H, 2I and I elements must be multiples of 16
+    bytes)."""
+    if any(n * x_NH.element_size() % 16 for n in (x_NH.shape[1], down_EHI.shape[-1])):
+        return expert_loop(x_NH, plan.counts_list(), gate_up_EJH, down_EHI, activation)
     offs_E = plan.offsets_E1[1:].to(torch.int32)
     h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
     return _grouped_mm(glu(h_NJ, activation).to(x_NH.dtype), down_EHI.transpose(1, 2), offs=offs_E)
