@@ -91,11 +91,11 @@ def test_tile_overrides(monkeypatch):
     from deepseek_moe.kernels import TileConfig, force_tiles, gpu_tile_config, tile_config
 
     assert gpu_tile_config("gate_up", torch.bfloat16, 9) == TileConfig(128, 64, 64, 8, 4)
-    assert gpu_tile_config("gate_up", torch.bfloat16, 8).block_k == 32  # Ampere: less shared memory
+    assert gpu_tile_config("gate_up", torch.bfloat16, 8).block_r == 32  # Ampere: less shared memory
     cpu = torch.device("cpu")
     assert tile_config("gate_up", 64, 1024, 352, torch.float32, cpu) == TileConfig(32, 32, 32)
     with force_tiles(TileConfig(16, 64, 32)):
-        assert tile_config("down", 64, 1024, 352, torch.bfloat16, cpu).block_n == 64
+        assert tile_config("down", 64, 1024, 352, torch.bfloat16, cpu).block_c == 64
     monkeypatch.setenv("DEEPSEEK_MOE_TRITON_TILES", "64,32,16,8,2")
     assert tile_config("wgrad", 8, 64, 64, torch.float16, cpu) == TileConfig(64, 32, 16, 8, 2)
     monkeypatch.setenv("DEEPSEEK_MOE_TRITON_TILES", "64,24,16")

@@ -44,7 +44,7 @@ def compile_all(capability: int, dtype: torch.dtype) -> List[Dict]:
     results = []
     for kernel, kind, flags in launches:
         cfg = gpu_tile_config(kind, dtype, capability // 10)
-        constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "DOT_FP32": False,
+        constexprs = {"BM": cfg.block_m, "BC": cfg.block_c, "BR": cfg.block_r, "DOT_FP32": False,
                       "RNE": False, "PRECISION": "ieee", **flags}
         signature = {name: "constexpr" if name in constexprs else
                      (_POINTER_TYPES.get(name, f"*{elem}") if name.endswith("_ptr") else "i32")
@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in args.dtype.split(","):
             for r in compile_all(cap, DTYPES[name]):
                 t = r["tiles"]
-                print(f"sm_{cap} {name:8s} {r['kernel']:30s} {t.block_m}x{t.block_n}x{t.block_k} "
+                print(f"sm_{cap} {name:8s} {r['kernel']:30s} {t.block_m}x{t.block_c}x{t.block_r} "
                       f"warps={t.num_warps} stages={t.num_stages} shared={r['shared_bytes']} B")
     return 0
 
