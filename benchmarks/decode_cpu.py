@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     expert_mb = 3 * H * I * torch.finfo(dtype).bits / 8 / 2**20
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; H={H} 64x{I} +{Ks} shared K=6; "
           f"backend {layer.backend!r}; {args.rounds} rounds of 20 calls")
-    print(f"{'T':>4s} {'experts':>8s} {'weight MB':>10s} {'layer ms':>9s} {'dense ms':>9s} {'x dense':>8s}")
+    print(f"{'T':>4s} {'experts':>8s} {'weight MB':>10s} {'layer ms':>9s} {'layer GB/s':>11s} {'dense ms':>9s} "
+          f"{'x dense':>8s}")
     for T in (int(t) for t in args.tokens.split(",")):
         xs = [torch.randn(T, H, dtype=dtype) for _ in range(args.rounds)]
         ratios, layer_ms, dense_ms, touched = [], [], [], []
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
             dense_ms.append(t["dense"] * 1e3)
             touched.append(distinct + Ks)
         n = statistics.median(touched)
-        print(f"{T:4d} {n:8.0f} {n * expert_mb:10.1f} {statistics.median(layer_ms):9.3f} "
+        mb, ms = n * expert_mb, statistics.median(layer_ms)
+        print(f"{T:4d} {n:8.0f} {mb:10.1f} {ms:9.3f} {mb * 2**20 / 1e9 / (ms / 1e3):11.1f} "
               f"{statistics.median(dense_ms):9.3f} {statistics.median(ratios):7.2f}x", flush=True)
     return 0
 
