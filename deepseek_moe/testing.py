@@ -38,6 +38,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_rms: float, 
                              f"{expected.reshape(-1)[flat].item():.6g}")
 
 
+def require_extension() -> None:
+    """Load the compiled extension for a test, building it from a source checkout; skip (with the reason) in an
+    installation that carries neither the sources nor a build, e.g. a plain wheel; fail on any other error."""
+    import pytest
+
+    from . import ext
+    from .backends import ext as ext_backend
+
+    if not ext.sources() and not ext.has_prebuilt():
+        pytest.skip("the compiled extension is not in this installation (a wheel built without "
+                    "DEEPSEEK_MOE_BUILD_EXT=1 ships neither csrc/ nor a build)")
+    ext_backend.ensure_loaded()  # builds csrc/ the first time (~30 s), then loads the cached library
+
+
 def make_topk(num_tokens: int, num_experts: int, top_k: int, kind: str = "balanced",
               generator: Optional[torch.Generator] = None, empty_experts: int = 0) -> torch.Tensor:
     """int64 (T, K) distinct expert choices per token.

@@ -14,14 +14,14 @@ from deepseek_moe import ext
 from deepseek_moe.backends import EagerBackend, ExtBackend, TorchBackend, select
 from deepseek_moe.backends import ext as ext_backend
 from deepseek_moe.dispatch import build_plan, combine_rows, expert_capacity
-from deepseek_moe.testing import assert_close, make_topk
+from deepseek_moe.testing import assert_close, make_topk, require_extension
 
 from test_backends import TOL, _problem, _run
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    ext_backend.ensure_loaded()  # builds csrc/ the first time (~30 s), then loads the cached library
+    require_extension()
 
 
 def _plan_fields(plan):
