@@ -319,6 +319,7 @@ class DeepSeekMoELayer(nn.Module):
     def _set_config(self, config: MoEConfig) -> None:
         """Give the layer and its parts one new config (``shard_experts``: num_devices becomes the group size)."""
         self.config = self.gate.cfg = self.experts.cfg = config
+        self.dispatcher.capacity_factor = config.capacity_factor
 
     def __getstate__(self):
         # Selected backends belong to this process (a loaded extension, the environment): select again after loading.

@@ -239,3 +239,28 @@ def test_ext_layer_compiles_fullgraph():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert torch.allclose(torch.compile(layer, fullgraph=True)(x), layer(x), atol=1e-6)
+
+
+def test_first_forward_compiled_loads_the_extension(monkeypatch):
+    """A layer whose first forward is compiled selects its backend at trace time: selecting "ext" there must load
+    the extension, not report it missing."""
+    loads = []
+    monkeypatch.setattr(ext, "_loaded", False)
+    monkeypatch.setattr(ext, "load", lambda verbose=False: (loads.append(1), monkeypatch.setattr(ext, "_loaded", True)))
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
+                                backend="ext").eval()
+    x = torch.randn(5, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True)(x)
+    assert loads
+    with torch.no_grad():
+        assert torch.allclose(got, layer(x), atol=1e-6)
+
+
+def test_backend_named_by_the_environment_is_loaded(monkeypatch):
+    prepared = []
+    monkeypatch.setattr(ExtBackend, "prepare", lambda self: prepared.append(self))
+    monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "ext")
+    assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
+    assert prepared

@@ -277,3 +277,20 @@ def test_training_step_compiles_fullgraph_and_matches_eager(dtype):
     assert_close(results[1][2], results[0][2], tol, "grad x")
     for name, g in results[0][3].items():
         assert_close(results[1][3][name], g, tol, f"grad {name}")
+
+
+def test_training_with_capacity_compiles_fullgraph_at_many_rows_per_expert():
+    """T·K above the few-rows threshold (64 rows per expert) with capacity: the row count is data-dependent, and
+    the compiled graph must not branch on it."""
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2,
+                                capacity_factor=1.0)
+    ref = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    x = torch.randn(320, 16)
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.square().sum().backward()
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    assert_close(y, y_ref, 1e-5, "y")
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, 1e-5, f"grad {name}")

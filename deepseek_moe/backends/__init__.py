@@ -80,8 +80,11 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, acti
     name = _resolve_name(name, device, dtype, activation)
     if name in _NOT_IN_RELEASE:
         return _NOT_IN_RELEASE[name]
-    return _BUILTIN[name].activation_reason(activation) or _configured(name, device, dtype).unavailable_reason(
-        device, dtype)
+    try:
+        configured = _configured(name, device, dtype)
+    except ValueError as err:  # an invalid DEEPSEEK_MOE_TORCH_STRATEGY
+        return str(err)
+    return _BUILTIN[name].activation_reason(activation) or configured.unavailable_reason(device, dtype)
 
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"),
@@ -100,12 +103,14 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"),
         if reason is not None:
             via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" else ""
             raise BackendUnavailable(f"backend {resolved!r}{via} cannot run these experts: {reason}")
-    if name != "auto" and resolved in _BUILTIN:
+    named = name != "auto" or os.environ.get("DEEPSEEK_MOE_BACKEND", "").strip() not in ("", "auto")
+    if named and resolved in _BUILTIN:  # chosen by name (argument or DEEPSEEK_MOE_BACKEND): build or load it
         _BUILTIN[resolved].prepare()
+    configured = _configured(resolved, device, dtype) if resolved in _BUILTIN else None  # ValueError: a bad env
     reason = unavailable_reason(resolved, device, dtype, activation)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r} is unavailable on {device} / {dtype}: {reason}")
-    return _configured(resolved, device, dtype)
+    return configured
 
 
 @torch.compiler.assume_constant_result

@@ -31,15 +31,21 @@ _OPS = "deepseek_moe::"
 def ensure_loaded() -> None:
     """Load the extension (building it if needed) and register autograd and fake implementations of its ops.
 
-    Raises :class:`deepseek_moe.ext.ExtensionUnavailable` when it cannot be loaded."""
+    Raises :class:`deepseek_moe.ext.ExtensionUnavailable` when it cannot be loaded. Selection calls it, also under
+    torch.compile (at trace time, outside the graph); the ops' callers below skip it while a graph is traced."""
     global _registered
-    if torch.compiler.is_compiling():  # a traced forward runs after the backend's selection, which loaded it
-        return
     ext.load()
     with _register_lock:
         if not _registered:
             _register()
             _registered = True
+
+
+def _ensure_loaded_eager() -> None:
+    """:func:`ensure_loaded`, except inside a traced graph: there the backend's selection has loaded it already, at
+    trace time, and loading (file system, locks) cannot be traced."""
+    if not torch.compiler.is_compiling():
+        ensure_loaded()
 
 
 def _register() -> None:
@@ -100,14 +106,14 @@ def combine(o_NH: torch.Tensor, plan: DispatchPlan, weighted: bool = False) -> t
     """(N, H) -> (T, H): y[t] = Σ_k w[t, k] · o[slot[t, k]] in fp32, o's dtype out; w = 1 unless ``weighted``
     (then the plan's gate weights, differentiable). The extension's :func:`deepseek_moe.dispatch.combine_rows`
     (bit-identical unweighted)."""
-    ensure_loaded()
+    _ensure_loaded_eager()
     return torch.ops.deepseek_moe.combine(o_NH, plan.slot_TK, plan.weight_TK if weighted else None)
 
 
 def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     """The dropless :class:`DispatchPlan` from the extension's stable counting sort (identical to
     :func:`deepseek_moe.dispatch.build_plan` without capacity)."""
-    ensure_loaded()
+    _ensure_loaded_eager()
     T, K = topk_idx_TK.shape
     counts_E, offsets_E1, pair_N, token_N, slot_TK = torch.ops.deepseek_moe.route_plan(topk_idx_TK, num_experts)
     device = topk_idx_TK.device
@@ -184,7 +190,7 @@ class ExtBackend(Backend):
 
     def run(self, x, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
         self.check_activation(activation)
-        ensure_loaded()
+        _ensure_loaded_eager()
         if self.strategy == "grouped_mm":
             return combine(grouped_mm_experts(x, plan, gate_up_EJH, down_EHI, activation), plan, weighted=True)
         y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x, gate_up_EJH.contiguous(), down_EHI.contiguous(),

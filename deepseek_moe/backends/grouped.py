@@ -13,7 +13,7 @@ Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed expert
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +200,8 @@ class TorchBackend(Backend):
             raise ValueError(f"{type(self).__name__}: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         if not isinstance(pad_multiple, int) or pad_multiple < 1:
             raise ValueError(f"{type(self).__name__}: pad_multiple={pad_multiple!r} is invalid; expected an int >= 1")
+        if not isinstance(few_rows, int) or few_rows < 0:
+            raise ValueError(f"{type(self).__name__}: few_rows={few_rows!r} is invalid; expected an int >= 0")
         if strategy == "grouped_mm" and _grouped_mm is None:
             raise ValueError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
         self.strategy = strategy
@@ -244,14 +246,20 @@ class TorchBackend(Backend):
         y_TH, _ = segment_mlp(x, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts, activation)
         return y_TH
 
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if self.strategy == "grouped_mm" and dtype == torch.float64:
+            return "PyTorch's grouped_mm has no float64 kernels; use strategy 'segments' (unset DEEPSEEK_MOE_TORCH_STRATEGY)"
+        return None
+
     def few_rows(self, plan: DispatchPlan, dtype: torch.dtype) -> bool:
         """Whether the segment loop hands ``plan`` to whole-tensor passes instead: under ``few_rows`` (constructor
         argument, default 64; 0 never) rows per expert on average, where the loop's per-expert ops cost more than
         its cache residency saves (measured on CPU: grouped_mm 1.1-1.5x faster up to T = 256 at K = 6, even at
         T = 1024, 1.3x slower at T = 4096; docs/benchmarks.md). Not under torch.compile, whose CPU grouped_mm runs
         bf16 only, and not for fp64, which grouped_mm lacks."""
-        return (_grouped_mm is not None and plan.pair_N.shape[0] < self.few_rows_per_expert * plan.num_experts
-                and dtype != torch.float64 and not torch.compiler.is_compiling())
+        # is_compiling first: under torch.compile the row count is data-dependent (capacity) or a guard on T.
+        return (not torch.compiler.is_compiling() and _grouped_mm is not None and dtype != torch.float64
+                and plan.pair_N.shape[0] < self.few_rows_per_expert * plan.num_experts)
 
     def __repr__(self) -> str:
         return (f"<deepseek_moe backend {self.name!r} strategy={self.strategy!r} pad_multiple={self.pad_multiple} "
