@@ -99,7 +99,9 @@ class DeepSeekMoELayer(nn.Module):
     def reset_counters(self) -> None:
         """Zero the load counters (tokens_per_expert, the bias-step load, the balance window, drops)."""
         for name in self._COUNTERS:
-            getattr(self, name).zero_()
+            # Fresh zeros, not zero_(): after a forward under inference_mode the counters are inference tensors,
+            # which cannot be written outside it.
+            setattr(self, name, torch.zeros_like(getattr(self, name)))
 
     def __deepcopy__(self, memo):
         # The default copy, except that the last forward's aux_loss is copied without its autograd graph

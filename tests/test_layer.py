@@ -294,3 +294,14 @@ def test_training_with_capacity_compiles_fullgraph_at_many_rows_per_expert():
     assert_close(y, y_ref, 1e-5, "y")
     for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, 1e-5, f"grad {name}")
+
+
+def test_reset_counters_after_an_inference_mode_forward():
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
+    with torch.inference_mode():
+        layer(torch.randn(5, 16))
+    assert int(layer.tokens_per_expert.sum()) == 10
+    layer.reset_counters()
+    assert not layer.tokens_per_expert.any() and int(layer.last_stats["num_dropped"]) == 0
+    layer.train()(torch.randn(5, 16)).sum().backward()
+    assert int(layer.load_since_update.sum()) == 10
