@@ -110,9 +110,7 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
         # Two stable sorts: by descending affinity, then by expert, so each expert's segment is best-first.
         by_affinity_P = torch.argsort(affinity_TK.detach().reshape(-1), descending=True, stable=True)
         pair_P = by_affinity_P[torch.argsort(expert_P[by_affinity_P], stable=True)]
-        starts_E = torch.cumsum(routed_counts_E, 0) - routed_counts_E
-        rank_P = torch.arange(T * K, device=device) - starts_E[expert_P[pair_P]]
-        kept_P = rank_P < capacity
+        kept_P = segment_ranks(expert_P[pair_P], routed_counts_E) < capacity
         pair_N = pair_P[kept_P]
         keep_TK = torch.zeros(T * K, dtype=torch.bool, device=device)
         keep_TK[pair_N] = True
@@ -121,9 +119,15 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
     return _finish_plan(topk_idx_TK, weight_TK, keep_TK, pair_N, counts_E, routed_counts_E, T * K - pair_N.numel())
 
 
+def segment_ranks(group_N: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+    """Each element's position within its group, for elements sorted by group: group_N int64 (N,) ascending,
+    counts_G (G,) elements per group -> int64 (N,)."""
+    starts_G = torch.cumsum(counts_G, 0) - counts_G
+    return torch.arange(group_N.numel(), device=group_N.device) - starts_G[group_N]
+
+
 def _masked_plan(topk_idx_TK, weight_TK, num_experts, keep_TK) -> DispatchPlan:
     """build_plan for the pairs where ``keep_TK``: the other slots sort after every expert and are cut off."""
-    T, K = topk_idx_TK.shape
     key_P = torch.where(keep_TK.reshape(-1), topk_idx_TK.reshape(-1), num_experts)
     counts_E = torch.zeros(num_experts + 1, dtype=torch.int64, device=key_P.device).scatter_add_(
         0, key_P, torch.ones_like(key_P))[:num_experts]
@@ -204,11 +208,15 @@ class CombineRows(torch.autograd.Function):
         if weight_TK is None:
             return grad_NH, None, None, None, None
         acc = torch.promote_types(o_NH.dtype, torch.float32)
-        w_N = weight_TK.reshape(-1).index_select(0, pair_N).to(acc)
-        grad_o = (grad_NH.to(acc) * w_N.unsqueeze(1)).to(o_NH.dtype)
-        grad_w_N = (o_NH.to(acc) * grad_NH.to(acc)).sum(1)  # not vecdot: autocast would run it in 16 bits
-        grad_w_P = torch.zeros(weight_TK.numel(), dtype=acc, device=o_NH.device).index_copy_(0, pair_N, grad_w_N)
-        return grad_o, grad_w_P.view(weight_TK.shape).to(weight_TK.dtype), None, None, None
+        grad_o = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_N = weight_TK.reshape(-1).index_select(0, pair_N).to(acc)
+            grad_o = (grad_NH.to(acc) * w_N.unsqueeze(1)).to(o_NH.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w_N = (o_NH.to(acc) * grad_NH.to(acc)).sum(1)  # not vecdot: autocast would run it in 16 bits
+            grad_w = torch.zeros(weight_TK.numel(), dtype=acc, device=o_NH.device).index_copy_(0, pair_N, grad_w_N)
+            grad_w = grad_w.view(weight_TK.shape).to(weight_TK.dtype)
+        return grad_o, grad_w, None, None, None
 
 
 def gather_rows(x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -222,6 +230,18 @@ def combine_rows(o_NH: torch.Tensor, plan: DispatchPlan, weighted: bool = False)
     combine of the package: fused experts implementations are tested against it."""
     weight_TK = plan.weight_TK if weighted else None
     return CombineRows.apply(o_NH, weight_TK, plan.token_N, plan.slot_TK, plan.pair_N)
+
+
+def rows_for_experts(x_TH: torch.Tensor, plan: DispatchPlan, experts: "Backend") -> torch.Tensor:
+    """What ``experts.run`` takes: the (N, H) rows in expert order, or x_TH itself for an implementation that
+    gathers (``experts.gathers``)."""
+    return x_TH if experts.gathers else gather_rows(x_TH, plan)
+
+
+def combine_experts(o: torch.Tensor, plan: DispatchPlan, experts: "Backend") -> torch.Tensor:
+    """``experts.run``'s output -> y_TH (T, H): the weighted combine of o_NH, or o itself for an implementation
+    that weighs and sums (``experts.reduces``)."""
+    return o if experts.reduces else combine_rows(o, plan, weighted=True)
 
 
 def sorted_weights(plan: DispatchPlan) -> torch.Tensor:
@@ -287,12 +307,10 @@ class LocalDispatcher(Dispatcher):
 
     def dispatch(self, x_TH: torch.Tensor, routing: "Routing", experts: "Backend", training: bool
                  ) -> Tuple[torch.Tensor, Dispatched]:
-        """x_TH (T, H) -> (the experts' input, :class:`Dispatched`): the (N, H) rows in expert order, or x_TH
-        itself for an implementation that gathers (``experts.gathers``)."""
+        """x_TH (T, H) -> (the experts' input (:func:`rows_for_experts`), :class:`Dispatched`)."""
         plan = self.plan(routing, experts, training)
-        return (x_TH if experts.gathers else gather_rows(x_TH, plan)), Dispatched(plan, plan, plan.num_dropped)
+        return rows_for_experts(x_TH, plan, experts), Dispatched(plan, plan, plan.num_dropped)
 
     def combine(self, o: torch.Tensor, d: Dispatched, experts: "Backend") -> torch.Tensor:
-        """The experts' output -> y_TH (T, H): the weighted combine of o_NH, or o itself for an implementation
-        that weighs and sums (``experts.reduces``)."""
-        return o if experts.reduces else combine_rows(o, d.experts_plan, weighted=True)
+        """The experts' output -> y_TH (T, H) (:func:`combine_experts`)."""
+        return combine_experts(o, d.experts_plan, experts)

@@ -69,7 +69,8 @@ class RoutedExperts(nn.Module):
         backend that gathers; see :class:`~deepseek_moe.backends.Backend`) with these weights in that dtype."""
         gate_up_EJH, down_EHI = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
         if self.grad_scale != 1.0:
-            gate_up_EJH, down_EHI = _ScaleGrad.apply(gate_up_EJH, self.grad_scale), _ScaleGrad.apply(down_EHI, self.grad_scale)
+            gate_up_EJH = _ScaleGrad.apply(gate_up_EJH, self.grad_scale)
+            down_EHI = _ScaleGrad.apply(down_EHI, self.grad_scale)
         return backend.run(x, plan, gate_up_EJH, down_EHI, self.cfg.hidden_act)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -113,23 +114,19 @@ class SharedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        self._build(cfg.hidden_size, cfg.shared_width, cfg.hidden_act, cfg.initializer_range)
+        width = cfg.shared_width
+        self.activation = cfg.hidden_act
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=cfg.initializer_range)
 
     @classmethod
     def dense(cls, hidden_size: int, width: int, activation: str = "silu", std: float = 0.02) -> "SharedExperts":
-        """A dense GLU FFN (H -> width -> H), weights drawn from N(0, std²)."""
-        mlp = cls.__new__(cls)
-        nn.Module.__init__(mlp)
-        mlp._build(hidden_size, width, activation, std)
-        return mlp
-
-    def _build(self, hidden_size: int, width: int, activation: str, std: float) -> None:
-        self.activation = activation
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
-        for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=std)
+        """A dense GLU FFN (H -> width -> H), weights drawn from N(0, std²): one shared expert of that width."""
+        return cls(MoEConfig(hidden_size=hidden_size, expert_hidden_size=width, num_shared_experts=1,
+                             hidden_act=activation, initializer_range=std))
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ACTIVATIONS
-from ..dispatch import DispatchPlan, build_plan, combine_rows, gather_rows
+from ..dispatch import DispatchPlan, build_plan, combine_experts, rows_for_experts
 
 
 class Backend:
@@ -78,9 +78,8 @@ class Backend:
                    down_EHI: torch.Tensor, activation: str = "silu") -> torch.Tensor:
         """y_TH (T, H) = Σ_k w[t,k]·GLU_e(x_t) over the kept pairs of ``plan``: :meth:`run` between the local
         dispatcher's gather and combine (the whole routed path on one device)."""
-        x = x_TH if self.gathers else gather_rows(x_TH, plan)
-        o = self.run(x, plan, gate_up_EJH, down_EHI, activation)
-        return o if self.reduces else combine_rows(o, plan, weighted=True)
+        o = self.run(rows_for_experts(x_TH, plan, self), plan, gate_up_EJH, down_EHI, activation)
+        return combine_experts(o, plan, self)
 
     def __repr__(self) -> str:
         return f"<deepseek_moe backend {self.name!r}>"
@@ -136,7 +135,7 @@ def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor
 
 
 def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: torch.Tensor,
-                          activation: str = "silu") -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                 activation: str = "silu") -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Gradients of :func:`glu`, in the accumulation dtype (see :func:`acc_dtype`).
 
     ``w_N`` None means no weight (w = 1; the returned grad_w_N is None, and ``grad_a_NI`` is only read);

@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..dispatch import CombineRows, Dispatched, Dispatcher, GatherRows, build_plan, combine_rows, gather_rows, \
-    sorted_weights
+from ..dispatch import CombineRows, Dispatched, Dispatcher, GatherRows, build_plan, combine_experts, \
+    rows_for_experts, segment_ranks, sorted_weights
 
 
 @dataclass
@@ -112,7 +112,7 @@ class AllToAllDispatcher(Dispatcher):
                               "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
                               "row_bytes": H * x_TH.element_size(), "pairs_received": int(sum(recv_pairs)),
                               "pairs_processed": int(local.pair_N.numel())}
-        x_in = x_RH if experts.gathers else gather_rows(x_RH, local)
+        x_in = rows_for_experts(x_RH, local, experts)
         return x_in, Dispatched(plan, local, num_dropped, exchange)
 
     def _device_capacity(self, plan, routing, num_received: int, recv_pairs, send_pairs, training: bool
@@ -139,9 +139,8 @@ class AllToAllDispatcher(Dispatcher):
         P = row_P.numel()
         order_P = torch.argsort(row_P, stable=True)
         counts_R = torch.zeros(R, dtype=torch.int64, device=device).scatter_add_(0, row_P, torch.ones_like(row_P))
-        first_R = torch.cumsum(counts_R, 0) - counts_R
         pos_P = torch.empty_like(row_P)
-        pos_P[order_P] = torch.arange(P, device=device) - first_R[row_P[order_P]]
+        pos_P[order_P] = segment_ranks(row_P[order_P], counts_R)
         topk_idx_RK = torch.zeros(R, K, dtype=torch.int64, device=device).index_put_((row_P, pos_P), expert_P)
         keep_RK = torch.zeros(R, K, dtype=torch.bool, device=device).index_put_(
             (row_P, pos_P), keep_P if keep_P is not None else torch.ones(P, dtype=torch.bool, device=device))
@@ -152,7 +151,7 @@ class AllToAllDispatcher(Dispatcher):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
         ex: Exchange = d.exchange
-        o_RH = o if experts.reduces else combine_rows(o, d.experts_plan, weighted=True)
+        o_RH = combine_experts(o, d.experts_plan, experts)
         back_UH = all_to_all_single_autograd(o_RH, ex.send_rows, ex.recv_rows, self.group)
         return CombineRows.apply(back_UH, None, ex.token_U, ex.slot_TW, None)
 
