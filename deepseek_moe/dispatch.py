@@ -87,7 +87,8 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
         keep_TK: bool (T, K), False for slots that hold no pair (rows with fewer than K pairs, as the rows an
             expert-parallel rank receives); such slots count nowhere. Not combined with ``capacity``.
 
-    Raises ValueError for ``capacity`` without ``affinity_TK`` or together with ``keep_TK``.
+    Raises ValueError for ``capacity`` without ``affinity_TK`` or together with ``keep_TK``, and for a ``keep_TK``
+    that is not a bool tensor of ``topk_idx_TK``'s shape.
     """
     T, K = topk_idx_TK.shape
     device = topk_idx_TK.device
@@ -95,6 +96,9 @@ def build_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
     if keep_TK is not None:
         if capacity is not None:
             raise ValueError("build_plan: capacity and keep_TK cannot be combined")
+        if keep_TK.dtype != torch.bool or keep_TK.shape != topk_idx_TK.shape:
+            raise ValueError(f"build_plan: keep_TK must be a bool tensor of topk_idx_TK's shape "
+                             f"{tuple(topk_idx_TK.shape)}, got {keep_TK.dtype} {tuple(keep_TK.shape)}")
         return _masked_plan(topk_idx_TK, weight_TK, num_experts, keep_TK)
     # Not bincount: its output length depends on the data, which torch.compile(fullgraph=True) cannot trace.
     routed_counts_E = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(

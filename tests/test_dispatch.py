@@ -108,3 +108,16 @@ def test_combine_with_dropped_pairs_adds_zero():
 def test_capacity_requires_affinity():
     with pytest.raises(ValueError, match="affinity"):
         build_plan(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 1, capacity=1)
+
+
+def test_masked_plan_keeps_only_the_marked_slots_and_checks_the_mask():
+    topk = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    keep = torch.tensor([[True, False], [True, True], [False, True]])
+    plan = build_plan(topk, torch.rand(3, 2), 3, keep_TK=keep)
+    assert plan.pair_N.tolist() == [0, 3, 2, 5]  # expert 0: pairs 0, 3; expert 1: pairs 2, 5 (stable)
+    assert plan.counts_E.tolist() == [2, 2, 0] and int(plan.num_dropped) == 0
+    assert bool((plan.slot_TK[~keep] == 4).all())  # masked slots point at the zero row N
+    with pytest.raises(ValueError, match="keep_TK must be a bool tensor"):
+        build_plan(topk, torch.rand(3, 2), 3, keep_TK=keep.long())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        build_plan(topk, torch.rand(3, 2), 3, capacity=1, affinity_TK=torch.rand(3, 2), keep_TK=keep)
