@@ -19,8 +19,10 @@ def run_once(module: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
     if mode == "fwdbwd":
         y = module(x)
         y.backward(torch.ones_like(y))
-        for p in module.parameters():
-            p.grad = None
+        # Every call starts from no gradients, as a training step after zero_grad(set_to_none=True) does; an input
+        # shared by several contenders would otherwise make the later ones accumulate into its .grad.
+        for t in (x, *module.parameters()):
+            t.grad = None
     else:
         with torch.inference_mode():
             module(x)
