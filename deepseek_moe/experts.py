@@ -20,6 +20,17 @@ _PER_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.w
 _ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
+def check_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The package's one dtype rule, nn.Linear's: an expert's input has its parameters' dtype, unless torch.autocast
+    chooses the compute dtype. Checked where the weights are used (FSDP2 casts them only then).
+
+    Raises TypeError naming both dtypes."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"DeepSeekMoELayer: x has dtype {x.dtype} and the layer's parameters {weight.dtype}; "
+                        f"cast one to the other (layer.to({x.dtype}) or x.to({weight.dtype})) or run under "
+                        f"torch.autocast")
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``scale``."""
 
@@ -66,7 +77,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan, backend: Backend) -> torch.Tensor:
         """The experts stage: ``backend.run`` on the dispatched rows in the compute dtype (x_NH, or x_TH for a
-        backend that gathers; see :class:`~deepseek_moe.backends.Backend`) with these weights in that dtype."""
+        backend that gathers; see :class:`~deepseek_moe.backends.Backend`) with these weights in that dtype (the
+        dtype of the weights unless autocast chose it: :func:`check_dtype`)."""
+        check_dtype(x, self.gate_up_proj)
         gate_up_EJH, down_EHI = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
         if self.grad_scale != 1.0:
             gate_up_EJH = _ScaleGrad.apply(gate_up_EJH, self.grad_scale)
@@ -76,24 +89,31 @@ class RoutedExperts(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         per_expert = {}
+        names = {}  # our name -> the checkpoint's (gate_proj or w1, ...), for errors in the user's key names
         for key in [k for k in state_dict if k.startswith(prefix)]:
             m = _PER_EXPERT_KEY.match(key[len(prefix):])
             if m:
                 name = _ALIASES.get(m.group(2), m.group(2))
+                names[name] = m.group(2)
                 per_expert[(int(m.group(1)), name)] = state_dict.pop(key)
         if per_expert:
             E = self.cfg.num_routed_experts
-            try:
-                gate = torch.stack([per_expert.pop((i, "gate_proj")) for i in range(E)])
-                up = torch.stack([per_expert.pop((i, "up_proj")) for i in range(E)])
-                down = torch.stack([per_expert.pop((i, "down_proj")) for i in range(E)])
-            except KeyError as missing:
-                error_msgs.append(f"per-expert checkpoint under {prefix!r} lacks expert weight {missing.args[0]} "
-                                  f"(expected gate/up/down for experts 0..{E - 1})")
+            mixtral = any(n in _ALIASES for n in names.values())
+            key_of = {ours: theirs for theirs, ours in _ALIASES.items()} if mixtral else {}
+            missing = [f"{prefix}{i}.{key_of.get(name, name)}.weight" for name in ("gate_proj", "up_proj", "down_proj")
+                       for i in range(E) if (i, name) not in per_expert]
+            if missing:
+                shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+                error_msgs.append(f"per-expert checkpoint under {prefix!r} lacks {shown} (expected "
+                                  f"{'w1/w3/w2' if mixtral else 'gate_proj/up_proj/down_proj'} for experts 0..{E - 1})")
                 return
+            gate = torch.stack([per_expert.pop((i, "gate_proj")) for i in range(E)])
+            up = torch.stack([per_expert.pop((i, "up_proj")) for i in range(E)])
+            down = torch.stack([per_expert.pop((i, "down_proj")) for i in range(E)])
             if per_expert:
+                extra = sorted({f"{prefix}{i}.{key_of.get(n, n)}.weight" for i, n in per_expert})
                 error_msgs.append(f"per-expert checkpoint under {prefix!r} has experts beyond E={E}: "
-                                  f"{sorted({i for i, _ in per_expert})}")
+                                  f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
                 return
             state_dict[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1)
             state_dict[prefix + "down_proj"] = down
@@ -119,8 +139,12 @@ class SharedExperts(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.initializer_range = cfg.initializer_range
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=cfg.initializer_range)
+            nn.init.normal_(lin.weight, std=self.initializer_range)
 
     @classmethod
     def dense(cls, hidden_size: int, width: int, activation: str = "silu", std: float = 0.02) -> "SharedExperts":
@@ -129,7 +153,9 @@ class SharedExperts(nn.Module):
                              hidden_act=activation, initializer_range=std))
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it)."""
+        """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it). Raises TypeError when x's
+        dtype is not the weights' outside autocast (:func:`check_dtype`)."""
+        check_dtype(x_TH, self.gate_proj.weight)
         # Two GEMMs, not one over concatenated weights: the concatenation copies both weights every call, which
         # measured 1.4-2.7x slower at decode sizes and no faster at T = 4096 (docs/benchmarks.md).
         return self.down_proj(activate(self.gate_proj(x_TH), self.activation) * self.up_proj(x_TH))

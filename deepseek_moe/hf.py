@@ -583,11 +583,16 @@ def moefy(model: nn.Module, config: MoEConfig, init: str = "upcycle", layers: Op
         layers: indices, in module order, of the matched MLPs to convert (default: all).
         predicate: ``predicate(name, module) -> bool`` selecting the modules to replace (default: gated
             MLPs, plus non-gated ones when ``init="random"``).
+
+    Raises ValueError for a bad ``init`` or ``layers``, when nothing matches (with ``init="upcycle"`` and
+    non-gated MLPs present: that they cannot be upcycled, use ``init="random"``), and for MLPs upcycling cannot
+    preserve (biases, an activation other than SiLU); TypeError for a ``config`` that is not a MoEConfig.
     """
     if init not in ("upcycle", "random"):
         raise ValueError(f"moefy: init={init!r} is invalid; expected 'upcycle' or 'random'")
     if not isinstance(config, MoEConfig):
         raise TypeError(f"moefy: config must be a MoEConfig, got {type(config).__name__}")
+    own_predicate = predicate is not None
     if predicate is None:
         predicate = (lambda n, m: is_gated_mlp(m)) if init == "upcycle" else \
             (lambda n, m: is_gated_mlp(m) or is_plain_mlp(m))
@@ -597,6 +602,16 @@ def moefy(model: nn.Module, config: MoEConfig, init: str = "upcycle", layers: Op
                and not any(name.startswith(o + ".") for o in moe_names) and predicate(name, m)]
     # Keep only outermost matches (an MLP inside a matched module is replaced with it).
     matched = [n for n in matched if not any(n.startswith(o + ".") for o in matched if o != n)]
+    if not matched:
+        plain = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and is_plain_mlp(m)]
+        if init == "upcycle" and plain and not own_predicate:
+            raise ValueError(f"moefy: {plain[0]}{f' and {len(plain) - 1} more' if len(plain) > 1 else ''} "
+                             f"is not a gated gate/up/down MLP; upcycling needs one. Use init='random' for "
+                             f"non-gated (GPT-2-style) MLPs")
+        raise ValueError(f"moefy: found no {'gated ' if init == 'upcycle' else ''}MLP to replace in "
+                         f"{type(model).__name__}{' matching predicate' if own_predicate else ''}"
+                         f"{f' (already MoE: {len(moe_names)} layers)' if moe_names else ''}; pass predicate= to "
+                         f"choose the modules")
     if layers is not None:
         layers = list(layers)
         bad = [i for i in layers if not isinstance(i, int) or not -len(matched) <= i < len(matched)]

@@ -96,6 +96,17 @@ class DeepSeekMoELayer(nn.Module):
             if t.device != device:
                 setattr(self, name, torch.zeros_like(t, device=device))
 
+    def reset_parameters(self) -> None:
+        """Draw every weight afresh as the constructor does (N(0, initializer_range²); the shared-expert gate as
+        nn.Linear), zero the selection bias and the counters: with ``to_empty`` it materialises a layer built on
+        the meta device."""
+        self.gate.reset_parameters()
+        self.experts.reset_parameters()
+        for module in (self.shared_experts, self.shared_expert_gate):
+            if module is not None:
+                module.reset_parameters()
+        self.reset_counters()
+
     def reset_counters(self) -> None:
         """Zero the load counters (tokens_per_expert, the bias-step load, the balance window, drops)."""
         for name in self._COUNTERS:
@@ -135,6 +146,19 @@ class DeepSeekMoELayer(nn.Module):
         if x.dim() < 1 or x.shape[-1] != H:
             raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}; its last dimension must be "
                              f"hidden_size={H}")
+        if x.device.type == "meta" or self.experts.gate_up_proj.device.type == "meta":
+            # Routing decides data-dependent shapes (how many rows each expert gets): there is no meta kernel.
+            raise ValueError(f"DeepSeekMoELayer: x is on device {x.device} and the layer's parameters on "
+                             f"{self.experts.gate_up_proj.device}; the layer runs on a real device (a layer built "
+                             f"on 'meta' needs layer.to_empty(device=...) and layer.reset_parameters() first)")
+        cfg = self.config
+        per_sequence_loss = ((cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "sequence")
+                             or cfg.seq_balance_alpha > 0)
+        if self.training and per_sequence_loss and x.dim() != 3:
+            raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}, but this config's balance loss is "
+                             f"computed per sequence (seq_aux / balance_scope='sequence' / seq_balance_alpha) and "
+                             f"needs x as (batch, seq, hidden_size); reshape the tokens of one sequence to "
+                             f"(1, T, {H})")
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> backends.Backend:
         cfg = self.config

@@ -217,7 +217,13 @@ def test_moefy_layers_predicate_and_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=H, n_layer=2, n_head=4, n_positions=32))
     with pytest.raises(ValueError, match="init='random'"):
         hf.moefy(gpt2, MOE, init="upcycle", predicate=lambda n, m: hf.is_plain_mlp(m))
+    # The default predicate finds no gated MLP in GPT-2: the same documented error, not a silent 0.
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.mlp \(GPT2MLP\) and 1 more is not a gated .*"
+                                         r"init='random'"):
+        hf.moefy(gpt2, MOE, init="upcycle")
     assert hf.moefy(gpt2, MOE, init="random") == 2
+    with pytest.raises(ValueError, match="found no MLP to replace in GPT2LMHeadModel .already MoE: 2 layers."):
+        hf.moefy(gpt2, MOE, init="random")
     out = gpt2(torch.randint(0, 50, (2, 8)))
     assert out.logits.shape == (2, 8, 50)
 

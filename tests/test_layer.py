@@ -1,5 +1,6 @@
 """DeepSeekMoELayer as a user meets it: shapes, dtypes, bad input, autocast, compile, checkpointing, state_dict."""
 import copy
+import re
 
 import pytest
 import torch
@@ -43,11 +44,49 @@ def test_bad_input_is_rejected_clearly(bad, exc, match):
         dm.DeepSeekMoELayer(CFG)(bad)
 
 
+@pytest.mark.parametrize("shared", [2, 0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_one_dtype_rule_for_routed_and_shared_experts(shared, dtype):
+    """nn.Linear's rule on both paths: a TypeError naming both dtypes (it used to be a raw matmul error with shared
+    experts and a silent bf16 run without), and autocast chooses the compute dtype for both."""
+    layer = dm.DeepSeekMoELayer(CFG.replace(num_shared_experts=shared))
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"x has dtype {dtype} and the layer's parameters torch.float32; cast one"):
+        layer(x)
+    with pytest.raises(TypeError, match=rf"x has dtype {dtype}"):
+        layer.eval()(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.float())
+    assert y.dtype == torch.float32  # the input's dtype, computed in bf16
+
+
+def test_meta_device_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"x is on device meta .*to_empty"):
+        dm.DeepSeekMoELayer(CFG)(torch.randn(4, 32, device="meta"))
+    with torch.device("meta"):
+        layer = dm.DeepSeekMoELayer(CFG)
+    with pytest.raises(ValueError, match="parameters on meta"):
+        layer(torch.randn(4, 32))
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.isfinite(layer(torch.randn(4, 32))).all()
+
+
+@pytest.mark.parametrize("loss", [dict(seq_aux=True, aux_loss_alpha=0.01), dict(seq_balance_alpha=0.01),
+                                  dict(balance_scope="sequence", aux_loss_alpha=0.01)])
+def test_per_sequence_losses_need_sequences(loss):
+    layer = dm.DeepSeekMoELayer(CFG.replace(**loss))
+    with pytest.raises(ValueError, match=r"x has shape \(6, 32\).*per sequence.*\(1, T, 32\)"):
+        layer(torch.randn(6, 32))
+    layer(torch.randn(1, 6, 32))
+    layer.eval()(torch.randn(6, 32))  # no loss in eval: any shape
+
+
 @pytest.mark.parametrize("backend", ["torch", "eager"])
 def test_zero_tokens_empty_in_empty_out(backend):
-    layer = dm.DeepSeekMoELayer(CFG.replace(backend=backend, capacity_factor=1.0, seq_balance_alpha=0.01,
-                                            z_loss_coef=0.01))
-    for shape in [(0, 32), (2, 0, 32)]:
+    per_sequence = CFG.replace(backend=backend, capacity_factor=1.0, seq_balance_alpha=0.01, z_loss_coef=0.01)
+    for cfg, shape in [(per_sequence.replace(seq_balance_alpha=0.0), (0, 32)), (per_sequence, (2, 0, 32))]:
+        layer = dm.DeepSeekMoELayer(cfg)
         x = torch.randn(shape, requires_grad=True)
         y = layer(x)
         assert y.shape == x.shape
@@ -159,8 +198,12 @@ def test_per_expert_checkpoint_layouts_load(names):
     other.load_state_dict(sd)
     assert torch.equal(other.experts.gate_up_proj, layer.experts.gate_up_proj)
     assert torch.equal(other.experts.down_proj, layer.experts.down_proj)
+    extra = dict(sd, **{f"experts.8.{names[2]}.weight": sd[f"experts.0.{names[2]}.weight"]})
+    with pytest.raises(RuntimeError, match=re.escape(f"beyond E=8: experts.8.{names[2]}.weight")):
+        dm.DeepSeekMoELayer(CFG).load_state_dict(extra)
     del sd[f"experts.3.{names[2]}.weight"]
-    with pytest.raises(RuntimeError, match="lacks expert weight"):
+    # Named as the checkpoint names it (PyTorch's load_state_dict raises RuntimeError with every message).
+    with pytest.raises(RuntimeError, match=re.escape(f"lacks experts.3.{names[2]}.weight (expected")):
         dm.DeepSeekMoELayer(CFG).load_state_dict(sd)
 
 
