@@ -38,7 +38,18 @@ def _extension():
                                extra_link_args=["-fopenmp"])
     else:
         module = CppExtension("deepseek_moe._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
-    return [module], {"build_ext": BuildExtension}
+    class BuildWithHint(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception:
+                print("\ndeepseek-moe: building the optional csrc/ extension failed (the compiler's messages are "
+                      "above). The package works without it: install without DEEPSEEK_MOE_BUILD_EXT, or fix the "
+                      "toolchain (a C++17 compiler, ninja; for CUDA, nvcc matching torch.version.cuda) and retry.",
+                      file=sys.stderr)
+                raise
+
+    return [module], {"build_ext": BuildWithHint}
 
 
 ext_modules, cmdclass = _extension()

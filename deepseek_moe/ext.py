@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import threading
 from typing import List, Optional
 
@@ -114,6 +115,10 @@ def _jit_build(verbose: bool) -> None:
         raise ExtensionUnavailable(f"cannot build the deepseek_moe extension: {missing}")
     from torch.utils.cpp_extension import load as cpp_load
 
+    # The first build takes ~30 s: say so on one line rather than hang silently (later loads reuse the cache).
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
+    print(f"deepseek_moe: building the compiled extension just in time from csrc/ (~30 s the first time, then "
+          f"cached under {cache})", file=sys.stderr, flush=True)
     cpp_load(name="deepseek_moe_ext", sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=verbose)

@@ -313,3 +313,44 @@ def test_activation_is_checked_before_any_build_or_run(monkeypatch):
     for backend in (TorchBackend(), EagerBackend()):
         with pytest.raises(ValueError, match="hidden_act='tanh' is invalid"):
             backend.routed_mlp(torch.zeros(0, 4), empty, gu, dn, "tanh")
+
+
+def test_ext_status_is_true_for_each_kind_of_installation(monkeypatch):
+    """backend_status() tells an editable checkout, a wheel and an ahead-of-time build apart, and advises only what
+    works there (a wheel has no csrc/ for deepseek_moe.ext.load() to build)."""
+    from deepseek_moe import ext
+
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    monkeypatch.delenv("DEEPSEEK_MOE_BACKEND", raising=False)
+    monkeypatch.setattr(ext, "_loaded", False)
+    monkeypatch.setattr(ext, "_error", None)
+    monkeypatch.setattr(ext, "_prebuilt", lambda: None)
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: [])  # a wheel
+    wheel = backend_status(cpu, fp32)["ext"]
+    assert "not in this installation" in wheel and "ext.load()" not in wheel
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])  # an editable checkout, not built
+    assert "not built yet" in backend_status(cpu, fp32)["ext"]
+    assert select("auto", cpu, fp32).name == "torch"  # auto never compiles
+
+    # An ahead-of-time build: status and auto agree that ext runs (loading it compiles nothing).
+    monkeypatch.setattr(ext, "_prebuilt", lambda: "deepseek_moe/_C.so")
+    loads = []
+    monkeypatch.setattr(ext, "load", lambda verbose=False: (loads.append(1), monkeypatch.setattr(ext, "_loaded", True)))
+    import deepseek_moe.backends.ext as ext_backend
+    monkeypatch.setattr(ext_backend, "_registered", True)
+    assert backend_status(cpu, fp32)["ext"] is None and loads
+    assert select("auto", cpu, fp32).name == "ext"
+
+
+def test_just_in_time_build_says_so_on_one_line(monkeypatch, capsys):
+    from deepseek_moe import ext
+    import torch.utils.cpp_extension as cpp
+
+    built = []
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])
+    monkeypatch.setattr(ext, "_missing_tool", lambda: None)
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: built.append(kwargs["name"]))
+    ext._jit_build(verbose=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert built == ["deepseek_moe_ext"]
+    assert len(err) == 1 and err[0].startswith("deepseek_moe: building the compiled extension just in time")

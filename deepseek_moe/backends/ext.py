@@ -156,9 +156,19 @@ class ExtBackend(Backend):
         if not ext.is_loaded():
             if ext.build_error():
                 return ext.build_error()
-            return ("the compiled extension is not loaded: select backend='ext' by name or call "
-                    "deepseek_moe.ext.load() (builds it just in time, ~30 s once), or build it ahead of time with "
-                    "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+            if ext.has_prebuilt():
+                try:
+                    self.prepare()  # an ahead-of-time build: loading it compiles nothing (~0.1 s)
+                except ext.ExtensionUnavailable as err:
+                    return str(err)
+            elif not ext.sources():
+                return ("the compiled extension is not in this installation (a wheel ships neither a build nor the "
+                        "csrc/ sources): install from a source checkout with DEEPSEEK_MOE_BUILD_EXT=1 pip install . "
+                        "--no-build-isolation")
+            else:
+                return ("the compiled extension is not built yet: backend='ext' (or deepseek_moe.ext.load()) builds "
+                        "it just in time from csrc/ (~30 s once, then cached), or build it ahead of time with "
+                        "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
         if device.type == "cuda":
             if not has_cuda_kernels():
                 return ("the loaded extension has no CUDA kernels (a just-in-time build is CPU-only): build it ahead "
