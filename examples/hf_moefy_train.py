@@ -5,8 +5,8 @@
     python examples/hf_moefy_train.py --data my.txt --steps 500
 
 No downloads: the Llama is built from a config, the tokenizer is bytes (vocabulary 256), and the text is the
-standard library's own .py files (or --data PATH). Prints loss and MaxVio with a progress bar, then saves the
-model with save_pretrained and loads it back into a freshly moefied Llama.
+standard library's own .py files (or --data PATH). Prints loss and MaxVio (a progress bar on a terminal, a line
+every 10 steps in a log), then saves the model with save_pretrained and loads it back into a freshly moefied Llama.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from benchmarks.quality.lm import byte_batches, load_text  # noqa: E402
 
 
 def progress(total: int):
+    """A rich progress bar on a terminal; None (plain lines instead) in a log or without rich."""
+    if not sys.stdout.isatty():
+        return None
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:
@@ -72,6 +75,13 @@ def main() -> None:
     total = sum(p.numel() for p in model.parameters())
     print(f"parameters: {total / 1e6:.2f} M")
 
+    tokens = args.batch * args.seq
+    ceiling = moe.num_routed_experts / moe.top_k - 1
+    print(f"MaxVio = max expert load / mean expert load - 1 over a batch's {tokens} tokens, the worst of the "
+          f"{n} layers: 0 is an even load, {ceiling:.2f} every token on the same {moe.top_k} experts. Expect it high "
+          f"for the first ~20 steps: this Llama is randomly initialised, its MLP inputs share one dominant "
+          f"direction (and a third of the bytes are spaces), so the router sends most tokens alike until the "
+          f"representations differentiate (docs/integration.md, 'Upcycling')", flush=True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
@@ -97,8 +107,8 @@ def main() -> None:
             line = f"step {step} loss {out.loss.item():.3f} max MaxVio {max_vio:.2f}"
             if bar:
                 bar.update(task, advance=1, description=line)
-            elif step % 25 == 0 or step == 1:
-                print(line, flush=True)
+            elif step % 10 == 0 or step == 1:
+                print(f"{line} ({time.perf_counter() - start:.0f} s)", flush=True)
     finally:
         if bar:
             bar.stop()

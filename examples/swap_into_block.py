@@ -46,6 +46,8 @@ def main() -> None:
           f"{cfg.expert_hidden_size} + {cfg.num_shared_experts} shared, top-{cfg.top_k}; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({cfg.active_params / cfg.total_params:.0%} of each MoE layer active per token)")
+    print(f"MaxVio = max expert load / mean expert load - 1 over a batch (0 is an even load, "
+          f"{cfg.num_routed_experts / cfg.top_k - 1:.2f} every token on the same {cfg.top_k} experts)")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     start = time.perf_counter()
