@@ -1,17 +1,20 @@
 """What the benchmark times: our layer per backend, the dense SwiGLU of equal active FLOPs, and peers.
 
-Legend: T tokens, H hidden size, F Mixtral expert width, I expert hidden size.
+Legend: T tokens, H hidden size, F the expert width of the ``mixtral-8x2`` preset, I expert hidden size, E routed
+experts, K routed experts per token.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .. import backends
+from .. import backends, ext
 from ..config import ConfigError, MoEConfig, PRESETS, matched_pair
 from ..experts import SharedExperts
 from ..layer import DeepSeekMoELayer
@@ -29,7 +32,7 @@ class Contender:
     """One row family of the table: a module factory plus the static columns."""
 
     name: str                      # e.g. "deepseek-64x", "mixtral-8x2", "dense-2816", "hf-mixtral"
-    side: str                      # "a" (the reference, Mixtral-style by default), "b", or "dense"
+    side: str                      # "a" (the reference config, mixtral-8x2 by default), "b", or "dense"
     implementation: str            # backend name, "dense", or the peer's experts implementation
     total_params: int
     active_params: int
@@ -38,6 +41,7 @@ class Contender:
     dense_width: int
     family: str                    # the config whose weights this contender runs (peers copy them)
     kind: str                      # "layer" (ours), "dense" or "peer"
+    state_numel: int               # parameters + buffers of the built module (what it holds in memory)
     build: Callable[[Optional[nn.Module]], nn.Module] = field(repr=False)
     config: Optional[MoEConfig] = field(default=None, repr=False)
 
@@ -65,7 +69,7 @@ def configs_for(match: str, hidden_size: int, ffn_size: int, a: Optional[str] = 
     * ``params``: Mixtral-style vs DeepSeekMoE 62 x F/8 + 2 shared, top-14 (equal total and active expert
       parameters: 64 fine experts in all, 16 active).
     * ``none``: presets ``a`` and ``b`` as they are, with ``hidden_size`` (defaults: mixtral-8x2, deepseek-64x
-      with ``ffn_size``).
+      with ``ffn_size``; the other presets keep their own expert width).
     """
     if match not in MATCHES:
         raise ConfigError(f"--match {match!r} is invalid; expected one of {MATCHES}")
@@ -79,11 +83,25 @@ def configs_for(match: str, hidden_size: int, ffn_size: int, a: Optional[str] = 
     return ("mixtral-8x2", mixtral), ("deepseek-64x+2", deepseek)
 
 
+FFN_SIZE_PRESETS = ("mixtral-8x2", "deepseek-64x")  # the presets whose expert width follows --ffn-size
+
+
 def _preset(name: str, hidden_size: int, ffn_size: int) -> MoEConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    extra = {"ffn_size": ffn_size} if name in ("mixtral-8x2", "deepseek-64x") else {}
+    extra = {"ffn_size": ffn_size} if name in FFN_SIZE_PRESETS else {}
     return MoEConfig.preset(name, hidden_size=hidden_size, **extra)
+
+
+def describe(cfg: MoEConfig) -> str:
+    """The layout of ``cfg`` in a few words: ``64×176 top-14 + 2 shared`` (E routed experts of width I, top-K,
+    shared experts)."""
+    text = f"{cfg.num_routed_experts}×{cfg.expert_hidden_size} top-{cfg.top_k}"
+    if cfg.num_shared_experts:
+        text += f" + {cfg.num_shared_experts} shared"
+        if cfg.shared_width != cfg.num_shared_experts * cfg.expert_hidden_size:
+            text += f" ({cfg.shared_width} wide)"
+    return text
 
 
 def dense_flops_per_token(hidden_size: int, width: int) -> int:
@@ -100,10 +118,12 @@ def moe_contender(name: str, side: str, cfg: MoEConfig, backend: str) -> Contend
             layer.load_state_dict(source.state_dict())
         return layer
 
+    # state: the parameters and the router's bias buffer (E).
     return Contender(name=name, side=side, implementation=backend, total_params=cfg.total_params,
                      active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
                      expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
-                     dense_width=cfg.dense_equivalent_width, family=name, kind="layer", build=build, config=cfg)
+                     dense_width=cfg.dense_equivalent_width, family=name, kind="layer",
+                     state_numel=cfg.total_params + cfg.num_routed_experts, build=build, config=cfg)
 
 
 def dense_contender(hidden_size: int, width: int) -> Contender:
@@ -111,22 +131,77 @@ def dense_contender(hidden_size: int, width: int) -> Contender:
     return Contender(name=f"dense-{width}", side="dense", implementation="dense", total_params=params,
                      active_params=params, flops_per_token=dense_flops_per_token(hidden_size, width),
                      expert_combinations=1, dense_width=width, family=f"dense-{width}", kind="dense",
-                     build=lambda source: SharedExperts.dense(hidden_size, width))
+                     state_numel=params, build=lambda source: SharedExperts.dense(hidden_size, width))
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
-    return [name for name, reason in backends.backend_status(device, dtype).items() if reason is None]
+# Triton on CPU means its interpreter, a testing tool far too slow to time: only when asked for by name.
+_TRITON_ON_CPU = "on CPU triton runs only in its interpreter, far too slow to time (--backend triton runs it anyway)"
+EXT_NOT_BUILT = ("not built (pass --backend ext to build it just in time, ~30 s once, or build it ahead of time: "
+                 "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation)")
+
+
+def backend_choices(device: torch.device, dtype: torch.dtype) -> Tuple[List[str], Dict[str, str]]:
+    """``--backend all``: (the backends that can run on (device, dtype), {every other backend: why not}).
+
+    ``ext`` counts when the compiled extension is loaded or loads without compiling (an ahead-of-time build, or a
+    just-in-time build cached for these sources, which loads in seconds); it is never compiled here."""
+    ext_reason = ext_loadable()
+    status = backends.backend_status(device, dtype)
+    usable: List[str] = []
+    skipped: Dict[str, str] = {}
+    for name, reason in status.items():
+        if name == "ext" and ext_reason is not None:
+            reason = ext_reason
+        elif name == "triton" and reason is None and device.type == "cpu":
+            reason = _TRITON_ON_CPU
+        if reason is None:
+            usable.append(name)
+        else:
+            skipped[name] = reason
+    return usable, skipped
+
+
+def ext_loadable() -> Optional[str]:
+    """None when the compiled extension is loaded or has been loaded now without compiling, else why not."""
+    if not ext.is_loaded():
+        if ext.build_error():
+            return ext.build_error()
+        if not (ext.has_prebuilt() or _jit_build_cached()):
+            return EXT_NOT_BUILT
+        from ..backends.ext import ensure_loaded
+        try:
+            ensure_loaded()
+        except ext.ExtensionUnavailable as err:
+            return str(err)
+    return None
+
+
+def _jit_build_cached() -> bool:
+    """Whether torch's extension cache holds a just-in-time build of these very sources, newer than they are (then
+    ``ext.load()`` finds nothing to compile). A build from another checkout names other source paths."""
+    srcs = ext.sources(cuda=False)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        folder = _get_build_directory("deepseek_moe_ext", verbose=False)
+        with open(os.path.join(folder, "build.ninja")) as f:
+            ninja = f.read()
+        built = os.path.getmtime(os.path.join(folder, "deepseek_moe_ext.so"))
+        newest = max(os.path.getmtime(p) for p in srcs + [os.path.join(folder, "build.ninja")])
+    except (ImportError, OSError, ValueError):  # no cache, no sources (max of nothing), or a torch without it
+        return False
+    return all(src in ninja for src in srcs) and built >= newest
 
 
 # ------------------------------------------------------------------------------------------------ peers
 def peer_status() -> Dict[str, Optional[str]]:
-    """{peer: None if importable else why not} for transformers' blocks and megablocks."""
+    """{peer: None if installed else why not} for transformers' blocks and megablocks (found without importing:
+    transformers takes seconds to import, the peers import it when they are built)."""
     status: Dict[str, Optional[str]] = {}
     try:
-        import transformers  # noqa: F401
-        status["transformers"] = None
-    except ImportError:
-        status["transformers"] = "not installed (pip install 'deepseek-moe[hf]')"
+        found = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):
+        found = False
+    status["transformers"] = None if found else "not installed (pip install 'deepseek-moe[hf]')"
     status["megablocks"] = "CUDA only, and no adapter in this version (an optional GPU peer)"
     return status
 
@@ -169,18 +244,23 @@ def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> O
         block.load_state_dict(state)
         return BlockOnTokens(block)
 
+    # state: transformers' DeepseekV3MoE keeps the router's bias buffer (E), its Mixtral block has none.
+    buffers = cfg.num_routed_experts if peer == "hf-deepseek-v3" else 0
     return Contender(name=peer, side=side, implementation=implementation, total_params=cfg.total_params,
                      active_params=cfg.active_params, flops_per_token=cfg.flops_per_token,
                      expert_combinations=math.comb(cfg.num_routed_experts, cfg.top_k),
-                     dense_width=cfg.dense_equivalent_width, family=name, kind="peer", build=build, config=cfg)
+                     dense_width=cfg.dense_equivalent_width, family=name, kind="peer",
+                     state_numel=cfg.total_params + buffers, build=build, config=cfg)
 
 
 class BlockOnTokens(nn.Module):
-    """A transformers MoE block called on (T, H) tokens: the blocks want (B, S, H), the benchmarks feed (T, H)."""
+    """A transformers MoE block called on (T, H) tokens or (B, S, H) sequences: the blocks want (B, S, H)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x_TH):
-        return self.block(x_TH.unsqueeze(0)).squeeze(0)
+    def forward(self, x):
+        if x.dim() == 3:
+            return self.block(x)
+        return self.block(x.unsqueeze(0)).squeeze(0)
