@@ -21,9 +21,10 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "sources", "build_error"]
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "has_cached_build", "sources", "build_error"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_JIT_NAME = "deepseek_moe_ext"
 _lock = threading.Lock()
 _loaded = False
 _error: Optional[str] = None
@@ -57,6 +58,22 @@ def build_error() -> Optional[str]:
 def has_prebuilt() -> bool:
     """Whether an ahead-of-time build (``deepseek_moe/_C``) is installed."""
     return _prebuilt() is not None
+
+
+def has_cached_build() -> bool:
+    """Whether torch's extension cache holds a just-in-time build of these very sources, newer than they are (then
+    :func:`load` finds nothing to compile). A build from another checkout names other source paths."""
+    srcs = sources(cuda=False)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: guarded below
+        folder = _get_build_directory(_JIT_NAME, verbose=False)
+        with open(os.path.join(folder, "build.ninja")) as f:
+            ninja = f.read()
+        built = os.path.getmtime(os.path.join(folder, _JIT_NAME + ".so"))
+        newest = max(os.path.getmtime(p) for p in srcs + [os.path.join(folder, "build.ninja")])
+    except (ImportError, OSError, ValueError):  # no cache, no sources (max of nothing), or a torch without it
+        return False
+    return all(src in ninja for src in srcs) and built >= newest
 
 
 def _prebuilt() -> Optional[str]:
@@ -115,10 +132,10 @@ def _jit_build(verbose: bool) -> None:
         raise ExtensionUnavailable(f"cannot build the deepseek_moe extension: {missing}")
     from torch.utils.cpp_extension import load as cpp_load
 
-    # The first build takes ~30 s: say so on one line rather than hang silently (later loads reuse the cache).
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
-    print(f"deepseek_moe: building the compiled extension just in time from csrc/ (~30 s the first time, then "
-          f"cached under {cache})", file=sys.stderr, flush=True)
-    cpp_load(name="deepseek_moe_ext", sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+    if not has_cached_build():  # a build takes ~30 s: say so on one line rather than hang silently
+        cache = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
+        print(f"deepseek_moe: building the compiled extension just in time from csrc/ (~30 s, once; cached under "
+              f"{cache})", file=sys.stderr, flush=True)
+    cpp_load(name=_JIT_NAME, sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=verbose)

@@ -329,7 +329,10 @@ def test_ext_status_is_true_for_each_kind_of_installation(monkeypatch):
     wheel = backend_status(cpu, fp32)["ext"]
     assert "not in this installation" in wheel and "ext.load()" not in wheel
     monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])  # an editable checkout, not built
+    monkeypatch.setattr(ext, "has_cached_build", lambda: False)
     assert "not built yet" in backend_status(cpu, fp32)["ext"]
+    monkeypatch.setattr(ext, "has_cached_build", lambda: True)
+    assert "loads it without compiling" in backend_status(cpu, fp32)["ext"]
     assert select("auto", cpu, fp32).name == "torch"  # auto never compiles
 
     # An ahead-of-time build: status and auto agree that ext runs (loading it compiles nothing).
@@ -350,7 +353,11 @@ def test_just_in_time_build_says_so_on_one_line(monkeypatch, capsys):
     monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])
     monkeypatch.setattr(ext, "_missing_tool", lambda: None)
     monkeypatch.setattr(cpp, "load", lambda **kwargs: built.append(kwargs["name"]))
+    monkeypatch.setattr(ext, "has_cached_build", lambda: False)
     ext._jit_build(verbose=False)
     err = capsys.readouterr().err.strip().splitlines()
     assert built == ["deepseek_moe_ext"]
     assert len(err) == 1 and err[0].startswith("deepseek_moe: building the compiled extension just in time")
+    monkeypatch.setattr(ext, "has_cached_build", lambda: True)  # a cached build only loads: nothing to say
+    ext._jit_build(verbose=False)
+    assert built == ["deepseek_moe_ext"] * 2 and capsys.readouterr().err == ""

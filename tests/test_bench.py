@@ -299,7 +299,7 @@ def ext_not_built(monkeypatch):
     monkeypatch.setattr(contenders.ext, "is_loaded", lambda: False)
     monkeypatch.setattr(contenders.ext, "has_prebuilt", lambda: False)
     monkeypatch.setattr(contenders.ext, "build_error", lambda: None)
-    monkeypatch.setattr(contenders, "_jit_build_cached", lambda: False)
+    monkeypatch.setattr(contenders.ext, "has_cached_build", lambda: False)
 
 
 def test_backend_all_names_what_it_skips(ext_not_built, capsys):
@@ -315,7 +315,7 @@ def test_backend_all_names_what_it_skips(ext_not_built, capsys):
 def test_backend_all_loads_a_cached_ext_build_and_never_compiles(monkeypatch, ext_not_built):
     from deepseek_moe.backends import ext as ext_backend
 
-    monkeypatch.setattr(contenders, "_jit_build_cached", lambda: True)
+    monkeypatch.setattr(contenders.ext, "has_cached_build", lambda: True)
     tried = []
 
     def ensure_loaded():
@@ -339,12 +339,12 @@ def test_jit_build_cache_is_recognised(monkeypatch, tmp_path):
     so.write_bytes(b"")
     newest = max(os.path.getmtime(p) for p in srcs + [str(folder / "build.ninja")])
     os.utime(so, (newest + 10, newest + 10))
-    assert contenders._jit_build_cached()
+    assert contenders.ext.has_cached_build()
     os.utime(so, (newest - 10, newest - 10))  # older than a source: ninja would compile
-    assert not contenders._jit_build_cached()
+    assert not contenders.ext.has_cached_build()
     os.utime(so, (newest + 10, newest + 10))
     (folder / "build.ninja").write_text("build x.o: compile /elsewhere/csrc/ops.cpp\n")  # another checkout's
-    assert not contenders._jit_build_cached()
+    assert not contenders.ext.has_cached_build()
 
 
 def test_titles_and_columns_name_the_configs_compared(tmp_path, monkeypatch, capsys):

@@ -165,6 +165,9 @@ class ExtBackend(Backend):
                 return ("the compiled extension is not in this installation (a wheel ships neither a build nor the "
                         "csrc/ sources): install from a source checkout with DEEPSEEK_MOE_BUILD_EXT=1 pip install . "
                         "--no-build-isolation")
+            elif ext.has_cached_build():
+                return ("the compiled extension is built (in torch's extension cache) but not loaded: backend='ext' "
+                        "(or deepseek_moe.ext.load()) loads it without compiling")
             else:
                 return ("the compiled extension is not built yet: backend='ext' (or deepseek_moe.ext.load()) builds "
                         "it just in time from csrc/ (~30 s once, then cached), or build it ahead of time with "

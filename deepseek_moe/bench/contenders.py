@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -166,7 +165,7 @@ def ext_loadable() -> Optional[str]:
     if not ext.is_loaded():
         if ext.build_error():
             return ext.build_error()
-        if not (ext.has_prebuilt() or _jit_build_cached()):
+        if not (ext.has_prebuilt() or ext.has_cached_build()):
             return EXT_NOT_BUILT
         from ..backends.ext import ensure_loaded
         try:
@@ -174,22 +173,6 @@ def ext_loadable() -> Optional[str]:
         except ext.ExtensionUnavailable as err:
             return str(err)
     return None
-
-
-def _jit_build_cached() -> bool:
-    """Whether torch's extension cache holds a just-in-time build of these very sources, newer than they are (then
-    ``ext.load()`` finds nothing to compile). A build from another checkout names other source paths."""
-    srcs = ext.sources(cuda=False)
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-        folder = _get_build_directory("deepseek_moe_ext", verbose=False)
-        with open(os.path.join(folder, "build.ninja")) as f:
-            ninja = f.read()
-        built = os.path.getmtime(os.path.join(folder, "deepseek_moe_ext.so"))
-        newest = max(os.path.getmtime(p) for p in srcs + [os.path.join(folder, "build.ninja")])
-    except (ImportError, OSError, ValueError):  # no cache, no sources (max of nothing), or a torch without it
-        return False
-    return all(src in ninja for src in srcs) and built >= newest
 
 
 # ------------------------------------------------------------------------------------------------ peers
