@@ -103,9 +103,18 @@ class RoutedExperts(nn.Module):
             missing = [f"{prefix}{i}.{key_of.get(name, name)}.weight" for name in ("gate_proj", "up_proj", "down_proj")
                        for i in range(E) if (i, name) not in per_expert]
             if missing:
-                shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-                error_msgs.append(f"per-expert checkpoint under {prefix!r} lacks {shown} (expected "
-                                  f"{'w1/w3/w2' if mixtral else 'gate_proj/up_proj/down_proj'} for experts 0..{E - 1})")
+                # Missing keys in the checkpoint's own names: load_state_dict raises on them (strict) or reports them
+                # (strict=False), as for any missing parameter. The experts then keep their current weights.
+                missing_keys.extend(missing)
+                return
+            I, H = self.cfg.expert_hidden_size, self.cfg.hidden_size
+            expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+            wrong = [f"{prefix}{i}.{key_of.get(name, name)}.weight {tuple(t.shape)}"
+                     for (i, name), t in sorted(per_expert.items()) if i < E and tuple(t.shape) != expected[name]]
+            if wrong:
+                error_msgs.append(f"per-expert checkpoint under {prefix!r}: {', '.join(wrong[:6])}"
+                                  f"{' ...' if len(wrong) > 6 else ''} do not have the config's shapes (gate/up "
+                                  f"{(I, H)}, down {(H, I)} for hidden_size={H}, expert_hidden_size={I})")
                 return
             gate = torch.stack([per_expert.pop((i, "gate_proj")) for i in range(E)])
             up = torch.stack([per_expert.pop((i, "up_proj")) for i in range(E)])

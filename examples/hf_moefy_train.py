@@ -78,10 +78,10 @@ def main() -> None:
     tokens = args.batch * args.seq
     ceiling = moe.num_routed_experts / moe.top_k - 1
     print(f"MaxVio = max expert load / mean expert load - 1 over a batch's {tokens} tokens, the worst of the "
-          f"{n} layers: 0 is an even load, {ceiling:.2f} every token on the same {moe.top_k} experts. Expect it high "
-          f"for the first ~20 steps: this Llama is randomly initialised, its MLP inputs share one dominant "
-          f"direction (and a third of the bytes are spaces), so the router sends most tokens alike until the "
-          f"representations differentiate (docs/integration.md, 'Upcycling')", flush=True)
+          f"{n} layers:\n  0 is an even load, {ceiling:.2f} every token on the same {moe.top_k} experts. Expect it at "
+          f"or near {ceiling:.2f} for the first 30-40 steps and below 5 by step 60:\n  this Llama is randomly "
+          f"initialised and its MLP inputs share one dominant direction (and 29% of the bytes are spaces),\n  so the "
+          f"router sends most tokens alike until the representations differ (docs/integration.md).", flush=True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)

@@ -87,7 +87,8 @@ def test_presets_compared_as_they_are(capsys, tmp_path):
     (["--backend", "megablocks"], "--backend megablocks: the megablocks adapter is not part of this release"),
     (["--dtype", "float8"], "--dtype 'float8': expected a comma list of float32, bfloat16, float16"),
     (["--mode", "train"], "--mode 'train': expected a comma list of fwd, fwdbwd, decode"),
-    (["--match", "area"], "--match 'area': expected a comma list of flops, params, none"),
+    (["--match", "area"], "--match 'area': expected one of flops, params, none"),
+    (["--match", "flops,params"], "--match 'flops,params': expected one of flops, params, none"),
     (["--tokens", "0"], "--tokens '0': expected a comma list of integers >= 1"),
     (["--repeats", "0"], "--repeats 0: expected an integer >= 1"),
     (["--device", "tpu"], "--device 'tpu': expected cpu, cuda, cuda:N or auto"),
@@ -231,6 +232,9 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
     assert needed > 0.9 * 24 and "24.0 GiB available, 90% of it usable (21.6 GiB) on cpu" in err
     assert "--peers none" in err and "--tokens" in err and "--hidden-size" in err and "--hf-impls grouped_mm" in err
     assert captured.out == ""
+    # A batched_mm peer as the heaviest call: the advice names that flag.
+    assert main(["--quick", "--hf-impls", "batched_mm", "--tokens", "4096", "--mode", "fwdbwd"]) == 2
+    assert "--hf-impls without batched_mm" in capsys.readouterr().err
 
 
 def test_memory_estimate_is_printed_and_counts_what_is_built(capsys):

@@ -201,10 +201,16 @@ def test_per_expert_checkpoint_layouts_load(names):
     extra = dict(sd, **{f"experts.8.{names[2]}.weight": sd[f"experts.0.{names[2]}.weight"]})
     with pytest.raises(RuntimeError, match=re.escape(f"beyond E=8: experts.8.{names[2]}.weight")):
         dm.DeepSeekMoELayer(CFG).load_state_dict(extra)
+    misshaped = dict(sd, **{f"experts.2.{names[2]}.weight": torch.zeros(32, 17)})
+    with pytest.raises(RuntimeError, match=re.escape(f"experts.2.{names[2]}.weight (32, 17) do not have the config's "
+                                                     "shapes (gate/up (16, 32), down (32, 16)")):
+        dm.DeepSeekMoELayer(CFG).load_state_dict(misshaped)
     del sd[f"experts.3.{names[2]}.weight"]
-    # Named as the checkpoint names it (PyTorch's load_state_dict raises RuntimeError with every message).
-    with pytest.raises(RuntimeError, match=re.escape(f"lacks experts.3.{names[2]}.weight (expected")):
+    # Named as the checkpoint names it, as PyTorch names any missing key.
+    with pytest.raises(RuntimeError, match=re.escape(f'Missing key(s) in state_dict: "experts.3.{names[2]}.weight"')):
         dm.DeepSeekMoELayer(CFG).load_state_dict(sd)
+    result = dm.DeepSeekMoELayer(CFG).load_state_dict(sd, strict=False)  # reported, as PyTorch reports missing keys
+    assert f"experts.3.{names[2]}.weight" in result.missing_keys
 
 
 def test_mixtral_style_runs_through_the_same_layer():

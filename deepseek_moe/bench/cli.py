@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="deepseek-moe-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, fwd and fwdbwd: the README's main job")
-    p.add_argument("--match", default="flops", help=f"pairing rule {MATCHES} (default flops)")
+    p.add_argument("--match", default="flops", help=f"pairing rule {MATCHES} (default flops; none with --a/--b)")
     p.add_argument("--a", help="reference config a, the one '× ref' divides by (a preset name); default mixtral-8x2")
     p.add_argument("--b", help="compared config b (a preset name); default DeepSeekMoE 64 + 2 shared (deepseek-64x)")
     p.add_argument("--hidden-size", type=int, help="H (default 1024; --quick 512)")
@@ -112,14 +112,15 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.dtypes = _choices("--dtype", args.dtype, tuple(DTYPES))
     args.warmup = _positive("--warmup", args.warmup, base["warmup"], low=0)
     args.repeats = _positive("--repeats", args.repeats, base["repeats"])
-    _choices("--match", args.match, MATCHES)
+    if args.match not in MATCHES:
+        raise UserError(f"--match {args.match!r}: expected one of {', '.join(MATCHES)}")
     for flag, name in (("--a", args.a), ("--b", args.b)):
         if name is not None and name not in PRESETS:
             raise UserError(f"{flag} {name!r}: unknown preset; expected one of {', '.join(sorted(PRESETS))}")
     if (args.a or args.b) and args.match == "params":
         raise UserError("--a/--b compare presets as they are: use them with --match none (or leave --match out)")
     if args.a or args.b:
-        args.match = "none"
+        args.match = "none"  # said in the title; --help says so too
     args.peers = _choices("--peers", args.peers, ("auto", "none"))[0]
     default_impls = ("grouped_mm",) if args.quick else DEFAULT_HF_IMPLEMENTATIONS
     args.hf_impls = _choices("--hf-impls", args.hf_impls or ",".join(default_impls), HF_IMPLEMENTATIONS)

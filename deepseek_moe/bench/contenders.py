@@ -185,7 +185,7 @@ def peer_status() -> Dict[str, Optional[str]]:
     except (ImportError, ValueError):
         found = False
     status["transformers"] = None if found else "not installed (pip install 'deepseek-moe[hf]')"
-    status["megablocks"] = "CUDA only, and no adapter in this version (an optional GPU peer)"
+    status["megablocks"] = "CUDA only, and this version has no adapter for it (an optional GPU peer)"
     return status
 
 

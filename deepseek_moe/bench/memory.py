@@ -58,6 +58,9 @@ class Estimate:
                  (self.weights_bytes - self.peer_bytes, "a smaller --hidden-size"),
                  (self.peer_bytes, f"--peers none (the transformers peers hold {_gib(self.peer_bytes)} of weight "
                                    "copies)")]
+        if self.heaviest.endswith("[batched_mm]"):  # a weight matrix gathered per (token, expert) pair
+            parts.append((self.call_bytes, "--hf-impls without batched_mm (it gathers a weight matrix per token "
+                                           "and expert)"))
         if self.heaviest.endswith("[eager]"):  # eager doubles the weight gradients (see call_bytes)
             peer = self.heaviest.split()[2].startswith("hf-")
             flag = "--hf-impls grouped_mm" if peer else "a --backend other than eager"
