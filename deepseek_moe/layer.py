@@ -207,6 +207,12 @@ class DeepSeekMoELayer(nn.Module):
         run on the real tokens alone, and padded positions output exactly 0 (gradient 0). Raises ValueError for a
         mask of the wrong shape, dtype or device.
 
+        Also raises TypeError when x's dtype is not the experts' parameter dtype outside ``torch.autocast``
+        (nn.Linear's rule, on the routed and shared paths alike), and ValueError for x of the wrong last dimension,
+        for the meta device, and in training for x that is not (batch, seq, H) when a balance loss is computed per
+        sequence (``seq_aux`` / ``balance_scope="sequence"``: DeepSeek-V2's per-sequence expert loss;
+        ``seq_balance_alpha``: DeepSeek-V3 eq. 17-20).
+
         With ``router_jitter_noise`` ε > 0, a training forward scales the routed path's input (router and routed
         experts, not the shared experts) by u ~ U(1 − ε, 1 + ε) elementwise, drawn over x's whole shape as
         transformers' Mixtral and DBRX do (same seed, same noise). The router logits of every position, (A, E)
