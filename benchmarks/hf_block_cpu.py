@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     xs = [torch.randn(T, H, requires_grad=True) for _ in range(args.repeats + 1)]
     fns = {name: (lambda r, m=m: run_once(m, xs[r], "fwdbwd")) for name, m in contenders.items()}
     times = interleaved(fns, args.repeats, torch.device("cpu"),
-                        on_sample=lambda: print(".", end="", file=sys.stderr, flush=True))
+                        on_sample=lambda name, seconds: print(".", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     hf_best = min(v for k, v in med.items() if k.startswith("transformers"))

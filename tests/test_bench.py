@@ -316,6 +316,14 @@ def test_backend_all_names_what_it_skips(ext_not_built, capsys):
     assert impls == {"eager", "torch"}
 
 
+def test_backend_all_in_a_wheel_says_how_to_get_ext(monkeypatch, ext_not_built):
+    """A wheel has no csrc/ to build from: --backend all gives backend_status's advice, not '--backend ext'."""
+    monkeypatch.setattr(contenders.ext, "sources", lambda cuda=False: [])
+    usable, skipped = contenders.backend_choices(torch.device("cpu"), torch.float32)
+    assert "ext" not in usable and "not in this installation" in skipped["ext"]
+    assert "--backend ext" not in skipped["ext"]
+
+
 def test_backend_all_loads_a_cached_ext_build_and_never_compiles(monkeypatch, ext_not_built):
     from deepseek_moe.backends import ext as ext_backend
 

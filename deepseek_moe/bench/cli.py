@@ -161,7 +161,7 @@ def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> Tuple[
 def build_contenders(args, dtype: torch.dtype, skipped: Optional[Dict[str, Dict[str, str]]] = None,
                      ) -> List[Contender]:
     """The contenders of one dtype (nothing is built yet); ``skipped`` collects {backend: {dtype: why not}}."""
-    (name_a, cfg_a), (name_b, cfg_b) = configs_for(args.match, args.hidden_size, args.ffn_size, args.a, args.b)
+    (name_a, cfg_a), (name_b, cfg_b) = _configs(args)
     chosen, left_out = _backends_for(args.backend, args.device, dtype)
     for name, reason in left_out.items():
         if skipped is not None:
@@ -251,7 +251,7 @@ def _time_step(args, modules: Dict[tuple, torch.nn.Module], progress: Progress, 
     progress.advance(len(group) * args.warmup)
     names = [f"{where} {c.name} [{c.implementation}]" for c, _ in group]
     samples = interleaved(fns, args.repeats, device, args.warmup, calls,
-                          on_time=lambda i, seconds: progress.sample(names[i], seconds))
+                          on_sample=lambda i, seconds: progress.sample(names[i], seconds))
     rows = []
     for i, (c, module) in enumerate(group):
         median, spread = summarize(samples[i])
@@ -305,19 +305,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)
         groups, skipped = plan(args)
         memory_line = check_memory(args, groups)
-    except (UserError, ConfigError, BackendUnavailable) as err:
-        print(f"deepseek-moe-bench: error: {err}", file=sys.stderr)
-        return 2
-    width = terminal_width()
-    for backend, reasons in skipped.items():
-        by_reason: Dict[str, List[str]] = {}
-        for dtype_name, reason in reasons.items():
-            by_reason.setdefault(reason, []).append(dtype_name)
-        for reason, dtype_names in by_reason.items():
-            where = "" if len(dtype_names) == len(args.dtypes) else f" for {', '.join(dtype_names)}"
-            print(wrap(f"backend {backend}: skipped{where} ({reason})", width, indent="  "))
-    print(wrap(memory_line, width, indent="  "), flush=True)
-    try:
+        width = terminal_width()
+        for backend, reasons in skipped.items():
+            by_reason: Dict[str, List[str]] = {}
+            for dtype_name, reason in reasons.items():
+                by_reason.setdefault(reason, []).append(dtype_name)
+            for reason, dtype_names in by_reason.items():
+                where = "" if len(dtype_names) == len(args.dtypes) else f" for {', '.join(dtype_names)}"
+                print(wrap(f"backend {backend}: skipped{where} ({reason})", width, indent="  "))
+        print(wrap(memory_line, width, indent="  "), flush=True)
         rows = run(args, groups)
     except (UserError, ConfigError, BackendUnavailable) as err:
         print(f"deepseek-moe-bench: error: {err}", file=sys.stderr)

@@ -161,18 +161,19 @@ def backend_choices(device: torch.device, dtype: torch.dtype) -> Tuple[List[str]
 
 
 def ext_loadable() -> Optional[str]:
-    """None when the compiled extension is loaded or has been loaded now without compiling, else why not."""
-    if not ext.is_loaded():
-        if ext.build_error():
-            return ext.build_error()
-        if not (ext.has_prebuilt() or ext.has_cached_build()):
-            return EXT_NOT_BUILT
+    """Load a built but unloaded extension (no compiling). Returns why ext cannot run where the CLI words it
+    differently from ``backend_status`` (its load failed, or a checkout has not built it: how to with the CLI),
+    else None: ``backend_status`` then says it (loaded, a failed build, a wheel without sources)."""
+    if ext.is_loaded() or ext.build_error():
+        return None
+    if ext.has_prebuilt() or ext.has_cached_build():
         from ..backends.ext import ensure_loaded
         try:
             ensure_loaded()
         except ext.ExtensionUnavailable as err:
             return str(err)
-    return None
+        return None
+    return EXT_NOT_BUILT if ext.sources() else None
 
 
 # ------------------------------------------------------------------------------------------------ peers

@@ -46,13 +46,11 @@ def time_call(fn: Callable[[], None], device: torch.device, calls: int = 1) -> f
 
 def interleaved(fns: Dict[str, Callable[[int], None]], rounds: int, device: torch.device, warmup: int = 1,
                 calls: int = 1, skip: Optional[Callable[[str, int], bool]] = None,
-                on_sample: Optional[Callable[[], None]] = None,
-                on_time: Optional[Callable[[str, float], None]] = None) -> Dict[str, List[float]]:
+                on_sample: Optional[Callable[[str, float], None]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each ``fn(r)``, the contenders interleaved round by round (background load on a shared
     machine then hits them alike): ``warmup`` untimed calls each with r = -1, then ``rounds`` rounds r = 0, 1, ...
     (an ``fn`` uses r to pick a fresh input), each sample timing ``calls`` back-to-back calls. ``skip(name, r)``
-    leaves a contender out of a round; after each sample ``on_sample()`` runs (a progress bar) and
-    ``on_time(name, seconds per call)`` (progress lines)."""
+    leaves a contender out of a round; ``on_sample(name, seconds per call)`` runs after each sample (progress)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn(-1)
@@ -63,9 +61,7 @@ def interleaved(fns: Dict[str, Callable[[int], None]], rounds: int, device: torc
                 continue
             samples[name].append(time_call(lambda: fn(r), device, calls))
             if on_sample is not None:
-                on_sample()
-            if on_time is not None:
-                on_time(name, samples[name][-1])
+                on_sample(name, samples[name][-1])
     return samples
 
 
