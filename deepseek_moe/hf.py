@@ -663,6 +663,39 @@ def update_biases(model: nn.Module) -> None:
         layer.update_bias()
 
 
+def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, float]]:
+    """Run ``model(*args, **kwargs)`` once without gradient, in eval mode, and before each DeepSeekMoELayer runs,
+    set its balancing bias so that its own inputs load its experts evenly (:meth:`DeepSeekMoELayer.calibrate_bias`).
+    Layers are calibrated in the order they run, so each sees inputs routed by the calibrated layers before it.
+
+    Meant for right after :func:`moefy` with ``init="upcycle"`` (docs/integration.md, "Routing right after
+    upcycling"). Returns ``{layer name: {"max_vio_before": .., "max_vio_after": ..}}``; the model's train/eval
+    mode is restored. Raises ValueError when the model has no DeepSeekMoELayer.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("calibrate_routing: the model has no DeepSeekMoELayer (moefy or replace_moe_blocks first)")
+    results: Dict[str, Dict[str, float]] = {}
+
+    def calibrate(name: str):
+        def hook(layer, layer_args, layer_kwargs):
+            x = layer_args[0] if layer_args else layer_kwargs["x"]
+            results[name] = layer.calibrate_bias(x, layer_kwargs.get("padding_mask"))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return results
+
+
 def expert_load(model: nn.Module) -> Dict[str, float]:
     """Per-layer load statistics of the last forward, flat for loggers: ``{"<name>/max_vio": .., "<name>/cv": ..}``."""
     out = {}

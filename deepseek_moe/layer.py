@@ -23,7 +23,7 @@ from .experts import RoutedExperts, SharedExperts
 from .counters import count_load
 from .losses import aux_loss_from_routing, load_stats, update_bias_, all_reduce_load
 from .padding import active_padding_mask, check_padding_mask
-from .router import LogitsProbe, Router, Routing
+from .router import LogitsProbe, Router, Routing, balancing_bias
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -338,6 +338,30 @@ class DeepSeekMoELayer(nn.Module):
         self.load_since_update.zero_()
         self.balance_window.zero_()
         return bias
+
+    @torch.no_grad()
+    def calibrate_bias(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                       iterations: int = 200) -> Dict[str, float]:
+        """Set the balancing bias ``gate.e_score_correction_bias`` so that routing ``x`` loads the experts as
+        evenly as the bias can make it (:func:`deepseek_moe.router.balancing_bias`), e.g. right after upcycling,
+        where a random router sends most tokens to the same experts. Only which experts are picked changes, never
+        the gate weights (DeepSeek-V3 §2.1.2); the bias is kept only if it lowers the MaxVio of ``x``.
+
+        x: (..., H) float, inputs of this layer (``padding_mask`` as in :meth:`forward`; padded tokens are not
+        counted). Use several thousand tokens, the same on every rank. Returns ``{"max_vio_before": ..,
+        "max_vio_after": ..}``. Raises what :meth:`forward` raises for a bad x or mask.
+        """
+        self._check_input(x)
+        H = self.config.hidden_size
+        x_TH = x.reshape(-1, H)
+        padding_mask = active_padding_mask() if padding_mask is None else padding_mask
+        if padding_mask is not None:
+            x_TH = x_TH[~check_padding_mask(padding_mask, x).reshape(-1)]
+        scores_TE = self.gate(x_TH).scores_TE
+        new_bias_E, before, after = balancing_bias(scores_TE, self.gate.e_score_correction_bias, self.config,
+                                                   iterations)
+        self.gate.e_score_correction_bias.copy_(new_bias_E)
+        return {"max_vio_before": before, "max_vio_after": after}
 
     def extra_repr(self) -> str:
         c = self.config

@@ -252,3 +252,25 @@ def test_trainer_helpers_add_aux_loss_update_biases_and_log(tmp_path):
     assert logged and all(k.endswith("max_vio") for k in logged[0] if k.startswith("moe/"))
     biases = [layer.gate.e_score_correction_bias for layer in hf.moe_layers(model).values()]
     assert all(b.abs().sum() > 0 for b in biases)  # bias_update_speed > 0: the callback ran update_bias
+
+
+def test_calibrate_routing_balances_each_layer_on_the_inputs_it_will_see():
+    """Layers are calibrated in the order they run: a plain forward afterwards reproduces every reported MaxVio,
+    which holds only if each layer was calibrated on inputs routed by the already-calibrated layers before it."""
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="no DeepSeekMoELayer"):
+        hf.calibrate_routing(model, torch.zeros(1, 4, dtype=torch.long))
+    hf.moefy(model, MOE.replace(num_routed_experts=16), init="random")
+    _randomize(model, std=0.2)
+    model.train()
+    ids = torch.randint(0, 101, (8, 32))
+    stats = hf.calibrate_routing(model, ids)
+    layers = hf.moe_layers(model)
+    assert set(stats) == set(layers) and model.training
+    assert all(s["max_vio_after"] < s["max_vio_before"] for s in stats.values()), stats
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    for name, layer in layers.items():
+        assert layer.last_stats["max_vio"] == pytest.approx(stats[name]["max_vio_after"]), name

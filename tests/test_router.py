@@ -141,3 +141,46 @@ def test_device_limit_needs_enough_experts():
     with pytest.raises(ValueError, match="max_devices_per_token"):
         dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=16, top_k=6, num_devices=8,
                      max_devices_per_token=2)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_balancing_bias_cancels_a_shared_preference(score_func):
+    """Every token prefers expert 0 by a shared offset, and token t prefers expert t mod E by less: the balancing
+    bias must cancel the shared part, so each expert gets exactly T/E tokens (MaxVio 0)."""
+    from deepseek_moe.router import balancing_bias
+
+    T, E = 64, 8
+    cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=4, num_routed_experts=E, top_k=1, score_func=score_func)
+    own_TE = torch.nn.functional.one_hot(torch.arange(T) % E, E).double() * 0.01
+    shared_E = torch.linspace(0.3, 0.0, E, dtype=torch.float64)
+    scores_TE = shared_E + own_TE
+    bias_E, before, after = balancing_bias(scores_TE, torch.zeros(E, dtype=torch.float64), cfg)
+    assert before == E - 1 and after == 0.0
+    assert torch.equal(select_experts(scores_TE, bias_E, cfg)[:, 0], torch.arange(T) % E)
+
+
+def test_balancing_bias_cannot_split_identical_tokens():
+    from deepseek_moe.router import balancing_bias
+
+    E, K = 16, 2
+    cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=4, num_routed_experts=E, top_k=K)
+    scores_TE = torch.rand(E).expand(32, E)
+    bias_E, before, after = balancing_bias(scores_TE, torch.zeros(E), cfg)
+    assert before == after == E / K - 1
+
+
+def test_calibrate_bias_balances_inputs_that_share_a_direction_and_skips_padding():
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=8, num_routed_experts=16, top_k=2,
+                                num_shared_experts=1, score_func="sigmoid", num_groups=4, topk_groups=2)
+    x = torch.randn(4, 128, 32) + 4 * torch.randn(32)
+    pad = torch.zeros(4, 128, dtype=torch.bool)
+    pad[:, 100:] = True
+    x[pad] = 100.0  # padded positions: one identical huge token that would dominate the load if counted
+    weight = layer.gate.weight.clone()
+    stats = layer.calibrate_bias(x, padding_mask=pad)
+    assert stats["max_vio_before"] > 2 and stats["max_vio_after"] < 0.3
+    assert torch.equal(layer.gate.weight, weight)
+    layer.eval()
+    layer(x[:, :100])
+    assert layer.last_stats["max_vio"] == pytest.approx(stats["max_vio_after"])
