@@ -37,9 +37,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     vocab, seq, bsz = 64, 32, 16
+    # bias_update_speed is in units of the scores, and softmax scores over 64 experts average 1/64.
     cfg = dm.MoEConfig(hidden_size=args.hidden, expert_hidden_size=args.hidden // 2, num_routed_experts=64,
                        num_shared_experts=2, top_k=6, aux_loss_alpha=0.01, seq_aux=True, z_loss_coef=1e-4,
-                       bias_update_speed=1e-3, backend=args.backend)
+                       bias_update_speed=1e-4, backend=args.backend)
     model = TinyLM(vocab, args.hidden, layers=2, seq=seq, make_mlp=lambda: dm.DeepSeekMoELayer(cfg))
     moe_layers = [m for m in model.modules() if isinstance(m, dm.DeepSeekMoELayer)]
     print(f"TinyLM with {len(moe_layers)} DeepSeekMoE blocks: {cfg.num_routed_experts} routed x "
