@@ -10,6 +10,7 @@ from .layer import DeepSeekMoELayer, aux_loss
 from .padding import padding_mask
 from .router import Router, Routing
 from .backends import BackendUnavailable, backend_status
+from . import analysis  # expert masking, load/co-activation statistics, the redundancy experiment
 from . import hf  # transformers interop; imports transformers only when its helpers need it
 from . import parallel  # expert parallelism; torch.distributed is used only once a layer is sharded
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "padding_mask", "Router",
     "Routing",
-    "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "hf", "parallel", "__version__",
+    "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "hf", "parallel", "__version__",
 ]

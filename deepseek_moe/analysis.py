@@ -1,0 +1,254 @@
+"""Expert specialisation analysis: disable experts at inference, count load and co-activation, and run
+DeepSeekMoE's redundancy experiment (arXiv 2401.06066 §4.5 and Fig. 4).
+
+    with dm.analysis.disabled_experts(model, top_fraction=2 / 64):   # each token loses its 2 best experts
+        loss = evaluate(model)
+    with dm.analysis.disabled_experts(model, shared=True):            # shared experts off
+        ...
+    stats = dm.analysis.routing_statistics(model, batches)            # per layer: load, co-activation, MaxVio
+    curve = dm.analysis.redundancy_curve(model, loss_fn, batches, [0, 1 / 64, 2 / 64, 4 / 64])
+
+Masking changes no weight: within the block each router excludes the masked experts from its choice (the token
+then picks its top-K among the rest, with their unchanged scores as gate weights), and a layer's shared experts
+are detached from its forward. Everything is restored on exit, also after an exception.
+
+Legend: T tokens, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .layer import DeepSeekMoELayer
+
+Experts = Union[Sequence[int], Mapping[str, Sequence[int]]]
+
+
+def _layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
+    """{name: layer} of every DeepSeekMoELayer in ``model`` ("" for a bare layer); ValueError when there is none."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeepSeekMoELayer)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no DeepSeekMoELayer")
+    return layers
+
+
+def _top_fraction_filter(count: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def exclude(scores_TE: torch.Tensor) -> torch.Tensor:
+        top_TM = scores_TE.topk(count, dim=-1).indices
+        return torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(1, top_TM, True)
+    return exclude
+
+
+def _fixed_filter(excluded_E: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def exclude(scores_TE: torch.Tensor) -> torch.Tensor:
+        return excluded_E.to(scores_TE.device).expand(scores_TE.shape[0], -1)
+    return exclude
+
+
+@contextlib.contextmanager
+def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fraction: float = 0.0,
+                     shared: bool = False) -> Iterator[Dict[str, DeepSeekMoELayer]]:
+    """Disable experts of every DeepSeekMoELayer in ``model`` (a model or one layer) inside the ``with`` block.
+
+    Args:
+        experts: routed expert indices no token may pick: one list for every layer, or ``{layer name: list}``
+            (names as in ``model.named_modules()``; layers not named keep all their experts).
+        top_fraction: for each token, exclude its ``round(top_fraction · E)`` highest-scoring routed experts and
+            pick the top-K of the rest (DeepSeekMoE §4.5: "we mask a certain ratio of experts with the highest
+            routing probability, and then select top-K experts from the remaining routed experts").
+        shared: run without the shared experts (and the shared-expert gate).
+
+    Gate weights stay the experts' own scores (renormalised over the K picked when ``norm_topk_prob``). Yields
+    ``{name: layer}``. Raises ValueError for unknown layer names, expert indices outside [0, E), a
+    ``top_fraction`` outside [0, 1), a model without DeepSeekMoELayer, and (from the router) when the masks leave
+    a token fewer than K experts; RuntimeError when a router already has a filter (nested masking contexts).
+    """
+    layers = _layers(model)
+    if isinstance(experts, Mapping):
+        unknown = sorted(set(experts) - set(layers))
+        if unknown:
+            raise ValueError(f"disabled_experts: {unknown[0]!r} is not a DeepSeekMoELayer of the model; its layers are "
+                             f"{sorted(layers)}")
+        per_layer = {name: list(experts.get(name, ())) for name in layers}
+    else:
+        per_layer = {name: list(experts or ()) for name in layers}
+    if not 0.0 <= top_fraction < 1.0:
+        raise ValueError(f"disabled_experts: top_fraction={top_fraction} must be in [0, 1)")
+    filters = {}
+    for name, layer in layers.items():
+        E = layer.config.num_routed_experts
+        bad = [i for i in per_layer[name] if not 0 <= int(i) < E]
+        if bad:
+            raise ValueError(f"disabled_experts: expert {bad[0]} of layer {name!r} is outside [0, {E})")
+        if layer.gate.expert_filter is not None:
+            raise RuntimeError(f"disabled_experts: layer {name!r} already has experts disabled (nested contexts)")
+        count = round(top_fraction * E)
+        if per_layer[name]:
+            excluded_E = torch.zeros(E, dtype=torch.bool)
+            excluded_E[torch.tensor(per_layer[name], dtype=torch.long)] = True
+            fixed = _fixed_filter(excluded_E)
+            filters[name] = fixed if count == 0 else (
+                lambda s, fixed=fixed, top=_top_fraction_filter(count): fixed(s) | top(s))
+        elif count:
+            filters[name] = _top_fraction_filter(count)
+    saved_shared = {name: (layer.shared_experts, layer.shared_expert_gate) for name, layer in layers.items()}
+    try:
+        for name, layer in layers.items():
+            layer.gate.expert_filter = filters.get(name)
+            if shared:
+                layer.shared_experts, layer.shared_expert_gate = None, None
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            layer.gate.expert_filter = None
+            layer.shared_experts, layer.shared_expert_gate = saved_shared[name]
+
+
+@dataclass
+class LayerRouting:
+    """Routing counts of one layer over some tokens.
+
+    Attributes:
+        tokens: number of tokens routed (padding excluded).
+        load_E: int64 (E,), tokens that picked each expert (before any capacity dropping).
+        coactivation_EE: int64 (E, E), tokens that picked both i and j; the diagonal is ``load_E``.
+    """
+
+    tokens: int
+    load_E: torch.Tensor
+    coactivation_EE: torch.Tensor
+
+    @property
+    def share_E(self) -> torch.Tensor:
+        """fp64 (E,): each expert's share of the routed pairs (sums to 1)."""
+        load = self.load_E.double()
+        return load / load.sum().clamp_min(1)
+
+    @property
+    def max_vio(self) -> float:
+        """MaxVio = max load / mean load − 1 (DeepSeek-V3 §4.5.2); 0 without tokens."""
+        load = self.load_E.double()
+        return 0.0 if self.tokens == 0 else (load.max() / load.mean() - 1).item()
+
+    @property
+    def load_entropy(self) -> float:
+        """Entropy of ``share_E`` in bits: log2(E) for an even load, 0 when one expert takes everything."""
+        share = self.share_E
+        return float(-(share[share > 0] * share[share > 0].log2()).sum())
+
+    @property
+    def coactivation_lift_EE(self) -> torch.Tensor:
+        """fp64 (E, E): P(i and j picked) / (P(i) · P(j)) per token, 1 where two experts co-occur as often as
+        independent picks would; NaN where an expert was never picked. The diagonal is 1 / P(i)."""
+        p_E = self.load_E.double() / max(self.tokens, 1)
+        joint_EE = self.coactivation_EE.double() / max(self.tokens, 1)
+        return joint_EE / torch.outer(p_E, p_E)
+
+
+@torch.no_grad()
+def routing_statistics(model: nn.Module, batches: Iterable, forward: Optional[Callable] = None
+                       ) -> Dict[str, LayerRouting]:
+    """Per-layer expert load and co-activation over ``batches``, in eval mode without gradient.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``, or ``model(**batch)`` for a dict). The
+    counts come from each router's choice of experts on the real tokens (padding excluded, as in training).
+    Returns ``{layer name: LayerRouting}``; the model's train/eval mode is restored. Raises ValueError for a model
+    without DeepSeekMoELayer.
+    """
+    layers = _layers(model)
+    stats = {name: LayerRouting(0, torch.zeros(l.config.num_routed_experts, dtype=torch.int64),
+                                torch.zeros(l.config.num_routed_experts, l.config.num_routed_experts,
+                                            dtype=torch.int64)) for name, l in layers.items()}
+
+    def count(name: str):
+        def hook(router, args, routing):
+            topk_idx_TK = routing.topk_idx_TK.cpu()
+            E = stats[name].load_E.numel()
+            picked_TE = torch.zeros(topk_idx_TK.shape[0], E, dtype=torch.float64).scatter_(1, topk_idx_TK, 1.0)
+            s = stats[name]
+            s.tokens += picked_TE.shape[0]
+            s.load_E += picked_TE.sum(0).long()
+            s.coactivation_EE += (picked_TE.T @ picked_TE).long()
+        return hook
+
+    handles = [layer.gate.register_forward_hook(count(name)) for name, layer in layers.items()]
+    with _eval(model):
+        try:
+            for batch in batches:
+                _run(model, batch, forward)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return stats
+
+
+def _run(model: nn.Module, batch, forward: Optional[Callable]):
+    if forward is not None:
+        return forward(model, batch)
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fractions: Sequence[float],
+                     shared: bool = False) -> List[Dict[str, float]]:
+    """DeepSeekMoE's redundancy experiment (§4.5, Fig. 4): the loss with each token's top ``f · E`` routed experts
+    disabled, for each fraction f in ``fractions`` (0 = the model as it is).
+
+    ``loss_fn(model, batch)`` returns a 0-dim loss tensor (e.g. mean cross-entropy); ``batches`` is re-iterated
+    for each fraction, so pass a list. The reported loss is the mean over batches. ``shared=True`` also disables
+    the shared experts (the paper's other ablation: removing DeepSeekMoE's shared expert raised its Pile loss
+    from 1.808 to 2.414). Returns ``[{"fraction": f, "experts_disabled": n, "loss": mean loss}, ...]``; the model
+    runs in eval mode (restored afterwards). A higher loss at the same fraction means the top experts held
+    knowledge the others cannot replace, i.e. less redundancy among them.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("redundancy_curve: no batches")
+    E = {l.config.num_routed_experts for l in _layers(model).values()}
+    curve = []
+    with _eval(model):
+        for fraction in fractions:
+            with disabled_experts(model, top_fraction=fraction, shared=shared):
+                losses = [float(loss_fn(model, batch)) for batch in batches]
+            curve.append({"fraction": float(fraction), "experts_disabled": round(fraction * max(E)),
+                          "loss": math.fsum(losses) / len(losses)})
+    return curve
+
+
+def plot_redundancy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str,
+                    title: str = "Redundancy among routed experts (DeepSeekMoE Fig. 4)") -> str:
+    """Plot ``{model label: redundancy_curve(...)}`` (loss against the fraction of top routed experts disabled)
+    to ``path`` (PNG). Needs matplotlib (``pip install 'deepseek-moe[bench]'``); raises ImportError saying so."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plot_redundancy needs matplotlib: pip install 'deepseek-moe[bench]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        ax.plot([p["fraction"] for p in curve], [p["loss"] for p in curve], marker="o", label=label)
+    ax.set_xlabel("ratio of disabled top routed experts")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
