@@ -157,8 +157,8 @@ def routing_statistics(model: nn.Module, batches: Iterable, forward: Optional[Ca
 
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``, or ``model(**batch)`` for a dict). The
     counts come from each router's choice of experts on the real tokens (padding excluded, as in training).
-    Returns ``{layer name: LayerRouting}``; the model's train/eval mode is restored. Raises ValueError for a model
-    without DeepSeekMoELayer.
+    Returns ``{layer name: LayerRouting}``; modes and the layers' per-forward results are restored
+    (:func:`inspecting`). Raises ValueError for a model without DeepSeekMoELayer.
     """
     layers = _layers(model)
     stats = {name: LayerRouting(0, torch.zeros(l.config.num_routed_experts, dtype=torch.int64),
@@ -177,7 +177,7 @@ def routing_statistics(model: nn.Module, batches: Iterable, forward: Optional[Ca
         return hook
 
     handles = [layer.gate.register_forward_hook(count(name)) for name, layer in layers.items()]
-    with _eval(model):
+    with inspecting(model):
         try:
             for batch in batches:
                 _run(model, batch, forward)
@@ -194,13 +194,22 @@ def _run(model: nn.Module, batch, forward: Optional[Callable]):
 
 
 @contextlib.contextmanager
-def _eval(model: nn.Module):
-    was_training = model.training
+def inspecting(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` for inspection inside the block: every submodule in eval mode, and afterwards each module's
+    own train/eval flag and each DeepSeekMoELayer's per-forward results (``aux_loss``, ``tokens_per_expert``,
+    ``last_stats``) as they were before, so a pending training step is unaffected. Training counters
+    (``load_since_update``, the balance window) only move in training forwards, so eval forwards leave them."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.aux_loss, m.tokens_per_expert, m._num_dropped) for m in model.modules()
+             if isinstance(m, DeepSeekMoELayer)]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
+        for m, aux, tokens, dropped in saved:
+            m.aux_loss, m.tokens_per_expert, m._num_dropped = aux, tokens, dropped
 
 
 @torch.no_grad()
@@ -213,7 +222,7 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
     for each fraction, so pass a list. The reported loss is the mean over batches. ``shared=True`` also disables
     the shared experts (the paper's other ablation: removing DeepSeekMoE's shared expert raised its Pile loss
     from 1.808 to 2.414). Returns ``[{"fraction": f, "experts_disabled": n, "loss": mean loss}, ...]``; the model
-    runs in eval mode (restored afterwards). A higher loss at the same fraction means the top experts held
+    runs in eval mode (:func:`inspecting`). A higher loss at the same fraction means the top experts held
     knowledge the others cannot replace, i.e. less redundancy among them.
     """
     batches = list(batches)
@@ -221,7 +230,7 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
         raise ValueError("redundancy_curve: no batches")
     E = {l.config.num_routed_experts for l in _layers(model).values()}
     curve = []
-    with _eval(model):
+    with inspecting(model):
         for fraction in fractions:
             with disabled_experts(model, top_fraction=fraction, shared=shared):
                 losses = [float(loss_fn(model, batch)) for batch in batches]

@@ -25,6 +25,7 @@ Legend: H hidden size, I expert width, E routed experts, K experts per token, F 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -666,12 +667,20 @@ def update_biases(model: nn.Module) -> None:
 def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, float]]:
     """Run ``model(*args, **kwargs)`` once without gradient, in eval mode, and before each DeepSeekMoELayer runs,
     set its balancing bias so that its own inputs load its experts evenly (:meth:`DeepSeekMoELayer.calibrate_bias`).
-    Layers are calibrated in the order they run, so each sees inputs routed by the calibrated layers before it.
+    Layers are calibrated in the order they run, so each sees inputs routed by the calibrated layers before it; a
+    layer the forward calls more than once is calibrated on its first call.
 
     Meant for right after :func:`moefy` with ``init="upcycle"`` (docs/integration.md, "Routing right after
-    upcycling"). Returns ``{layer name: {"max_vio_before": .., "max_vio_after": ..}}``; the model's train/eval
-    mode is restored. Raises ValueError when the model has no DeepSeekMoELayer.
+    upcycling"). Padding is not counted: a 2-D ``attention_mask`` keyword becomes the layers' padding mask (as in
+    :func:`aux_loss_trainer`), and a mask set with :func:`deepseek_moe.padding_mask` or passed to a layer is used.
+    With torch.distributed initialised, call it on every rank (each with its own batch): loads are summed over
+    the world and every rank gets the same bias. Modes and the layers' last-forward results are left as they
+    were (:func:`deepseek_moe.analysis.inspecting`). Returns ``{layer name: {"max_vio_before": ..,
+    "max_vio_after": ..}}`` for the layers that ran. Raises ValueError when the model has no DeepSeekMoELayer.
     """
+    from .analysis import inspecting
+    from .padding import active_padding_mask, padding_mask
+
     layers = moe_layers(model)
     if not layers:
         raise ValueError("calibrate_routing: the model has no DeepSeekMoELayer (moefy or replace_moe_blocks first)")
@@ -679,20 +688,22 @@ def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, 
 
     def calibrate(name: str):
         def hook(layer, layer_args, layer_kwargs):
+            if name in results:
+                return
             x = layer_args[0] if layer_args else layer_kwargs["x"]
-            results[name] = layer.calibrate_bias(x, layer_kwargs.get("padding_mask"))
+            mask = layer_args[1] if len(layer_args) > 1 else layer_kwargs.get("padding_mask")
+            results[name] = layer.calibrate_bias(x, mask)
         return hook
 
     handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
+    from_attention_mask = None if active_padding_mask() is not None else _padding_from_attention_mask(kwargs)
     try:
-        with torch.no_grad():
+        with inspecting(model), torch.no_grad(), (contextlib.nullcontext() if from_attention_mask is None
+                                                  else padding_mask(from_attention_mask)):
             model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return results
 
 

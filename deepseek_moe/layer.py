@@ -138,6 +138,17 @@ class DeepSeekMoELayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
+        self._check_tensor(x)
+        cfg, H = self.config, self.config.hidden_size
+        per_sequence_loss = ((cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "sequence")
+                             or cfg.seq_balance_alpha > 0)
+        if self.training and per_sequence_loss and x.dim() != 3:
+            raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}, but this config's balance loss is "
+                             f"computed per sequence (seq_aux / balance_scope='sequence' / seq_balance_alpha) and "
+                             f"needs x as (batch, seq, hidden_size); reshape the tokens of one sequence to "
+                             f"(1, T, {H})")
+
+    def _check_tensor(self, x: torch.Tensor) -> None:
         H = self.config.hidden_size
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DeepSeekMoELayer: x must be a torch.Tensor, got {type(x).__name__}")
@@ -151,14 +162,6 @@ class DeepSeekMoELayer(nn.Module):
             raise ValueError(f"DeepSeekMoELayer: x is on device {x.device} and the layer's parameters on "
                              f"{self.experts.gate_up_proj.device}; the layer runs on a real device (a layer built "
                              f"on 'meta' needs layer.to_empty(device=...) and layer.reset_parameters() first)")
-        cfg = self.config
-        per_sequence_loss = ((cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "sequence")
-                             or cfg.seq_balance_alpha > 0)
-        if self.training and per_sequence_loss and x.dim() != 3:
-            raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}, but this config's balance loss is "
-                             f"computed per sequence (seq_aux / balance_scope='sequence' / seq_balance_alpha) and "
-                             f"needs x as (batch, seq, hidden_size); reshape the tokens of one sequence to "
-                             f"(1, T, {H})")
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> backends.Backend:
         cfg = self.config
@@ -340,26 +343,30 @@ class DeepSeekMoELayer(nn.Module):
         return bias
 
     @torch.no_grad()
-    def calibrate_bias(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                       iterations: int = 200) -> Dict[str, float]:
+    def calibrate_bias(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, iterations: int = 200,
+                       group: Optional[object] = None) -> Dict[str, float]:
         """Set the balancing bias ``gate.e_score_correction_bias`` so that routing ``x`` loads the experts as
         evenly as the bias can make it (:func:`deepseek_moe.router.balancing_bias`), e.g. right after upcycling,
         where a random router sends most tokens to the same experts. Only which experts are picked changes, never
         the gate weights (DeepSeek-V3 §2.1.2); the bias is kept only if it lowers the MaxVio of ``x``.
 
-        x: (..., H) float, inputs of this layer (``padding_mask`` as in :meth:`forward`; padded tokens are not
-        counted). Use several thousand tokens, the same on every rank. Returns ``{"max_vio_before": ..,
-        "max_vio_after": ..}``. Raises what :meth:`forward` raises for a bad x or mask.
+        x: (..., H) float, inputs of this layer; padded tokens (``padding_mask`` or an enclosing
+        :func:`deepseek_moe.padding_mask`, as in :meth:`forward`) and tokens with non-finite values are not counted.
+        Use several thousand tokens. When torch.distributed is initialised, the loads are summed over ``group``
+        (default: the world, as :meth:`update_bias`): call it on every rank, each with its own tokens, and all get
+        the same bias. Costs ``iterations`` top-k passes over the tokens. Touches no training counter. Returns
+        ``{"max_vio_before": .., "max_vio_after": ..}``. Raises ValueError for x not floating, of the wrong last
+        dimension or on the meta device, a bad mask, and ``iterations`` < 1; TypeError for x not a tensor.
         """
-        self._check_input(x)
-        H = self.config.hidden_size
-        x_TH = x.reshape(-1, H)
+        self._check_tensor(x)
+        x_TH = x.reshape(-1, self.config.hidden_size)
         padding_mask = active_padding_mask() if padding_mask is None else padding_mask
+        keep_T = torch.isfinite(x_TH).all(dim=-1)
         if padding_mask is not None:
-            x_TH = x_TH[~check_padding_mask(padding_mask, x).reshape(-1)]
-        scores_TE = self.gate(x_TH).scores_TE
+            keep_T &= ~check_padding_mask(padding_mask, x).reshape(-1)
+        scores_TE = self.gate(x_TH[keep_T]).scores_TE
         new_bias_E, before, after = balancing_bias(scores_TE, self.gate.e_score_correction_bias, self.config,
-                                                   iterations)
+                                                   iterations, group)
         self.gate.e_score_correction_bias.copy_(new_bias_E)
         return {"max_vio_before": before, "max_vio_after": after}
 

@@ -233,13 +233,14 @@ def load_stats(tokens_per_expert_E: torch.Tensor) -> Dict[str, float]:
     return {"max_vio": (load.max() / mean - 1).item(), "cv": (load.std(unbiased=False) / mean).item()}
 
 
-def all_reduce_load(load_E: torch.Tensor, group: Optional[object] = None) -> torch.Tensor:
-    """A load vector summed over ``group`` (default: the world) when torch.distributed is initialised, else
-    unchanged. A functional collective: it never modifies ``load_E``, and torch.compile traces it."""
+def all_reduce_load(load_E: torch.Tensor, group: Optional[object] = None, op: str = "sum") -> torch.Tensor:
+    """A load vector reduced (``op``: "sum", or "max") over ``group`` (default: the world) when torch.distributed
+    is initialised, else unchanged. A functional collective: it never modifies ``load_E``, and torch.compile
+    traces it."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return load_E
     from torch.distributed._functional_collectives import all_reduce
 
-    return all_reduce(load_E.detach(), "sum", group or dist.group.WORLD)
+    return all_reduce(load_E.detach(), op, group or dist.group.WORLD)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .losses import load_stats
+from .losses import all_reduce_load, load_stats
 
 
 @dataclass
@@ -73,30 +73,39 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
         return top_TK.indices
 
 
-def balancing_bias(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig,
-                   iterations: int = 200) -> "tuple[torch.Tensor, float, float]":
+def balancing_bias(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig, iterations: int = 200,
+                   group: Optional[object] = None) -> "tuple[torch.Tensor, float, float]":
     """A bias that balances the top-k choice of these T tokens: DeepSeek-V3's step bᵢ += γ·sign(mean(load) −
     loadᵢ) (§2.1.2) repeated on one fixed batch, from ``bias_E``, with γ shrinking geometrically from half the
-    scores' standard deviation to 0.2% of that, so it settles instead of oscillating.
+    standard deviation of scores + bias to 0.2% of that, so it settles instead of oscillating.
 
-    scores_TE: (T, E) float, the unbiased affinities. Returns (the bias with the lowest MaxVio seen, (E,) in
-    ``bias_E``'s dtype; the MaxVio with ``bias_E``; the MaxVio with the returned bias). Identical tokens route
-    alike whatever the bias, so the largest group of them bounds the MaxVio reached from below.
+    scores_TE: (T, E) float, the unbiased affinities (any float dtype; the search runs in fp32 or fp64). When
+    torch.distributed is initialised the loads are summed over ``group`` (default: the world), as in
+    ``update_bias``, so every rank of the group must call it (a collective) and all get the same bias.
+    Each of the ``iterations`` steps is one top-k over the tokens. Returns (the bias with the lowest MaxVio seen,
+    (E,) in ``bias_E``'s dtype; the MaxVio with ``bias_E``; the MaxVio with the returned bias). Identical tokens
+    route alike whatever the bias, so the largest group of them bounds the MaxVio reached from below. Raises
+    ValueError for ``iterations`` < 1.
     """
+    if iterations < 1:
+        raise ValueError(f"balancing_bias: iterations={iterations} must be at least 1")
     with torch.no_grad():
         E = cfg.num_routed_experts
-        bias = bias_E.to(scores_TE.dtype).clone()
-        best_bias, best, first = bias.clone(), float("inf"), None
-        step = 0.5 * scores_TE.float().std().item() if scores_TE.numel() > 1 else 0.0
+        dtype = torch.promote_types(scores_TE.dtype, torch.float32)
+        scores_TE = scores_TE.to(dtype)
+        bias = bias_E.to(dtype).clone()
+        spread = (scores_TE + bias).std() if scores_TE.numel() > 1 else scores_TE.new_zeros(())
+        step = 0.5 * all_reduce_load(spread.reshape(1), group, "max").item()
         decay = 0.002 ** (1.0 / max(iterations - 1, 1))
-        for _ in range(iterations + 1):
+        best_bias, best, first = bias.clone(), float("inf"), None
+        for i in range(iterations + 1):
             topk_idx_TK = select_experts(scores_TE, bias, cfg)
-            load_E = torch.bincount(topk_idx_TK.flatten(), minlength=E).to(scores_TE.dtype)
+            load_E = all_reduce_load(torch.bincount(topk_idx_TK.flatten(), minlength=E), group).to(dtype)
             vio = load_stats(load_E)["max_vio"]
             first = vio if first is None else first
             if vio < best:
                 best_bias, best = bias.clone(), vio
-            if vio == 0.0 or step == 0.0:
+            if vio == 0.0 or step == 0.0 or i == iterations:
                 break
             bias += step * torch.sign(load_E.mean() - load_E)
             step *= decay

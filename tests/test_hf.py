@@ -274,3 +274,53 @@ def test_calibrate_routing_balances_each_layer_on_the_inputs_it_will_see():
         model(ids)
     for name, layer in layers.items():
         assert layer.last_stats["max_vio"] == pytest.approx(stats[name]["max_vio_after"]), name
+
+
+def test_calibrate_routing_ignores_padding_and_leaves_modes_and_pending_losses_alone():
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    hf.moefy(model, MOE.replace(num_routed_experts=16), init="random")
+    _randomize(model, std=0.2)
+    ids = torch.randint(0, 101, (4, 32))
+    attention_mask = torch.ones(4, 32, dtype=torch.long)
+    attention_mask[:2, 12:] = 0
+    layers = hf.moe_layers(model)
+    # A pending training step: its aux loss (with grad_fn) and load must survive a calibration.
+    model.train()
+    model.model.layers[0].self_attn.eval()  # a submodule the user froze in eval stays in eval
+    model(ids)
+    pending = {n: (l.aux_loss, l.tokens_per_expert) for n, l in layers.items()}
+    masked = hf.calibrate_routing(model, ids, attention_mask=attention_mask)
+    assert model.training and not model.model.layers[0].self_attn.training
+    assert all(l.aux_loss is pending[n][0] and l.tokens_per_expert is pending[n][1] for n, l in layers.items())
+    biases = {n: l.gate.e_score_correction_bias.clone() for n, l in layers.items()}
+    for l in layers.values():
+        l.gate.e_score_correction_bias.zero_()
+    with dm.padding_mask(attention_mask == 0):
+        explicit = hf.calibrate_routing(model, ids, attention_mask=attention_mask)
+    assert explicit == masked
+    assert all(torch.equal(l.gate.e_score_correction_bias, biases[n]) for n, l in layers.items())
+    for l in layers.values():
+        l.gate.e_score_correction_bias.zero_()
+    assert hf.calibrate_routing(model, ids) != masked  # the padding, counted, changes the answer
+
+
+def test_calibrate_routing_takes_a_mask_passed_positionally_and_calibrates_a_reused_layer_once():
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = layer
+
+        def forward(self, x, pad):
+            return self.moe(self.moe(x, pad), pad)
+
+    x = torch.randn(2, 10, 16) + 3 * torch.randn(16)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 4:] = True
+    x[pad] = 50.0
+    stats = hf.calibrate_routing(Twice(), x, pad)
+    layer.gate.e_score_correction_bias.zero_()
+    assert stats == {"moe": layer.calibrate_bias(x, pad)}

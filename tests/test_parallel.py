@@ -139,3 +139,30 @@ def test_shard_needs_initialised_distributed():
     layer = dm.DeepSeekMoELayer(_config(2, None))
     with pytest.raises(RuntimeError, match="init_process_group"):
         shard_experts(layer)
+
+
+def _calibrate_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        layer = shard_experts(dm.DeepSeekMoELayer(_config(world, None)))
+        torch.manual_seed(10 + rank)  # each rank its own tokens, sharing one dominant direction
+        x = torch.randn(64, H) + 3 * torch.ones(H)
+        stats = layer.calibrate_bias(x)
+        bias = layer.gate.e_score_correction_bias
+        biases = [torch.empty_like(bias) for _ in range(world)]
+        dist.all_gather(biases, bias)
+        assert all(torch.equal(b, bias) for b in biases), "ranks calibrated different biases"
+        # The reported MaxVio is the world's: the loads of all ranks' tokens summed.
+        load = torch.bincount(layer.route(x)[0].topk_idx_TK.flatten(), minlength=bias.numel()).double()
+        dist.all_reduce(load)
+        assert (load.max() / load.mean() - 1).item() == pytest.approx(stats["max_vio_after"])
+        assert stats["max_vio_after"] < stats["max_vio_before"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_calibrate_bias_sums_the_load_over_ranks_and_every_rank_gets_the_same_bias():
+    mp.spawn(_calibrate_worker, args=(2, _free_port()), nprocs=2, join=True)

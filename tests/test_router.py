@@ -184,3 +184,34 @@ def test_calibrate_bias_balances_inputs_that_share_a_direction_and_skips_padding
     layer.eval()
     layer(x[:, :100])
     assert layer.last_stats["max_vio"] == pytest.approx(stats["max_vio_after"])
+
+
+def test_calibrate_bias_skips_non_finite_tokens_and_validates_iterations():
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=8, num_routed_experts=16, top_k=2)
+    x = torch.randn(256, 32) + 4 * torch.randn(32)
+    clean = layer.calibrate_bias(x)
+    bias = layer.gate.e_score_correction_bias.clone()
+    layer.gate.e_score_correction_bias.zero_()
+    with_nan = torch.cat([x, torch.full((1, 32), float("nan"))])
+    assert layer.calibrate_bias(with_nan) == clean
+    assert torch.equal(layer.gate.e_score_correction_bias, bias)
+    with pytest.raises(ValueError, match="iterations"):
+        layer.calibrate_bias(x, iterations=0)
+
+
+def test_balancing_bias_counts_exactly_for_bf16_scores_and_reaches_balance_from_a_far_bias():
+    from deepseek_moe.router import balancing_bias
+
+    torch.manual_seed(0)
+    E = 64
+    cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=4, num_routed_experts=E, top_k=6, score_func="sigmoid",
+                       num_groups=8, topk_groups=4, group_score="top2_sum")
+    scores_TE = (torch.randn(4096, E) + torch.randn(E)).sigmoid()
+    exact = torch.bincount(select_experts(scores_TE.bfloat16().float(), torch.zeros(E), cfg).flatten(),
+                           minlength=E).double()
+    _, before, _ = balancing_bias(scores_TE.bfloat16(), torch.zeros(E), cfg)
+    assert before == (exact.max() / exact.mean() - 1).item()
+    far_E = torch.empty(E).uniform_(2.0, 5.0)  # a bias like the ones DeepSeek-V3 learns
+    _, before, after = balancing_bias(scores_TE, far_E, cfg)
+    assert before > 5 and after < 0.1
