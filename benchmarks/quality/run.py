@@ -1,39 +1,53 @@
-"""Quality study: the DeepSeekMoE ablation ladder (arXiv 2401.06066, Figure 3) at small scale on real text.
+"""Quality study v2: the DeepSeekMoE ablation ladder (arXiv 2401.06066, Figure 3) at small scale on real text, with
+paired seeds and confidence intervals, a balancing ablation, and the paper's redundancy experiment (§4.5, Fig. 4).
 
-    python -m benchmarks.quality.run --all              # every config x 3 seeds, then plots and the report
+    python -m benchmarks.quality.run --all              # every config x 3 seeds x 4000 steps (~2.5 h on 2 cores)
     python -m benchmarks.quality.run --quick            # two configs, a few steps (the CI smoke test)
-    python -m benchmarks.quality.run --configs deepseekmoe --seeds 0 --steps 200
-    python -m benchmarks.quality.run --report           # plots and docs/quality.md from the saved runs
+    python -m benchmarks.quality.run --configs deepseekmoe --seeds 0 --steps 500
+    python -m benchmarks.quality.run --report           # tables, plots and summary.json from the saved runs
 
-A byte-level decoder LM (pre-norm, causal attention; its MLPs are the compared layers) trains on the Python
-standard library's sources (or ``--data FILE``) with a fixed train/validation split. Ladder configs have equal
-total expert parameters and equal active FLOPs (16 expert widths of F total, 2 active): dense (active size),
-GShard-style 16 experts top-2, + shared isolation (1 + 15, top-1), + fine-grained (1 + 31 of F/2, top-3),
-DeepSeekMoE (1 + 63 of F/4, top-7); plus the balancing ablation on DeepSeekMoE: expert-level aux loss
-(α = 0.01), aux-loss-free bias (γ = 0.001), neither. Every run writes JSON (config, params, FLOPs, validation
-bits per byte and MaxVio over steps, git revision) under ``--out``; an interrupted run resumes from its
-checkpoint, a finished one is skipped.
+A byte-level decoder LM (pre-norm, causal attention; its MLPs are the compared layers) trains on Python source
+(the standard library's and torch's ``*.py`` files, up to 32 MB, or ``--data FILE``) with a fixed 90/10
+train/validation split. Ladder configs have equal total expert parameters and equal active FLOPs (16 expert widths
+of F total, 2 active): dense (active size), GShard-style 16 experts top-2, + shared isolation (1 + 15, top-1),
++ fine-grained (1 + 31 of F/2, top-3), DeepSeekMoE (1 + 63 of F/4, top-7), all with the expert-level balance
+loss α = 0.01; plus DeepSeekMoE balanced by the aux-loss-free bias (γ = 0.001, no aux loss) or not at all.
+
+Paired seeds: seed s gives every config the same embedding/attention/head initialisation and the same batches,
+so config differences are measured seed by seed. Every run writes JSON (config, parameters, FLOPs, validation
+bits per byte over steps and a final one on 128 fixed batches, batch and global MaxVio, the redundancy curve, the
+git revision and corpus hash) under ``--out``; an interrupted run resumes from its checkpoint, a finished one is
+skipped. Runs go seed by seed, so a partial study already pairs every config on the first seeds.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import sysconfig
 import time
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import deepseek_moe as dm
+from deepseek_moe.analysis import redundancy_curve
 from deepseek_moe.experts import SharedExperts
 
-from benchmarks.quality.lm import TinyLM, byte_batches, load_text
+from benchmarks.quality.lm import TinyLM, byte_batches
 
 HIDDEN, LAYERS, SEQ, BATCH, WIDTH = 128, 2, 128, 16, 128  # WIDTH = F, one GShard expert's hidden size
+LR, CLIP = 2e-3, 1.0
+EVAL_BATCHES, FINAL_EVAL_BATCHES = 16, 128  # fixed validation batches of BATCH x SEQ bytes
+REDUNDANCY_FRACTIONS = [0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16]  # DeepSeekMoE Fig. 4's x-axis
+REDUNDANCY_BATCHES = 32
 
 LADDER = {
     # name: (shared, routed, top_k, expert width as a fraction of F); None = the dense FFN of width 2F
@@ -43,15 +57,24 @@ LADDER = {
     "fine": (1, 31, 3, 2),
     "deepseekmoe": (1, 63, 7, 4),
 }
-BALANCE = {"deepseekmoe-aux": dict(aux_loss_alpha=0.01), "deepseekmoe-bias": dict(bias_update_speed=0.001),
-           "deepseekmoe-none": {}}
+# Balancing on DeepSeekMoE. The ladder's own balancing is the aux loss, so "deepseekmoe-aux" is the ladder's
+# "deepseekmoe" runs (the same configuration, not trained twice).
+BALANCE = {"deepseekmoe-bias": dict(aux_loss_alpha=0.0, bias_update_speed=0.001),
+           "deepseekmoe-none": dict(aux_loss_alpha=0.0)}
+ALIASES = {"deepseekmoe-aux": "deepseekmoe"}
 CONFIGS = list(LADDER) + list(BALANCE)
+# (a, b): a's final bits/byte minus b's, seed by seed. Negative = a is better.
+COMPARISONS = [("shared", "gshard"), ("fine", "shared"), ("deepseekmoe", "fine"), ("deepseekmoe", "gshard"),
+               ("deepseekmoe", "dense"), ("deepseekmoe-bias", "deepseekmoe-aux"),
+               ("deepseekmoe-none", "deepseekmoe-aux")]
+# Two-sided 95% Student t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def layer_config(name: str) -> Optional[dm.MoEConfig]:
-    """The MoE config of ``name`` (None for dense). Ladder configs use the expert-level aux loss α = 0.01."""
-    base = "deepseekmoe" if name in BALANCE else name
-    spec = LADDER[base]
+    """The MoE config of ``name`` (None for dense)."""
+    name = ALIASES.get(name, name)
+    spec = LADDER["deepseekmoe" if name in BALANCE else name]
     if spec is None:
         return None
     shared, routed, k, split = spec
@@ -60,10 +83,38 @@ def layer_config(name: str) -> Optional[dm.MoEConfig]:
                         num_shared_experts=shared, top_k=k, score_func="softmax", norm_topk_prob=False, **balance)
 
 
-def build(name: str) -> TinyLM:
+def build(name: str, seed: int) -> TinyLM:
+    """The model of ``name``: embedding, attention and head initialised from ``seed`` alone (the same for every
+    config), then the MLPs from a seed of their own."""
+    torch.manual_seed(seed)
+    model = TinyLM(256, HIDDEN, LAYERS, SEQ, nn.Identity)
     cfg = layer_config(name)
-    make = (lambda: SharedExperts.dense(HIDDEN, 2 * WIDTH)) if cfg is None else (lambda: dm.DeepSeekMoELayer(cfg))
-    return TinyLM(256, HIDDEN, LAYERS, SEQ, make)
+    torch.manual_seed(10_000 + seed)
+    for block in model.blocks:
+        block.mlp = SharedExperts.dense(HIDDEN, 2 * WIDTH) if cfg is None else dm.DeepSeekMoELayer(cfg)
+    return model
+
+
+def corpus(path: Optional[str], max_bytes: int) -> Tuple[bytes, str]:
+    """(text, description): the file at ``path``, or the ``*.py`` sources of the standard library (without its
+    site-packages) and then of the installed torch package, in sorted path order, up to ``max_bytes``."""
+    if path:
+        return Path(path).read_bytes()[:max_bytes], path
+    import torch as torch_pkg
+
+    chunks, total = [], 0
+    for root in (sysconfig.get_paths()["stdlib"], os.path.dirname(torch_pkg.__file__)):
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__"))
+            for name in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    chunks.append(Path(folder, name).read_bytes())
+                except OSError:
+                    continue
+                total += len(chunks[-1])
+                if total >= max_bytes:
+                    return b"\n".join(chunks)[:max_bytes], f"stdlib *.py then torch {torch_pkg.__version__} *.py"
+    return b"\n".join(chunks)[:max_bytes], f"stdlib *.py then torch {torch_pkg.__version__} *.py"
 
 
 def git_revision() -> str:
@@ -73,22 +124,28 @@ def git_revision() -> str:
         return "unknown"
 
 
+def val_batches(val_N: torch.Tensor, count: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` fixed validation batches (the same for every run)."""
+    stream = byte_batches(val_N, BATCH, SEQ, torch.Generator().manual_seed(1234))
+    return [next(stream) for _ in range(count)]
+
+
+def batch_loss(model: TinyLM, batch) -> torch.Tensor:
+    ids, target = batch
+    return F.cross_entropy(model(ids).reshape(-1, 256), target.reshape(-1))
+
+
 @torch.no_grad()
-def evaluate(model: TinyLM, val_N: torch.Tensor, batches: int) -> float:
-    """Validation bits per byte over ``batches`` fixed windows."""
+def evaluate(model: TinyLM, batches) -> Tuple[float, float]:
+    """(mean validation bits per byte, its standard error over the batches)."""
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    stream = byte_batches(val_N, BATCH, SEQ, gen)
-    total = 0.0
-    for _ in range(batches):
-        ids, target = next(stream)
-        total += F.cross_entropy(model(ids).reshape(-1, 256), target.reshape(-1)).item()
+    bpb = torch.tensor([batch_loss(model, b).item() / math.log(2) for b in batches], dtype=torch.float64)
     model.train()
-    return total / batches / math.log(2)
+    sem = (bpb.std() / math.sqrt(len(bpb))).item() if len(bpb) > 1 else 0.0
+    return bpb.mean().item(), sem
 
 
-def train_one(name: str, seed: int, steps: int, data: Dict[str, torch.Tensor], out_dir: str, eval_every: int,
-              eval_batches: int, progress: bool) -> Dict:
+def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_every: int, progress: bool) -> Dict:
     """Train config ``name`` with ``seed`` (resuming from its checkpoint) and write its JSON; returns the record."""
     path = os.path.join(out_dir, f"{name}-seed{seed}.json")
     if os.path.exists(path):
@@ -96,13 +153,13 @@ def train_one(name: str, seed: int, steps: int, data: Dict[str, torch.Tensor], o
             record = json.load(f)
         if record["steps"] == steps:
             return record
-    torch.manual_seed(seed)
-    model = build(name)
+    model = build(name, seed)
     moe = [m for m in model.modules() if isinstance(m, dm.DeepSeekMoELayer)]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    history = {"step": [], "val_bpb": [], "max_vio": [], "load_layer0": []}
+    history = {"step": [], "val_bpb": [], "train_loss": [], "grad_norm": [], "batch_max_vio": [],
+               "global_max_vio": [], "load_layer0": []}
     start_step, ckpt = 0, path.replace(".json", ".pt")
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
@@ -114,38 +171,54 @@ def train_one(name: str, seed: int, steps: int, data: Dict[str, torch.Tensor], o
     stream = byte_batches(data["train"], BATCH, SEQ, gen)
     cfg = layer_config(name)
     began = time.perf_counter()
-    load_sum = None
+    losses, norms, vios, load_sum = [], [], [], None
     for step in range(start_step + 1, steps + 1):
-        ids, target = next(stream)
-        loss = F.cross_entropy(model(ids).reshape(-1, 256), target.reshape(-1))
+        loss = batch_loss(model, next(stream))
         opt.zero_grad(set_to_none=True)
         (loss + dm.aux_loss(model)).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         sched.step()
         for layer in moe:
             layer.update_bias()
+        losses.append(loss.item())
         if moe:
-            load = moe[0].tokens_per_expert.double()
-            load_sum = load if load_sum is None else load_sum + load
+            loads = torch.stack([m.tokens_per_expert.double() for m in moe])
+            vios.append(sum(m.last_stats["max_vio"] for m in moe) / len(moe))
+            load_sum = loads if load_sum is None else load_sum + loads
         if step % eval_every == 0 or step == steps:
             history["step"].append(step)
-            history["val_bpb"].append(evaluate(model, data["val"], eval_batches))
-            history["max_vio"].append(sum(m.last_stats["max_vio"] for m in moe) / len(moe) if moe else 0.0)
-            history["load_layer0"].append((load_sum / load_sum.sum()).tolist() if load_sum is not None else [])
-            load_sum = None
+            history["val_bpb"].append(evaluate(model, data["val"][:EVAL_BATCHES])[0])
+            history["train_loss"].append(sum(losses) / len(losses))
+            history["grad_norm"].append(sum(norms) / len(norms))
+            history["batch_max_vio"].append(sum(vios) / len(vios) if vios else 0.0)
+            history["global_max_vio"].append(
+                (load_sum.max(1).values / load_sum.mean(1) - 1).mean().item() if load_sum is not None else 0.0)
+            history["load_layer0"].append((load_sum[0] / load_sum[0].sum()).tolist() if load_sum is not None else [])
+            losses, norms, vios, load_sum = [], [], [], None
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "history": history, "step": step}, ckpt)
             if progress:
                 print(f"  {name} seed {seed}: step {step}/{steps}  val {history['val_bpb'][-1]:.3f} bits/byte  "
-                      f"MaxVio {history['max_vio'][-1]:.2f}  ({time.perf_counter() - began:.0f}s)",
+                      f"batch MaxVio {history['batch_max_vio'][-1]:.2f}  ({time.perf_counter() - began:.0f} s)",
                       file=sys.stderr, flush=True)
+    final, final_sem = evaluate(model, data["val"])
+    redundancy = None
+    if moe:
+        batches = data["val"][:REDUNDANCY_BATCHES]
+        redundancy = {"top_experts": redundancy_curve(model, batch_loss, batches, REDUNDANCY_FRACTIONS)}
+        if cfg.num_shared_experts:
+            redundancy["without_shared"] = redundancy_curve(model, batch_loss, batches, [0.0], shared=True)[0]
     record = {
         "config": name, "seed": seed, "steps": steps, "git_revision": git_revision(), "date": time.strftime("%Y-%m-%d"),
-        "model": dict(hidden=HIDDEN, layers=LAYERS, seq=SEQ, batch=BATCH, expert_width_F=WIDTH),
+        "corpus": data["corpus"],
+        "model": dict(hidden=HIDDEN, layers=LAYERS, seq=SEQ, batch=BATCH, expert_width_F=WIDTH, lr=LR, clip=CLIP),
         "layer": None if cfg is None else {k: v for k, v in cfg.__dict__.items()},
         "params": sum(p.numel() for p in model.parameters()),
         "mlp_flops_per_token": (cfg.flops_per_token if cfg is not None else 2 * 3 * HIDDEN * 2 * WIDTH) * LAYERS,
-        "history": history, "final_val_bpb": history["val_bpb"][-1], "seconds": time.perf_counter() - began,
+        "history": history, "final_val_bpb": final, "final_val_sem": final_sem,
+        "final_eval_batches": len(data["val"]), "redundancy": redundancy,
+        "seconds": time.perf_counter() - began,
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
@@ -156,25 +229,89 @@ def train_one(name: str, seed: int, steps: int, data: Dict[str, torch.Tensor], o
 def load_records(out_dir: str) -> List[Dict]:
     records = []
     for file in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        if file.endswith(".json"):
+        if file.endswith(".json") and file != "summary.json":
             with open(os.path.join(out_dir, file)) as f:
                 records.append(json.load(f))
     return records
 
 
-def summary(records: List[Dict]) -> List[Dict]:
-    """Per config: seeds, mean and std of the final validation bits per byte, mean final MaxVio."""
-    rows = []
-    for name in CONFIGS:
-        finals = [r["final_val_bpb"] for r in records if r["config"] == name]
-        vios = [r["history"]["max_vio"][-1] for r in records if r["config"] == name]
-        if not finals:
+def _runs(records: List[Dict], name: str) -> Dict[int, Dict]:
+    name = ALIASES.get(name, name)
+    return {r["seed"]: r for r in records if r["config"] == name}
+
+
+def _mean_ci(values: List[float]) -> Tuple[float, float, float]:
+    """(mean, sample std, half-width of the 95% t interval; nan below 2 values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, std, T95.get(n - 1, 1.96) * std / math.sqrt(n)
+
+
+def summary(records: List[Dict]) -> Dict:
+    """Per config: seeds, mean ± std of the final bits/byte, MaxVio; per comparison: the paired difference with its
+    95% confidence interval and whether it excludes 0 (decided); per MoE config: the mean redundancy curve."""
+    configs, comparisons = [], []
+    for name in list(LADDER) + list(ALIASES) + list(BALANCE):
+        runs = _runs(records, name)
+        if not runs:
             continue
-        mean = sum(finals) / len(finals)
-        std = (sum((v - mean) ** 2 for v in finals) / max(len(finals) - 1, 1)) ** 0.5
-        rows.append({"config": name, "seeds": len(finals), "val_bpb": mean, "std": std,
-                     "max_vio": sum(vios) / len(vios)})
-    return rows
+        finals = [r["final_val_bpb"] for r in runs.values()]
+        mean, std, _ = _mean_ci(finals)
+        row = {"config": name, "seeds": sorted(runs), "val_bpb": mean, "std": std, "per_seed": finals,
+               "eval_sem": max(r.get("final_val_sem", 0.0) for r in runs.values()),
+               "batch_max_vio": sum(r["history"]["batch_max_vio"][-1] for r in runs.values()) / len(runs),
+               "global_max_vio": sum(r["history"]["global_max_vio"][-1] for r in runs.values()) / len(runs)}
+        curves = [r["redundancy"] for r in runs.values() if r.get("redundancy")]
+        if curves:
+            row["redundancy"] = [
+                {"fraction": p["fraction"],
+                 "loss": sum(c["top_experts"][i]["loss"] for c in curves) / len(curves)}
+                for i, p in enumerate(curves[0]["top_experts"])]
+            if "without_shared" in curves[0]:
+                row["loss_without_shared"] = sum(c["without_shared"]["loss"] for c in curves) / len(curves)
+        configs.append(row)
+    for a, b in COMPARISONS:
+        runs_a, runs_b = _runs(records, a), _runs(records, b)
+        seeds = sorted(set(runs_a) & set(runs_b))
+        if not seeds:
+            continue
+        diffs = [runs_a[s]["final_val_bpb"] - runs_b[s]["final_val_bpb"] for s in seeds]
+        mean, std, half = _mean_ci(diffs)
+        comparisons.append({"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
+                            "per_seed": diffs, "decided": bool(half == half and abs(mean) > half)})
+    revisions = sorted({r["git_revision"] for r in records})
+    return {"configs": configs, "comparisons": comparisons, "git_revisions": revisions,
+            "corpus": sorted({json.dumps(r.get("corpus"), sort_keys=True) for r in records})}
+
+
+def markdown(s: Dict) -> str:
+    """The summary as the Markdown tables docs/quality.md shows."""
+    lines = ["| config | seeds | final validation bits/byte (mean ± std) | per seed | batch MaxVio | global MaxVio |",
+             "|---|---|---|---|---|---|"]
+    for r in s["configs"]:
+        per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"])
+        lines.append(f"| {r['config']} | {len(r['seeds'])} | {r['val_bpb']:.3f} ± {r['std']:.3f} | {per_seed} | "
+                     f"{r['batch_max_vio']:.2f} | {r['global_max_vio']:.2f} |")
+    lines += ["", "| comparison (a − b, bits/byte) | seeds | mean difference | 95% CI | per seed | decided |",
+              "|---|---|---|---|---|---|"]
+    for c in s["comparisons"]:
+        per_seed = ", ".join(f"{v:+.3f}" for v in c["per_seed"])
+        ci = f"± {c['ci95']:.3f}" if c["ci95"] == c["ci95"] else "n/a (1 seed)"
+        verdict = ("yes: " + (c["a"] if c["diff"] < 0 else c["b"]) + " better") if c["decided"] else "no"
+        lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {c['diff']:+.3f} | {ci} | {per_seed} | {verdict} |")
+    curves = [r for r in s["configs"] if "redundancy" in r and r["config"] != "deepseekmoe-aux"]
+    if curves:
+        header = " | ".join(f"{p['fraction']:.3g}" for p in curves[0]["redundancy"])
+        lines += ["", f"| validation loss (nats/byte) with the top fraction of routed experts disabled | {header} | "
+                      f"without shared |", "|---|" + "---|" * (len(curves[0]["redundancy"]) + 1)]
+        for r in curves:
+            cells = " | ".join(f"{p['loss']:.3f}" for p in r["redundancy"])
+            shared = f"{r['loss_without_shared']:.3f}" if "loss_without_shared" in r else "–"
+            lines.append(f"| {r['config']} | {cells} | {shared} |")
+    return "\n".join(lines)
 
 
 def plots(records: List[Dict], out_dir: str) -> List[str]:
@@ -186,13 +323,12 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in CONFIGS:
-        runs = [r for r in records if r["config"] == name]
+        runs = list(_runs(records, name).values())
         if not runs:
             continue
         steps = runs[0]["history"]["step"]
         curves = torch.tensor([r["history"]["val_bpb"] for r in runs if r["history"]["step"] == steps])
-        mean = curves.mean(0)
-        ax.plot(steps, mean, label=f"{name} ({len(curves)} seeds)")
+        ax.plot(steps, curves.mean(0), label=f"{name} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(steps, curves.min(0).values, curves.max(0).values, alpha=0.2)
     ax.set_xlabel("step")
@@ -212,6 +348,12 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
         fig.colorbar(im, ax=ax, label="share of routed pairs")
         paths.append(os.path.join(out_dir, "expert_load.png"))
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    curves = {r["config"]: r["redundancy"] for r in summary(records)["configs"]
+              if "redundancy" in r and r["config"] in ("gshard", "deepseekmoe")}
+    if curves:
+        from deepseek_moe.analysis import plot_redundancy
+
+        paths.append(plot_redundancy(curves, os.path.join(out_dir, "redundancy.png")))
     plt.close("all")
     return paths
 
@@ -222,39 +364,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="dense and deepseekmoe, 1 seed, 20 steps (smoke test)")
     p.add_argument("--configs", help="comma list of configs")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per run (1000: ~2 min for deepseekmoe on 2 cores)")
-    p.add_argument("--data", help="a text file (default: the standard library's *.py sources)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps per run (4000: ~7 min for deepseekmoe)")
+    p.add_argument("--data", help="a text file (default: the stdlib's and torch's *.py sources, up to 32 MB)")
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
-        configs, seeds, steps, eval_every, eval_batches = ["dense", "deepseekmoe"], [0], 20, 10, 2
+        configs, seeds, steps, eval_every, final_batches = ["dense", "deepseekmoe"], [0], 20, 10, 4
     else:
         configs = CONFIGS if args.all or not args.configs else args.configs.split(",")
-        seeds, steps, eval_every, eval_batches = [int(s) for s in args.seeds.split(",")], args.steps, 50, 16
+        seeds, steps, eval_every = [int(s) for s in args.seeds.split(",")], args.steps, 250
+        final_batches = FINAL_EVAL_BATCHES
+    configs = [ALIASES.get(c, c) for c in configs]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
-        print(f"run: unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS)}", file=sys.stderr)
+        print(f"run: unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS + list(ALIASES))}",
+              file=sys.stderr)
         return 2
     if args.out is None:
         args.out = os.path.join("benchmarks", "results", "quality_quick" if args.quick else "quality")
     os.makedirs(args.out, exist_ok=True)
     if not args.report:
-        text = torch.frombuffer(bytearray(load_text(args.data, 8_000_000)), dtype=torch.uint8)
+        raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
+        text = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         split = int(0.9 * text.numel())
-        data = {"train": text[:split], "val": text[split:]}
-        print(f"text: {text.numel() / 1e6:.1f} MB ({args.data or 'stdlib *.py'}), train/val 90/10; "
-              f"{len(configs)} configs x {len(seeds)} seeds x {steps} steps", file=sys.stderr)
-        for i, name in enumerate(configs):
-            for seed in seeds:
-                print(f"[{i * len(seeds) + seeds.index(seed) + 1}/{len(configs) * len(seeds)}] {name} seed {seed}",
-                      file=sys.stderr, flush=True)
-                train_one(name, seed, steps, data, args.out, eval_every, eval_batches, progress=True)
+        data = {"train": text[:split], "val": val_batches(text[split:], final_batches),
+                "corpus": {"source": source, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
+        total = len(configs) * len(seeds)
+        print(f"text: {len(raw) / 1e6:.1f} MB ({source}), train/val 90/10; {len(configs)} configs x {len(seeds)} "
+              f"seeds x {steps} steps", file=sys.stderr)
+        for j, seed in enumerate(seeds):
+            for i, name in enumerate(configs):
+                print(f"[{j * len(configs) + i + 1}/{total}] {name} seed {seed}", file=sys.stderr, flush=True)
+                train_one(name, seed, steps, data, args.out, eval_every, progress=True)
     records = [r for r in load_records(args.out) if r["config"] in configs or args.report]
-    print(f"{'config':18s} {'seeds':>5s} {'val bits/byte':>14s} {'MaxVio':>7s}")
-    for row in summary(records):
-        print(f"{row['config']:18s} {row['seeds']:5d} {row['val_bpb']:8.4f} ± {row['std']:.4f} {row['max_vio']:7.2f}")
+    result = summary(records)
+    print(markdown(result))
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({**result, "written_at_revision": git_revision()}, f, indent=1)
     try:
         for path in plots(records, args.out):
             print(f"wrote {path}")

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from benchmarks.quality import run  # a source checkout: run from its root (python -m pytest benchmarks)
 
@@ -25,14 +26,23 @@ def test_ladder_is_matched():
 def test_quick_mode_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert run.main(["--quick", "--out", str(tmp_path)]) == 0
-    records = {f: json.loads((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.endswith(".json")}
+    records = {f: json.loads((tmp_path / f).read_text()) for f in os.listdir(tmp_path)
+               if f.endswith(".json") and f != "summary.json"}
     assert set(records) == {"dense-seed0.json", "deepseekmoe-seed0.json"}
     for record in records.values():
         assert record["git_revision"] and record["steps"] == 20
         assert record["history"]["step"] == [10, 20] and len(record["history"]["val_bpb"]) == 2
         assert 0 < record["final_val_bpb"] < 8.5  # below uniform bytes (8 bits) plus slack for 20 steps
-    assert records["deepseekmoe-seed0.json"]["history"]["max_vio"][-1] > 0
+        assert record["corpus"]["bytes"] > 0 and len(record["corpus"]["sha256"]) == 64
+    moe = records["deepseekmoe-seed0.json"]
+    assert moe["history"]["batch_max_vio"][-1] > 0 and moe["history"]["global_max_vio"][-1] > 0
+    curve = moe["redundancy"]["top_experts"]
+    assert [p["fraction"] for p in curve] == run.REDUNDANCY_FRACTIONS and curve[0]["loss"] > 0
+    assert records["dense-seed0.json"]["redundancy"] is None
     assert (tmp_path / "val_loss.png").exists() and (tmp_path / "expert_load.png").exists()
+    assert (tmp_path / "redundancy.png").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["a"] + "-" + c["b"] for c in summary["comparisons"]] == ["deepseekmoe-dense"]
     assert not any(f.endswith(".pt") for f in os.listdir(tmp_path))  # checkpoints removed when a run ends
     out = capsys.readouterr().out
     assert "deepseekmoe" in out and "±" in out
@@ -45,3 +55,23 @@ def test_quick_mode_end_to_end(tmp_path, capsys):
 def test_unknown_config_is_rejected(capsys):
     assert run.main(["--configs", "gpt5", "--steps", "1"]) == 2
     assert "unknown config 'gpt5'" in capsys.readouterr().err
+
+
+def test_paired_seeds_share_everything_but_the_mlps():
+    dense, moe = run.build("dense", 3), run.build("deepseekmoe", 3)
+    moe_state = moe.state_dict()
+    for key, value in dense.state_dict().items():
+        if ".mlp." not in key:
+            assert torch.equal(value, moe_state[key]), key
+    assert not torch.equal(run.build("dense", 4).embed.weight, dense.embed.weight)
+
+
+def test_confidence_interval_of_paired_differences():
+    mean, std, half = run._mean_ci([0.1, 0.3, 0.2])
+    assert (mean, std) == pytest.approx((0.2, 0.1)) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    records = [{"config": c, "seed": s, "final_val_bpb": v, "git_revision": "r", "corpus": None,
+                "history": {"batch_max_vio": [0], "global_max_vio": [0]}}
+               for c, s, v in [("gshard", 0, 3.0), ("gshard", 1, 3.1), ("shared", 0, 2.9), ("shared", 1, 3.0)]]
+    (comparison,) = run.summary(records)["comparisons"]
+    assert comparison["diff"] == pytest.approx(-0.1) and comparison["std"] == pytest.approx(0.0, abs=1e-12)
+    assert comparison["decided"]
