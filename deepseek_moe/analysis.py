@@ -8,9 +8,12 @@ DeepSeekMoE's redundancy experiment (arXiv 2401.06066 §4.5 and Fig. 4).
     stats = dm.analysis.routing_statistics(model, batches)            # per layer: load, co-activation, MaxVio
     curve = dm.analysis.redundancy_curve(model, loss_fn, batches, [0, 1 / 64, 2 / 64, 4 / 64])
 
-Masking changes no weight: within the block each router excludes the masked experts from its choice (the token
-then picks its top-K among the rest, with their unchanged scores as gate weights), and a layer's shared experts
-are detached from its forward. Everything is restored on exit, also after an exception.
+Masking changes no weight and no module: within the block each router excludes the masked experts from its choice
+(the token then picks its top-K among the rest, with their unchanged scores as gate weights), and a layer can skip
+its shared experts. Everything is restored on exit, also after an exception. The masks live on the model, so every
+thread using it sees them; they are meant for evaluation (in training, the load counters, bias updates and aux
+loss see the masked choices); with activation checkpointing, call backward() inside the block too (the
+recomputed forward must see the same masks). Do not save or deep-copy the model inside the block.
 
 Legend: T tokens, E routed experts, K experts per token.
 """
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from .layer import DeepSeekMoELayer
+from .padding import attention_mask_padding
 
 Experts = Union[Sequence[int], Mapping[str, Sequence[int]]]
 
@@ -56,11 +60,12 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
     """Disable experts of every DeepSeekMoELayer in ``model`` (a model or one layer) inside the ``with`` block.
 
     Args:
-        experts: routed expert indices no token may pick: one list for every layer, or ``{layer name: list}``
-            (names as in ``model.named_modules()``; layers not named keep all their experts).
-        top_fraction: for each token, exclude its ``round(top_fraction · E)`` highest-scoring routed experts and
-            pick the top-K of the rest (DeepSeekMoE §4.5: "we mask a certain ratio of experts with the highest
-            routing probability, and then select top-K experts from the remaining routed experts").
+        experts: routed expert indices (ints, or an int tensor) no token may pick: one list for every layer, or
+            ``{layer name: list}`` (names as in ``model.named_modules()``; layers not named lose no fixed expert).
+        top_fraction: for every layer and token, also exclude the token's ⌊top_fraction · E + ½⌋ best routed
+            experts by score + balancing bias (the order its routing uses) and pick the top-K of the rest
+            (DeepSeekMoE §4.5: "we mask a certain ratio of experts with the highest routing probability, and then
+            select top-K experts from the remaining routed experts").
         shared: run without the shared experts (and the shared-expert gate).
 
     Gate weights stay the experts' own scores (renormalised over the K picked when ``norm_topk_prob``). Yields
@@ -76,18 +81,19 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
                              f"{sorted(layers)}")
         per_layer = {name: list(experts.get(name, ())) for name in layers}
     else:
-        per_layer = {name: list(experts or ()) for name in layers}
+        per_layer = {name: [] if experts is None else list(experts) for name in layers}
     if not 0.0 <= top_fraction < 1.0:
         raise ValueError(f"disabled_experts: top_fraction={top_fraction} must be in [0, 1)")
     filters = {}
     for name, layer in layers.items():
         E = layer.config.num_routed_experts
-        bad = [i for i in per_layer[name] if not 0 <= int(i) < E]
+        per_layer[name] = [int(i) for i in per_layer[name]]
+        bad = [i for i in per_layer[name] if not 0 <= i < E]
         if bad:
             raise ValueError(f"disabled_experts: expert {bad[0]} of layer {name!r} is outside [0, {E})")
         if layer.gate.expert_filter is not None:
             raise RuntimeError(f"disabled_experts: layer {name!r} already has experts disabled (nested contexts)")
-        count = round(top_fraction * E)
+        count = int(top_fraction * E + 0.5)
         if per_layer[name]:
             excluded_E = torch.zeros(E, dtype=torch.bool)
             excluded_E[torch.tensor(per_layer[name], dtype=torch.long)] = True
@@ -96,17 +102,16 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
                 lambda s, fixed=fixed, top=_top_fraction_filter(count): fixed(s) | top(s))
         elif count:
             filters[name] = _top_fraction_filter(count)
-    saved_shared = {name: (layer.shared_experts, layer.shared_expert_gate) for name, layer in layers.items()}
+    saved_shared = {name: layer.shared_enabled for name, layer in layers.items()}
     try:
         for name, layer in layers.items():
             layer.gate.expert_filter = filters.get(name)
-            if shared:
-                layer.shared_experts, layer.shared_expert_gate = None, None
+            layer.shared_enabled = saved_shared[name] and not shared
         yield layers
     finally:
         for name, layer in layers.items():
             layer.gate.expert_filter = None
-            layer.shared_experts, layer.shared_expert_gate = saved_shared[name]
+            layer.shared_enabled = saved_shared[name]
 
 
 @dataclass
@@ -155,8 +160,9 @@ def routing_statistics(model: nn.Module, batches: Iterable, forward: Optional[Ca
                        ) -> Dict[str, LayerRouting]:
     """Per-layer expert load and co-activation over ``batches``, in eval mode without gradient.
 
-    ``forward(model, batch)`` runs one batch (default: ``model(batch)``, or ``model(**batch)`` for a dict). The
-    counts come from each router's choice of experts on the real tokens (padding excluded, as in training).
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``, or ``model(**batch)`` for a dict, whose
+    2-D ``attention_mask`` then marks the padding). The counts come from each router's choice of experts on the
+    real tokens (padding excluded, as in training); a compiled model runs eager here, so the counting hooks fire.
     Returns ``{layer name: LayerRouting}``; modes and the layers' per-forward results are restored
     (:func:`inspecting`). Raises ValueError for a model without DeepSeekMoELayer.
     """
@@ -190,21 +196,26 @@ def routing_statistics(model: nn.Module, batches: Iterable, forward: Optional[Ca
 def _run(model: nn.Module, batch, forward: Optional[Callable]):
     if forward is not None:
         return forward(model, batch)
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+    if isinstance(batch, Mapping):
+        with attention_mask_padding(batch):
+            return model(**batch)
+    return model(batch)
 
 
 @contextlib.contextmanager
 def inspecting(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` for inspection inside the block: every submodule in eval mode, and afterwards each module's
-    own train/eval flag and each DeepSeekMoELayer's per-forward results (``aux_loss``, ``tokens_per_expert``,
-    ``last_stats``) as they were before, so a pending training step is unaffected. Training counters
-    (``load_since_update``, the balance window) only move in training forwards, so eval forwards leave them."""
+    """Run ``model`` for inspection inside the block: eagerly (also when compiled) and with every submodule in eval
+    mode; afterwards each module's own train/eval flag and each DeepSeekMoELayer's per-forward results
+    (``aux_loss``, ``tokens_per_expert``, ``last_stats``) are as they were, so a pending training step is
+    unaffected. Training counters (``load_since_update``, the balance window) move only in training forwards."""
     modes = [(m, m.training) for m in model.modules()]
     saved = [(m, m.aux_loss, m.tokens_per_expert, m._num_dropped) for m in model.modules()
              if isinstance(m, DeepSeekMoELayer)]
     model.eval()
     try:
-        yield
+        # Eager even for a compiled model: compiled code does not call hooks added after it was compiled.
+        with torch.compiler.set_stance("force_eager"):
+            yield
     finally:
         for m, training in modes:
             m.training = training
@@ -218,8 +229,9 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
     """DeepSeekMoE's redundancy experiment (§4.5, Fig. 4): the loss with each token's top ``f · E`` routed experts
     disabled, for each fraction f in ``fractions`` (0 = the model as it is).
 
-    ``loss_fn(model, batch)`` returns a 0-dim loss tensor (e.g. mean cross-entropy); ``batches`` is re-iterated
-    for each fraction, so pass a list. The reported loss is the mean over batches. ``shared=True`` also disables
+    ``loss_fn(model, batch)`` returns a 0-dim loss tensor (e.g. mean cross-entropy); ``batches`` (any iterable)
+    is read once and reused for every fraction. The reported loss is the mean over batches; ``experts_disabled``
+    counts them for the layers with the most routed experts. ``shared=True`` also disables
     the shared experts (the paper's other ablation: removing DeepSeekMoE's shared expert raised its Pile loss
     from 1.808 to 2.414). Returns ``[{"fraction": f, "experts_disabled": n, "loss": mean loss}, ...]``; the model
     runs in eval mode (:func:`inspecting`). A higher loss at the same fraction means the top experts held
@@ -234,7 +246,7 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
         for fraction in fractions:
             with disabled_experts(model, top_fraction=fraction, shared=shared):
                 losses = [float(loss_fn(model, batch)) for batch in batches]
-            curve.append({"fraction": float(fraction), "experts_disabled": round(fraction * max(E)),
+            curve.append({"fraction": float(fraction), "experts_disabled": int(fraction * max(E) + 0.5),
                           "loss": math.fsum(losses) / len(losses)})
     return curve
 

@@ -25,7 +25,6 @@ Legend: H hidden size, I expert width, E routed experts, K experts per token, F 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -38,6 +37,7 @@ from .backends.base import activate
 from .config import ACTIVATIONS, MoEConfig
 from .experts import RoutedExperts
 from .layer import DeepSeekMoELayer
+from .padding import _attention_mask_2d, attention_mask_padding
 from .router import Router
 
 
@@ -679,7 +679,6 @@ def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, 
     "max_vio_after": ..}}`` for the layers that ran. Raises ValueError when the model has no DeepSeekMoELayer.
     """
     from .analysis import inspecting
-    from .padding import active_padding_mask, padding_mask
 
     layers = moe_layers(model)
     if not layers:
@@ -696,10 +695,8 @@ def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, 
         return hook
 
     handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()]
-    from_attention_mask = None if active_padding_mask() is not None else _padding_from_attention_mask(kwargs)
     try:
-        with inspecting(model), torch.no_grad(), (contextlib.nullcontext() if from_attention_mask is None
-                                                  else padding_mask(from_attention_mask)):
+        with inspecting(model), torch.no_grad(), attention_mask_padding(kwargs):
             model(*args, **kwargs)
     finally:
         for handle in handles:
@@ -732,21 +729,6 @@ def trainer_callback():
     return DeepSeekMoECallback()
 
 
-def _attention_mask_2d(inputs) -> Optional[torch.Tensor]:
-    """The batch's (B, S) ``attention_mask`` (0 = padding), or None when it has none of that shape."""
-    mask = inputs.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
-def _padding_from_attention_mask(inputs) -> Optional[torch.Tensor]:
-    """(B, S) bool padding mask from a 2-D ``attention_mask``, None when nothing is padded."""
-    mask = _attention_mask_2d(inputs)
-    if mask is None:
-        return None
-    padding = mask == 0
-    return padding if bool(padding.any()) else None
-
-
 def _real_tokens(inputs) -> int:
     """Tokens the MoE layers route in one batch: the attention mask's ones, else every (B, S) input position."""
     mask = _attention_mask_2d(inputs)
@@ -775,7 +757,7 @@ def aux_loss_trainer(trainer_cls=None):
     from transformers import Trainer
 
     from .layer import aux_loss
-    from .padding import padding_mask
+    from .padding import _padding_from_attention_mask, padding_mask
 
     base = trainer_cls or Trainer
 

@@ -61,6 +61,8 @@ class DeepSeekMoELayer(nn.Module):
         self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
                                    if config.shared_expert_gate and config.num_shared_experts > 0 else None)
         self.logits_probe = LogitsProbe()
+        # False only inside deepseek_moe.analysis.disabled_experts(shared=True): the forward skips the shared path.
+        self.shared_enabled = True
         E = config.num_routed_experts
         # Per-rank load counters (int64). Plain tensor attributes, not buffers: DDP broadcasts every buffer from
         # rank 0 before each forward (broadcast_buffers=True, its default), which would replace each rank's own
@@ -273,7 +275,7 @@ class DeepSeekMoELayer(nn.Module):
         x_in, dispatched = self.dispatcher.dispatch(routed_TH.to(compute_dtype), routing, experts, self.training)
         o = self.experts(x_in, dispatched.experts_plan, experts)
         y_TH = self.dispatcher.combine(o, dispatched, experts)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and self.shared_enabled:
             y_TH = y_TH + self._shared(x_TH)
         self._record(routing, dispatched, num_sequences, seq_T)
         return y_TH.to(x_TH.dtype), routing.logits_TE

@@ -56,3 +56,31 @@ def check_padding_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if mask.device != x.device:
         raise ValueError(f"padding_mask is on {mask.device}, the input on {x.device}")
     return mask.reshape(-1)
+
+
+def _attention_mask_2d(inputs) -> Optional[torch.Tensor]:
+    """The batch's (B, S) ``attention_mask`` (0 = padding), or None when it has none of that shape."""
+    mask = inputs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _padding_from_attention_mask(inputs) -> Optional[torch.Tensor]:
+    """(B, S) bool padding mask from a 2-D ``attention_mask``, None when nothing is padded."""
+    mask = _attention_mask_2d(inputs)
+    if mask is None:
+        return None
+    padding = mask == 0
+    return padding if bool(padding.any()) else None
+
+
+@contextlib.contextmanager
+def attention_mask_padding(inputs) -> Iterator[None]:
+    """Within the block, the 2-D ``attention_mask`` of ``inputs`` (a model's keyword arguments; 0 = padding) is
+    the layers' padding mask, as in :func:`deepseek_moe.hf.aux_loss_trainer`, unless a mask is already active or
+    ``inputs`` has none (then nothing changes)."""
+    padding = None if active_padding_mask() is not None else _padding_from_attention_mask(inputs)
+    if padding is None:
+        yield
+        return
+    with padding_mask(padding):
+        yield

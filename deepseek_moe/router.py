@@ -40,14 +40,16 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
     (DeepSeek-V2 §2.2.2; device d holds experts [d·E/D, (d+1)·E/D)).
 
     The bias only steers the choice; callers gather the weights from the unbiased scores. ``excluded_TE``: optional
-    bool (T, E), True for experts a token may not pick (``deepseek_moe.analysis`` masks experts this way); raises
-    ValueError when it leaves a token fewer than K experts within its groups/devices. Returns int64 (T, K)
-    indices, best first. Runs without gradient.
+    bool (T, E), True for experts a token may not pick (``deepseek_moe.analysis`` masks experts this way): they
+    rank below every other expert when groups and devices are chosen (so a group scored by its top-2 sum with
+    only one expert left ranks below every group with two) and are never picked; raises ValueError (outside torch.compile) when that leaves a token fewer
+    than K experts. Returns int64 (T, K) indices, best first. Runs without gradient.
     """
     with torch.no_grad():
         choice_TE = scores_TE + bias_E.to(scores_TE.dtype)
         if excluded_TE is not None:
-            choice_TE = choice_TE.masked_fill(excluded_TE, float("-inf"))
+            # Finite, so that a group's top-2 sum or a device's max still ranks by the experts left in it.
+            choice_TE = choice_TE.masked_fill(excluded_TE, torch.finfo(choice_TE.dtype).min / 8)
         D, M = cfg.num_devices, cfg.max_devices_per_token
         if M is not None and M < D:
             T, E = choice_TE.shape
@@ -66,8 +68,11 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
             keep_TG = group_TG.topk(cfg.topk_groups, dim=-1).indices
             mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
             choice_TE = grouped_TGM.masked_fill(mask_TG.unsqueeze(-1), float("-inf")).view(T, E)
+        if excluded_TE is not None:
+            choice_TE = choice_TE.masked_fill(excluded_TE, float("-inf"))
         top_TK = choice_TE.topk(cfg.top_k, dim=-1)
-        if excluded_TE is not None and bool(top_TK.values.isneginf().any()):
+        if (excluded_TE is not None and not torch.compiler.is_compiling()
+                and bool(top_TK.values.isneginf().any())):
             raise ValueError(f"select_experts: the excluded experts leave some token fewer than top_k={cfg.top_k} "
                              "experts to pick from (within the groups/devices its routing allows)")
         return top_TK.indices
@@ -141,7 +146,7 @@ class Router(nn.Module):
         dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)
         self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size, dtype=dtype))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=dtype))
-        # scores_TE -> bool (T, E), True = may not be picked; set only by deepseek_moe.analysis's masking contexts.
+        # (scores + bias)_TE -> bool (T, E), True = may not be picked; set only by deepseek_moe.analysis's masking.
         self.expert_filter: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.reset_parameters()
 
@@ -172,7 +177,8 @@ class Router(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        excluded_TE = None if self.expert_filter is None else self.expert_filter(scores_TE.detach())
+        excluded_TE = None if self.expert_filter is None else self.expert_filter(
+            scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype))
         topk_idx_TK = select_experts(scores_TE.detach(), self.e_score_correction_bias, cfg, excluded_TE)
         weight_TK = scores_TE.gather(1, topk_idx_TK)
         if cfg.norm_topk_prob:

@@ -166,3 +166,44 @@ def test_plot_redundancy_writes_a_png(tmp_path):
     path = plot_redundancy({"a": curve, "b": curve}, str(tmp_path / "r.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_masks_rank_by_score_plus_bias_keep_the_module_tree_and_take_tensors():
+    layer = _layer()
+    x = torch.randn(40, H, dtype=torch.float64)
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias[5] = 10.0  # every token's first choice, by score + bias
+    with disabled_experts(layer, top_fraction=1 / E, shared=True):
+        assert not (layer.route(x)[0].topk_idx_TK == 5).any()
+        assert any(k.startswith("shared_experts.") for k in layer.state_dict())  # nothing detached
+    with disabled_experts(layer, experts=torch.tensor([1, 2])):
+        assert not torch.isin(layer.route(x)[0].topk_idx_TK, torch.tensor([1, 2])).any()
+
+
+def test_routing_statistics_of_a_compiled_model_and_of_dict_batches_with_padding():
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=8, expert_hidden_size=4, num_routed_experts=4, top_k=2)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = layer
+
+        def forward(self, x, attention_mask=None):
+            return self.moe(x)
+
+    model = Model()
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)  # compiled before the statistics' hooks exist
+    assert routing_statistics(compiled, [x])["_orig_mod.moe"].tokens == 10
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert routing_statistics(model, [{"x": x, "attention_mask": mask}])["moe"].tokens == 8
+
+
+def test_masked_routing_compiles_with_fullgraph():
+    layer = _layer()
+    x = torch.randn(16, H, dtype=torch.float64)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad(), disabled_experts(layer, experts=[0, 3], top_fraction=1 / E):
+        torch.testing.assert_close(compiled(x), layer(x))

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -145,14 +146,23 @@ def evaluate(model: TinyLM, batches) -> Tuple[float, float]:
     return bpb.mean().item(), sem
 
 
+def _write_json(path: str, obj) -> None:
+    """Write atomically (a temporary file renamed into place), so an interrupted write leaves no broken file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_every: int, progress: bool) -> Dict:
-    """Train config ``name`` with ``seed`` (resuming from its checkpoint) and write its JSON; returns the record."""
+    """Train config ``name`` with ``seed`` (resuming from its checkpoint) and write its JSON; returns the record.
+    Raises ValueError when the folder already holds this run for another number of steps."""
     path = os.path.join(out_dir, f"{name}-seed{seed}.json")
     if os.path.exists(path):
         with open(path) as f:
             record = json.load(f)
-        if record["steps"] == steps:
-            return record
+        if record["steps"] != steps:
+            raise ValueError(f"{path} holds a {record['steps']}-step run; use another --out for {steps} steps")
+        return record
     model = build(name, seed)
     moe = [m for m in model.modules() if isinstance(m, dm.DeepSeekMoELayer)]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
@@ -160,14 +170,14 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
     gen = torch.Generator().manual_seed(seed)
     history = {"step": [], "val_bpb": [], "train_loss": [], "grad_norm": [], "batch_max_vio": [],
                "global_max_vio": [], "load_layer0": []}
-    start_step, ckpt = 0, path.replace(".json", ".pt")
+    start_step, ckpt, elapsed = 0, path.replace(".json", f"-{steps}steps.pt"), 0.0
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
-        history, start_step = state["history"], state["step"]
+        history, start_step, elapsed = state["history"], state["step"], state["seconds"]
     stream = byte_batches(data["train"], BATCH, SEQ, gen)
     cfg = layer_config(name)
     began = time.perf_counter()
@@ -197,7 +207,9 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
             history["load_layer0"].append((load_sum[0] / load_sum[0].sum()).tolist() if load_sum is not None else [])
             losses, norms, vios, load_sum = [], [], [], None
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "history": history, "step": step}, ckpt)
+                        "gen": gen.get_state(), "history": history, "step": step,
+                        "seconds": elapsed + time.perf_counter() - began}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
             if progress:
                 print(f"  {name} seed {seed}: step {step}/{steps}  val {history['val_bpb'][-1]:.3f} bits/byte  "
                       f"batch MaxVio {history['batch_max_vio'][-1]:.2f}  ({time.perf_counter() - began:.0f} s)",
@@ -218,18 +230,18 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
         "mlp_flops_per_token": (cfg.flops_per_token if cfg is not None else 2 * 3 * HIDDEN * 2 * WIDTH) * LAYERS,
         "history": history, "final_val_bpb": final, "final_val_sem": final_sem,
         "final_eval_batches": len(data["val"]), "redundancy": redundancy,
-        "seconds": time.perf_counter() - began,
+        "seconds": elapsed + time.perf_counter() - began,
     }
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    _write_json(path, record)
     os.remove(ckpt)
     return record
 
 
 def load_records(out_dir: str) -> List[Dict]:
+    """The finished runs (``<config>-seed<n>.json``) in ``out_dir``."""
     records = []
     for file in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        if file.endswith(".json") and file != "summary.json":
+        if re.fullmatch(r"[a-z-]+-seed\d+\.json", file) and file.rsplit("-seed", 1)[0] in CONFIGS:
             with open(os.path.join(out_dir, file)) as f:
                 records.append(json.load(f))
     return records
@@ -240,19 +252,28 @@ def _runs(records: List[Dict], name: str) -> Dict[int, Dict]:
     return {r["seed"]: r for r in records if r["config"] == name}
 
 
-def _mean_ci(values: List[float]) -> Tuple[float, float, float]:
-    """(mean, sample std, half-width of the 95% t interval; nan below 2 values)."""
+def _mean_ci(values: List[float]) -> Tuple[float, Optional[float], Optional[float]]:
+    """(mean, sample std, half-width of the 95% t interval; None below 2 values)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return mean, float("nan"), float("nan")
+        return mean, None, None
     std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, std, T95.get(n - 1, 1.96) * std / math.sqrt(n)
+    if n - 1 not in T95:
+        raise ValueError(f"summary: {n} seeds; the t table covers 2 to {max(T95) + 1}")
+    return mean, std, T95[n - 1] * std / math.sqrt(n)
 
 
 def summary(records: List[Dict]) -> Dict:
     """Per config: seeds, mean ± std of the final bits/byte, MaxVio; per comparison: the paired difference with its
-    95% confidence interval and whether it excludes 0 (decided); per MoE config: the mean redundancy curve."""
+    95% confidence interval and whether it excludes 0 (decided); per MoE config: the mean redundancy curve. Only
+    the runs of the most common step count are used (the study's; others are listed as ignored)."""
+    counts = {}
+    for r in records:
+        counts[r["steps"]] = counts.get(r["steps"], 0) + 1
+    steps = max(counts, key=lambda k: (counts[k], k)) if counts else None
+    ignored = sorted(f"{r['config']}-seed{r['seed']} ({r['steps']} steps)" for r in records if r["steps"] != steps)
+    records = [r for r in records if r["steps"] == steps]
     configs, comparisons = [], []
     for name in list(LADDER) + list(ALIASES) + list(BALANCE):
         runs = _runs(records, name)
@@ -281,9 +302,10 @@ def summary(records: List[Dict]) -> Dict:
         diffs = [runs_a[s]["final_val_bpb"] - runs_b[s]["final_val_bpb"] for s in seeds]
         mean, std, half = _mean_ci(diffs)
         comparisons.append({"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
-                            "per_seed": diffs, "decided": bool(half == half and abs(mean) > half)})
+                            "per_seed": diffs, "decided": half is not None and abs(mean) > half})
     revisions = sorted({r["git_revision"] for r in records})
-    return {"configs": configs, "comparisons": comparisons, "git_revisions": revisions,
+    return {"steps": steps, "ignored": ignored, "configs": configs, "comparisons": comparisons,
+            "git_revisions": revisions,
             "corpus": sorted({json.dumps(r.get("corpus"), sort_keys=True) for r in records})}
 
 
@@ -293,13 +315,15 @@ def markdown(s: Dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in s["configs"]:
         per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"])
-        lines.append(f"| {r['config']} | {len(r['seeds'])} | {r['val_bpb']:.3f} ± {r['std']:.3f} | {per_seed} | "
+        std = f" ± {r['std']:.3f}" if r["std"] is not None else ""
+        label = r["config"] + (f" (= {ALIASES[r['config']]})" if r["config"] in ALIASES else "")
+        lines.append(f"| {label} | {len(r['seeds'])} | {r['val_bpb']:.3f}{std} | {per_seed} | "
                      f"{r['batch_max_vio']:.2f} | {r['global_max_vio']:.2f} |")
     lines += ["", "| comparison (a − b, bits/byte) | seeds | mean difference | 95% CI | per seed | decided |",
               "|---|---|---|---|---|---|"]
     for c in s["comparisons"]:
         per_seed = ", ".join(f"{v:+.3f}" for v in c["per_seed"])
-        ci = f"± {c['ci95']:.3f}" if c["ci95"] == c["ci95"] else "n/a (1 seed)"
+        ci = f"± {c['ci95']:.3f}" if c["ci95"] is not None else "n/a (1 seed)"
         verdict = ("yes: " + (c["a"] if c["diff"] < 0 else c["b"]) + " better") if c["decided"] else "no"
         lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {c['diff']:+.3f} | {ci} | {per_seed} | {verdict} |")
     curves = [r for r in s["configs"] if "redundancy" in r and r["config"] != "deepseekmoe-aux"]
@@ -369,7 +393,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
         configs, seeds, steps, eval_every, final_batches = ["dense", "deepseekmoe"], [0], 20, 10, 4
     else:
@@ -386,6 +409,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.out = os.path.join("benchmarks", "results", "quality_quick" if args.quick else "quality")
     os.makedirs(args.out, exist_ok=True)
     if not args.report:
+        clash = [r for r in load_records(args.out) if r["steps"] != steps and r["config"] in configs]
+        if clash:
+            print(f"run: {args.out} holds {clash[0]['steps']}-step runs; use another --out for {steps} steps",
+                  file=sys.stderr)
+            return 2
         raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
         text = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         split = int(0.9 * text.numel())
@@ -398,13 +426,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             for i, name in enumerate(configs):
                 print(f"[{j * len(configs) + i + 1}/{total}] {name} seed {seed}", file=sys.stderr, flush=True)
                 train_one(name, seed, steps, data, args.out, eval_every, progress=True)
-    records = [r for r in load_records(args.out) if r["config"] in configs or args.report]
+    records = load_records(args.out)
+    if not records:
+        print(f"run: no finished runs in {args.out}", file=sys.stderr)
+        return 2
     result = summary(records)
     print(markdown(result))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({**result, "written_at_revision": git_revision()}, f, indent=1)
+    if result["ignored"]:
+        print(f"ignored (another step count than {result['steps']}): {', '.join(result['ignored'])}")
+    _write_json(os.path.join(args.out, "summary.json"), {**result, "written_at_revision": git_revision()})
     try:
-        for path in plots(records, args.out):
+        for path in plots([r for r in records if r["steps"] == result["steps"]], args.out):
             print(f"wrote {path}")
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install 'deepseek-moe[bench]')")

@@ -69,9 +69,22 @@ def test_paired_seeds_share_everything_but_the_mlps():
 def test_confidence_interval_of_paired_differences():
     mean, std, half = run._mean_ci([0.1, 0.3, 0.2])
     assert (mean, std) == pytest.approx((0.2, 0.1)) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
-    records = [{"config": c, "seed": s, "final_val_bpb": v, "git_revision": "r", "corpus": None,
+    records = [{"config": c, "seed": s, "steps": 9, "final_val_bpb": v, "git_revision": "r", "corpus": None,
                 "history": {"batch_max_vio": [0], "global_max_vio": [0]}}
                for c, s, v in [("gshard", 0, 3.0), ("gshard", 1, 3.1), ("shared", 0, 2.9), ("shared", 1, 3.0)]]
     (comparison,) = run.summary(records)["comparisons"]
     assert comparison["diff"] == pytest.approx(-0.1) and comparison["std"] == pytest.approx(0.0, abs=1e-12)
     assert comparison["decided"]
+
+
+def test_runs_of_another_step_count_are_refused_and_kept_out_of_the_summary(tmp_path, capsys):
+    record = {"config": "dense", "seed": 0, "steps": 20, "final_val_bpb": 3.0, "git_revision": "r", "corpus": None,
+              "history": {"batch_max_vio": [0], "global_max_vio": [0]}}
+    (tmp_path / "dense-seed0.json").write_text(json.dumps(record))
+    (tmp_path / "notes.json").write_text("{}")  # not a run: ignored
+    assert run.main(["--configs", "dense", "--seeds", "0", "--steps", "30", "--out", str(tmp_path)]) == 2
+    assert "holds 20-step runs" in capsys.readouterr().err
+    other = {**record, "seed": 1, "steps": 30}
+    summary = run.summary([record, other, {**record, "seed": 2}])
+    assert summary["steps"] == 20 and summary["ignored"] == ["dense-seed1 (30 steps)"]
+    assert run.main(["--report", "--out", str(tmp_path / "empty")]) == 2
