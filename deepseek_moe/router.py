@@ -42,8 +42,9 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
     The bias only steers the choice; callers gather the weights from the unbiased scores. ``excluded_TE``: optional
     bool (T, E), True for experts a token may not pick (``deepseek_moe.analysis`` masks experts this way): they
     rank below every other expert when groups and devices are chosen (so a group scored by its top-2 sum with
-    only one expert left ranks below every group with two) and are never picked; raises ValueError (outside torch.compile) when that leaves a token fewer
-    than K experts. Returns int64 (T, K) indices, best first. Runs without gradient.
+    only one expert left ranks below every group with two) and are never picked; raises ValueError (outside
+    torch.compile) when that leaves a token fewer than K experts. Returns int64 (T, K) indices, best first. Runs
+    without gradient.
     """
     with torch.no_grad():
         choice_TE = scores_TE + bias_E.to(scores_TE.dtype)
