@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
+from .hf import moe_layers
 from .layer import DeepSeekMoELayer
 from .padding import attention_mask_padding
 
@@ -34,8 +35,8 @@ Experts = Union[Sequence[int], Mapping[str, Sequence[int]]]
 
 
 def _layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
-    """{name: layer} of every DeepSeekMoELayer in ``model`` ("" for a bare layer); ValueError when there is none."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, DeepSeekMoELayer)}
+    """:func:`deepseek_moe.hf.moe_layers` ("" names a bare layer); ValueError when there is none."""
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no DeepSeekMoELayer")
     return layers
