@@ -230,7 +230,7 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
         "mlp_flops_per_token": (cfg.flops_per_token if cfg is not None else 2 * 3 * HIDDEN * 2 * WIDTH) * LAYERS,
         "history": history, "final_val_bpb": final, "final_val_sem": final_sem,
         "final_eval_batches": len(data["val"]), "redundancy": redundancy,
-        "seconds": elapsed + time.perf_counter() - began,
+        "seconds": elapsed + time.perf_counter() - began, "torch_threads": torch.get_num_threads(),
     }
     _write_json(path, record)
     os.remove(ckpt)
