@@ -1,7 +1,7 @@
 """Quality study v2: the DeepSeekMoE ablation ladder (arXiv 2401.06066, Figure 3) at small scale on real text, with
 paired seeds and confidence intervals, a balancing ablation, and the paper's redundancy experiment (§4.5, Fig. 4).
 
-    python -m benchmarks.quality.run --all              # every config x 3 seeds x 4000 steps (~2.5 h on 2 cores)
+    python -m benchmarks.quality.run --all --jobs 2     # every config x 3 seeds x 4000 steps, 2 runs at a time
     python -m benchmarks.quality.run --quick            # two configs, a few steps (the CI smoke test)
     python -m benchmarks.quality.run --configs deepseekmoe --seeds 0 --steps 500
     python -m benchmarks.quality.run --report           # tables, plots and summary.json from the saved runs
@@ -17,11 +17,15 @@ Paired seeds: seed s gives every config the same embedding/attention/head initia
 so config differences are measured seed by seed. Every run writes JSON (config, parameters, FLOPs, validation
 bits per byte over steps and a final one on 128 fixed batches, batch and global MaxVio, the redundancy curve, the
 git revision and corpus hash) under ``--out``; an interrupted run resumes from its checkpoint, a finished one is
-skipped. Runs go seed by seed, so a partial study already pairs every config on the first seeds.
+skipped. Runs go seed by seed, so a partial study already pairs every config on the first seeds. ``--jobs N`` trains
+N runs at a time, each in its own process with 1/N of torch's threads: these models are too small for two threads
+to share one run well (on 2 cores, two one-thread runs finish in about the time one two-thread run takes).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import hashlib
 import json
 import math
@@ -237,6 +241,37 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
     return record
 
 
+def _train_in_worker(label: str, name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_every: int,
+                     threads: int) -> None:
+    torch.set_num_threads(threads)
+    print(label, file=sys.stderr, flush=True)
+    train_one(name, seed, steps, data, out_dir, eval_every, progress=True)
+
+
+def train_all(tasks: List[Tuple[str, int]], steps: int, data: Dict, out_dir: str, eval_every: int,
+              jobs: int) -> None:
+    """Train every (config, seed) of ``tasks`` in order, ``jobs`` at a time (1: in this process). Each worker is
+    a fresh spawned process with ``torch.get_num_threads() // jobs`` threads (at least 1); the first failed run
+    stops the study with its error: the runs not yet started are cancelled, those under way run to their end."""
+    labels = [f"[{i + 1}/{len(tasks)}] {name} seed {seed}" for i, (name, seed) in enumerate(tasks)]
+    if jobs == 1:
+        for label, (name, seed) in zip(labels, tasks):
+            print(label, file=sys.stderr, flush=True)
+            train_one(name, seed, steps, data, out_dir, eval_every, progress=True)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # a fork would inherit the parent's torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_train_in_worker, label, name, seed, steps, data, out_dir, eval_every, threads)
+                   for label, (name, seed) in zip(labels, tasks)]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def load_records(out_dir: str) -> List[Dict]:
     """The finished runs (``<config>-seed<n>.json``) in ``out_dir``."""
     records = []
@@ -264,9 +299,25 @@ def _mean_ci(values: List[float]) -> Tuple[float, Optional[float], Optional[floa
     return mean, std, T95[n - 1] * std / math.sqrt(n)
 
 
+# MaxVio (Wang et al. 2024, arXiv 2408.15664, eq. 5) as the runs record it every 250 steps, in three readings.
+MAX_VIO = {"batch_max_vio": "batch MaxVio, last window", "batch_max_vio_training": "batch MaxVio, whole run",
+           "global_max_vio": "global MaxVio, last window"}
+
+
+def _max_vio(record: Dict) -> Dict[str, float]:
+    """A run's MaxVio readings (``MAX_VIO``): the mean batch MaxVio over the last window and over the whole run
+    (every window has the same number of steps when ``eval_every`` divides the steps), and the MaxVio of the
+    load summed over the last window."""
+    history = record["history"]
+    return {"batch_max_vio": history["batch_max_vio"][-1],
+            "batch_max_vio_training": sum(history["batch_max_vio"]) / len(history["batch_max_vio"]),
+            "global_max_vio": history["global_max_vio"][-1]}
+
+
 def summary(records: List[Dict]) -> Dict:
     """Per config: seeds, mean ± std of the final bits/byte, MaxVio; per comparison: the paired difference with its
-    95% confidence interval and whether it excludes 0 (decided); per MoE config: the mean redundancy curve. Only
+    95% confidence interval and whether it excludes 0 (decided), and between MoE configs the same for each MaxVio
+    reading; per MoE config: the mean redundancy curve. Only
     the runs of the most common step count are used (the study's; others are listed as ignored)."""
     counts = {}
     for r in records:
@@ -283,8 +334,7 @@ def summary(records: List[Dict]) -> Dict:
         mean, std, _ = _mean_ci(finals)
         row = {"config": name, "seeds": sorted(runs), "val_bpb": mean, "std": std, "per_seed": finals,
                "eval_sem": max(r.get("final_val_sem", 0.0) for r in runs.values()),
-               "batch_max_vio": sum(r["history"]["batch_max_vio"][-1] for r in runs.values()) / len(runs),
-               "global_max_vio": sum(r["history"]["global_max_vio"][-1] for r in runs.values()) / len(runs)}
+               **{key: sum(_max_vio(r)[key] for r in runs.values()) / len(runs) for key in MAX_VIO}}
         curves = [r["redundancy"] for r in runs.values() if r.get("redundancy")]
         if curves:
             row["redundancy"] = [
@@ -301,8 +351,16 @@ def summary(records: List[Dict]) -> Dict:
             continue
         diffs = [runs_a[s]["final_val_bpb"] - runs_b[s]["final_val_bpb"] for s in seeds]
         mean, std, half = _mean_ci(diffs)
-        comparisons.append({"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
-                            "per_seed": diffs, "decided": half is not None and abs(mean) > half})
+        comparison = {"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
+                      "per_seed": diffs, "decided": half is not None and abs(mean) > half}
+        if layer_config(a) is not None and layer_config(b) is not None:
+            comparison["max_vio"] = {}
+            for key in MAX_VIO:
+                vio_diffs = [_max_vio(runs_a[s])[key] - _max_vio(runs_b[s])[key] for s in seeds]
+                vio_mean, _, vio_half = _mean_ci(vio_diffs)
+                comparison["max_vio"][key] = {"diff": vio_mean, "ci95": vio_half, "per_seed": vio_diffs,
+                                              "decided": vio_half is not None and abs(vio_mean) > vio_half}
+        comparisons.append(comparison)
     revisions = sorted({r["git_revision"] for r in records})
     return {"steps": steps, "ignored": ignored, "configs": configs, "comparisons": comparisons,
             "git_revisions": revisions,
@@ -311,14 +369,14 @@ def summary(records: List[Dict]) -> Dict:
 
 def markdown(s: Dict) -> str:
     """The summary as the Markdown tables docs/quality.md shows."""
-    lines = ["| config | seeds | final validation bits/byte (mean ± std) | per seed | batch MaxVio | global MaxVio |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | seeds | final validation bits/byte (mean ± std) | per seed | batch MaxVio (last window "
+             "/ whole run) | global MaxVio |", "|---|---|---|---|---|---|"]
     for r in s["configs"]:
         per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"])
         std = f" ± {r['std']:.3f}" if r["std"] is not None else ""
         label = r["config"] + (f" (= {ALIASES[r['config']]})" if r["config"] in ALIASES else "")
         lines.append(f"| {label} | {len(r['seeds'])} | {r['val_bpb']:.3f}{std} | {per_seed} | "
-                     f"{r['batch_max_vio']:.2f} | {r['global_max_vio']:.2f} |")
+                     f"{r['batch_max_vio']:.2f} / {r['batch_max_vio_training']:.2f} | {r['global_max_vio']:.2f} |")
     lines += ["", "| comparison (a − b, bits/byte) | seeds | mean difference | 95% CI | per seed | decided |",
               "|---|---|---|---|---|---|"]
     for c in s["comparisons"]:
@@ -326,6 +384,16 @@ def markdown(s: Dict) -> str:
         ci = f"± {c['ci95']:.3f}" if c["ci95"] is not None else "n/a (1 seed)"
         verdict = ("yes: " + (c["a"] if c["diff"] < 0 else c["b"]) + " better") if c["decided"] else "no"
         lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {c['diff']:+.3f} | {ci} | {per_seed} | {verdict} |")
+    balancing = [c for c in s["comparisons"] if c["b"] in ALIASES and "max_vio" in c]
+    if balancing:
+        lines += ["", "| balancing (a − b) | " + " | ".join(MAX_VIO.values()) + " |", "|---|---|---|---|"]
+        for c in balancing:
+            cells = []
+            for key in MAX_VIO:
+                v = c["max_vio"][key]
+                ci = f" ± {v['ci95']:.2f}" if v["ci95"] is not None else ""
+                cells.append(f"{v['diff']:+.2f}{ci}" + (" (decided)" if v["decided"] else ""))
+            lines.append(f"| {c['a']} − {c['b']} | " + " | ".join(cells) + " |")
     curves = [r for r in s["configs"] if "redundancy" in r and r["config"] != "deepseekmoe-aux"]
     if curves:
         header = " | ".join(f"{p['fraction']:.3g}" for p in curves[0]["redundancy"])
@@ -372,6 +440,24 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
         fig.colorbar(im, ax=ax, label="share of routed pairs")
         paths.append(os.path.join(out_dir, "expert_load.png"))
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    arms = {name: list(_runs(records, name).values()) for name in list(ALIASES) + list(BALANCE)}
+    if any(arms.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for ax, key, title in zip(axes, ("batch_max_vio", "global_max_vio"),
+                                  ("batch MaxVio (mean over each window)", "global MaxVio (load summed over each window)")):
+            for name, runs in arms.items():
+                if runs:
+                    steps = runs[0]["history"]["step"]
+                    values = torch.tensor([r["history"][key] for r in runs if r["history"]["step"] == steps])
+                    ax.plot(steps, values.mean(0), label=f"{name} ({len(values)} seeds)")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("MaxVio (mean of the 2 layers)")
+        axes[0].legend(fontsize=8)
+        paths.append(os.path.join(out_dir, "max_vio.png"))
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     curves = {r["config"]: r["redundancy"] for r in summary(records)["configs"]
               if "redundancy" in r and r["config"] in ("gshard", "deepseekmoe")}
     if curves:
@@ -392,7 +478,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data", help="a text file (default: the stdlib's and torch's *.py sources, up to 32 MB)")
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at a time, each in its own process with 1/jobs of torch's threads")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        print(f"run: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     if args.quick:
         configs, seeds, steps, eval_every, final_batches = ["dense", "deepseekmoe"], [0], 20, 10, 4
     else:
@@ -419,13 +510,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         split = int(0.9 * text.numel())
         data = {"train": text[:split], "val": val_batches(text[split:], final_batches),
                 "corpus": {"source": source, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
-        total = len(configs) * len(seeds)
         print(f"text: {len(raw) / 1e6:.1f} MB ({source}), train/val 90/10; {len(configs)} configs x {len(seeds)} "
-              f"seeds x {steps} steps", file=sys.stderr)
-        for j, seed in enumerate(seeds):
-            for i, name in enumerate(configs):
-                print(f"[{j * len(configs) + i + 1}/{total}] {name} seed {seed}", file=sys.stderr, flush=True)
-                train_one(name, seed, steps, data, args.out, eval_every, progress=True)
+              f"seeds x {steps} steps" + (f", {args.jobs} at a time" if args.jobs > 1 else ""), file=sys.stderr)
+        train_all([(name, seed) for seed in seeds for name in configs], steps, data, args.out, eval_every,
+                  args.jobs)
     records = load_records(args.out)
     if not records:
         print(f"run: no finished runs in {args.out}", file=sys.stderr)

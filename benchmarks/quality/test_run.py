@@ -40,7 +40,7 @@ def test_quick_mode_end_to_end(tmp_path, capsys):
     assert [p["fraction"] for p in curve] == run.REDUNDANCY_FRACTIONS and curve[0]["loss"] > 0
     assert records["dense-seed0.json"]["redundancy"] is None
     assert (tmp_path / "val_loss.png").exists() and (tmp_path / "expert_load.png").exists()
-    assert (tmp_path / "redundancy.png").exists()
+    assert (tmp_path / "redundancy.png").exists() and (tmp_path / "max_vio.png").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["a"] + "-" + c["b"] for c in summary["comparisons"]] == ["deepseekmoe-dense"]
     assert not any(f.endswith(".pt") for f in os.listdir(tmp_path))  # checkpoints removed when a run ends
@@ -88,3 +88,21 @@ def test_runs_of_another_step_count_are_refused_and_kept_out_of_the_summary(tmp_
     summary = run.summary([record, other, {**record, "seed": 2}])
     assert summary["steps"] == 20 and summary["ignored"] == ["dense-seed1 (30 steps)"]
     assert run.main(["--report", "--out", str(tmp_path / "empty")]) == 2
+
+
+def test_runs_in_parallel_workers_equal_runs_in_this_process(tmp_path):
+    """--jobs 2 trains each run in its own process with half the threads; at one thread either way the records
+    are the same number for number, so a parallel study is the sequential one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers get max(1, 1 // 2) = 1 thread: the same arithmetic as this process
+    try:
+        assert run.main(["--quick", "--out", str(tmp_path / "one")]) == 0
+        assert run.main(["--quick", "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("dense-seed0.json", "deepseekmoe-seed0.json"):
+        one, two = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        assert one["torch_threads"] == two["torch_threads"] == 1
+        assert one["history"]["val_bpb"] == two["history"]["val_bpb"]
+        assert one["final_val_bpb"] == two["final_val_bpb"] and one["redundancy"] == two["redundancy"]
+    assert run.main(["--quick", "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
