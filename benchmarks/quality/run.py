@@ -18,7 +18,7 @@ so config differences are measured seed by seed. Every run writes JSON (config, 
 bits per byte over steps and a final one on 128 fixed batches, batch and global MaxVio, the redundancy curve, the
 git revision and corpus hash) under ``--out``; an interrupted run resumes from its checkpoint, a finished one is
 skipped. Runs go seed by seed, so a partial study already pairs every config on the first seeds. ``--jobs N`` trains
-N runs at a time, each in its own process with 1/N of torch's threads: these models are too small for two threads
+N runs at a time in N worker processes with 1/N of torch's threads each: these models are too small for two threads
 to share one run well (on 2 cores, two one-thread runs finish in about the time one two-thread run takes).
 """
 from __future__ import annotations
@@ -157,10 +157,14 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+def record_path(out_dir: str, name: str, seed: int) -> str:
+    return os.path.join(out_dir, f"{name}-seed{seed}.json")
+
+
 def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_every: int, progress: bool) -> Dict:
     """Train config ``name`` with ``seed`` (resuming from its checkpoint) and write its JSON; returns the record.
     Raises ValueError when the folder already holds this run for another number of steps."""
-    path = os.path.join(out_dir, f"{name}-seed{seed}.json")
+    path = record_path(out_dir, name, seed)
     if os.path.exists(path):
         with open(path) as f:
             record = json.load(f)
@@ -250,25 +254,36 @@ def _train_in_worker(label: str, name: str, seed: int, steps: int, data: Dict, o
 
 def train_all(tasks: List[Tuple[str, int]], steps: int, data: Dict, out_dir: str, eval_every: int,
               jobs: int) -> None:
-    """Train every (config, seed) of ``tasks`` in order, ``jobs`` at a time (1: in this process). Each worker is
-    a fresh spawned process with ``torch.get_num_threads() // jobs`` threads (at least 1); the first failed run
-    stops the study with its error: the runs not yet started are cancelled, those under way run to their end."""
-    labels = [f"[{i + 1}/{len(tasks)}] {name} seed {seed}" for i, (name, seed) in enumerate(tasks)]
-    if jobs == 1:
-        for label, (name, seed) in zip(labels, tasks):
+    """Train every (config, seed) of ``tasks`` that has no record in ``out_dir`` yet, in order, ``jobs`` at a
+    time (1, or a single run left: in this process). The workers are ``min(jobs, runs left)`` spawned processes
+    with ``torch.get_num_threads() // workers`` threads each (at least 1). At most one run per worker is handed
+    out at a time, so the first failure (or Ctrl-C) stops the study once the runs under way have ended, and
+    re-raises; interrupted runs resume from their checkpoints."""
+    todo = [(name, seed) for name, seed in tasks if not os.path.exists(record_path(out_dir, name, seed))]
+    labels = [f"[{i + 1}/{len(todo)}] {name} seed {seed}" for i, (name, seed) in enumerate(todo)]
+    workers = min(jobs, len(todo))
+    if workers <= 1:
+        for label, (name, seed) in zip(labels, todo):
             print(label, file=sys.stderr, flush=True)
             train_one(name, seed, steps, data, out_dir, eval_every, progress=True)
         return
-    threads = max(1, torch.get_num_threads() // jobs)
+    threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # a fork would inherit the parent's torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = [pool.submit(_train_in_worker, label, name, seed, steps, data, out_dir, eval_every, threads)
-                   for label, (name, seed) in zip(labels, tasks)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        running = set()
         try:
-            for future in concurrent.futures.as_completed(futures):
+            for label, (name, seed) in zip(labels, todo):
+                if len(running) == workers:
+                    done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                running.add(pool.submit(_train_in_worker, label, name, seed, steps, data, out_dir, eval_every,
+                                        threads))
+            for future in concurrent.futures.as_completed(running):
                 future.result()
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in running:
+                future.cancel()
             raise
 
 
@@ -299,7 +314,8 @@ def _mean_ci(values: List[float]) -> Tuple[float, Optional[float], Optional[floa
     return mean, std, T95[n - 1] * std / math.sqrt(n)
 
 
-# MaxVio (Wang et al. 2024, arXiv 2408.15664, eq. 5) as the runs record it every 250 steps, in three readings.
+# MaxVio (Wang et al. 2024, arXiv 2408.15664, eq. 5) as the runs record it at every evaluation (each window of
+# eval_every steps: 250 in the study), in three readings.
 MAX_VIO = {"batch_max_vio": "batch MaxVio, last window", "batch_max_vio_training": "batch MaxVio, whole run",
            "global_max_vio": "global MaxVio, last window"}
 
@@ -316,8 +332,8 @@ def _max_vio(record: Dict) -> Dict[str, float]:
 
 def summary(records: List[Dict]) -> Dict:
     """Per config: seeds, mean ± std of the final bits/byte, MaxVio; per comparison: the paired difference with its
-    95% confidence interval and whether it excludes 0 (decided), and between MoE configs the same for each MaxVio
-    reading; per MoE config: the mean redundancy curve. Only
+    95% confidence interval and whether it excludes 0 (decided), and for the balancing comparisons the same for
+    each MaxVio reading; per MoE config: the mean redundancy curve. Only
     the runs of the most common step count are used (the study's; others are listed as ignored)."""
     counts = {}
     for r in records:
@@ -353,7 +369,7 @@ def summary(records: List[Dict]) -> Dict:
         mean, std, half = _mean_ci(diffs)
         comparison = {"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
                       "per_seed": diffs, "decided": half is not None and abs(mean) > half}
-        if layer_config(a) is not None and layer_config(b) is not None:
+        if b in ALIASES:  # balancing arms of one architecture: their MaxVio compares like with like
             comparison["max_vio"] = {}
             for key in MAX_VIO:
                 vio_diffs = [_max_vio(runs_a[s])[key] - _max_vio(runs_b[s])[key] for s in seeds]
@@ -370,13 +386,15 @@ def summary(records: List[Dict]) -> Dict:
 def markdown(s: Dict) -> str:
     """The summary as the Markdown tables docs/quality.md shows."""
     lines = ["| config | seeds | final validation bits/byte (mean ± std) | per seed | batch MaxVio (last window "
-             "/ whole run) | global MaxVio |", "|---|---|---|---|---|---|"]
+             "/ whole run) | global MaxVio (last window) |", "|---|---|---|---|---|---|"]
     for r in s["configs"]:
         per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"])
         std = f" ± {r['std']:.3f}" if r["std"] is not None else ""
         label = r["config"] + (f" (= {ALIASES[r['config']]})" if r["config"] in ALIASES else "")
-        lines.append(f"| {label} | {len(r['seeds'])} | {r['val_bpb']:.3f}{std} | {per_seed} | "
-                     f"{r['batch_max_vio']:.2f} / {r['batch_max_vio_training']:.2f} | {r['global_max_vio']:.2f} |")
+        routed = layer_config(r["config"]) is not None  # dense has no router, so no MaxVio
+        vio = (f"{r['batch_max_vio']:.2f} / {r['batch_max_vio_training']:.2f} | {r['global_max_vio']:.2f}"
+               if routed else "– | –")
+        lines.append(f"| {label} | {len(r['seeds'])} | {r['val_bpb']:.3f}{std} | {per_seed} | {vio} |")
     lines += ["", "| comparison (a − b, bits/byte) | seeds | mean difference | 95% CI | per seed | decided |",
               "|---|---|---|---|---|---|"]
     for c in s["comparisons"]:
@@ -386,14 +404,15 @@ def markdown(s: Dict) -> str:
         lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {c['diff']:+.3f} | {ci} | {per_seed} | {verdict} |")
     balancing = [c for c in s["comparisons"] if c["b"] in ALIASES and "max_vio" in c]
     if balancing:
-        lines += ["", "| balancing (a − b) | " + " | ".join(MAX_VIO.values()) + " |", "|---|---|---|---|"]
+        lines += ["", "| MaxVio difference, balancing (a − b; negative = a balances better; ± 95% CI) | seeds | "
+                  + " | ".join(MAX_VIO.values()) + " |", "|---|---|" + "---|" * len(MAX_VIO)]
         for c in balancing:
             cells = []
             for key in MAX_VIO:
                 v = c["max_vio"][key]
-                ci = f" ± {v['ci95']:.2f}" if v["ci95"] is not None else ""
-                cells.append(f"{v['diff']:+.2f}{ci}" + (" (decided)" if v["decided"] else ""))
-            lines.append(f"| {c['a']} − {c['b']} | " + " | ".join(cells) + " |")
+                ci = f" ± {v['ci95']:.2f}" if v["ci95"] is not None else " (n/a: 1 seed)"
+                cells.append(f"{v['diff']:+.2f}{ci}" + (" decided" if v["decided"] else ""))
+            lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | " + " | ".join(cells) + " |")
     curves = [r for r in s["configs"] if "redundancy" in r and r["config"] != "deepseekmoe-aux"]
     if curves:
         header = " | ".join(f"{p['fraction']:.3g}" for p in curves[0]["redundancy"])
@@ -454,7 +473,7 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
             ax.set_xlabel("step")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("MaxVio (mean of the 2 layers)")
+        axes[0].set_ylabel(f"MaxVio (mean of the {LAYERS} layers)")
         axes[0].legend(fontsize=8)
         paths.append(os.path.join(out_dir, "max_vio.png"))
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
@@ -479,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at a time, each in its own process with 1/jobs of torch's threads")
+                   help="runs trained at a time, in worker processes with 1/jobs of torch's threads each")
     args = p.parse_args(argv)
     if args.jobs < 1:
         print(f"run: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)

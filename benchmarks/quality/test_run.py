@@ -106,3 +106,18 @@ def test_runs_in_parallel_workers_equal_runs_in_this_process(tmp_path):
         assert one["history"]["val_bpb"] == two["history"]["val_bpb"]
         assert one["final_val_bpb"] == two["final_val_bpb"] and one["redundancy"] == two["redundancy"]
     assert run.main(["--quick", "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
+
+
+def test_parallel_study_skips_finished_runs_and_stops_at_the_first_failure(tmp_path):
+    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    finished = {"config": "dense", "seed": 5, "steps": 4}
+    (tmp_path / "dense-seed5.json").write_text(json.dumps(finished))
+    # "no-such-config" fails in its worker at once; dense seed 0, handed out beside it, runs to its end; dense
+    # seed 1 is never handed out; dense seed 5 is finished already and is not trained again.
+    tasks = [("no-such-config", 0), ("dense", 0), ("dense", 1), ("dense", 5)]
+    with pytest.raises(KeyError, match="no-such-config"):
+        run.train_all(tasks, steps=4, data=data, out_dir=str(tmp_path), eval_every=4, jobs=2)
+    assert json.loads((tmp_path / "dense-seed0.json").read_text())["steps"] == 4
+    assert not (tmp_path / "dense-seed1.json").exists()
+    assert json.loads((tmp_path / "dense-seed5.json").read_text()) == finished
