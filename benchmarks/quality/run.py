@@ -72,6 +72,8 @@ CONFIGS = list(LADDER) + list(BALANCE)
 COMPARISONS = [("shared", "gshard"), ("fine", "shared"), ("deepseekmoe", "fine"), ("deepseekmoe", "gshard"),
                ("deepseekmoe", "dense"), ("deepseekmoe-bias", "deepseekmoe-aux"),
                ("deepseekmoe-none", "deepseekmoe-aux")]
+# DeepSeekMoE Fig. 4's comparison: (a, b), a's loss rise with the top routed experts disabled minus b's, seed by seed.
+REDUNDANCY_COMPARISON = ("deepseekmoe", "gshard")
 # Two-sided 95% Student t quantiles by degrees of freedom.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -377,8 +379,19 @@ def summary(records: List[Dict]) -> Dict:
                 comparison["max_vio"][key] = {"diff": vio_mean, "ci95": vio_half, "per_seed": vio_diffs,
                                               "decided": vio_half is not None and abs(vio_mean) > vio_half}
         comparisons.append(comparison)
+    a, b = REDUNDANCY_COMPARISON
+    runs_a, runs_b = _runs(records, a), _runs(records, b)
+    seeds = sorted(s for s in set(runs_a) & set(runs_b) if runs_a[s].get("redundancy") and runs_b[s].get("redundancy"))
+    redundancy = []
+    for i, point in enumerate(runs_a[seeds[0]]["redundancy"]["top_experts"][1:], start=1) if seeds else []:
+        rise = lambda r: r["redundancy"]["top_experts"][i]["loss"] - r["redundancy"]["top_experts"][0]["loss"]
+        diffs = [rise(runs_a[s]) - rise(runs_b[s]) for s in seeds]
+        mean, _, half = _mean_ci(diffs)
+        redundancy.append({"fraction": point["fraction"], "a": a, "b": b, "seeds": seeds, "diff": mean,
+                           "ci95": half, "per_seed": diffs, "decided": half is not None and abs(mean) > half})
     revisions = sorted({r["git_revision"] for r in records})
     return {"steps": steps, "ignored": ignored, "configs": configs, "comparisons": comparisons,
+            "redundancy_comparison": redundancy,
             "git_revisions": revisions,
             "corpus": sorted({json.dumps(r.get("corpus"), sort_keys=True) for r in records})}
 
@@ -422,6 +435,16 @@ def markdown(s: Dict) -> str:
             cells = " | ".join(f"{p['loss']:.3f}" for p in r["redundancy"])
             shared = f"{r['loss_without_shared']:.3f}" if "loss_without_shared" in r else "–"
             lines.append(f"| {r['config']} | {cells} | {shared} |")
+    if s.get("redundancy_comparison"):
+        first = s["redundancy_comparison"][0]
+        lines += ["", f"| loss rise with the top fraction disabled, {first['a']} − {first['b']} (nats/byte; positive "
+                      f"= {first['a']} less redundant) | seeds | mean difference | 95% CI | per seed | decided |",
+                  "|---|---|---|---|---|---|"]
+        for c in s["redundancy_comparison"]:
+            ci = f"± {c['ci95']:.3f}" if c["ci95"] is not None else "n/a (1 seed)"
+            per_seed = ", ".join(f"{v:+.3f}" for v in c["per_seed"])
+            lines.append(f"| {c['fraction']:.3g} | {len(c['seeds'])} | {c['diff']:+.3f} | {ci} | {per_seed} | "
+                         f"{'yes' if c['decided'] else 'no'} |")
     return "\n".join(lines)
 
 

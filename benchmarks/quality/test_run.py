@@ -121,3 +121,19 @@ def test_parallel_study_skips_finished_runs_and_stops_at_the_first_failure(tmp_p
     assert json.loads((tmp_path / "dense-seed0.json").read_text())["steps"] == 4
     assert not (tmp_path / "dense-seed1.json").exists()
     assert json.loads((tmp_path / "dense-seed5.json").read_text()) == finished
+
+
+def test_redundancy_comparison_pairs_the_loss_rise_seed_by_seed():
+    def record(config, seed, losses):
+        curve = [{"fraction": f, "loss": v} for f, v in zip(run.REDUNDANCY_FRACTIONS, losses)]
+        return {"config": config, "seed": seed, "steps": 9, "final_val_bpb": 2.0, "git_revision": "r",
+                "corpus": None, "history": {"batch_max_vio": [0.5], "global_max_vio": [0.2]},
+                "redundancy": {"top_experts": curve}}
+    records = [record("gshard", 0, [1.0, 2.0, 2.1, 2.2, 2.3]), record("gshard", 1, [1.2, 2.0, 2.1, 2.2, 2.3]),
+               record("deepseekmoe", 0, [1.1, 2.3, 2.3, 2.3, 2.3]), record("deepseekmoe", 1, [1.0, 2.0, 2.2, 2.2, 2.2])]
+    points = run.summary(records)["redundancy_comparison"]
+    assert [p["fraction"] for p in points] == run.REDUNDANCY_FRACTIONS[1:]
+    # seed 0: rise 1.2 against 1.0; seed 1: rise 1.0 against 0.8
+    assert points[0]["per_seed"] == pytest.approx([0.2, 0.2]) and points[0]["decided"]
+    assert points[3]["per_seed"] == pytest.approx([1.2 - 1.3, 1.2 - 1.1])
+    assert "less redundant" in run.markdown(run.summary(records))
