@@ -19,7 +19,8 @@ bits per byte over steps and a final one on 128 fixed batches, batch and global 
 git revision and corpus hash) under ``--out``; an interrupted run resumes from its checkpoint, a finished one is
 skipped. Runs go seed by seed, so a partial study already pairs every config on the first seeds. ``--jobs N`` trains
 N runs at a time in N worker processes with 1/N of torch's threads each: these models are too small for two threads
-to share one run well (on 2 cores, two one-thread runs finish in about the time one two-thread run takes).
+to share one run well (on the 2-core machine a deepseekmoe step took 0.218 s with 2 threads and 0.315 s with 1
+thread beside a second run, 1.4x the throughput).
 """
 from __future__ import annotations
 
