@@ -333,6 +333,12 @@ def _max_vio(record: Dict) -> Dict[str, float]:
             "global_max_vio": history["global_max_vio"][-1]}
 
 
+def _paired(diffs: List[float]) -> Dict:
+    """Per-seed differences a - b as the summary reports them: mean, std, 95% half-width and whether it excludes 0."""
+    mean, std, half = _mean_ci(diffs)
+    return {"diff": mean, "std": std, "ci95": half, "per_seed": diffs, "decided": half is not None and abs(mean) > half}
+
+
 def summary(records: List[Dict]) -> Dict:
     """Per config: seeds, mean ± std of the final bits/byte, MaxVio; per comparison: the paired difference with its
     95% confidence interval and whether it excludes 0 (decided), and for the balancing comparisons the same for
@@ -368,17 +374,11 @@ def summary(records: List[Dict]) -> Dict:
         seeds = sorted(set(runs_a) & set(runs_b))
         if not seeds:
             continue
-        diffs = [runs_a[s]["final_val_bpb"] - runs_b[s]["final_val_bpb"] for s in seeds]
-        mean, std, half = _mean_ci(diffs)
-        comparison = {"a": a, "b": b, "seeds": seeds, "diff": mean, "std": std, "ci95": half,
-                      "per_seed": diffs, "decided": half is not None and abs(mean) > half}
+        comparison = {"a": a, "b": b, "seeds": seeds,
+                      **_paired([runs_a[s]["final_val_bpb"] - runs_b[s]["final_val_bpb"] for s in seeds])}
         if b in ALIASES:  # balancing arms of one architecture: their MaxVio compares like with like
-            comparison["max_vio"] = {}
-            for key in MAX_VIO:
-                vio_diffs = [_max_vio(runs_a[s])[key] - _max_vio(runs_b[s])[key] for s in seeds]
-                vio_mean, _, vio_half = _mean_ci(vio_diffs)
-                comparison["max_vio"][key] = {"diff": vio_mean, "ci95": vio_half, "per_seed": vio_diffs,
-                                              "decided": vio_half is not None and abs(vio_mean) > vio_half}
+            comparison["max_vio"] = {key: _paired([_max_vio(runs_a[s])[key] - _max_vio(runs_b[s])[key]
+                                                   for s in seeds]) for key in MAX_VIO}
         comparisons.append(comparison)
     a, b = REDUNDANCY_COMPARISON
     runs_a, runs_b = _runs(records, a), _runs(records, b)
@@ -386,10 +386,8 @@ def summary(records: List[Dict]) -> Dict:
     redundancy = []
     for i, point in enumerate(runs_a[seeds[0]]["redundancy"]["top_experts"][1:], start=1) if seeds else []:
         rise = lambda r: r["redundancy"]["top_experts"][i]["loss"] - r["redundancy"]["top_experts"][0]["loss"]
-        diffs = [rise(runs_a[s]) - rise(runs_b[s]) for s in seeds]
-        mean, _, half = _mean_ci(diffs)
-        redundancy.append({"fraction": point["fraction"], "a": a, "b": b, "seeds": seeds, "diff": mean,
-                           "ci95": half, "per_seed": diffs, "decided": half is not None and abs(mean) > half})
+        redundancy.append({"fraction": point["fraction"], "a": a, "b": b, "seeds": seeds,
+                           **_paired([rise(runs_a[s]) - rise(runs_b[s]) for s in seeds])})
     revisions = sorted({r["git_revision"] for r in records})
     return {"steps": steps, "ignored": ignored, "configs": configs, "comparisons": comparisons,
             "redundancy_comparison": redundancy,
