@@ -11,7 +11,8 @@ A byte-level decoder LM (pre-norm, causal attention; its MLPs are the compared l
 train/validation split. Ladder configs have equal total expert parameters and equal active FLOPs (16 expert widths
 of F total, 2 active): dense (active size), GShard-style 16 experts top-2, + shared isolation (1 + 15, top-1),
 + fine-grained (1 + 31 of F/2, top-3), DeepSeekMoE (1 + 63 of F/4, top-7), all with the expert-level balance
-loss α = 0.01; plus DeepSeekMoE balanced by the aux-loss-free bias (γ = 0.001, no aux loss) or not at all.
+loss α = 0.01 and the torch experts backend; plus DeepSeekMoE balanced by the aux-loss-free bias (γ = 0.001, no
+aux loss) or not at all.
 
 Paired seeds: seed s gives every config the same embedding/attention/head initialisation and the same batches,
 so config differences are measured seed by seed. Every run writes JSON (config, parameters, FLOPs, validation
@@ -51,6 +52,7 @@ from benchmarks.quality.lm import TinyLM, byte_batches
 
 HIDDEN, LAYERS, SEQ, BATCH, WIDTH = 128, 2, 128, 16, 128  # WIDTH = F, one GShard expert's hidden size
 LR, CLIP = 2e-3, 1.0
+BACKEND = "torch"  # the experts backend of every MoE run
 EVAL_BATCHES, FINAL_EVAL_BATCHES = 16, 128  # fixed validation batches of BATCH x SEQ bytes
 REDUNDANCY_FRACTIONS = [0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16]  # DeepSeekMoE Fig. 4's x-axis
 REDUNDANCY_BATCHES = 32
@@ -87,8 +89,11 @@ def layer_config(name: str) -> Optional[dm.MoEConfig]:
         return None
     shared, routed, k, split = spec
     balance = BALANCE.get(name, dict(aux_loss_alpha=0.01))
+    # backend "auto" would pick the compiled extension in a process that has loaded it and torch in one that has
+    # not: its float sums differ in the last bits, so a run's numbers would depend on what ran before it.
     return dm.MoEConfig(hidden_size=HIDDEN, expert_hidden_size=WIDTH // split, num_routed_experts=routed,
-                        num_shared_experts=shared, top_k=k, score_func="softmax", norm_topk_prob=False, **balance)
+                        num_shared_experts=shared, top_k=k, score_func="softmax", norm_topk_prob=False,
+                        backend=BACKEND, **balance)
 
 
 def build(name: str, seed: int) -> TinyLM:
@@ -242,6 +247,7 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
         "history": history, "final_val_bpb": final, "final_val_sem": final_sem,
         "final_eval_batches": len(data["val"]), "redundancy": redundancy,
         "seconds": elapsed + time.perf_counter() - began, "torch_threads": torch.get_num_threads(),
+        "backend": None if cfg is None else model.blocks[0].mlp.backend_name,
     }
     _write_json(path, record)
     os.remove(ckpt)

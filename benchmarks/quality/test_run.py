@@ -92,7 +92,8 @@ def test_runs_of_another_step_count_are_refused_and_kept_out_of_the_summary(tmp_
 
 def test_runs_in_parallel_workers_equal_runs_in_this_process(tmp_path):
     """--jobs 2 trains each run in its own process with half the threads; at one thread either way the records
-    are the same number for number, so a parallel study is the sequential one."""
+    are the same number for number, so a parallel study is the sequential one, whatever this process ran before
+    (the study pins the experts backend: auto would pick the compiled extension here once test_ext loaded it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # workers get max(1, 1 // 2) = 1 thread: the same arithmetic as this process
     try:
@@ -103,6 +104,7 @@ def test_runs_in_parallel_workers_equal_runs_in_this_process(tmp_path):
     for name in ("dense-seed0.json", "deepseekmoe-seed0.json"):
         one, two = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
         assert one["torch_threads"] == two["torch_threads"] == 1
+        assert one["backend"] == two["backend"] == (None if name.startswith("dense") else "torch")
         assert one["history"]["val_bpb"] == two["history"]["val_bpb"]
         assert one["final_val_bpb"] == two["final_val_bpb"] and one["redundancy"] == two["redundancy"]
     assert run.main(["--quick", "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
