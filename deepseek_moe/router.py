@@ -33,6 +33,17 @@ class Routing:
     logits_TE: torch.Tensor
 
 
+def _top2_sum_groups(grouped_TGM: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` best groups per token by top-2 sum when some experts are -inf (excluded or on a dropped
+    device): first by how many of a group's top 2 are finite, then by the sum of those. A -inf in the sum would
+    tie every group that holds one, and a large finite stand-in absorbs the score added to it."""
+    top2_TG2 = grouped_TGM.topk(2, dim=-1).values
+    finite_TG2 = top2_TG2.isfinite()
+    by_sum_TG = top2_TG2.where(finite_TG2, 0).sum(dim=-1).sort(dim=-1, descending=True, stable=True).indices
+    left_TG = finite_TG2.sum(dim=-1).gather(1, by_sum_TG)
+    return by_sum_TG.gather(1, left_TG.sort(dim=-1, descending=True, stable=True).indices)[:, :count]
+
+
 def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig,
                    excluded_TE: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pick K experts per token from ``scores_TE + bias_E``, limited to the ``topk_groups`` best groups and, with
@@ -41,16 +52,15 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
 
     The bias only steers the choice; callers gather the weights from the unbiased scores. ``excluded_TE``: optional
     bool (T, E), True for experts a token may not pick (``deepseek_moe.analysis`` masks experts this way): they
-    rank below every other expert when groups and devices are chosen (so a group scored by its top-2 sum with
-    only one expert left ranks below every group with two) and are never picked; raises ValueError (outside
-    torch.compile) when that leaves a token fewer than K experts. Returns int64 (T, K) indices, best first. Runs
-    without gradient.
+    are never picked and count for nothing when groups and devices are chosen (a device or group ranks by the
+    experts left in it; with ``group_score="top2_sum"`` a group with two experts left ranks above every group
+    with one, and groups with as many rank by the sum of those); raises ValueError (outside torch.compile) when
+    that leaves a token fewer than K experts. Returns int64 (T, K) indices, best first. Runs without gradient.
     """
     with torch.no_grad():
         choice_TE = scores_TE + bias_E.to(scores_TE.dtype)
         if excluded_TE is not None:
-            # Finite, so that a group's top-2 sum or a device's max still ranks by the experts left in it.
-            choice_TE = choice_TE.masked_fill(excluded_TE, torch.finfo(choice_TE.dtype).min / 8)
+            choice_TE = choice_TE.masked_fill(excluded_TE, float("-inf"))
         D, M = cfg.num_devices, cfg.max_devices_per_token
         if M is not None and M < D:
             T, E = choice_TE.shape
@@ -63,14 +73,13 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
             T, E = choice_TE.shape
             grouped_TGM = choice_TE.view(T, G, E // G)
             if cfg.group_score == "max":
-                group_TG = grouped_TGM.amax(dim=-1)
+                keep_TG = grouped_TGM.amax(dim=-1).topk(cfg.topk_groups, dim=-1).indices
+            elif excluded_TE is None:
+                keep_TG = grouped_TGM.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_groups, dim=-1).indices
             else:
-                group_TG = grouped_TGM.topk(2, dim=-1).values.sum(dim=-1)
-            keep_TG = group_TG.topk(cfg.topk_groups, dim=-1).indices
-            mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+                keep_TG = _top2_sum_groups(grouped_TGM, cfg.topk_groups)
+            mask_TG = torch.ones(T, G, dtype=torch.bool, device=choice_TE.device).scatter_(1, keep_TG, False)
             choice_TE = grouped_TGM.masked_fill(mask_TG.unsqueeze(-1), float("-inf")).view(T, E)
-        if excluded_TE is not None:
-            choice_TE = choice_TE.masked_fill(excluded_TE, float("-inf"))
         top_TK = choice_TE.topk(cfg.top_k, dim=-1)
         if (excluded_TE is not None and not torch.compiler.is_compiling()
                 and bool(top_TK.values.isneginf().any())):

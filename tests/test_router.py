@@ -102,6 +102,53 @@ def test_weights_nonnegative_and_normalised_sum(case):
         torch.testing.assert_close(sums, torch.full_like(sums, cfg.routed_scaling_factor), rtol=1e-5, atol=1e-6)
 
 
+@given(routing_cases(), st.data())
+def test_excluded_experts_count_for_nothing_in_the_group_choice(case, data):
+    """Against a per-token loop: a group ranks by (how many of its top 2 are left, their sum) or by the best
+    expert left; every picked group is among the topk_groups best by that key (ties included), and no expert
+    left in a picked group beats a picked one. Each group keeps enough experts that K can always be picked."""
+    cfg, T, seed, tied, with_bias = case
+    T = min(T, 24)
+    E, G, K = cfg.num_routed_experts, cfg.num_groups, cfg.top_k
+    per_group, need = E // G, -(-K // cfg.topk_groups)
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(0, 3, (T, E), generator=g).float() / 2 if tied else torch.rand(T, E, generator=g))
+    bias = torch.randn(E, generator=g) * 0.1 if with_bias else torch.zeros(E)
+    excluded = torch.zeros(T, E, dtype=torch.bool)
+    for t in range(T):
+        for group in range(G):
+            drop = data.draw(st.integers(0, per_group - need))
+            chosen = torch.randperm(per_group, generator=g)[:drop] + group * per_group
+            excluded[t, chosen] = True
+    idx = select_experts(scores, bias, cfg, excluded)
+    choice = scores + bias
+    for t in range(T):
+        keys = []
+        for group in range(G):
+            left = sorted((float(choice[t, e]) for e in range(group * per_group, (group + 1) * per_group)
+                           if not excluded[t, e]), reverse=True)
+            keys.append((min(2, len(left)), sum(left[:2])) if cfg.group_score == "top2_sum" else
+                        (len(left) > 0, left[0] if left else 0.0))
+        threshold = sorted(keys, reverse=True)[cfg.topk_groups - 1]
+        picked = idx[t].tolist()
+        assert not any(bool(excluded[t, e]) for e in picked)
+        groups = {e // per_group for e in picked}
+        assert len(groups) <= cfg.topk_groups and all(keys[group] >= threshold for group in groups)
+        others = [float(choice[t, e]) for group in groups for e in range(group * per_group, (group + 1) * per_group)
+                  if e not in picked and not excluded[t, e]]
+        assert min(float(choice[t, e]) for e in picked) >= max(others, default=float("-inf"))
+
+
+def test_a_group_with_one_expert_left_ranks_by_that_expert():
+    """top2_sum: groups 0-2 keep one expert each (0.95, 0.3, 0.25), group 3 keeps two (0.4 + 0.5): group 3 first,
+    then group 0 by its expert's score, not by position."""
+    cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=4, num_routed_experts=8, top_k=2, num_groups=4,
+                       topk_groups=2, group_score="top2_sum", score_func="sigmoid")
+    scores = torch.tensor([[0.1, 0.95, 0.1, 0.3, 0.1, 0.25, 0.4, 0.5], [0.1, 0.25, 0.1, 0.3, 0.1, 0.95, 0.4, 0.5]])
+    excluded = torch.tensor([[True, False, True, False, True, False, False, False]] * 2)
+    assert select_experts(scores, torch.zeros(8), cfg, excluded).tolist() == [[1, 7], [5, 7]]
+
+
 def test_gate_runs_in_fp32_under_bf16_input_and_autocast():
     cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
     router = Router(cfg)
