@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -55,14 +56,39 @@ def _fixed_filter(excluded_E: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     return exclude
 
 
+def _expert_indices(experts, E: int, name: str) -> List[int]:
+    """Expert indices from a sequence of ints, an integer tensor/array, or a bool (E,) mask."""
+    if isinstance(experts, (str, bytes)):
+        raise TypeError(f"disabled_experts: experts of layer {name!r} must be integer indices or a bool mask, "
+                        f"not {experts!r}")
+    if hasattr(experts, "dtype"):  # a tensor or an array
+        experts = torch.as_tensor(experts)
+        if experts.dtype == torch.bool:
+            if experts.shape != (E,):
+                raise ValueError(f"disabled_experts: the bool mask of layer {name!r} has shape "
+                                 f"{tuple(experts.shape)}; expected ({E},), one entry per routed expert")
+            return experts.nonzero().flatten().tolist()
+        if experts.dtype.is_floating_point or experts.dtype.is_complex:
+            raise TypeError(f"disabled_experts: experts of layer {name!r} must be integer indices or a bool mask, "
+                            f"not a {experts.dtype} tensor")
+        return experts.flatten().tolist()
+    indices = list(experts)
+    wrong = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if wrong:
+        raise TypeError(f"disabled_experts: experts of layer {name!r} must be integer indices or a bool mask; got "
+                        f"{wrong[0]!r} ({type(wrong[0]).__name__})")
+    return [int(i) for i in indices]
+
+
 @contextlib.contextmanager
 def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fraction: float = 0.0,
                      shared: bool = False) -> Iterator[Dict[str, DeepSeekMoELayer]]:
     """Disable experts of every DeepSeekMoELayer in ``model`` (a model or one layer) inside the ``with`` block.
 
     Args:
-        experts: routed expert indices (ints, or an int tensor) no token may pick: one list for every layer, or
-            ``{layer name: list}`` (names as in ``model.named_modules()``; layers not named lose no fixed expert).
+        experts: the routed experts no token may pick, as indices (ints, or an integer tensor/array) or as a bool
+            mask of shape (E,): one for every layer, or ``{layer name: indices or mask}`` (names as in
+            ``model.named_modules()``; layers not named lose no fixed expert).
         top_fraction: for every layer and token, also exclude the token's ⌊top_fraction · E + ½⌋ best routed
             experts by score + balancing bias (the order its routing uses) and pick the top-K of the rest
             (DeepSeekMoE §4.5: "we mask a certain ratio of experts with the highest routing probability, and then
@@ -70,9 +96,12 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
         shared: run without the shared experts (and the shared-expert gate).
 
     Gate weights stay the experts' own scores (renormalised over the K picked when ``norm_topk_prob``). Yields
-    ``{name: layer}``. Raises ValueError for unknown layer names, expert indices outside [0, E), a
-    ``top_fraction`` outside [0, 1), a model without DeepSeekMoELayer, and (from the router) when the masks leave
-    a token fewer than K experts; RuntimeError when a router already has a filter (nested masking contexts).
+    ``{name: layer}``. Raises TypeError for experts given as anything but integers or a bool mask (floats,
+    strings, Python bools); ValueError for unknown layer names, expert indices outside [0, E), a mask not of
+    shape (E,), a ``top_fraction`` outside [0, 1), ``shared=True`` when no layer has shared experts, a model
+    without DeepSeekMoELayer, and (from the router) when the masks leave a token fewer than K experts;
+    RuntimeError when a router already has a filter (nested masking contexts, or a copy of a model made inside
+    a block).
     """
     layers = _layers(model)
     if isinstance(experts, Mapping):
@@ -80,15 +109,17 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
         if unknown:
             raise ValueError(f"disabled_experts: {unknown[0]!r} is not a DeepSeekMoELayer of the model; its layers are "
                              f"{sorted(layers)}")
-        per_layer = {name: list(experts.get(name, ())) for name in layers}
+        per_layer = {name: experts.get(name, ()) for name in layers}
     else:
-        per_layer = {name: [] if experts is None else list(experts) for name in layers}
+        per_layer = {name: () if experts is None else experts for name in layers}
     if not 0.0 <= top_fraction < 1.0:
         raise ValueError(f"disabled_experts: top_fraction={top_fraction} must be in [0, 1)")
+    if shared and not any(layer.config.num_shared_experts for layer in layers.values()):
+        raise ValueError("disabled_experts: shared=True, but no DeepSeekMoELayer of the model has shared experts")
     filters = {}
     for name, layer in layers.items():
         E = layer.config.num_routed_experts
-        per_layer[name] = [int(i) for i in per_layer[name]]
+        per_layer[name] = _expert_indices(per_layer[name], E, name)
         bad = [i for i in per_layer[name] if not 0 <= i < E]
         if bad:
             raise ValueError(f"disabled_experts: expert {bad[0]} of layer {name!r} is outside [0, {E})")
@@ -131,7 +162,7 @@ class LayerRouting:
 
     @property
     def share_E(self) -> torch.Tensor:
-        """fp64 (E,): each expert's share of the routed pairs (sums to 1)."""
+        """fp64 (E,): each expert's share of the routed pairs (sums to 1; all 0 without tokens)."""
         load = self.load_E.double()
         return load / load.sum().clamp_min(1)
 
@@ -145,7 +176,8 @@ class LayerRouting:
     def load_entropy(self) -> float:
         """Entropy of ``share_E`` in bits: log2(E) for an even load, 0 when one expert takes everything."""
         share = self.share_E
-        return float(-(share[share > 0] * share[share > 0].log2()).sum())
+        share = share[share > 0]
+        return float(-(share * share.log2()).sum()) if share.numel() else 0.0
 
     @property
     def coactivation_lift_EE(self) -> torch.Tensor:
@@ -255,15 +287,16 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
 def plot_redundancy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str,
                     title: str = "Redundancy among routed experts (DeepSeekMoE Fig. 4)") -> str:
     """Plot ``{model label: redundancy_curve(...)}`` (loss against the fraction of top routed experts disabled)
-    to ``path`` (PNG). Needs matplotlib (``pip install 'deepseek-moe[bench]'``); raises ImportError saying so."""
+    to ``path``, a PNG written to exactly that path (which is returned), whatever its suffix. Leaves pyplot and
+    matplotlib's backend alone. Needs matplotlib (``pip install 'deepseek-moe[bench]'``); raises ImportError
+    saying so."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("plot_redundancy needs matplotlib: pip install 'deepseek-moe[bench]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot([p["fraction"] for p in curve], [p["loss"] for p in curve], marker="o", label=label)
     ax.set_xlabel("ratio of disabled top routed experts")
@@ -271,6 +304,5 @@ def plot_redundancy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: s
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    return str(path)

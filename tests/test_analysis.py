@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_moe as dm
-from deepseek_moe.analysis import disabled_experts, plot_redundancy, redundancy_curve, routing_statistics
+from deepseek_moe.analysis import (LayerRouting, disabled_experts, plot_redundancy, redundancy_curve,
+                                   routing_statistics)
 
 H, I, E, K = 16, 8, 12, 3
 
@@ -159,13 +160,28 @@ def test_redundancy_curve_is_flat_for_duplicated_experts_and_not_otherwise():
     assert no_shared[0]["loss"] > 0.0
 
 
+def test_statistics_without_tokens_are_zero():
+    empty = LayerRouting(0, torch.zeros(4, dtype=torch.int64), torch.zeros(4, 4, dtype=torch.int64))
+    assert empty.max_vio == 0.0 and str(empty.load_entropy) == "0.0" and float(empty.share_E.sum()) == 0.0
+
+
 def test_plot_redundancy_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     curve = [{"fraction": 0.0, "experts_disabled": 0, "loss": 1.0}, {"fraction": 0.25, "experts_disabled": 2,
                                                                      "loss": 1.5}]
-    path = plot_redundancy({"a": curve, "b": curve}, str(tmp_path / "r.png"))
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the user's (a notebook's, say) that plotting must leave alone
+    try:
+        for name in ("r.png", "no_suffix"):
+            path = plot_redundancy({"a": curve, "b": curve}, tmp_path / name)
+            assert path == str(tmp_path / name)
+            with open(path, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
 
 
 def test_masks_rank_by_score_plus_bias_keep_the_module_tree_and_take_tensors():
@@ -178,6 +194,20 @@ def test_masks_rank_by_score_plus_bias_keep_the_module_tree_and_take_tensors():
         assert any(k.startswith("shared_experts.") for k in layer.state_dict())  # nothing detached
     with disabled_experts(layer, experts=torch.tensor([1, 2])):
         assert not torch.isin(layer.route(x)[0].topk_idx_TK, torch.tensor([1, 2])).any()
+    mask_E = torch.zeros(E, dtype=torch.bool)
+    mask_E[0] = True  # a mask, not the indices [1, 0, 0, ...]
+    with disabled_experts(layer, experts=mask_E):
+        picked = layer.route(x)[0].topk_idx_TK
+        assert not (picked == 0).any() and (picked == 1).any()
+    for wrong, error, match in [([1.9], TypeError, "integer indices"), ("3", TypeError, "integer indices"),
+                                ([True], TypeError, "bool"), (torch.tensor([1.0]), TypeError, "float"),
+                                (torch.ones(E + 1, dtype=torch.bool), ValueError, "shape")]:
+        with pytest.raises(error, match=match):
+            with disabled_experts(layer, experts=wrong):
+                pass
+    with pytest.raises(ValueError, match="no DeepSeekMoELayer of the model has shared experts"):
+        with disabled_experts(_layer(num_shared_experts=0), shared=True):
+            pass
 
 
 def test_routing_statistics_of_a_compiled_model_and_of_dict_batches_with_padding():
