@@ -77,8 +77,35 @@ COMPARISONS = [("shared", "gshard"), ("fine", "shared"), ("deepseekmoe", "fine")
                ("deepseekmoe-none", "deepseekmoe-aux")]
 # DeepSeekMoE Fig. 4's comparison: (a, b), a's loss rise with the top routed experts disabled minus b's, seed by seed.
 REDUNDANCY_COMPARISON = ("deepseekmoe", "gshard")
-# Two-sided 95% Student t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+MIN_TEXT_BYTES = 10 * (SEQ + 2)  # a 10% validation split must hold one window of SEQ + 1 bytes
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` >= 1 degrees of freedom: the t where
+    P(|T| < t) = 0.95, by bisection on the closed-form distribution for integer df (Abramowitz & Stegun 26.7.3-4:
+    with θ = atan(t / √df), a finite series in cos² θ)."""
+    if df < 1:
+        raise ValueError(f"t95: df={df} must be at least 1")
+
+    def inside(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+        if df % 2:  # odd: (2/π)(θ + sin θ cos θ (1 + 2/3 cos² θ + ... ))
+            for k in range(1, (df - 1) // 2):
+                term *= c2 * 2 * k / (2 * k + 1)
+                total += term
+            tail = math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0
+            return 2 / math.pi * (theta + tail)
+        for k in range(1, df // 2):  # even: sin θ (1 + 1/2 cos² θ + 1·3/(2·4) cos⁴ θ + ...)
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+
+    low, high = 0.0, 1000.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if inside(mid) < 0.95 else (low, mid)
+    return (low + high) / 2
 
 
 def layer_config(name: str) -> Optional[dm.MoEConfig]:
@@ -182,7 +209,9 @@ def train_one(name: str, seed: int, steps: int, data: Dict, out_dir: str, eval_e
     model = build(name, seed)
     moe = [m for m in model.modules() if isinstance(m, dm.DeepSeekMoELayer)]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by pct_start · steps − 1, which 10 steps would make 0.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps,
+                                                pct_start=0.1 if steps != 10 else 0.15)
     gen = torch.Generator().manual_seed(seed)
     history = {"step": [], "val_bpb": [], "train_loss": [], "grad_norm": [], "batch_max_vio": [],
                "global_max_vio": [], "load_layer0": []}
@@ -267,7 +296,9 @@ def train_all(tasks: List[Tuple[str, int]], steps: int, data: Dict, out_dir: str
     time (1, or a single run left: in this process). The workers are ``min(jobs, runs left)`` spawned processes
     with ``torch.get_num_threads() // workers`` threads each (at least 1). At most one run per worker is handed
     out at a time, so the first failure (or Ctrl-C) stops the study once the runs under way have ended, and
-    re-raises; interrupted runs resume from their checkpoints."""
+    re-raises; interrupted runs resume from their checkpoints. A run named twice (or by an alias) is trained
+    once: two workers on one run would share its checkpoint."""
+    tasks = list(dict.fromkeys((ALIASES.get(name, name), seed) for name, seed in tasks))
     todo = [(name, seed) for name, seed in tasks if not os.path.exists(record_path(out_dir, name, seed))]
     labels = [f"[{i + 1}/{len(todo)}] {name} seed {seed}" for i, (name, seed) in enumerate(todo)]
     workers = min(jobs, len(todo))
@@ -301,8 +332,16 @@ def load_records(out_dir: str) -> List[Dict]:
     records = []
     for file in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
         if re.fullmatch(r"[a-z-]+-seed\d+\.json", file) and file.rsplit("-seed", 1)[0] in CONFIGS:
-            with open(os.path.join(out_dir, file)) as f:
-                records.append(json.load(f))
+            path = os.path.join(out_dir, file)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"{path} is not a finished run's JSON ({err}): move or delete it") from None
+            missing = [k for k in ("config", "seed", "steps", "final_val_bpb") if k not in record]
+            if missing:
+                raise ValueError(f"{path} is not a finished run's JSON (no {missing[0]!r}): move or delete it")
+            records.append(record)
     return records
 
 
@@ -318,9 +357,7 @@ def _mean_ci(values: List[float]) -> Tuple[float, Optional[float], Optional[floa
     if n < 2:
         return mean, None, None
     std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    if n - 1 not in T95:
-        raise ValueError(f"summary: {n} seeds; the t table covers 2 to {max(T95) + 1}")
-    return mean, std, T95[n - 1] * std / math.sqrt(n)
+    return mean, std, t95(n - 1) * std / math.sqrt(n)
 
 
 # MaxVio (Wang et al. 2024, arXiv 2408.15664, eq. 5) as the runs record it at every evaluation (each window of
@@ -515,44 +552,70 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
     return paths
 
 
+def _plan(args: argparse.Namespace) -> Tuple[List[str], List[int], int, int, int]:
+    """(configs, seeds, steps, eval_every, final evaluation batches) from the command line, each config and
+    seed once (an alias names its config); ValueError with what is wrong."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.quick:
+        given = [f"--{k}" for k in ("configs", "seeds", "steps") if getattr(args, k) is not None]
+        if given or args.all:
+            raise ValueError(f"--quick runs a fixed smoke test; drop {(given or ['--all'])[0]}")
+        return ["dense", "deepseekmoe"], [0], 20, 10, 4
+    if args.configs is not None and args.all:
+        raise ValueError("give --all or --configs, not both")
+    if args.configs is None and not args.all and not args.report:
+        raise ValueError("say what to train: --all (the whole study, ~3 h), --configs LIST, or --quick; "
+                         "--report only summarises the saved runs")
+    configs = CONFIGS if args.configs is None else [c.strip() for c in args.configs.split(",")]
+    configs = list(dict.fromkeys(ALIASES.get(c, c) for c in configs))
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS + list(ALIASES))}")
+    try:
+        seeds = list(dict.fromkeys(int(v) for v in (args.seeds or "0,1,2").split(",")))
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"--seeds {args.seeds!r}: seeds must be non-negative")
+    steps = 4000 if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    return configs, seeds, steps, 250, FINAL_EVAL_BATCHES
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help=f"every config: {', '.join(CONFIGS)}")
     p.add_argument("--quick", action="store_true", help="dense and deepseekmoe, 1 seed, 20 steps (smoke test)")
     p.add_argument("--configs", help="comma list of configs")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=4000, help="training steps per run (4000: ~7 min for deepseekmoe)")
+    p.add_argument("--seeds", help="comma list of non-negative seeds (default 0,1,2)")
+    p.add_argument("--steps", type=int, help="training steps per run (default 4000: ~7 min for deepseekmoe)")
     p.add_argument("--data", help="a text file (default: the stdlib's and torch's *.py sources, up to 32 MB)")
     p.add_argument("--out", help="results folder (default benchmarks/results/quality; --quick: quality_quick)")
     p.add_argument("--report", action="store_true", help="only the plots and the summary of saved runs")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at a time, in worker processes with 1/jobs of torch's threads each")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        print(f"run: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+    try:
+        configs, seeds, steps, eval_every, final_batches = _plan(args)
+        if args.out is None:
+            args.out = os.path.join("benchmarks", "results", "quality_quick" if args.quick else "quality")
+        if not args.report:
+            clash = [r for r in load_records(args.out) if r["steps"] != steps and r["config"] in configs]
+            if clash:
+                raise ValueError(f"{args.out} holds {clash[0]['steps']}-step runs; use another --out for {steps} "
+                                 "steps")
+            raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
+            if len(raw) < MIN_TEXT_BYTES:
+                raise ValueError(f"the text ({source}) has {len(raw)} bytes; the study needs at least "
+                                 f"{MIN_TEXT_BYTES}")
+        records = None if not args.report else load_records(args.out)
+    except ValueError as err:
+        print(f"run: {err}", file=sys.stderr)
         return 2
-    if args.quick:
-        configs, seeds, steps, eval_every, final_batches = ["dense", "deepseekmoe"], [0], 20, 10, 4
-    else:
-        configs = CONFIGS if args.all or not args.configs else args.configs.split(",")
-        seeds, steps, eval_every = [int(s) for s in args.seeds.split(",")], args.steps, 250
-        final_batches = FINAL_EVAL_BATCHES
-    configs = [ALIASES.get(c, c) for c in configs]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"run: unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS + list(ALIASES))}",
-              file=sys.stderr)
-        return 2
-    if args.out is None:
-        args.out = os.path.join("benchmarks", "results", "quality_quick" if args.quick else "quality")
-    os.makedirs(args.out, exist_ok=True)
     if not args.report:
-        clash = [r for r in load_records(args.out) if r["steps"] != steps and r["config"] in configs]
-        if clash:
-            print(f"run: {args.out} holds {clash[0]['steps']}-step runs; use another --out for {steps} steps",
-                  file=sys.stderr)
-            return 2
-        raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
+        os.makedirs(args.out, exist_ok=True)
         text = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         split = int(0.9 * text.numel())
         data = {"train": text[:split], "val": val_batches(text[split:], final_batches),
@@ -561,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"seeds x {steps} steps" + (f", {args.jobs} at a time" if args.jobs > 1 else ""), file=sys.stderr)
         train_all([(name, seed) for seed in seeds for name in configs], steps, data, args.out, eval_every,
                   args.jobs)
-    records = load_records(args.out)
+        records = load_records(args.out)
     if not records:
         print(f"run: no finished runs in {args.out}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ a finished run is not trained again; the ladder configs have equal expert parame
 
 It lives beside the study, not in tests/ (the package's suite, which also runs against an installed wheel):
 run it from a source checkout's root with ``python -m pytest benchmarks``."""
+import argparse
 import json
 import os
 
@@ -57,6 +58,61 @@ def test_unknown_config_is_rejected(capsys):
     assert "unknown config 'gpt5'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    ([], "say what to train"),
+    (["--configs", ""], "unknown config ''"),
+    (["--all", "--configs", "dense"], "not both"),
+    (["--quick", "--seeds", "1"], "drop --seeds"),
+    (["--configs", "dense", "--seeds", "1.5"], "comma list of integers"),
+    (["--configs", "dense", "--seeds", "-1"], "non-negative"),
+    (["--configs", "dense", "--steps", "0"], "at least 1"),
+    (["--configs", "dense", "--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_command_line_mistakes_are_named_before_anything_runs(argv, message, capsys, tmp_path):
+    assert run.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_aliases_and_repeats_name_each_run_once(tmp_path):
+    args = argparse.Namespace(jobs=2, quick=False, all=False, report=False, configs="deepseekmoe,deepseekmoe-aux",
+                              seeds="0,0,1", steps=5)
+    assert run._plan(args)[:3] == (["deepseekmoe"], [0, 1], 5)
+
+
+def test_unreadable_records_and_too_little_text_are_named(tmp_path, capsys):
+    (tmp_path / "dense-seed0.json").write_text("{")
+    assert run.main(["--report", "--out", str(tmp_path)]) == 2
+    assert "dense-seed0.json is not a finished run's JSON" in capsys.readouterr().err
+    (tmp_path / "dense-seed0.json").write_text("{}")
+    assert run.main(["--report", "--out", str(tmp_path)]) == 2
+    assert "no 'config'" in capsys.readouterr().err
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 100)
+    assert run.main(["--configs", "dense", "--data", str(small), "--out", str(tmp_path / "o")]) == 2
+    assert f"needs at least {run.MIN_TEXT_BYTES}" in capsys.readouterr().err
+
+
+def test_ten_steps_train(tmp_path):
+    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    record = run.train_one("dense", 0, 10, data, str(tmp_path), eval_every=5, progress=False)
+    assert record["steps"] == 10 and record["history"]["step"] == [5, 10]
+
+
+def test_t_quantiles_equal_the_published_table():
+    # Two-sided 95% Student t quantiles as printed in statistics tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 11: 2.201, 20: 2.086, 30: 2.042, 60: 2.000, 100: 1.984}
+    for df, value in table.items():
+        assert run.t95(df) == pytest.approx(value, abs=6e-4), df
+    records = [{"config": c, "seed": seed, "steps": 9, "final_val_bpb": 3.0 + 0.01 * seed * (c == "shared"),
+                "git_revision": "r", "corpus": None, "history": {"batch_max_vio": [0], "global_max_vio": [0]}}
+               for c in ("gshard", "shared") for seed in range(12)]
+    (comparison,) = run.summary(records)["comparisons"]  # 12 seeds: beyond the old 11-seed table
+    assert comparison["ci95"] == pytest.approx(run.t95(11) * comparison["std"] / 12 ** 0.5)
+
+
 def test_paired_seeds_share_everything_but_the_mlps():
     dense, moe = run.build("dense", 3), run.build("deepseekmoe", 3)
     moe_state = moe.state_dict()
@@ -68,7 +124,7 @@ def test_paired_seeds_share_everything_but_the_mlps():
 
 def test_confidence_interval_of_paired_differences():
     mean, std, half = run._mean_ci([0.1, 0.3, 0.2])
-    assert (mean, std) == pytest.approx((0.2, 0.1)) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert (mean, std) == pytest.approx((0.2, 0.1)) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=2e-4)
     records = [{"config": c, "seed": s, "steps": 9, "final_val_bpb": v, "git_revision": "r", "corpus": None,
                 "history": {"batch_max_vio": [0], "global_max_vio": [0]}}
                for c, s, v in [("gshard", 0, 3.0), ("gshard", 1, 3.1), ("shared", 0, 2.9), ("shared", 1, 3.0)]]
@@ -123,6 +179,14 @@ def test_parallel_study_skips_finished_runs_and_stops_at_the_first_failure(tmp_p
     assert json.loads((tmp_path / "dense-seed0.json").read_text())["steps"] == 4
     assert not (tmp_path / "dense-seed1.json").exists()
     assert json.loads((tmp_path / "dense-seed5.json").read_text()) == finished
+
+
+def test_a_run_named_twice_trains_once_in_parallel(tmp_path):
+    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    tasks = [("dense", 0), ("deepseekmoe", 0), ("deepseekmoe-aux", 0), ("dense", 0)]
+    run.train_all(tasks, steps=2, data=data, out_dir=str(tmp_path), eval_every=2, jobs=2)
+    assert sorted(os.listdir(tmp_path)) == ["deepseekmoe-seed0.json", "dense-seed0.json"]
 
 
 def test_redundancy_comparison_pairs_the_loss_rise_seed_by_seed():
