@@ -124,7 +124,8 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
         if bad:
             raise ValueError(f"disabled_experts: expert {bad[0]} of layer {name!r} is outside [0, {E})")
         if layer.gate.expert_filter is not None:
-            raise RuntimeError(f"disabled_experts: layer {name!r} already has experts disabled (nested contexts)")
+            raise RuntimeError(f"disabled_experts: layer {name!r} already has experts disabled (nested contexts, or "
+                               "a copy of the model made inside a block, which keeps that block's masks)")
         count = int(top_fraction * E + 0.5)
         if per_layer[name]:
             excluded_E = torch.zeros(E, dtype=torch.bool)
