@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -285,7 +286,7 @@ def redundancy_curve(model: nn.Module, loss_fn: Callable, batches: Iterable, fra
     return curve
 
 
-def plot_redundancy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str,
+def plot_redundancy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, os.PathLike],
                     title: str = "Redundancy among routed experts (DeepSeekMoE Fig. 4)") -> str:
     """Plot ``{model label: redundancy_curve(...)}`` (loss against the fraction of top routed experts disabled)
     to ``path``, a PNG written to exactly that path (which is returned), whatever its suffix. Leaves pyplot and
