@@ -13,7 +13,8 @@ Masking changes no weight and no module: within the block each router excludes t
 its shared experts. Everything is restored on exit, also after an exception. The masks live on the model, so every
 thread using it sees them; they are meant for evaluation (in training, the load counters, bias updates and aux
 loss see the masked choices); with activation checkpointing, call backward() inside the block too (the
-recomputed forward must see the same masks). Do not save or deep-copy the model inside the block.
+recomputed forward must see the same masks; a layer whose re-run sees other masks than its forward raises
+RuntimeError). Do not save or deep-copy the model inside the block.
 
 Legend: T tokens, E routed experts, K experts per token.
 """

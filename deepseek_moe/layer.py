@@ -76,6 +76,9 @@ class DeepSeekMoELayer(nn.Module):
         self.aux_loss = torch.zeros(())
         self._warned_no_grad = False
         self._context_mask_in_forward = False
+        # (id of the router's expert_filter or None, shared_enabled) in the last training forward; an id, not the
+        # filter itself, keeps the module picklable.
+        self._masks_in_forward = (None, True)
         # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
         self.balance_group = None
         # How token rows reach the routed experts: all on this device, or (deepseek_moe.parallel.shard_experts) an
@@ -230,7 +233,7 @@ class DeepSeekMoELayer(nn.Module):
         from_context = padding_mask is None
         if from_context:
             padding_mask = active_padding_mask()
-        self._check_recompute_mask(from_context and padding_mask is not None, padding_mask is not None)
+        self._check_recompute_context(from_context and padding_mask is not None, padding_mask is not None)
         routed_x = x
         if self.training and cfg.router_jitter_noise > 0:
             eps = cfg.router_jitter_noise
@@ -252,18 +255,27 @@ class DeepSeekMoELayer(nn.Module):
         # A fresh tensor, not a view of y_TH: FSDP2 and autograd hooks expect a module to return its own output.
         return y_TH.reshape(x.shape).clone() if y_TH.shape != x.shape else y_TH
 
-    def _check_recompute_mask(self, uses_context: bool, has_mask: bool) -> None:
+    def _check_recompute_context(self, uses_context: bool, has_mask: bool) -> None:
         """Activation checkpointing re-runs the forward in backward; a mask set by ``dm.padding_mask`` must still be
-        set then, or the re-run would route the padding and silently differ from the original forward."""
+        set then, or the re-run would route the padding, and the experts disabled by
+        ``deepseek_moe.analysis.disabled_experts`` must be the same, or the re-run would route differently: either
+        would silently differ from the original forward. Compared with the layer's last training forward."""
         if torch.compiler.is_compiling() or not self.training:
             return
+        masks = (None if self.gate.expert_filter is None else id(self.gate.expert_filter), self.shared_enabled)
         if torch._C._current_graph_task_id() == -1:  # an original forward, not a re-run
-            self._context_mask_in_forward = uses_context
+            self._context_mask_in_forward, self._masks_in_forward = uses_context, masks
         elif not has_mask and self._context_mask_in_forward:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
                                "the layer.")
+        elif masks != self._masks_in_forward:
+            raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
+                               "backward with other experts disabled than its forward had (a "
+                               "`with deepseek_moe.analysis.disabled_experts(...)` block ended or began in "
+                               "between), so the re-run would route differently. Call backward() inside the "
+                               "block.")
 
     def _moe(self, x_TH: torch.Tensor, routed_TH: torch.Tensor, num_sequences: int,
              seq_T: Optional[torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":

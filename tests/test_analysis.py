@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import deepseek_moe as dm
 from deepseek_moe.analysis import (LayerRouting, disabled_experts, plot_redundancy, redundancy_curve,
@@ -158,6 +159,27 @@ def test_redundancy_curve_is_flat_for_duplicated_experts_and_not_otherwise():
     assert steep[0]["loss"] == 0.0 and steep[1]["loss"] > 0.0 and steep[2]["loss"] > 0.0
     no_shared = redundancy_curve(twins, loss_fn, batches, [0.0], shared=True)
     assert no_shared[0]["loss"] > 0.0
+
+
+@pytest.mark.filterwarnings("ignore:DeepSeekMoELayer. a training forward ran without autograd")  # reentrant
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_masks_must_cover_the_checkpoint_recompute(reentrant):
+    """Checkpointing re-runs the forward in backward: inside the block the gradients equal those without
+    checkpointing; a backward after the block (the re-run would route around no mask) is a clear error."""
+    layer = _layer().train()
+    x = torch.randn(10, H, dtype=torch.float64, requires_grad=True)
+    with disabled_experts(layer, experts=[0, 1], shared=True):
+        layer(x).square().sum().backward()
+        expected = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        layer.zero_grad()
+        checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(layer.named_parameters())[name].grad, grad, msg=name)
+    with disabled_experts(layer, experts=[0, 1], shared=True):
+        y = checkpoint(layer, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="other experts disabled"):
+        y.square().sum().backward()
 
 
 def test_statistics_without_tokens_are_zero():
