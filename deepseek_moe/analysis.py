@@ -13,14 +13,16 @@ Masking changes no weight and no module: within the block each router excludes t
 its shared experts. Everything is restored on exit, also after an exception. The masks live on the model, so every
 thread using it sees them; they are meant for evaluation (in training, the load counters, bias updates and aux
 loss see the masked choices); with activation checkpointing, call backward() inside the block too (the
-recomputed forward must see the same masks; a layer whose re-run sees other masks than its forward raises
-RuntimeError). Do not save or deep-copy the model inside the block.
+recomputed forward must see the same masks; an eager layer whose re-run sees other masks than its last
+training forward raises RuntimeError, a compiled one is not checked). Do not save or deep-copy the model inside
+the block.
 
 Legend: T tokens, E routed experts, K experts per token.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import os
@@ -35,6 +37,9 @@ from .layer import DeepSeekMoELayer
 from .padding import attention_mask_padding
 
 Experts = Union[Sequence[int], Mapping[str, Sequence[int]]]
+# One number per disabled_experts block, never reused: the layers' checkpointing guard compares them (an id() of a
+# freed filter can come back for the next block's).
+_MASKS_TOKENS = itertools.count(1)
 
 
 def _layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
@@ -70,11 +75,18 @@ def _expert_indices(experts, E: int, name: str) -> List[int]:
                 raise ValueError(f"disabled_experts: the bool mask of layer {name!r} has shape "
                                  f"{tuple(experts.shape)}; expected ({E},), one entry per routed expert")
             return experts.nonzero().flatten().tolist()
+        if experts.dtype == torch.uint8:  # torch's old mask dtype: indices or a mask?
+            raise TypeError(f"disabled_experts: experts of layer {name!r} are uint8, which could mean a mask or "
+                            "indices: pass .bool() for a mask or .long() for indices")
         if experts.dtype.is_floating_point or experts.dtype.is_complex:
             raise TypeError(f"disabled_experts: experts of layer {name!r} must be integer indices or a bool mask, "
                             f"not a {experts.dtype} tensor")
+        if experts.dim() > 1:
+            raise ValueError(f"disabled_experts: the indices of layer {name!r} have shape {tuple(experts.shape)}; "
+                             "expected a 1-D list of expert indices")
         return experts.flatten().tolist()
-    indices = list(experts)
+    indices = [i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 and not i.dtype.is_floating_point
+               and i.dtype != torch.bool else i for i in experts]  # e.g. list(tensor), [scores.argmax()]
     wrong = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
     if wrong:
         raise TypeError(f"disabled_experts: experts of layer {name!r} must be integer indices or a bool mask; got "
@@ -137,16 +149,18 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
                 lambda s, fixed=fixed, top=_top_fraction_filter(count): fixed(s) | top(s))
         elif count:
             filters[name] = _top_fraction_filter(count)
-    saved_shared = {name: layer.shared_enabled for name, layer in layers.items()}
+    saved = {name: (layer.shared_enabled, layer.masks_token) for name, layer in layers.items()}
+    token = next(_MASKS_TOKENS)
     try:
         for name, layer in layers.items():
             layer.gate.expert_filter = filters.get(name)
-            layer.shared_enabled = saved_shared[name] and not shared
+            layer.shared_enabled = saved[name][0] and not shared
+            layer.masks_token = token
         yield layers
     finally:
         for name, layer in layers.items():
             layer.gate.expert_filter = None
-            layer.shared_enabled = saved_shared[name]
+            layer.shared_enabled, layer.masks_token = saved[name]
 
 
 @dataclass

@@ -76,9 +76,10 @@ class DeepSeekMoELayer(nn.Module):
         self.aux_loss = torch.zeros(())
         self._warned_no_grad = False
         self._context_mask_in_forward = False
-        # (id of the router's expert_filter or None, shared_enabled) in the last training forward; an id, not the
-        # filter itself, keeps the module picklable.
-        self._masks_in_forward = (None, True)
+        # Which deepseek_moe.analysis.disabled_experts block is active (0: none; each block a new number, restored
+        # on exit), and which one was in the last training forward.
+        self.masks_token = 0
+        self._masks_in_forward = 0
         # Ranks whose loads make up the global batch (None: the default group, when torch.distributed is up).
         self.balance_group = None
         # How token rows reach the routed experts: all on this device, or (deepseek_moe.parallel.shard_experts) an
@@ -259,23 +260,24 @@ class DeepSeekMoELayer(nn.Module):
         """Activation checkpointing re-runs the forward in backward; a mask set by ``dm.padding_mask`` must still be
         set then, or the re-run would route the padding, and the experts disabled by
         ``deepseek_moe.analysis.disabled_experts`` must be the same, or the re-run would route differently: either
-        would silently differ from the original forward. Compared with the layer's last training forward."""
+        would silently differ from the original forward. Compared with the layer's last training forward (the
+        original forward of reentrant checkpointing runs without autograd, so a no-grad forward counts too), in
+        eager mode only: a compiled layer is not checked."""
         if torch.compiler.is_compiling() or not self.training:
             return
-        masks = (None if self.gate.expert_filter is None else id(self.gate.expert_filter), self.shared_enabled)
         if torch._C._current_graph_task_id() == -1:  # an original forward, not a re-run
-            self._context_mask_in_forward, self._masks_in_forward = uses_context, masks
+            self._context_mask_in_forward, self._masks_in_forward = uses_context, self.masks_token
         elif not has_mask and self._context_mask_in_forward:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
                                "the layer.")
-        elif masks != self._masks_in_forward:
+        elif self.masks_token != self._masks_in_forward:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
-                               "backward with other experts disabled than its forward had (a "
+                               "backward with other experts disabled than its last training forward had (a "
                                "`with deepseek_moe.analysis.disabled_experts(...)` block ended or began in "
-                               "between), so the re-run would route differently. Call backward() inside the "
-                               "block.")
+                               "between), so the re-run could route differently. Call backward() inside the "
+                               "block, and run probes between a forward and its backward in eval mode.")
 
     def _moe(self, x_TH: torch.Tensor, routed_TH: torch.Tensor, num_sequences: int,
              seq_T: Optional[torch.Tensor]) -> "tuple[torch.Tensor, torch.Tensor]":

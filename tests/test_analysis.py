@@ -180,6 +180,11 @@ def test_masks_must_cover_the_checkpoint_recompute(reentrant):
         y = checkpoint(layer, x, use_reentrant=reentrant)
     with pytest.raises(RuntimeError, match="other experts disabled"):
         y.square().sum().backward()
+    for _ in range(5):  # a backward in another block: its filter may sit where the first block's was freed
+        with disabled_experts(layer, top_fraction=1 / E):
+            y = checkpoint(layer, x, use_reentrant=reentrant)
+        with disabled_experts(layer, top_fraction=2 / E), pytest.raises(RuntimeError, match="other experts"):
+            y.square().sum().backward()
 
 
 def test_statistics_without_tokens_are_zero():
@@ -216,6 +221,8 @@ def test_masks_rank_by_score_plus_bias_keep_the_module_tree_and_take_tensors():
         assert any(k.startswith("shared_experts.") for k in layer.state_dict())  # nothing detached
     with disabled_experts(layer, experts=torch.tensor([1, 2])):
         assert not torch.isin(layer.route(x)[0].topk_idx_TK, torch.tensor([1, 2])).any()
+    with disabled_experts(layer, experts=list(torch.tensor([1, 2])) + [torch.tensor(3)]):  # 0-dim tensors
+        assert not torch.isin(layer.route(x)[0].topk_idx_TK, torch.tensor([1, 2, 3])).any()
     mask_E = torch.zeros(E, dtype=torch.bool)
     mask_E[0] = True  # a mask, not the indices [1, 0, 0, ...]
     with disabled_experts(layer, experts=mask_E):
@@ -223,7 +230,9 @@ def test_masks_rank_by_score_plus_bias_keep_the_module_tree_and_take_tensors():
         assert not (picked == 0).any() and (picked == 1).any()
     for wrong, error, match in [([1.9], TypeError, "integer indices"), ("3", TypeError, "integer indices"),
                                 ([True], TypeError, "bool"), (torch.tensor([1.0]), TypeError, "float"),
-                                (torch.ones(E + 1, dtype=torch.bool), ValueError, "shape")]:
+                                (torch.ones(E + 1, dtype=torch.bool), ValueError, "shape"),
+                                (torch.tensor([0, 1], dtype=torch.uint8), TypeError, "uint8"),
+                                (torch.tensor([[1, 2]]), ValueError, "1-D")]:
         with pytest.raises(error, match=match):
             with disabled_experts(layer, experts=wrong):
                 pass
