@@ -114,6 +114,18 @@ class MoEConfig:
         if m is not None and self.top_k > m * (E // self.num_devices):
             _fail("max_devices_per_token", m, f"expected max_devices_per_token * experts per device >= "
                   f"top_k={self.top_k}, else a token cannot get top_k distinct experts")
+        G, D = self.num_groups, self.num_devices
+        if G > 1 and m is not None and m < D:
+            # Both limits: a token keeps the experts in its kept groups on its kept devices. When groups and devices
+            # nest that is at least min(topk_groups·E/G, M·E/D) experts (groups inside devices) or, with devices
+            # inside groups, topk_groups·E/D once the M devices may fall into more than topk_groups groups.
+            if G % D and D % G:
+                _fail("num_groups", G, f"with max_devices_per_token < num_devices, groups and devices must nest: "
+                      f"num_groups a multiple or a divisor of num_devices={D}")
+            if G < D and min(m, G) > self.topk_groups and self.top_k > self.topk_groups * (E // D):
+                _fail("top_k", self.top_k, f"expected top_k <= topk_groups * experts per device = "
+                      f"{self.topk_groups * (E // D)} with devices inside groups and max_devices_per_token={m}: "
+                      f"the kept groups may hold one kept device each, else a token cannot get top_k experts")
         for name in ("aux_loss_alpha", "device_loss_alpha", "comm_loss_alpha", "seq_balance_alpha",
                      "z_loss_coef", "bias_update_speed"):
             v = getattr(self, name)

@@ -74,7 +74,7 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
             grouped_TGM = choice_TE.view(T, G, E // G)
             if cfg.group_score == "max":
                 keep_TG = grouped_TGM.amax(dim=-1).topk(cfg.topk_groups, dim=-1).indices
-            elif excluded_TE is None:
+            elif excluded_TE is None and (M is None or M == D):  # no expert is -inf
                 keep_TG = grouped_TGM.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_groups, dim=-1).indices
             else:
                 keep_TG = _top2_sum_groups(grouped_TGM, cfg.topk_groups)

@@ -34,6 +34,17 @@ def test_cross_field_rules():
         MoEConfig(**{**BASE, "num_groups": 16, "topk_groups": 4, "group_score": "top2_sum"})
     MoEConfig(**{**BASE, "num_groups": 4, "topk_groups": 2, "group_score": "top2_sum", "num_devices": 4,
                  "max_devices_per_token": 2})
+    # Both limits: groups and devices must nest, and with devices inside groups the kept groups may hold one kept
+    # device each (E=4, 2 groups, 4 devices, keep 1 group and 2 devices: 1 expert may be left for top_k=2).
+    with pytest.raises(ValueError, match="nest"):
+        MoEConfig(**{**BASE, "num_routed_experts": 12, "num_groups": 3, "num_devices": 2, "max_devices_per_token": 1,
+                     "top_k": 2})
+    with pytest.raises(ValueError, match="one kept device each"):
+        MoEConfig(**{**BASE, "num_routed_experts": 4, "num_groups": 2, "topk_groups": 1, "num_devices": 4,
+                     "max_devices_per_token": 2, "top_k": 2})
+    MoEConfig(**{**BASE, "num_routed_experts": 4, "num_groups": 2, "topk_groups": 1, "num_devices": 4,
+                 "max_devices_per_token": 2, "top_k": 1})
+    MoEConfig.preset("deepseek-v2")  # 8 groups on 8 devices, keep 3 of each: nested, allowed
 
 
 def test_config_is_frozen_and_replace_validates():

@@ -184,6 +184,25 @@ def test_device_limited_routing_spans_at_most_M_devices(M):
     assert int(torch.tensor([len(set((row // 4).tolist())) for row in unlimited]).max()) > M
 
 
+@given(E=st.sampled_from([8, 12, 16, 24, 32]), G=st.sampled_from([2, 4, 8]), D=st.sampled_from([2, 4, 8]),
+       M=st.integers(1, 7), topk_groups=st.integers(1, 8), K=st.integers(1, 8),
+       group_score=st.sampled_from(["max", "top2_sum"]), seed=st.integers(0, 2**16))
+def test_group_and_device_limits_together_keep_every_pick_inside_both(E, G, D, M, topk_groups, K, group_score, seed):
+    """Every config the validation accepts leaves each token K experts inside its kept groups on its kept
+    devices: no pick of a -inf (dropped) expert, at most M devices and topk_groups groups."""
+    try:
+        cfg = dm.MoEConfig(hidden_size=4, expert_hidden_size=2, num_routed_experts=E, top_k=K, num_groups=G,
+                           topk_groups=topk_groups, group_score=group_score, num_devices=D, max_devices_per_token=M)
+    except ValueError:
+        return
+    scores = torch.rand(64, E, generator=torch.Generator().manual_seed(seed))
+    idx = select_experts(scores, torch.zeros(E), cfg)
+    kept_devices = scores.view(64, D, E // D).amax(-1).topk(M, dim=-1).indices
+    assert all(set((row // (E // D)).tolist()) <= set(kept.tolist()) for row, kept in zip(idx, kept_devices))
+    assert int(torch.tensor([len(set((row // (E // G)).tolist())) for row in idx]).max()) <= topk_groups
+    assert bool((idx.sort(dim=1).values.diff(dim=1) > 0).all())
+
+
 def test_device_limit_needs_enough_experts():
     with pytest.raises(ValueError, match="max_devices_per_token"):
         dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=16, top_k=6, num_devices=8,
