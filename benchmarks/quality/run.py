@@ -564,6 +564,10 @@ def _plan(args: argparse.Namespace) -> Tuple[List[str], List[int], int, int, int
         return ["dense", "deepseekmoe"], [0], 20, 10, 4
     if args.configs is not None and args.all:
         raise ValueError("give --all or --configs, not both")
+    if args.report:
+        given = [f"--{k}" for k in ("configs", "seeds", "steps") if getattr(args, k) is not None]
+        if given or args.all:
+            raise ValueError(f"--report summarises every saved run in --out; drop {(given or ['--all'])[0]}")
     if args.configs is None and not args.all and not args.report:
         raise ValueError("say what to train: --all (the whole study, ~3 h), --configs LIST, or --quick; "
                          "--report only summarises the saved runs")
@@ -573,7 +577,7 @@ def _plan(args: argparse.Namespace) -> Tuple[List[str], List[int], int, int, int
     if unknown:
         raise ValueError(f"unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS + list(ALIASES))}")
     try:
-        seeds = list(dict.fromkeys(int(v) for v in (args.seeds or "0,1,2").split(",")))
+        seeds = list(dict.fromkeys(int(v) for v in ("0,1,2" if args.seeds is None else args.seeds).split(",")))
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
     if any(seed < 0 for seed in seeds):
@@ -606,7 +610,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if clash:
                 raise ValueError(f"{args.out} holds {clash[0]['steps']}-step runs; use another --out for {steps} "
                                  "steps")
-            raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
+            try:
+                raw, source = corpus(args.data, 32_000_000 if not args.quick else 2_000_000)
+            except OSError as err:
+                raise ValueError(f"--data: {err}") from None
             if len(raw) < MIN_TEXT_BYTES:
                 raise ValueError(f"the text ({source}) has {len(raw)} bytes; the study needs at least "
                                  f"{MIN_TEXT_BYTES}")
