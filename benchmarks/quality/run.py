@@ -552,22 +552,24 @@ def plots(records: List[Dict], out_dir: str) -> List[str]:
     return paths
 
 
+def _refuse_study_options(args: argparse.Namespace, why: str) -> None:
+    given = [f"--{k}" for k in ("configs", "seeds", "steps") if getattr(args, k) is not None]
+    if given or args.all:
+        raise ValueError(f"{why}; drop {(given or ['--all'])[0]}")
+
+
 def _plan(args: argparse.Namespace) -> Tuple[List[str], List[int], int, int, int]:
     """(configs, seeds, steps, eval_every, final evaluation batches) from the command line, each config and
     seed once (an alias names its config); ValueError with what is wrong."""
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if args.quick:
-        given = [f"--{k}" for k in ("configs", "seeds", "steps") if getattr(args, k) is not None]
-        if given or args.all:
-            raise ValueError(f"--quick runs a fixed smoke test; drop {(given or ['--all'])[0]}")
+        _refuse_study_options(args, "--quick runs a fixed smoke test")
         return ["dense", "deepseekmoe"], [0], 20, 10, 4
     if args.configs is not None and args.all:
         raise ValueError("give --all or --configs, not both")
     if args.report:
-        given = [f"--{k}" for k in ("configs", "seeds", "steps") if getattr(args, k) is not None]
-        if given or args.all:
-            raise ValueError(f"--report summarises every saved run in --out; drop {(given or ['--all'])[0]}")
+        _refuse_study_options(args, "--report summarises every saved run in --out")
     if args.configs is None and not args.all and not args.report:
         raise ValueError("say what to train: --all (the whole study, ~3 h), --configs LIST, or --quick; "
                          "--report only summarises the saved runs")
