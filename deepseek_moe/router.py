@@ -62,7 +62,8 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
         if excluded_TE is not None:
             choice_TE = choice_TE.masked_fill(excluded_TE, float("-inf"))
         D, M = cfg.num_devices, cfg.max_devices_per_token
-        if M is not None and M < D:
+        device_limited = M is not None and M < D
+        if device_limited:
             T, E = choice_TE.shape
             per_device_TDM = choice_TE.view(T, D, E // D)
             keep_TM = per_device_TDM.amax(dim=-1).topk(M, dim=-1).indices
@@ -74,7 +75,7 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
             grouped_TGM = choice_TE.view(T, G, E // G)
             if cfg.group_score == "max":
                 keep_TG = grouped_TGM.amax(dim=-1).topk(cfg.topk_groups, dim=-1).indices
-            elif excluded_TE is None and (M is None or M == D):  # no expert is -inf
+            elif excluded_TE is None and not device_limited:  # no expert is -inf
                 keep_TG = grouped_TGM.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_groups, dim=-1).indices
             else:
                 keep_TG = _top2_sum_groups(grouped_TGM, cfg.topk_groups)

@@ -13,6 +13,12 @@ import torch
 from benchmarks.quality import run  # a source checkout: run from its root (python -m pytest benchmarks)
 
 
+def _random_bytes_data():
+    """The data dict train_one/train_all take: 18 kB of random bytes to train on, 2 validation batches."""
+    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+
+
 def test_ladder_is_matched():
     sizes = {}
     for name in ("gshard", "shared", "fine", "deepseekmoe"):
@@ -97,8 +103,7 @@ def test_unreadable_records_and_too_little_text_are_named(tmp_path, capsys):
 
 
 def test_ten_steps_train(tmp_path):
-    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    data = _random_bytes_data()
     record = run.train_one("dense", 0, 10, data, str(tmp_path), eval_every=5, progress=False)
     assert record["steps"] == 10 and record["history"]["step"] == [5, 10]
 
@@ -170,8 +175,7 @@ def test_runs_in_parallel_workers_equal_runs_in_this_process(tmp_path):
 
 
 def test_parallel_study_skips_finished_runs_and_stops_at_the_first_failure(tmp_path):
-    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    data = _random_bytes_data()
     finished = {"config": "dense", "seed": 5, "steps": 4}
     (tmp_path / "dense-seed5.json").write_text(json.dumps(finished))
     # "no-such-config" fails in its worker at once; dense seed 0, handed out beside it, runs to its end; dense
@@ -185,8 +189,7 @@ def test_parallel_study_skips_finished_runs_and_stops_at_the_first_failure(tmp_p
 
 
 def test_a_run_named_twice_trains_once_in_parallel(tmp_path):
-    text_N = torch.randint(0, 256, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = {"train": text_N[:18_000], "val": run.val_batches(text_N[18_000:], 2), "corpus": None}
+    data = _random_bytes_data()
     tasks = [("dense", 0), ("deepseekmoe", 0), ("deepseekmoe-aux", 0), ("dense", 0)]
     run.train_all(tasks, steps=2, data=data, out_dir=str(tmp_path), eval_every=2, jobs=2)
     assert sorted(os.listdir(tmp_path)) == ["deepseekmoe-seed0.json", "dense-seed0.json"]
