@@ -1,12 +1,14 @@
-"""deepseek-moe: a production-grade DeepSeekMoE layer (shared + fine-grained routed experts) for PyTorch.
+"""deepseek-moe: a DeepSeekMoE layer (shared + fine-grained routed experts) for PyTorch.
 
     import deepseek_moe as dm
     layer = dm.DeepSeekMoELayer(dm.MoEConfig(hidden_size=1024, expert_hidden_size=352))
     y = layer(x); loss = task_loss + dm.aux_loss(model)
 """
 from .config import ConfigError, MoEConfig, PRESETS, matched_pair
-from .dispatch import DispatchPlan, build_plan
-from .layer import DeepSeekMoELayer, aux_loss
+from .plan import DispatchPlan, build_plan
+from .layer import DeepSeekMoELayer
+from .model import aux_loss, expert_load, moe_layers, update_biases
+from .override import RoutingOverride
 from .padding import padding_mask
 from .router import Router, Routing
 from .backends import BackendUnavailable, backend_status
@@ -17,7 +19,7 @@ from . import parallel  # expert parallelism; torch.distributed is used only onc
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "padding_mask", "Router",
-    "Routing",
+    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers", "update_biases",
+    "expert_load", "padding_mask", "Router", "Routing", "RoutingOverride",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "hf", "parallel", "__version__",
 ]

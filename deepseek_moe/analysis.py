@@ -8,7 +8,8 @@ DeepSeekMoE's redundancy experiment (arXiv 2401.06066 §4.5 and Fig. 4).
     stats = dm.analysis.routing_statistics(model, batches)            # per layer: load, co-activation, MaxVio
     curve = dm.analysis.redundancy_curve(model, loss_fn, batches, [0, 1 / 64, 2 / 64, 4 / 64])
 
-Masking changes no weight and no module: within the block each router excludes the masked experts from its choice
+Masking changes no weight and no module: within the block each layer carries a
+:class:`~deepseek_moe.override.RoutingOverride`, so its router excludes the masked experts from its choice
 (the token then picks its top-K among the rest, with their unchanged scores as gate weights), and a layer can skip
 its shared experts. Everything is restored on exit, also after an exception. The masks live on the model, so every
 thread using it sees them; they are meant for evaluation (in training, the load counters, bias updates and aux
@@ -22,7 +23,6 @@ Legend: T tokens, E routed experts, K experts per token.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import numbers
 import os
@@ -32,18 +32,16 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from .hf import moe_layers
+from .model import inspecting, moe_layers
+from .override import RoutingOverride
 from .layer import DeepSeekMoELayer
 from .padding import attention_mask_padding
 
 Experts = Union[Sequence[int], Mapping[str, Sequence[int]]]
-# One number per disabled_experts block, never reused: the layers' checkpointing guard compares them (an id() of a
-# freed filter can come back for the next block's).
-_MASKS_TOKENS = itertools.count(1)
 
 
 def _layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
-    """:func:`deepseek_moe.hf.moe_layers` ("" names a bare layer); ValueError when there is none."""
+    """:func:`deepseek_moe.moe_layers` ("" names a bare layer); ValueError when there is none."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no DeepSeekMoELayer")
@@ -114,8 +112,8 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
     strings, Python bools); ValueError for unknown layer names, expert indices outside [0, E), a mask not of
     shape (E,), a ``top_fraction`` outside [0, 1), ``shared=True`` when no layer has shared experts, a model
     without DeepSeekMoELayer, and (from the router) when the masks leave a token fewer than K experts;
-    RuntimeError when a router already has a filter (nested masking contexts, or a copy of a model made inside
-    a block).
+    RuntimeError when a layer already has a routing override (nested masking contexts, or a copy of a model made
+    inside a block).
     """
     layers = _layers(model)
     if isinstance(experts, Mapping):
@@ -137,7 +135,7 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
         bad = [i for i in per_layer[name] if not 0 <= i < E]
         if bad:
             raise ValueError(f"disabled_experts: expert {bad[0]} of layer {name!r} is outside [0, {E})")
-        if layer.gate.expert_filter is not None:
+        if layer.routing_override is not None:
             raise RuntimeError(f"disabled_experts: layer {name!r} already has experts disabled (nested contexts, or "
                                "a copy of the model made inside a block, which keeps that block's masks)")
         count = int(top_fraction * E + 0.5)
@@ -149,18 +147,13 @@ def disabled_experts(model: nn.Module, experts: Optional[Experts] = None, top_fr
                 lambda s, fixed=fixed, top=_top_fraction_filter(count): fixed(s) | top(s))
         elif count:
             filters[name] = _top_fraction_filter(count)
-    saved = {name: (layer.shared_enabled, layer.masks_token) for name, layer in layers.items()}
-    token = next(_MASKS_TOKENS)
     try:
         for name, layer in layers.items():
-            layer.gate.expert_filter = filters.get(name)
-            layer.shared_enabled = saved[name][0] and not shared
-            layer.masks_token = token
+            layer.routing_override = RoutingOverride(filters.get(name), shared=not shared)
         yield layers
     finally:
-        for name, layer in layers.items():
-            layer.gate.expert_filter = None
-            layer.shared_enabled, layer.masks_token = saved[name]
+        for layer in layers.values():
+            layer.routing_override = None
 
 
 @dataclass
@@ -250,27 +243,6 @@ def _run(model: nn.Module, batch, forward: Optional[Callable]):
         with attention_mask_padding(batch):
             return model(**batch)
     return model(batch)
-
-
-@contextlib.contextmanager
-def inspecting(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` for inspection inside the block: eagerly (also when compiled) and with every submodule in eval
-    mode; afterwards each module's own train/eval flag and each DeepSeekMoELayer's per-forward results
-    (``aux_loss``, ``tokens_per_expert``, ``last_stats``) are as they were, so a pending training step is
-    unaffected. Training counters (``load_since_update``, the balance window) move only in training forwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(m, m.aux_loss, m.tokens_per_expert, m._num_dropped) for m in model.modules()
-             if isinstance(m, DeepSeekMoELayer)]
-    model.eval()
-    try:
-        # Eager even for a compiled model: compiled code does not call hooks added after it was compiled.
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for m, aux, tokens, dropped in saved:
-            m.aux_loss, m.tokens_per_expert, m._num_dropped = aux, tokens, dropped
 
 
 @torch.no_grad()

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .backends import Backend
-from .backends.base import activate
 from .config import MoEConfig
-from .dispatch import DispatchPlan
+from .glu import activate
+from .plan import DispatchPlan
 
 # Per-expert checkpoint layouts accepted on load: DeepSeek/Qwen names and Mixtral's w1 (gate) / w3 (up) / w2.
 _PER_EXPERT_KEY = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
@@ -75,16 +75,17 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
         nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
 
-    def forward(self, x: torch.Tensor, plan: DispatchPlan, backend: Backend) -> torch.Tensor:
-        """The experts stage: ``backend.run`` on the dispatched rows in the compute dtype (x_NH, or x_TH for a
-        backend that gathers; see :class:`~deepseek_moe.backends.Backend`) with these weights in that dtype (the
-        dtype of the weights unless autocast chose it: :func:`check_dtype`)."""
-        check_dtype(x, self.gate_up_proj)
-        gate_up_EJH, down_EHI = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, impl: Backend) -> torch.Tensor:
+        """y_TH (T, H) = Σ_k w[t, k] · expert_k(x_t) over the pairs of ``plan``: ``impl.run`` with these weights in
+        x's dtype (the compute dtype: the weights' dtype unless autocast chose it, :func:`check_dtype`). The
+        weights are read here and only here, so a wrapper that substitutes them (PEFT's LoRA on
+        ``gate_up_proj``/``down_proj``) changes what every implementation computes."""
+        check_dtype(x_TH, self.gate_up_proj)
+        gate_up_EJH, down_EHI = self.gate_up_proj.to(x_TH.dtype), self.down_proj.to(x_TH.dtype)
         if self.grad_scale != 1.0:
             gate_up_EJH = _ScaleGrad.apply(gate_up_EJH, self.grad_scale)
             down_EHI = _ScaleGrad.apply(down_EHI, self.grad_scale)
-        return backend.run(x, plan, gate_up_EJH, down_EHI, self.cfg.hidden_act)
+        return impl.run(x_TH, plan, gate_up_EJH, down_EHI)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

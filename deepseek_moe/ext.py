@@ -21,7 +21,8 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "has_cached_build", "sources", "build_error"]
+__all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "has_cached_build", "sources", "build_error",
+           "unavailable_reason"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _JIT_NAME = "deepseek_moe_ext"
@@ -74,6 +75,31 @@ def has_cached_build() -> bool:
     except (ImportError, OSError, ValueError):  # no cache, no sources (max of nothing), or a torch without it
         return False
     return all(src in ninja for src in srcs) and built >= newest
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension is loaded or an ahead-of-time build loads now (~0.1 s, compiling nothing), else why
+    it is not usable and how to get it."""
+    if is_loaded():
+        return None
+    if build_error():
+        return build_error()
+    if has_prebuilt():
+        try:
+            load()
+            return None
+        except ExtensionUnavailable as err:
+            return str(err)
+    if not sources():
+        return ("the compiled extension is not in this installation (a wheel ships neither a build nor the csrc/ "
+                "sources): install from a source checkout with DEEPSEEK_MOE_BUILD_EXT=1 pip install . "
+                "--no-build-isolation")
+    if has_cached_build():
+        return ("the compiled extension is built (in torch's extension cache) but not loaded: backend='ext' (or "
+                "deepseek_moe.ext.load()) loads it without compiling")
+    return ("the compiled extension is not built yet: backend='ext' (or deepseek_moe.ext.load()) builds it just in "
+            "time from csrc/ (~30 s once, then cached), or build it ahead of time with DEEPSEEK_MOE_BUILD_EXT=1 pip "
+            "install -e . --no-build-isolation")
 
 
 def _prebuilt() -> Optional[str]:

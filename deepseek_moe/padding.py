@@ -1,4 +1,5 @@
-"""Padding masks for layers that cannot take one as an argument (inside models that call ``mlp(x)``).
+"""The layer's input: its checks, padding masks (also for layers inside models that call ``mlp(x)``), and the
+packing of the real tokens (:func:`pack`).
 
     with dm.padding_mask(attention_mask == 0):     # True marks padding, shape (B, S)
         out = model(input_ids, attention_mask=attention_mask)
@@ -11,7 +12,7 @@ threads, so threads that run models concurrently pass ``padding_mask=`` to the l
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -38,6 +39,31 @@ def padding_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
         _ACTIVE.mask = outer
 
 
+def check_input(x: torch.Tensor, config, training: bool, device: torch.device) -> None:
+    """Check a layer's input x (..., H) against its ``config`` and the ``device`` of its parameters: TypeError for
+    x not a tensor; ValueError for x not floating, of the wrong last dimension, on or beside the meta device, and
+    in ``training`` for x not (B, S, H) when a balance loss is computed per sequence."""
+    H = config.hidden_size
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"DeepSeekMoELayer: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"DeepSeekMoELayer: x must have a floating dtype, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != H:
+        raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}; its last dimension must be "
+                         f"hidden_size={H}")
+    if x.device.type == "meta" or device.type == "meta":
+        # Routing decides data-dependent shapes (how many rows each expert gets): there is no meta kernel.
+        raise ValueError(f"DeepSeekMoELayer: x is on device {x.device} and the layer's parameters on {device}; the "
+                         f"layer runs on a real device (a layer built on 'meta' needs layer.to_empty(device=...) and "
+                         f"layer.reset_parameters() first)")
+    per_sequence_loss = ((config.aux_loss_alpha > 0 and config.resolved_balance_scope == "sequence")
+                         or config.seq_balance_alpha > 0)
+    if training and per_sequence_loss and x.dim() != 3:
+        raise ValueError(f"DeepSeekMoELayer: x has shape {tuple(x.shape)}, but this config's balance loss is "
+                         f"computed per sequence (seq_aux / balance_scope='sequence' / seq_balance_alpha) and needs x "
+                         f"as (batch, seq, hidden_size); reshape the tokens of one sequence to (1, T, {H})")
+
+
 def active_padding_mask() -> Optional[torch.Tensor]:
     """The mask set by the innermost :func:`padding_mask` block, or None."""
     return _ACTIVE.mask
@@ -56,6 +82,26 @@ def check_padding_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if mask.device != x.device:
         raise ValueError(f"padding_mask is on {mask.device}, the input on {x.device}")
     return mask.reshape(-1)
+
+
+def pack(x: torch.Tensor, mask: Optional[torch.Tensor]
+         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """The real tokens of x (..., H): (x_TH (T, H), seq_T, unpack).
+
+    ``mask``: bool ``x.shape[:-1]``, True at padding (checked: ValueError), or None (nothing removed). ``seq_T``:
+    int64 (T,) the sequence of each real token when x is (B, S, H) and padded, else None. ``unpack(t_TD)``
+    puts rows of the real tokens back at their positions among all A = x.numel() / H, zeros at padding: (A, D).
+    """
+    H = x.shape[-1]
+    x_AH = x.reshape(-1, H)
+    if mask is None:
+        return x_AH, None, lambda t_TD: t_TD
+    A = x_AH.shape[0]
+    real_R = torch.nonzero(~check_padding_mask(mask, x)).squeeze(1)
+    sequences = x.shape[0] if x.dim() == 3 else 1
+    seq_T = torch.div(real_R, A // max(sequences, 1), rounding_mode="floor")
+    return x_AH.index_select(0, real_R), seq_T, lambda t_TD: t_TD.new_zeros(A, t_TD.shape[1]).index_copy(0, real_R,
+                                                                                                          t_TD)
 
 
 def _attention_mask_2d(inputs) -> Optional[torch.Tensor]:

@@ -5,7 +5,7 @@ Legend: T tokens, H hidden size, E routed experts, K experts per token, G expert
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .losses import all_reduce_load, load_stats
+from .override import RoutingOverride
 
 
 @dataclass
@@ -157,8 +158,6 @@ class Router(nn.Module):
         dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)
         self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size, dtype=dtype))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=dtype))
-        # (scores + bias)_TE -> bool (T, E), True = may not be picked; set only by deepseek_moe.analysis's masking.
-        self.expert_filter: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,8 +176,9 @@ class Router(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
-        """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`."""
+    def forward(self, x_TH: torch.Tensor, override: Optional[RoutingOverride] = None) -> Routing:
+        """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`. ``override``: experts the tokens may not
+        pick (:class:`~deepseek_moe.override.RoutingOverride`)."""
         cfg = self.cfg
         # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
         gate_dtype = torch.promote_types(x_TH.dtype, torch.float32)
@@ -188,7 +188,8 @@ class Router(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
-        excluded_TE = None if self.expert_filter is None else self.expert_filter(
+        exclude = None if override is None else override.exclude
+        excluded_TE = None if exclude is None else exclude(
             scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype))
         topk_idx_TK = select_experts(scores_TE.detach(), self.e_score_correction_bias, cfg, excluded_TE)
         weight_TK = scores_TE.gather(1, topk_idx_TK)

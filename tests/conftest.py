@@ -9,12 +9,19 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# `ci` runs >= 1,000 examples per property (selected by .ci/run); `default` is fast for local runs.
+# The profile governs every property: `ci` (selected by .ci/run) runs 1,000 examples each, `default` (local runs)
+# 60. No property sets its own count, except through `interpreted_examples` below.
 settings.register_profile("ci", max_examples=1000, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("default", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def interpreted_examples() -> int:
+    """Examples for a property that runs Triton's CPU interpreter (about 2 s an example on 2 cores): 1/100 of the
+    profile's count (10 under `ci`), at least 5."""
+    return max(5, settings.default.max_examples // 100)
 
 
 @pytest.fixture(autouse=True)

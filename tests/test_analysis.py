@@ -59,7 +59,7 @@ def test_top_fraction_masks_each_tokens_best_experts_and_shared_off_removes_the_
     torch.testing.assert_close(masked_no_shared, expected_no_shared, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # restored on exit
         assert torch.equal(layer(x), plain)
-    assert layer.gate.expert_filter is None and layer.shared_experts is not None
+    assert layer.routing_override is None and layer.shared_experts is not None
 
 
 def test_fixed_experts_per_layer_are_never_picked_and_restored_after_an_error():
@@ -72,9 +72,9 @@ def test_fixed_experts_per_layer_are_never_picked_and_restored_after_an_error():
             with torch.no_grad():
                 expected, _ = _reference(model[0], x, torch.isin(torch.arange(E), torch.tensor([1, 5])).expand(30, E))
                 torch.testing.assert_close(model[0](x), expected, rtol=1e-10, atol=1e-10)
-            assert model[1].gate.expert_filter is None  # a layer not named keeps all its experts
+            assert model[1].routing_override.exclude is None  # a layer not named keeps all its experts
             raise KeyError("user code failed inside the block")
-    assert model[0].gate.expert_filter is None
+    assert model[0].routing_override is None
 
 
 def test_disabled_experts_errors_name_the_problem():

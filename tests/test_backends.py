@@ -1,4 +1,6 @@
 """Every fast path against the eager reference: outputs and all gradients, ragged loads and empty experts."""
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,15 +11,11 @@ from deepseek_moe.backends.grouped import _grouped_mm
 from deepseek_moe.dispatch import build_plan, expert_capacity
 from deepseek_moe.testing import assert_close, make_topk
 
-# "segments" is the segment loop itself; "segments:few_rows" its whole-tensor path for few rows per expert.
-STRATEGIES = ["segments", "segments:few_rows"] + (["grouped_mm"] if _grouped_mm is not None else [])
+STRATEGIES = ["segments"] + (["grouped_mm"] if _grouped_mm is not None else [])
 
 
-def torch_backend(strategy: str) -> TorchBackend:
-    """The torch backend with ``strategy``, the segment loop's few-rows threshold forced either way."""
-    if strategy.startswith("segments"):
-        return TorchBackend("segments", few_rows=10**9 if strategy.endswith("few_rows") else 0)
-    return TorchBackend(strategy)
+def torch_backend(strategy: str, activation: str = "silu") -> TorchBackend:
+    return TorchBackend(strategy, activation=activation)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -35,7 +33,7 @@ def _problem(T, E, K, H, I, dtype, kind, empty_experts=0, capacity_factor=None, 
 
 def _run(backend, topk, weight, cap, x, gate_up, down, grad_y):
     plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
-    y = backend.routed_mlp(x, plan, gate_up, down)
+    y = backend.run(x, plan, gate_up, down)
     grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y)
     return (y,) + grads
 
@@ -58,13 +56,13 @@ def test_torch_matches_eager(strategy, dtype, T, E, K, kind, empty, cap):
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
         assert a.dtype == b.dtype, name
         assert_close(a, b, TOL[dtype], f"{strategy}/{dtype}/{name}")
-    with torch.no_grad():  # inference takes other paths (no saved activations)
-        assert_close(_run_no_grad(torch_backend(strategy), *problem), ref[0], TOL[dtype], f"{strategy}/{dtype}/no grad")
+    inference = TorchBackend(strategy, inference=True)  # selected for forwards without autograd
+    assert_close(_run_no_grad(inference, *problem), ref[0], TOL[dtype], f"{strategy}/{dtype}/no grad")
 
 
 def _run_no_grad(backend, topk, weight, cap, x, gate_up, down, grad_y):
     with torch.no_grad():
-        return backend.routed_mlp(x, build_plan(topk, weight, gate_up.shape[0], cap, weight), gate_up, down)
+        return backend.run(x, build_plan(topk, weight, gate_up.shape[0], cap, weight), gate_up, down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,7 +70,7 @@ def _run_no_grad(backend, topk, weight, cap, x, gate_up, down, grad_y):
 def test_padded_segments_match_eager(dtype, multiple):
     problem = _problem(77, 16, 3, 24, 16, dtype, "skewed", empty_experts=4, capacity_factor=0.8)
     ref = _run(EagerBackend(), *problem)
-    out = _run(TorchBackend("segments", pad_multiple=multiple, few_rows=0), *problem)
+    out = _run(TorchBackend("segments", pad_multiple=multiple), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), out, ref):
         assert_close(a, b, TOL[dtype], f"pad {multiple}/{dtype}/{name}")
 
@@ -93,7 +91,7 @@ def test_align_segments_layout():
 
 def test_empty_expert_gets_exactly_zero_gradient():
     problem = _problem(40, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
-    _, g_gu, g_dn, _ = _run(TorchBackend("segments", few_rows=0), *problem)[1:]
+    _, g_gu, g_dn, _ = _run(TorchBackend("segments"), *problem)[1:]
     assert bool((g_gu[-3:] == 0).all()) and bool((g_dn[-3:] == 0).all())
     assert bool((g_gu[:5].abs().sum((1, 2)) > 0).all())
 
@@ -105,7 +103,7 @@ def test_segments_gradcheck_float64():
 
     def f(x, gate_up, down, weight):
         plan = build_plan(topk, weight, 4)
-        return TorchBackend("segments", few_rows=0).routed_mlp(x, plan, gate_up, down)
+        return TorchBackend("segments").run(x, plan, gate_up, down)
 
     assert torch.autograd.gradcheck(f, (x, gate_up, down, weight))
 
@@ -163,12 +161,14 @@ def test_registry_reasons_and_env(monkeypatch):
 def test_torch_strategy_resolved_at_selection(monkeypatch):
     cpu = torch.device("cpu")
     assert select("torch", cpu, torch.float32).strategy == "segments"
-    backend = select("torch", cpu, torch.float32)
-    assert backend.gathers and backend.reduces  # the segment loop gathers, weighs and sums itself
+    assert not select("torch", cpu, torch.float32).inference
+    assert select("torch", cpu, torch.float32, inference=True).inference  # chosen for forwards without autograd
     if _grouped_mm is not None:
         monkeypatch.setenv("DEEPSEEK_MOE_TORCH_STRATEGY", "grouped_mm")
         chosen = select("torch", cpu, torch.float32)
-        assert chosen.strategy == "grouped_mm" and not chosen.gathers and not chosen.reduces
+        assert chosen.strategy == "grouped_mm"
+        with pytest.raises(dm.BackendUnavailable, match="multiple of 4"):  # grouped_mm's 16-byte rows
+            select("torch", cpu, torch.float32, sizes=(30, 16))
         # Read at selection only: a backend already selected keeps its strategy.
         monkeypatch.setenv("DEEPSEEK_MOE_TORCH_STRATEGY", "segments")
         assert chosen.strategy == "grouped_mm"
@@ -193,28 +193,73 @@ def test_layer_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda t: (layer(t), layer.aux_loss)[1], (x,))
 
 
-def test_layer_reads_no_environment_per_forward(monkeypatch):
-    """The backend is resolved once per (device, dtype): later forwards never consult os.environ."""
+def _reads_of_package(monkeypatch):
+    """A list that records every environment read (os.environ / os.getenv) and filesystem access (open, stat,
+    listdir, glob) made directly by deepseek_moe's own code from now on."""
+    import builtins
+    import glob
     import os
-    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2)
-    x = torch.randn(12, 16, requires_grad=True)
-    layer(x).sum().backward()
+    import sys
+
     reads = []
+    package = os.path.dirname(dm.__file__)
+
+    def ours() -> bool:
+        return sys._getframe(2).f_code.co_filename.startswith(package)
 
     class Recording(dict):
         def get(self, key, default=None):
-            reads.append(key)
+            if ours():
+                reads.append(("environ", key))
             return super().get(key, default)
 
         def __getitem__(self, key):
-            reads.append(key)
+            if ours():
+                reads.append(("environ", key))
             return super().__getitem__(key)
 
     monkeypatch.setattr(os, "environ", Recording(os.environ))
-    for _ in range(3):
-        layer(x).sum().backward()
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append((name, args[:1]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((builtins, "open"), (os, "stat"), (os, "listdir"), (os, "scandir"), (os, "getenv"),
+                         (os.path, "exists"), (os.path, "isdir"), (os.path, "isfile"), (os.path, "getmtime"),
+                         (glob, "glob")):
+        spy(module, name)
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "ext", "triton", "auto"])
+def test_layer_reads_no_environment_or_filesystem_per_forward(monkeypatch, backend):
+    """The implementation is resolved once per (device, dtype, grad mode): after the first forward+backward (and the
+    first inference forward), forwards and backwards read neither os.environ nor the filesystem, on every backend
+    (triton in its interpreter on CPU)."""
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if backend == "ext":
+        from deepseek_moe.testing import require_extension
+        require_extension()
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2, num_shared_experts=1,
+                       aux_loss_alpha=0.01, backend=backend)
+    layer = dm.DeepSeekMoELayer(cfg)
+    x = torch.randn(12, 16, requires_grad=True)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer(x)
+    reads = _reads_of_package(monkeypatch)
+    for _ in range(2):
+        (layer(x).sum() + layer.aux_loss).backward()
+        with torch.no_grad():
+            layer(x)
     assert reads == []
-    assert "segments" in repr(layer)  # the resolved backend is visible
+    assert backend == "auto" or layer.backend_name == backend  # the resolved backend is visible
 
 
 def _glu_reference(topk, weight, cap, x, gate_up, down, activation):
@@ -239,9 +284,9 @@ def test_glu_activations_match_float64(activation, backend):
     topk, weight, cap, x, gate_up, down, grad_y = problem
     if backend not in ("eager", "torch:segments") and not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no public fp32 grouped_mm")
-    impl = EagerBackend() if backend == "eager" else torch_backend(backend.split(":", 1)[1])
+    impl = EagerBackend(activation) if backend == "eager" else torch_backend(backend.split(":", 1)[1], activation)
     plan = build_plan(topk, weight, gate_up.shape[0], cap, weight.detach())
-    y = impl.routed_mlp(x, plan, gate_up, down, activation)
+    y = impl.run(x, plan, gate_up, down)
     grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y)
     ref, leaves = _glu_reference(*problem[:6], activation)
     ref_grads = torch.autograd.grad(ref, leaves, grad_y.double())
@@ -252,7 +297,7 @@ def test_glu_activations_match_float64(activation, backend):
 
 @pytest.mark.parametrize("activation", dm.config.ACTIVATIONS)
 def test_shared_experts_glu_and_layer_with_each_activation(activation):
-    from deepseek_moe.backends.base import glu, glu_backward
+    from deepseek_moe.glu import glu, glu_backward
     from deepseek_moe.experts import SharedExperts
     acts = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"),
             "relu": F.relu}
@@ -285,10 +330,10 @@ def test_shared_experts_glu_and_layer_with_each_activation(activation):
 
 def test_fused_backends_decline_other_activations():
     from deepseek_moe.backends import TritonBackend, ExtBackend
-    for backend in (TritonBackend(), ExtBackend()):
+    for backend in (TritonBackend, ExtBackend):
         assert backend.activation_reason("silu") is None
         with pytest.raises(ValueError, match="hidden_act='gelu'"):
-            backend.check_activation("gelu")
+            backend(activation="gelu")
     status = backend_status(torch.device("cpu"), torch.float32, activation="relu")
     assert status["torch"] is None and status["eager"] is None
     assert "GLU only" in status["ext"] and "GLU only" in status["triton"]
@@ -299,7 +344,7 @@ def test_fused_backends_decline_other_activations():
 
 def test_activation_is_checked_before_any_build_or_run(monkeypatch):
     from deepseek_moe.backends import ExtBackend
-    def no_build(self):
+    def no_build():
         raise AssertionError("prepare() ran: a build would start before the activation check")
     monkeypatch.setattr(ExtBackend, "prepare", no_build)
     with pytest.raises(dm.BackendUnavailable, match="GLU only"):
@@ -307,12 +352,10 @@ def test_activation_is_checked_before_any_build_or_run(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "ext")
     with pytest.raises(dm.BackendUnavailable, match="DEEPSEEK_MOE_BACKEND"):
         select("auto", torch.device("cpu"), torch.float32, activation="gelu")
-    gu, dn = torch.randn(2, 6, 4), torch.randn(2, 4, 3)
-    # An invalid name fails even when no token reaches an expert.
-    empty = build_plan(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), 2)
-    for backend in (TorchBackend(), EagerBackend()):
+    # An invalid name fails when the implementation is built, before any token reaches an expert.
+    for backend in (TorchBackend, EagerBackend):
         with pytest.raises(ValueError, match="hidden_act='tanh' is invalid"):
-            backend.routed_mlp(torch.zeros(0, 4), empty, gu, dn, "tanh")
+            backend(activation="tanh")
 
 
 def test_ext_status_is_true_for_each_kind_of_installation(monkeypatch):

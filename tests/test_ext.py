@@ -84,8 +84,8 @@ def test_gradients_equal_autograd_of_torch_ops(capacity):
 
 
 def _run_own_plan(backend, topk, weight, capacity, x, gate_up, down, grad_y):
-    plan = backend.build_plan(topk, weight, gate_up.shape[0], capacity, weight.detach())
-    y = backend.routed_mlp(x, plan, gate_up, down)
+    plan = backend.plan(topk, weight, gate_up.shape[0], capacity, weight.detach())
+    y = backend.run(x, plan, gate_up, down)
     grads = torch.autograd.grad(y, (x, gate_up, down, weight), grad_y, allow_unused=True)
     return (y,) + tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, gate_up, down, weight)))
 
@@ -145,7 +145,7 @@ def test_ext_backend_on_cuda_matches_torch_backend():
         ours, ref = _run_own_plan(backend, *problem), _run_own_plan(TorchBackend("grouped_mm"), *problem)
         for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), ours, ref):
             assert_close(a, b, 1e-2, f"{(T, E, K, kind, empty, cap)} {name}")
-        plan = ExtBackend().build_plan(problem[0], problem[1], E)
+        plan = ExtBackend().plan(problem[0], problem[1], E)
         ref_plan = build_plan(problem[0], problem[1], E)
         for name, value in _plan_fields(ref_plan).items():
             assert torch.equal(_plan_fields(plan)[name], value), name
@@ -157,7 +157,7 @@ def test_ext_backend_gradcheck_float64():
 
     def f(x, gate_up, down, weight):
         backend = ExtBackend()
-        return backend.routed_mlp(x, backend.build_plan(topk, weight, 4), gate_up, down)
+        return backend.run(x, backend.plan(topk, weight, 4), gate_up, down)
 
     assert torch.autograd.gradcheck(f, (x, gate_up, down, weight))
 
@@ -186,7 +186,7 @@ def test_layer_ext_matches_eager_and_compiles():
 
 def test_compiled_segment_loop_matches_python_loop():
     problem = _problem(77, 16, 3, 24, 16, torch.float32, "skewed", empty_experts=4)
-    python, compiled = _run(TorchBackend("segments", few_rows=0), *problem), _run(ExtBackend(), *problem)
+    python, compiled = _run(TorchBackend("segments"), *problem), _run(ExtBackend(), *problem)
     for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), compiled, python):
         assert_close(a, b, 1e-6, f"compiled vs python loop/{name}")
 
@@ -223,13 +223,15 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, arch):
         assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_auto_uses_loaded_extension_for_fp32_on_cpu(monkeypatch):
+def test_auto_uses_the_extension_for_fp32_on_cpu_only_when_built_ahead_of_time(monkeypatch):
+    """auto depends on the installation, never on what this process happened to load."""
     monkeypatch.delenv("DEEPSEEK_MOE_BACKEND", raising=False)
+    ext.load()
+    monkeypatch.setattr(ext, "_prebuilt", lambda: None)
+    assert select("auto", torch.device("cpu"), torch.float32).name == "torch"  # loaded just in time: not chosen
+    monkeypatch.setattr(ext, "_prebuilt", lambda: "deepseek_moe/_C.so")
     assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
     assert select("auto", torch.device("cpu"), torch.bfloat16).name == "torch"  # measured for fp32 only
-    monkeypatch.setattr(ext, "_loaded", False)
-    monkeypatch.setattr(ext, "_prebuilt", lambda: None)
-    assert select("auto", torch.device("cpu"), torch.float32).name == "torch"  # auto never compiles
 
 
 def test_ext_layer_compiles_fullgraph():
@@ -260,7 +262,7 @@ def test_first_forward_compiled_loads_the_extension(monkeypatch):
 
 def test_backend_named_by_the_environment_is_loaded(monkeypatch):
     prepared = []
-    monkeypatch.setattr(ExtBackend, "prepare", lambda self: prepared.append(self))
+    monkeypatch.setattr(ExtBackend, "prepare", lambda: prepared.append(1))
     monkeypatch.setenv("DEEPSEEK_MOE_BACKEND", "ext")
     assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
     assert prepared

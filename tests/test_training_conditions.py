@@ -190,7 +190,7 @@ def test_counters_after_meta_materialisation_and_deepcopy():
         layer = make_layer(bias_update_speed=0.01)
     layer.to_empty(device="cpu")
     assert layer.load_since_update.device.type == "cpu" and int(layer.load_since_update.sum()) == 0
-    layer.load_since_update = layer.load_since_update.to("meta")  # as transformers' loader leaves it
+    layer.load_state.load_since_update = layer.load_since_update.to("meta")  # as transformers' loader leaves it
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()

@@ -19,11 +19,11 @@ ON_GPU = torch.cuda.is_available()
 
 @pytest.fixture
 def kernels():
-    from deepseek_moe.kernels import grouped_mlp
+    from deepseek_moe.kernels import launch
 
-    grouped_mlp.POISON_OUTPUTS = True  # every output starts as NaN: an unwritten row fails the comparison
-    yield grouped_mlp
-    grouped_mlp.POISON_OUTPUTS = False
+    launch.POISON_OUTPUTS = True  # every output starts as NaN: an unwritten row fails the comparison
+    yield launch
+    launch.POISON_OUTPUTS = False
 
 
 @pytest.fixture
@@ -93,16 +93,20 @@ def test_tile_overrides(monkeypatch):
     assert gpu_tile_config("gate_up", torch.bfloat16, 9) == TileConfig(128, 64, 64, 8, 4)
     assert gpu_tile_config("gate_up", torch.bfloat16, 8).block_r == 32  # Ampere: less shared memory
     cpu = torch.device("cpu")
-    assert tile_config("gate_up", 64, 1024, 352, torch.float32, cpu) == TileConfig(32, 32, 32)
+    assert tile_config("gate_up", torch.float32, cpu) == TileConfig(32, 32, 32)
     with force_tiles(TileConfig(16, 64, 32)):
-        assert tile_config("down", 64, 1024, 352, torch.bfloat16, cpu).block_c == 64
+        assert tile_config("down", torch.bfloat16, cpu).block_c == 64
+        forced = TritonBackend.for_device(cpu, torch.bfloat16)
     monkeypatch.setenv("DEEPSEEK_MOE_TRITON_TILES", "64,32,16,8,2")
-    assert tile_config("wgrad", 8, 64, 64, torch.float16, cpu) == TileConfig(64, 32, 16, 8, 2)
+    assert tile_config("wgrad", torch.float16, cpu) == TileConfig(64, 32, 16, 8, 2)
+    # Resolved at selection: an implementation already selected keeps its tiles.
+    assert forced.settings(cpu, torch.bfloat16)[1:4] == [16, 64, 32]
+    assert TritonBackend.for_device(cpu, torch.float16).settings(cpu, torch.float16)[1:4] == [64, 32, 16]
     monkeypatch.setenv("DEEPSEEK_MOE_TRITON_TILES", "64,24,16")
     with pytest.raises(ValueError, match="DEEPSEEK_MOE_TRITON_TILES"):
-        tile_config("wgrad", 8, 64, 64, torch.float16, cpu)
+        tile_config("wgrad", torch.float16, cpu)
     with pytest.raises(ValueError, match="kind"):
-        tile_config("nope", 8, 64, 64, torch.float16, cpu)
+        tile_config("nope", torch.float16, cpu)
 
 
 def test_availability_reasons(monkeypatch):
@@ -173,7 +177,7 @@ def test_layer_compiles_fullgraph_with_triton(kernels, capacity_factor):
 @pytest.mark.parametrize("T", [1, 333, 4096])
 def test_triton_matches_torch_on_gpu(dtype, T):
     problem = _on("cuda", _problem(T, 64, 6, 2048, 1408 if T < 4096 else 352, dtype, "skewed", 3))
-    ref = _run(TorchBackend("segments", few_rows=0), *problem)
+    ref = _run(TorchBackend("segments"), *problem)
     out = _run(TritonBackend(), *problem)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for name, a, b in zip(NAMES, out, ref):

@@ -1,7 +1,8 @@
-"""The reference experts: a per-expert loop written to be read. Every other backend is tested against it.
+"""The reference experts, written to be read: gather -> per-expert loop -> combine. Every other implementation is
+tested against it.
 
-Legend: N dispatched rows (pairs in expert order), H hidden size, I expert hidden size, J = 2·I, E routed
-experts, n rows of the current expert.
+Legend: T tokens, N dispatched rows (pairs in expert order), H hidden size, I expert hidden size, J = 2·I,
+E routed experts, n rows of the current expert.
 """
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ from typing import List
 
 import torch
 
-from ..dispatch import DispatchPlan
-from .base import Backend, glu
+from ..glu import glu
+from ..plan import DispatchPlan
+from ..rows import combine_rows, gather_rows
+from .base import Backend
 
 
 class EagerBackend(Backend):
-    """o_n = down_e · GLU(gate_up_e · x_n) for each expert's segment of the dispatched rows; the dispatcher
-    gathers the rows and makes the weighted combine. Slow: two small GEMMs per expert and a host sync."""
+    """x_NH = the pairs' rows in expert order; o_n = down_e · GLU(gate_up_e · x_n) per expert segment; y_TH = the
+    weighted combine. Slow: two small GEMMs per expert and a host sync."""
 
     name = "eager"
 
-    def run(self, x_NH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
-        self.check_activation(activation)
-        return expert_loop(x_NH, plan.counts_list(), gate_up_EJH, down_EHI, activation)
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+        o_NH = expert_loop(gather_rows(x_TH, plan), plan.counts_list(), gate_up_EJH, down_EHI, self.activation)
+        return combine_rows(o_NH, plan, weighted=True)
 
 
 def expert_loop(x_NH: torch.Tensor, counts: List[int], gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,

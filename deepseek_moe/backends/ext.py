@@ -2,10 +2,10 @@
 
 * ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
-  GEMM → add into y; ATen's GEMMs). It gathers and reduces itself.
-* ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the dispatcher gathers,
-  PyTorch's grouped GEMMs run the experts, and the extension's weighted ``combine`` (one pass per token row,
-  fp32) weighs and sums: it reduces itself.
+  GEMM → add into y; ATen's GEMMs).
+* ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
+  plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
+  per token row, fp32, the same order as the reference's combine).
 
 What each op gains over the torch path is measured in docs/benchmarks.md.
 
@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 
 from .. import ext
-from ..dispatch import DispatchPlan, sorted_weights
-from .base import Backend, acc_dtype
+from ..glu import acc_dtype
+from ..plan import DispatchPlan, sorted_weights
+from ..rows import gather_rows
+from .base import Backend
 from .grouped import _grouped_mm, cuda_grouped_mm_ok, grouped_mm_experts
 
 _registered = False
@@ -103,9 +105,9 @@ def _segment_backward(ctx, grad_y, grad_h):
 
 
 def combine(o_NH: torch.Tensor, plan: DispatchPlan, weighted: bool = False) -> torch.Tensor:
-    """(N, H) -> (T, H): y[t] = Σ_k w[t, k] · o[slot[t, k]] in fp32, o's dtype out; w = 1 unless ``weighted``
-    (then the plan's gate weights, differentiable). The extension's :func:`deepseek_moe.dispatch.combine_rows`
-    (bit-identical unweighted)."""
+    """(N, H) -> (T, H) on CUDA: y[t] = Σ_k w[t, k] · o[slot[t, k]] in fp32, o's dtype out; w = 1 unless
+    ``weighted`` (then the plan's gate weights, differentiable). The extension's CUDA kernel for
+    :func:`deepseek_moe.rows.combine_rows`."""
     _ensure_loaded_eager()
     return torch.ops.deepseek_moe.combine(o_NH, plan.slot_TK, plan.weight_TK if weighted else None)
 
@@ -129,49 +131,36 @@ def has_cuda_kernels() -> bool:
 
 
 class ExtBackend(Backend):
-    """The compiled extension, with ``strategy`` "segments" (CPU) or "grouped_mm" (module docstring). With capacity
-    or a slot mask the plan comes from :func:`deepseek_moe.dispatch.build_plan` (the extension sorts dropless
+    """The compiled extension, with ``strategy`` "segments" (CPU) or "grouped_mm" (CUDA) (module docstring). With
+    capacity or a slot mask the plan comes from :func:`deepseek_moe.plan.build_plan` (the extension sorts dropless
     plans only)."""
 
     name = "ext"
     activations = ("silu",)  # the C++ segment loop implements SwiGLU only
-    reduces = True
 
-    def __init__(self, strategy: str = "segments"):
+    def __init__(self, strategy: str = "segments", activation: str = "silu"):
+        super().__init__(activation)
         if strategy not in ("segments", "grouped_mm"):
             raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected 'segments' or 'grouped_mm'")
         self.strategy = strategy
-        self.gathers = strategy == "segments"
 
     @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype) -> "ExtBackend":
+    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> "ExtBackend":
         """The segment loop on CPU, the grouped GEMM with the extension's combine elsewhere."""
-        return cls("segments" if device.type == "cpu" else "grouped_mm")
+        return cls("segments" if device.type == "cpu" else "grouped_mm", activation)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             return f"the ext backend supports floating dtypes, not {dtype}"
         if device.type not in ("cpu", "cuda"):
             return f"the ext backend runs on CPU and CUDA, not {device.type!r}"
-        if not ext.is_loaded():
-            if ext.build_error():
-                return ext.build_error()
-            if ext.has_prebuilt():
-                try:
-                    self.prepare()  # an ahead-of-time build: loading it compiles nothing (~0.1 s)
-                except ext.ExtensionUnavailable as err:
-                    return str(err)
-            elif not ext.sources():
-                return ("the compiled extension is not in this installation (a wheel ships neither a build nor the "
-                        "csrc/ sources): install from a source checkout with DEEPSEEK_MOE_BUILD_EXT=1 pip install . "
-                        "--no-build-isolation")
-            elif ext.has_cached_build():
-                return ("the compiled extension is built (in torch's extension cache) but not loaded: backend='ext' "
-                        "(or deepseek_moe.ext.load()) loads it without compiling")
-            else:
-                return ("the compiled extension is not built yet: backend='ext' (or deepseek_moe.ext.load()) builds "
-                        "it just in time from csrc/ (~30 s once, then cached), or build it ahead of time with "
-                        "DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . --no-build-isolation")
+        reason = ext.unavailable_reason()  # loads an ahead-of-time build
+        if reason is not None:
+            return reason
+        try:
+            ensure_loaded()  # registers the ops' autograd and fake implementations (once)
+        except ext.ExtensionUnavailable as err:
+            return str(err)
         if device.type == "cuda":
             if not has_cuda_kernels():
                 return ("the loaded extension has no CUDA kernels (a just-in-time build is CPU-only): build it ahead "
@@ -186,36 +175,31 @@ class ExtBackend(Backend):
             return f"torch {torch.__version__} has no grouped_mm"
         return None
 
-    def ready(self) -> bool:
-        """Whether the extension is usable without compiling anything: loaded, or built ahead of time (then it is
-        loaded now, ~0.1 s)."""
-        if not ext.is_loaded() and not ext.has_prebuilt():
-            return False
-        self.prepare()
-        return ext.is_loaded()
-
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         """Load (or build) the extension; a failure is reported by :meth:`unavailable_reason`."""
         try:
             ensure_loaded()
         except ext.ExtensionUnavailable:
             pass
 
-    def run(self, x, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
-        self.check_activation(activation)
-        _ensure_loaded_eager()
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.strategy == "grouped_mm":
-            return combine(grouped_mm_experts(x, plan, gate_up_EJH, down_EHI, activation), plan, weighted=True)
-        y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x, gate_up_EJH.contiguous(), down_EHI.contiguous(),
-                                                           plan.token_N, sorted_weights(plan).to(acc_dtype(x.dtype)),
+            o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
+            return combine(o_NH, plan, weighted=True)
+        y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(),
+                                                           plan.token_N,
+                                                           sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
                                                            plan.counts_E)
         return y_TH
 
-    def build_plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):
-        on_device = topk_idx_TK.device.type == "cpu" or (topk_idx_TK.device.type == "cuda" and has_cuda_kernels())
-        if capacity is not None or keep_TK is not None or not on_device:
-            return super().build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
+    def plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):
+        if capacity is not None or keep_TK is not None:
+            return super().plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
         return route_plan(topk_idx_TK, weight_TK, num_experts)
+
+    def spec(self) -> str:
+        return f"{super().spec()}:{self.strategy}"
 
     def __repr__(self) -> str:
         return f"<deepseek_moe backend 'ext' strategy={self.strategy!r}>"

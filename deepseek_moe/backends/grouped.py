@@ -3,11 +3,11 @@
 * ``segments`` (CPU): one custom op that walks the expert segments of the sorted pairs and, for each expert,
   gathers its rows, runs gate_up GEMM → GLU·w → down GEMM and adds the rows into y while the segment is still
   in cache. No (N, H) gathered copy, no (N, H) output, no full-size per-expert gradient buffers; the backward
-  mirrors it. It gathers and reduces itself (``gathers = reduces = True``). Registered with ``torch.library``
-  so ``torch.compile`` treats it as one op.
-* ``grouped_mm`` (CUDA bf16 on compute capability >= 9.0, where PyTorch's grouped GEMM runs): the pipeline
-  as drawn: the dispatcher gathers, ``grouped_mm`` → GLU → ``grouped_mm``, the dispatcher's weighted combine;
-  autograd through PyTorch's kernels.
+  mirrors it. Registered with ``torch.library`` so ``torch.compile`` treats it as one op. Selected for a forward
+  without autograd, it runs the op's body directly and keeps no activations.
+* ``grouped_mm`` (CUDA bf16 on compute capability >= 9.0, where PyTorch's grouped GEMM runs): the reference's
+  gather, ``grouped_mm`` → GLU → ``grouped_mm``, the reference's weighted combine; autograd through PyTorch's
+  kernels.
 
 Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E routed experts, N kept pairs, M padded pairs.
 """
@@ -18,9 +18,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import DispatchPlan, combine_rows, gather_rows, segment_ranks, sorted_weights
-from .base import Backend, acc_dtype, glu, glu_backward
-from .eager import expert_loop
+from ..glu import acc_dtype, glu, glu_backward
+from ..plan import DispatchPlan, segment_ranks, sorted_weights
+from ..rows import combine_rows, gather_rows
+from .base import Backend
 
 STRATEGIES = ("segments", "grouped_mm")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -125,32 +126,20 @@ segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
 
 
 # ------------------------------------------------------------------------------------------ backend
-def _few_rows_forward(x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation) -> torch.Tensor:
-    """y_TH without autograd for plans with few rows per expert: one gather, each touched expert's two GEMMs into
-    shared buffers, one GLU·w pass and one scatter-add (CPU's grouped_mm also multiplies the empty experts, which
-    cost ~7 µs each)."""
-    T, H = x_TH.shape
-    N, I = plan.token_N.shape[0], down_EHI.shape[-1]
-    spans, start = [], 0
-    for e, n in enumerate(plan.counts_list()):
-        if n:
-            spans.append((e, start, start + n))
-        start += n
-    x_NH = x_TH.index_select(0, plan.token_N)
-    h_NJ, o_NH = x_TH.new_empty(N, 2 * I), x_TH.new_empty(N, H)
-    for e, begin, end in spans:
-        torch.mm(x_NH[begin:end], gate_up_EJH[e].t(), out=h_NJ[begin:end])
-    a_NI = glu(h_NJ, activation, sorted_weights(plan)).to(x_TH.dtype)
-    for e, begin, end in spans:
-        torch.mm(a_NI[begin:end], down_EHI[e].t(), out=o_NH[begin:end])
-    acc = acc_dtype(x_TH.dtype)
-    return torch.zeros(T, H, dtype=acc, device=x_TH.device).index_add_(0, plan.token_N, o_NH.to(acc)).to(x_TH.dtype)
-
-
 def cuda_grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """PyTorch's CUDA grouped GEMM runs bf16 on Hopper-class GPUs (compute capability >= 9.0) only."""
     return (device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm is not None
             and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def grouped_mm_shape_reason(hidden_size: int, expert_hidden_size: int, dtype: torch.dtype) -> Optional[str]:
+    """None when grouped_mm takes these expert shapes (rows of H, 2I and I elements must be multiples of 16
+    bytes), else why not."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if hidden_size * size % 16 or expert_hidden_size * size % 16:
+        return (f"PyTorch's grouped_mm needs hidden_size and expert_hidden_size of a multiple of {16 // size} "
+                f"elements in {dtype}, got {hidden_size} and {expert_hidden_size}")
+    return None
 
 
 def align_segments(token_N: torch.Tensor, weight_N: torch.Tensor, counts_E: torch.Tensor, multiple: int
@@ -173,11 +162,8 @@ def align_segments(token_N: torch.Tensor, weight_N: torch.Tensor, counts_E: torc
 
 def grouped_mm_experts(x_NH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
                        activation: str = "silu") -> torch.Tensor:
-    """o_NH = down_e · GLU(gate_up_e · x_n) for the expert-sorted rows x_NH (N, H), as two grouped GEMMs; the
-    reference loop where grouped_mm cannot take the shapes (rows of H, 2I and I elements must be multiples of 16
-    bytes)."""
-    if any(n * x_NH.element_size() % 16 for n in (x_NH.shape[1], down_EHI.shape[-1])):
-        return expert_loop(x_NH, plan.counts_list(), gate_up_EJH, down_EHI, activation)
+    """o_NH = down_e · GLU(gate_up_e · x_n) for the expert-sorted rows x_NH (N, H), as two grouped GEMMs (shapes
+    checked at selection: :func:`grouped_mm_shape_reason`)."""
     offs_E = plan.offsets_E1[1:].to(torch.int32)
     h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
     return _grouped_mm(glu(h_NJ, activation).to(x_NH.dtype), down_EHI.transpose(1, 2), offs=offs_E)
@@ -189,78 +175,67 @@ class TorchBackend(Backend):
     ``pad_multiple`` (segments only): pad expert segments to this many rows. :meth:`for_device` pads 16-bit
     dtypes on CPU to 32, because oneDNN builds a new GEMM primitive for every new row count and ragged counts
     change every step (measured 3-4x slower GEMMs than with padded, cached shapes). fp32 uses MKL and needs no
-    padding.
+    padding. ``inference`` (segments only): no backward follows (selected for forwards without autograd), so the
+    segment loop runs without its custom op's dispatch (~0.1 ms, a tenth of a decode step) and keeps no
+    activations.
     """
 
     name = "torch"
 
-    def __init__(self, strategy: str = "segments", pad_multiple: int = 1, few_rows: int = 64):
+    def __init__(self, strategy: str = "segments", pad_multiple: int = 1, inference: bool = False,
+                 activation: str = "silu"):
+        super().__init__(activation)
         if strategy not in STRATEGIES:
             raise ValueError(f"{type(self).__name__}: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         if not isinstance(pad_multiple, int) or pad_multiple < 1:
             raise ValueError(f"{type(self).__name__}: pad_multiple={pad_multiple!r} is invalid; expected an int >= 1")
-        if not isinstance(few_rows, int) or few_rows < 0:
-            raise ValueError(f"{type(self).__name__}: few_rows={few_rows!r} is invalid; expected an int >= 0")
         if strategy == "grouped_mm" and _grouped_mm is None:
             raise ValueError(f"torch {torch.__version__} has no grouped_mm; use strategy='segments' or torch>=2.9")
         self.strategy = strategy
         self.pad_multiple = pad_multiple
-        self.few_rows_per_expert = few_rows
-        self.gathers = self.reduces = strategy == "segments"
+        self.inference = bool(inference) and strategy == "segments"
+        self.sizes: Optional[Tuple[int, int]] = None  # (H, I) when selected for a layer: checked for grouped_mm
 
     @classmethod
-    def auto_strategy(cls, device: torch.device, dtype: torch.dtype) -> str:
-        # Measured on a 2-core CPU at T = 4096: the cache-resident segment loop takes 0.75x the time of grouped_mm
-        # with separate gather and combine passes (0.57x in bf16; docs/design.md); on GPUs one grouped kernel wins.
-        return "grouped_mm" if cuda_grouped_mm_ok(device, dtype) else "segments"
-
-    @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype, strategy: str = "auto") -> "TorchBackend":
-        """The backend for (device, dtype): ``strategy`` "auto" resolved by :meth:`auto_strategy`, segments padded
-        for 16-bit dtypes on CPU."""
+    def for_device(cls, device: torch.device, dtype: torch.dtype, strategy: str = "auto", inference: bool = False,
+                   activation: str = "silu", sizes: Optional[Tuple[int, int]] = None) -> "TorchBackend":
+        """The backend for (device, dtype): ``strategy`` "auto" is grouped_mm where PyTorch's CUDA grouped GEMM
+        runs and takes the expert ``sizes`` (H, I), else segments (on a 2-core CPU at T = 4096 the cache-resident
+        segment loop took 0.75x the time of grouped_mm with separate gather and combine passes, 0.57x in bf16);
+        segments padded for 16-bit dtypes on CPU."""
         if strategy == "auto":
-            strategy = cls.auto_strategy(device, dtype)
+            fits = sizes is None or grouped_mm_shape_reason(*sizes, dtype) is None
+            strategy = "grouped_mm" if cuda_grouped_mm_ok(device, dtype) and fits else "segments"
         pad = 32 if strategy == "segments" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
-        return cls(strategy, pad)
+        backend = cls(strategy, pad, inference, activation)
+        backend.sizes = sizes
+        return backend
 
-    def run(self, x, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
-        self.check_activation(activation)
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.strategy == "grouped_mm":
-            return grouped_mm_experts(x, plan, gate_up_EJH, down_EHI, activation)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_EJH, down_EHI,
-                                                                                 plan.weight_TK))
-        if self.few_rows(plan, x.dtype):
-            # Few rows per expert (decode, small batches): whole-tensor passes beat the loop's per-expert ops.
-            if not needs_grad:
-                return _few_rows_forward(x, plan, gate_up_EJH, down_EHI, activation)
-            o_NH = grouped_mm_experts(gather_rows(x, plan), plan, gate_up_EJH, down_EHI, activation)
+            o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
             return combine_rows(o_NH, plan, weighted=True)
-        token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x.dtype)), plan.counts_E
+        token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
         if self.pad_multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, self.pad_multiple)
-        if not needs_grad and not torch.compiler.is_compiling():
-            # No backward follows: the op's body without the op (its dispatch costs ~0.1 ms, a tenth of a
-            # decode step) and without keeping h.
-            return _segment_forward(x, gate_up_EJH, down_EHI, token, weight, counts, activation, save=False)[0]
-        y_TH, _ = segment_mlp(x, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts, activation)
+        if self.inference:
+            return _segment_forward(x_TH, gate_up_EJH, down_EHI, token, weight, counts, self.activation,
+                                    save=False)[0]
+        y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
+                              self.activation)
         return y_TH
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if self.strategy == "grouped_mm" and dtype == torch.float64:
             return ("PyTorch's grouped_mm has no float64 kernels; use strategy 'segments' (unset "
                     "DEEPSEEK_MOE_TORCH_STRATEGY)")
+        if self.strategy == "grouped_mm" and self.sizes is not None:
+            return grouped_mm_shape_reason(*self.sizes, dtype)
         return None
 
-    def few_rows(self, plan: DispatchPlan, dtype: torch.dtype) -> bool:
-        """Whether the segment loop hands ``plan`` to whole-tensor passes instead: under ``few_rows`` (constructor
-        argument, default 64; 0 never) rows per expert on average, where the loop's per-expert ops cost more than
-        its cache residency saves (measured on CPU: grouped_mm 1.1-1.5x faster up to T = 256 at K = 6, even at
-        T = 1024, 1.3x slower at T = 4096; docs/benchmarks.md). Not under torch.compile, whose CPU grouped_mm runs
-        bf16 only, and not for fp64, which grouped_mm lacks."""
-        # is_compiling first: under torch.compile the row count is data-dependent (capacity) or a guard on T.
-        return (not torch.compiler.is_compiling() and _grouped_mm is not None and dtype != torch.float64
-                and plan.pair_N.shape[0] < self.few_rows_per_expert * plan.num_experts)
+    def spec(self) -> str:
+        return f"{super().spec()}:{self.strategy}:{self.pad_multiple}:{int(self.inference)}"
 
     def __repr__(self) -> str:
-        return (f"<deepseek_moe backend {self.name!r} strategy={self.strategy!r} pad_multiple={self.pad_multiple} "
-                f"few_rows={self.few_rows_per_expert}>")
+        return (f"<deepseek_moe backend {self.name!r} strategy={self.strategy!r} pad_multiple={self.pad_multiple}"
+                f"{' inference' if self.inference else ''}>")

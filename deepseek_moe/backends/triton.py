@@ -5,7 +5,8 @@ the layer with one opaque node per direction; nothing in them synchronises with 
 ``.tolist()``): tile maps and grids come from static shapes and device tensors.
 
 This module imports no Triton at import time; the kernels load on first use. On CPU the kernels run only in
-Triton's interpreter (``TRITON_INTERPRET=1``, slow: for tests).
+Triton's interpreter (``TRITON_INTERPRET=1``, slow: for tests). Tiles and interpreter mode reach the ops as an
+argument (``settings``), resolved once per device and dtype.
 
 Legend: T tokens, K slots per token, P = T·K, N kept pairs (sorted by expert), H hidden size, I expert hidden
 size, J = 2·I, E experts.
@@ -14,18 +15,26 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..dispatch import DispatchPlan, sorted_weights
-from .base import Backend, acc_dtype
+from ..glu import acc_dtype
+from ..plan import DispatchPlan, sorted_weights
+from .base import Backend
 
 
-def _kernels():
-    from ..kernels import grouped_mlp  # deferred: importing triton is slow and optional
+def _launchers():
+    from ..kernels import launch  # deferred: importing triton is slow and optional
 
-    return grouped_mlp
+    return launch
+
+
+def _tiles(settings: List[int]):
+    """(interpret, {kind: TileConfig}) from the flat settings list the ops take (see :meth:`TritonBackend.settings`)."""
+    from ..kernels.heuristics import KINDS, TileConfig
+
+    return bool(settings[0]), {kind: TileConfig(*settings[1 + 5 * i:6 + 5 * i]) for i, kind in enumerate(KINDS)}
 
 
 def _sum_k(rows_PH: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -36,74 +45,102 @@ def _sum_k(rows_PH: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tenso
 @torch.library.custom_op("deepseek_moe::triton_expert_mlp", mutates_args=())
 def triton_expert_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
                       token_N: torch.Tensor, pair_N: torch.Tensor, weight_N: torch.Tensor,
-                      offsets_E1: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                      offsets_E1: torch.Tensor, top_k: int, settings: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """y_TH = Σ_k w · SwiGLU_e(x) over the kept pairs, and h_NJ (the gate/up pre-activations, for the backward).
 
     token_N/pair_N: int64 (N,) token and pair id of each expert-sorted pair; weight_N: fp32 (N,);
-    offsets_E1: int64 (E+1,) segment starts. Pairs that are not kept (capacity) contribute zero.
+    offsets_E1: int64 (E+1,) segment starts; settings: interpreter mode and tiles (:meth:`TritonBackend.settings`).
+    Pairs that are not kept (capacity) contribute zero.
     """
-    k = _kernels()
+    k = _launchers()
+    interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
-    h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1)
+    h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1, tiles["gate_up"], interpret)
     o_PH = k.grouped_gemm_scatter(a_NI, down_EHI.transpose(1, 2), pair_N, T * top_k, offsets_E1,
-                                  zero_fill=pair_N.numel() < T * top_k, kind="down")
+                                  pair_N.numel() < T * top_k, tiles["down"], interpret)
     return _sum_k(o_PH, top_k, x_TH.dtype), h_NJ
 
 
 @triton_expert_mlp.register_fake
-def _(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k):
+def _(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings):
     return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], gate_up_EJH.shape[1])
 
 
 @torch.library.custom_op("deepseek_moe::triton_expert_mlp_backward", mutates_args=())
 def triton_expert_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJH: torch.Tensor,
                                down_EHI: torch.Tensor, token_N: torch.Tensor, pair_N: torch.Tensor,
-                               weight_N: torch.Tensor, offsets_E1: torch.Tensor, h_NJ: torch.Tensor, top_k: int
-                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               weight_N: torch.Tensor, offsets_E1: torch.Tensor, h_NJ: torch.Tensor, top_k: int,
+                               settings: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_expert_mlp`: (grad_x_TH, grad_gate_up_EJH, grad_down_EHI, grad_weight_N)."""
-    k = _kernels()
+    k = _launchers()
+    interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
     grad_y_TH = grad_y_TH.contiguous()
-    grad_h_NJ, a_NI, grad_w_N = k.down_swiglu_backward(grad_y_TH, token_N, down_EHI, h_NJ, weight_N, offsets_E1)
-    grad_down = k.expert_weight_grad(grad_y_TH, token_N, a_NI, None, offsets_E1, down_EHI.dtype)
-    grad_gate_up = k.expert_weight_grad(grad_h_NJ, None, x_TH, token_N, offsets_E1, gate_up_EJH.dtype)
+    grad_h_NJ, a_NI, grad_w_N = k.down_swiglu_backward(grad_y_TH, token_N, down_EHI, h_NJ, weight_N, offsets_E1,
+                                                       tiles["down_bwd"], interpret)
+    grad_down = k.expert_weight_grad(grad_y_TH, token_N, a_NI, None, offsets_E1, down_EHI.dtype, tiles["wgrad"],
+                                     interpret)
+    grad_gate_up = k.expert_weight_grad(grad_h_NJ, None, x_TH, token_N, offsets_E1, gate_up_EJH.dtype,
+                                        tiles["wgrad"], interpret)
     gx_PH = k.grouped_gemm_scatter(grad_h_NJ, gate_up_EJH, pair_N, T * top_k, offsets_E1,
-                                   zero_fill=pair_N.numel() < T * top_k, kind="dgrad")
+                                   pair_N.numel() < T * top_k, tiles["dgrad"], interpret)
     return _sum_k(gx_PH, top_k, x_TH.dtype), grad_gate_up, grad_down, grad_w_N.to(weight_N.dtype)
 
 
 @triton_expert_mlp_backward.register_fake
-def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ, top_k):
+def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ, top_k, settings):
     return (x_TH.new_empty(x_TH.shape), gate_up_EJH.new_empty(gate_up_EJH.shape),
             down_EHI.new_empty(down_EHI.shape), weight_N.new_empty(weight_N.shape))
 
 
 def _setup(ctx, inputs, output):
-    x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k = inputs
+    x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings = inputs
     ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, output[1])
-    ctx.top_k = top_k
+    ctx.top_k, ctx.settings = top_k, settings
     ctx.set_materialize_grads(False)  # h_NJ's gradient is never used: don't build an (N, 2I) zero tensor
 
 
 def _backward(ctx, grad_y_TH, grad_h_NJ):
     if grad_y_TH is None:
-        return (None,) * 8
+        return (None,) * 9
     x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ = ctx.saved_tensors
     gx, ggu, gdn, gw = triton_expert_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N,
-                                                  weight_N, offsets_E1, h_NJ, ctx.top_k)
-    return gx, ggu, gdn, None, None, gw, None, None
+                                                  weight_N, offsets_E1, h_NJ, ctx.top_k, ctx.settings)
+    return gx, ggu, gdn, None, None, gw, None, None, None
 
 
 triton_expert_mlp.register_autograd(_backward, setup_context=_setup)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; read at selection only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels: gather into the first GEMM, SwiGLU·w in its epilogue, scatter-store of the second
-    GEMM's rows and a K-way sum; the backward mirrors it (see docs/kernels.md)."""
+    GEMM's rows and a K-way sum; the backward mirrors it (see docs/kernels.md).
+
+    Tiles and interpreter mode (tile overrides of :func:`deepseek_moe.kernels.force_tiles` and
+    ``DEEPSEEK_MOE_TRITON_TILES``, the GPU's compute capability, ``TRITON_INTERPRET``) are resolved when
+    :meth:`for_device` selects it, or, for an instance built without ``settings``, on its first run on a
+    (device, dtype), and kept: a launch reads neither the environment nor the device."""
 
     name = "triton"
     activations = ("silu",)  # SiLU is fused into the GEMM epilogues
-    gathers = reduces = True  # the gather is fused into the first GEMM's loads, w·SwiGLU and the K-way sum follow
+
+    def __init__(self, activation: str = "silu", settings: Optional[List[int]] = None):
+        super().__init__(activation)
+        self.fixed_settings = settings
+        self._settings: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> "TritonBackend":
+        """The implementation with its settings resolved for (device, dtype) now (nothing is resolved later)."""
+        backend = cls(activation)
+        if backend.unavailable_reason(device, dtype) is None:
+            backend.fixed_settings = backend.settings(device, dtype)
+        return backend
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -112,13 +149,31 @@ class TritonBackend(Backend):
             return f"the Triton kernels support float32, bfloat16 and float16, not {dtype}"
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if device.type == "cpu" and interpreting():
             return None
         return (f"Triton kernels run on CUDA devices (on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
                 f"before importing deepseek_moe; slow, for testing); got device {device.type!r}")
 
-    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, activation="silu"):
-        self.check_activation(activation)
+    def settings(self, device: torch.device, dtype: torch.dtype) -> List[int]:
+        """[interpret, then BM, BC, BR, warps, stages for each kernel kind], resolved on the first call for
+        (device, dtype) and kept."""
+        if self.fixed_settings is not None:
+            return self.fixed_settings
+        key = (device, dtype)
+        if key not in self._settings:
+            from ..kernels.heuristics import KINDS, tile_config
+
+            tiles = [tile_config(kind, dtype, device) for kind in KINDS]
+            self._settings[key] = [int(interpreting())] + [v for t in tiles for v in
+                                                           (t.block_m, t.block_c, t.block_r, t.num_warps,
+                                                            t.num_stages)]
+        return self._settings[key]
+
+    def spec(self) -> str:
+        return ":".join([super().spec()] + [str(v) for v in self.fixed_settings or ()])
+
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         y_TH, _ = triton_expert_mlp(x_TH.contiguous(), gate_up_EJH, down_EHI, plan.token_N, plan.pair_N,
-                                    sorted_weights(plan).float(), plan.offsets_E1, plan.top_k)
+                                    sorted_weights(plan).float(), plan.offsets_E1, plan.top_k,
+                                    self.settings(x_TH.device, x_TH.dtype))
         return y_TH

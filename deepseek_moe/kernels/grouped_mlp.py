@@ -1,4 +1,4 @@
-"""Triton kernels of the routed-experts MLP, and their launchers (no autograd, no modules).
+"""Triton kernels of the routed-experts MLP (``@triton.jit`` only; the launchers are in :mod:`.launch`).
 
 The pairs (token, slot) are sorted by expert (see :class:`deepseek_moe.dispatch.DispatchPlan`). Tiles are
 **expert-aligned**: every BM-row tile belongs to one expert, so a tile reads one weight matrix and the GEMM
@@ -25,37 +25,8 @@ blocks, o_ offsets, m_ masks.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
-
-from .heuristics import TileConfig, tile_config
-
-# Tests set this so that every output buffer starts as NaN: a row a kernel fails to write then fails the test.
-POISON_OUTPUTS = False
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # The interpreter computes bf16 tl.dot wrongly (cast the operands to fp32 there) and converts fp32 to bf16
-    # by truncation, which doubles the rounding error (round to nearest even by hand there). fp32 inputs use
-    # IEEE fp32 products unless the user allowed TF32 for matmuls in PyTorch.
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return {"DOT_FP32": interpreting(), "RNE": interpreting(), "PRECISION": "tf32" if tf32 else "ieee"}
-
 
 @triton.jit
 def _cast(b_x, dtype: tl.constexpr, RNE: tl.constexpr):
@@ -82,6 +53,16 @@ def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BM: tl.constexpr):
 
 
 @triton.jit
+def _gathered_tile(token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, I, BM: tl.constexpr, BC: tl.constexpr):
+    """This program's tile of sorted rows and its column tile of I: (expert (-1: unused tile), row offsets, row
+    mask, the rows' token ids, column offsets, column mask)."""
+    e, o_m, m_m = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BM)
+    o_t = tl.load(token_ptr + o_m, mask=m_m, other=0)  # [BM]; an unused tile has no row in its mask
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)  # [BC]
+    return e, o_m, m_m, o_t, o_c, o_c < I
+
+
+@triton.jit
 def _tile_mainloop(a_ptr, o_a, m_m, stride_am, stride_ar, b_ptr, stride_br, stride_bc, o_c, m_c, R,
                    BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
@@ -103,33 +84,6 @@ def _tile_mainloop(a_ptr, o_a, m_m, stride_am, stride_ar, b_ptr, stride_br, stri
     return b_acc
 
 
-# ---------------------------------------------------------------------------------------------- tile map
-def expert_tiles(offsets_E1: torch.Tensor, num_rows: int, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Expert-aligned tiles of the sorted rows, built on the device (no host sync).
-
-    Args:
-        offsets_E1: int64 (E+1,) segment starts of the sorted rows, offsets[0] = 0, offsets[E] = num_rows.
-        num_rows: N (static). block_m: rows per tile (BM).
-    Returns:
-        tile_expert_L: int32 (L,) expert of each tile, -1 for the unused tail; L = cdiv(N, block_m) + E, a bound
-        on Σ_e cdiv(count_e, block_m).
-        tile_start_L: int64 (L,) first row of each tile.
-    """
-    E = offsets_E1.numel() - 1
-    device = offsets_E1.device
-    counts_E = offsets_E1[1:] - offsets_E1[:-1]
-    tiles_E = (counts_E + block_m - 1) // block_m
-    tile_end_E = torch.cumsum(tiles_E, 0)
-    L = triton.cdiv(num_rows, block_m) + E
-    tile_L = torch.arange(L, device=device)
-    expert_L = torch.searchsorted(tile_end_E, tile_L, right=True)
-    valid_L = expert_L < E
-    expert_L = expert_L.clamp(max=max(E - 1, 0))
-    first_tile_L = (tile_end_E - tiles_E)[expert_L]
-    start_L = offsets_E1[expert_L] + (tile_L - first_tile_L) * block_m
-    return torch.where(valid_L, expert_L, -1).to(torch.int32), start_L
-
-
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _gate_up_swiglu_kernel(
@@ -141,13 +95,9 @@ def _gate_up_swiglu_kernel(
         DOT_FP32: tl.constexpr, RNE: tl.constexpr, PRECISION: tl.constexpr):
     """One (BM rows × BC columns of I) tile, reducing over H: gate and up accumulate side by side, so the epilogue
     has both halves of SwiGLU in registers."""
-    pid_c = tl.program_id(1)
-    e, o_m, m_m = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BM)
+    e, o_m, m_m, o_t, o_c, m_c = _gathered_tile(token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, I, BM, BC)
     if e < 0:
         return
-    o_t = tl.load(token_ptr + o_m, mask=m_m, other=0)  # [BM]
-    o_c = pid_c * BC + tl.arange(0, BC)  # [BC]
-    m_c = o_c < I  # [BC]
     o_r = tl.arange(0, BR)  # [BR]
     p_x = x_ptr + o_t[:, None] * stride_xt + o_r[None, :] * stride_xh  # [BM, BR]
     p_wg = gate_up_ptr + e * stride_ge + o_c[None, :] * stride_gj + o_r[:, None] * stride_gh  # [BR, BC]
@@ -215,13 +165,9 @@ def _down_swiglu_bwd_kernel(
     """grad_a = grad_y[token] @ W_d[e] for one tile, then in the epilogue, with g, u from h and s = σ(g):
     grad_h = [grad_a·w·u·s(1 + g(1 − s)) ; grad_a·w·g·s], a = g·s·u·w, and Σ_cols grad_a·g·s·u as this column
     tile's part of grad_w."""
-    pid_c = tl.program_id(1)
-    e, o_m, m_m = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BM)
+    e, o_m, m_m, o_t, o_c, m_c = _gathered_tile(token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, I, BM, BC)
     if e < 0:
         return
-    o_t = tl.load(token_ptr + o_m, mask=m_m, other=0)  # [BM]
-    o_c = pid_c * BC + tl.arange(0, BC)  # [BC]
-    m_c = o_c < I  # [BC]
     b_grad_a = _tile_mainloop(grad_y_ptr, o_t, m_m, stride_gyt, stride_gyh, down_ptr + e * stride_de, stride_dh,
                               stride_di, o_c, m_c, H, BM, BC, BR, DOT_FP32, PRECISION)  # [BM, BC]
     m_mc = m_m[:, None] & m_c[None, :]  # [BM, BC]
@@ -232,7 +178,8 @@ def _down_swiglu_bwd_kernel(
     b_s = tl.sigmoid(b_g)  # [BM, BC]
     b_silu = b_g * b_s  # [BM, BC]
     b_a0 = b_silu * b_u  # [BM, BC]
-    tl.store(grad_w_part_ptr + o_m * stride_pn + pid_c * stride_pq, tl.sum(b_grad_a * b_a0, axis=1), mask=m_m)
+    tl.store(grad_w_part_ptr + o_m * stride_pn + tl.program_id(1) * stride_pq, tl.sum(b_grad_a * b_a0, axis=1),
+             mask=m_m)
     b_dyw = b_grad_a * b_w[:, None]  # [BM, BC]
     p_grad_h = grad_h_ptr + o_m[:, None] * stride_hn + o_c[None, :] * stride_hj  # [BM, BC]
     b_grad_g = b_dyw * b_u * (b_s * (1.0 + b_g * (1.0 - b_s)))  # [BM, BC]
@@ -286,102 +233,3 @@ def _expert_weight_grad_kernel(
     m_mc = m_m[:, None] & m_c[None, :]  # [BM, BC]
     p_out = out_ptr + e * stride_oe + o_m[:, None] * stride_om + o_c[None, :] * stride_oc  # [BM, BC]
     tl.store(p_out, _cast(b_acc, out_ptr.dtype.element_ty, RNE), mask=m_mc)
-
-
-# ---------------------------------------------------------------------------------------------- launchers
-def _launch_opts(cfg: TileConfig) -> dict:
-    opts = {"BM": cfg.block_m, "BC": cfg.block_c, "BR": cfg.block_r}
-    if not interpreting():
-        opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return opts
-
-
-def gate_up_swiglu(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, gate_up_EJH: torch.Tensor,
-                   offsets_E1: torch.Tensor, cfg: Optional[TileConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """h_NJ = x_TH[token_N] @ gate_up[e]ᵀ per expert segment and a_NI = silu(gate)·up·weight_N.
-
-    x_TH (T, H), token_N int64 (N,), weight_N fp32 (N,), gate_up_EJH (E, 2I, H), offsets_E1 int64 (E+1,).
-    Returns (h_NJ (N, 2I), a_NI (N, I)) in x's dtype.
-    """
-    N = token_N.numel()
-    E, J, H = gate_up_EJH.shape
-    I = J // 2
-    cfg = cfg or tile_config("gate_up", E, H, I, x_TH.dtype, x_TH.device)
-    h_NJ = _empty((N, J), x_TH.dtype, x_TH.device)
-    a_NI = _empty((N, I), x_TH.dtype, x_TH.device)
-    if N == 0:
-        return h_NJ, a_NI
-    tile_expert_L, tile_start_L = expert_tiles(offsets_E1, N, cfg.block_m)
-    grid = (tile_expert_L.numel(), triton.cdiv(I, cfg.block_c))
-    _gate_up_swiglu_kernel[grid](
-        x_TH, token_N, weight_N, gate_up_EJH, h_NJ, a_NI, tile_expert_L, tile_start_L, offsets_E1, H, I,
-        x_TH.stride(0), x_TH.stride(1), *gate_up_EJH.stride(), *h_NJ.stride(), *a_NI.stride(),
-        **_launch_opts(cfg), **_dot_flags(x_TH.dtype))
-    return h_NJ, a_NI
-
-
-def grouped_gemm_scatter(a_NR: torch.Tensor, b_ERC: torch.Tensor, scatter_N: torch.Tensor, out_rows: int,
-                         offsets_E1: torch.Tensor, zero_fill: bool, cfg: Optional[TileConfig] = None,
-                         kind: str = "down") -> torch.Tensor:
-    """out[scatter_N[n]] = a_NR[n] @ b_ERC[e(n)] for the sorted rows; out is (out_rows, C) in a's dtype (out_rows
-    = P in the layer: one row per (token, slot)).
-
-    ``b_ERC`` may be any strided view (e.g. ``down.transpose(1, 2)``). ``zero_fill``: rows of out that no pair
-    writes (dropped pairs) must read as zero.
-    """
-    N, R = a_NR.shape
-    E, _, C = b_ERC.shape
-    cfg = cfg or tile_config(kind, E, C, R, a_NR.dtype, a_NR.device)
-    out_PC = (torch.zeros if zero_fill else _empty)((out_rows, C), dtype=a_NR.dtype, device=a_NR.device)
-    if N == 0:
-        return out_PC
-    tile_expert_L, tile_start_L = expert_tiles(offsets_E1, N, cfg.block_m)
-    grid = (tile_expert_L.numel(), triton.cdiv(C, cfg.block_c))
-    _grouped_gemm_scatter_kernel[grid](
-        a_NR, b_ERC, out_PC, scatter_N, tile_expert_L, tile_start_L, offsets_E1, C, R,
-        *a_NR.stride(), *b_ERC.stride(), *out_PC.stride(), **_launch_opts(cfg), **_dot_flags(a_NR.dtype))
-    return out_PC
-
-
-def down_swiglu_backward(grad_y_TH: torch.Tensor, token_N: torch.Tensor, down_EHI: torch.Tensor,
-                         h_NJ: torch.Tensor, weight_N: torch.Tensor, offsets_E1: torch.Tensor,
-                         cfg: Optional[TileConfig] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through the down GEMM and SwiGLU·w for the sorted rows.
-
-    Returns (grad_h_NJ (N, 2I) x dtype, a_NI (N, I) the weighted activation in x dtype, grad_w_N fp32 (N,)).
-    """
-    N = token_N.numel()
-    E, H, I = down_EHI.shape
-    cfg = cfg or tile_config("down_bwd", E, H, I, grad_y_TH.dtype, grad_y_TH.device)
-    grad_h_NJ = _empty((N, 2 * I), grad_y_TH.dtype, grad_y_TH.device)
-    a_NI = _empty((N, I), grad_y_TH.dtype, grad_y_TH.device)
-    Q = triton.cdiv(I, cfg.block_c)
-    part_NQ = _empty((N, Q), torch.float32, grad_y_TH.device)
-    if N > 0:
-        tile_expert_L, tile_start_L = expert_tiles(offsets_E1, N, cfg.block_m)
-        _down_swiglu_bwd_kernel[(tile_expert_L.numel(), Q)](
-            grad_y_TH, token_N, down_EHI, h_NJ, weight_N, grad_h_NJ, a_NI, part_NQ, tile_expert_L, tile_start_L,
-            offsets_E1, H, I, *grad_y_TH.stride(), *down_EHI.stride(), *h_NJ.stride(), *a_NI.stride(),
-            *part_NQ.stride(), **_launch_opts(cfg), **_dot_flags(grad_y_TH.dtype))
-    return grad_h_NJ, a_NI, part_NQ.sum(1)
-
-
-def expert_weight_grad(a_RM: torch.Tensor, a_index_N: Optional[torch.Tensor], b_RC: torch.Tensor,
-                       b_index_N: Optional[torch.Tensor], offsets_E1: torch.Tensor, out_dtype: torch.dtype,
-                       cfg: Optional[TileConfig] = None, kind: str = "wgrad") -> torch.Tensor:
-    """out[e] = Σ_{n in segment e} a[ia(n)]ᵀ b[ib(n)], (E, M, C) in ``out_dtype``.
-
-    a_RM, b_RC are row-indexed matrices (R rows: T or N); with an index (int64 (N,)) row n of the segment reads
-    a[index[n]], otherwise a[n]. Experts without rows get zero.
-    """
-    E = offsets_E1.numel() - 1
-    M, C = a_RM.shape[1], b_RC.shape[1]
-    cfg = cfg or tile_config(kind, E, M, C, a_RM.dtype, a_RM.device)
-    out_EMC = _empty((E, M, C), out_dtype, a_RM.device)
-    grid = (E, triton.cdiv(M, cfg.block_m) * triton.cdiv(C, cfg.block_c))
-    _expert_weight_grad_kernel[grid](
-        a_RM, a_index_N if a_index_N is not None else offsets_E1, b_RC,
-        b_index_N if b_index_N is not None else offsets_E1, out_EMC, offsets_E1, M, C,
-        *a_RM.stride(), *b_RC.stride(), *out_EMC.stride(), GATHER_A=a_index_N is not None,
-        GATHER_B=b_index_N is not None, **_launch_opts(cfg), **_dot_flags(a_RM.dtype))
-    return out_EMC

@@ -63,10 +63,10 @@ def _from_env() -> Optional[TileConfig]:
                          f"with powers of two >= 16 ({err})") from None
 
 
-def tile_config(kind: str, num_experts: int, dim_a: int, dim_b: int, dtype: torch.dtype,
-                device: torch.device) -> TileConfig:
-    """The tiles for kernel ``kind`` on a problem of ``num_experts`` experts and the kind's two dims (see the
-    module docstring), ``dtype`` operands, on ``device``."""
+def tile_config(kind: str, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """The tiles for kernel ``kind`` with ``dtype`` operands on ``device``: a forced or environment override, else
+    the heuristic (reads the environment and the GPU's compute capability: call it when selecting, not per
+    launch)."""
     if kind not in KINDS:
         raise ValueError(f"tile_config: unknown kernel kind {kind!r}; expected one of {KINDS}")
     forced = _forced or _from_env()

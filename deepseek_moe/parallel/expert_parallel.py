@@ -8,8 +8,7 @@ is the same pipeline (router → dispatch → experts → combine). Per forward,
    index, local expert and gate weight. The received rows form a plan of their own: R rows with up to K slots
    each, the pairs this rank's experts process (slots without a pair are masked out, as are pairs beyond the
    device capacity);
-2. the experts run on it with the selected backend, which weighs and sums each row's pairs (or the dispatcher's
-   combine does);
+2. the experts run on it with the selected implementation, which weighs and sums each row's pairs;
 3. combine: send one row per (token, rank) back with the mirror exchange and sum each token's rows (the same
    deterministic combine as the local dispatcher's, through a (T, W) slot map).
 
@@ -30,8 +29,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..dispatch import CombineRows, Dispatched, Dispatcher, GatherRows, build_plan, combine_experts, \
-    rows_for_experts, segment_ranks, sorted_weights
+from ..dispatch import Dispatched, Dispatcher
+from ..plan import segment_ranks, sorted_weights
+from ..rows import CombineRows, GatherRows
 
 
 @dataclass
@@ -68,12 +68,19 @@ class AllToAllDispatcher(Dispatcher):
         # pairs_processed.
         self.last_exchange: Dict[str, int] = {}
 
-    def dispatch(self, x_TH: torch.Tensor, routing, experts, training: bool) -> Tuple[torch.Tensor, Dispatched]:
+    def __call__(self, x_TH: torch.Tensor, routing, run_experts, impl, training: bool
+                 ) -> Tuple[torch.Tensor, Dispatched]:
+        """x_TH (T, H) -> (y_TH (T, H) the routed output of the local tokens, :class:`Dispatched`)."""
+        x_RH, local, exchange, num_dropped, plan = self._dispatch(x_TH, routing, impl, training)
+        y_RH = run_experts(x_RH, local)
+        return self._combine(y_RH, exchange), Dispatched(plan, num_dropped, exchange)
+
+    def _dispatch(self, x_TH: torch.Tensor, routing, impl, training: bool):
         W, L = self.world, self.local_experts
         T, H = x_TH.shape
         K = routing.topk_idx_TK.shape[1]
         device = x_TH.device
-        plan = self.plan(routing, experts, training)
+        plan = self.plan(routing, impl, training)
         # Sender: the kept pairs, sorted by expert and therefore by destination rank.
         expert_N = torch.repeat_interleave(torch.arange(W * L, device=device), plan.counts_E)
         rank_N = torch.div(expert_N, L, rounding_mode="floor")
@@ -106,14 +113,13 @@ class AllToAllDispatcher(Dispatcher):
         source_P = torch.repeat_interleave(torch.arange(W, device=device), recv_counts[:, 1])
         row_P = meta_P2[:, 0] + row_start_S[source_P]
         keep_P = self._device_capacity(plan, routing, meta_P2.shape[0], recv_pairs, send_pairs, training)
-        local = self._received_plan(row_P, meta_P2[:, 1], w_P, keep_P, x_RH.shape[0], K)
+        local = self._received_plan(impl, row_P, meta_P2[:, 1], w_P, keep_P, x_RH.shape[0], K)
         num_dropped = plan.num_dropped + (keep_P.numel() - keep_P.sum() if keep_P is not None else 0)
         self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),
                               "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
                               "row_bytes": H * x_TH.element_size(), "pairs_received": int(sum(recv_pairs)),
                               "pairs_processed": int(local.pair_N.numel())}
-        x_in = rows_for_experts(x_RH, local, experts)
-        return x_in, Dispatched(plan, local, num_dropped, exchange)
+        return x_RH, local, exchange, num_dropped, plan
 
     def _device_capacity(self, plan, routing, num_received: int, recv_pairs, send_pairs, training: bool
                          ) -> Optional[torch.Tensor]:
@@ -131,7 +137,7 @@ class AllToAllDispatcher(Dispatcher):
         keep_P[torch.argsort(affinity_P, descending=True, stable=True)[:capacity]] = True
         return keep_P
 
-    def _received_plan(self, row_P, expert_P, w_P, keep_P, R: int, K: int):
+    def _received_plan(self, impl, row_P, expert_P, w_P, keep_P, R: int, K: int):
         """The plan of the received rows: R rows with up to K slots (a token sends at most K pairs), slot k of a
         row holding its k-th pair in arrival order; slots without a pair, or with a pair over the device capacity,
         are masked out."""
@@ -145,13 +151,11 @@ class AllToAllDispatcher(Dispatcher):
         keep_RK = torch.zeros(R, K, dtype=torch.bool, device=device).index_put_(
             (row_P, pos_P), keep_P if keep_P is not None else torch.ones(P, dtype=torch.bool, device=device))
         weight_RK = w_P.new_zeros(R, K).index_put((row_P, pos_P), w_P)
-        return build_plan(topk_idx_RK, weight_RK, self.local_experts, keep_TK=keep_RK)
+        return impl.plan(topk_idx_RK, weight_RK, self.local_experts, keep_TK=keep_RK)
 
-    def combine(self, o: torch.Tensor, d: Dispatched, experts) -> torch.Tensor:
+    def _combine(self, o_RH: torch.Tensor, ex: Exchange) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-        ex: Exchange = d.exchange
-        o_RH = combine_experts(o, d.experts_plan, experts)
         back_UH = all_to_all_single_autograd(o_RH, ex.send_rows, ex.recv_rows, self.group)
         return CombineRows.apply(back_UH, None, ex.token_U, ex.slot_TW, None)
 
@@ -179,9 +183,8 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     if cfg.num_devices not in (1, dispatcher.world):
         raise ValueError(f"shard_experts: config.num_devices={cfg.num_devices} differs from the group size "
                          f"{dispatcher.world}; set it to {dispatcher.world} (or 1)")
-    layer._set_config(cfg.replace(num_devices=dispatcher.world))
     layer.experts.shard_(dispatcher.first_expert, dispatcher.local_experts, grad_scale=1.0 / dispatcher.world)
-    layer.dispatcher = dispatcher
+    layer.use_dispatcher(dispatcher, cfg.replace(num_devices=dispatcher.world))
     return layer
 
 

@@ -1,0 +1,94 @@
+"""The GLU of the package and its gradients, written once: every experts implementation computes its activation
+here (or in a fused kernel epilogue tested against :func:`glu`).
+
+a = act(gate) · up (· w), gate and up the two halves of the gate_up projection (gate columns first, as
+transformers' fused ``gate_up_proj``); act is named as in transformers (``deepseek_moe.config.ACTIVATIONS``).
+
+Legend: N rows, I expert hidden size, J = 2·I.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import ACTIVATIONS
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for ``dtype``: fp32 for 16-bit floats, else the dtype itself (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# name -> (forward, ATen backward op computing grad · act'(g), its extra arguments)
+_GLU_GATES = {
+    "silu": (F.silu, torch.ops.aten.silu_backward, {}),
+    "gelu": (F.gelu, torch.ops.aten.gelu_backward, {"approximate": "none"}),
+    "gelu_pytorch_tanh": (partial(F.gelu, approximate="tanh"), torch.ops.aten.gelu_backward, {"approximate": "tanh"}),
+    "relu": (F.relu, torch.ops.aten.threshold_backward, {"threshold": 0.0}),
+}
+
+
+def _gate(activation: str):
+    try:
+        return _GLU_GATES[activation]
+    except KeyError:
+        raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}") from None
+
+
+def activate(g: torch.Tensor, activation: str) -> torch.Tensor:
+    """The GLU gate activation ``act(g)`` by its transformers name (see ``deepseek_moe.config.ACTIVATIONS``)."""
+    return _gate(activation)[0](g)
+
+
+def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """grad · act'(g), through ATen's own backward kernels (into ``out`` when given)."""
+    _, op, kwargs = _gate(activation)
+    if out is None:
+        return op(grad_NI, g_NI, **kwargs)
+    return op.grad_input(grad_NI, g_NI, **kwargs, grad_input=out)
+
+
+def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GLU of the package, a = act(gate) · up (· w), in the accumulation dtype: h_NJ (N, 2I) gate columns
+    then up columns, w_N (N,) optional -> (N, I). Every fused kernel is tested against it."""
+    I = h_NJ.shape[1] // 2
+    acc = acc_dtype(h_NJ.dtype)
+    gate_NI, up_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
+    if torch.is_grad_enabled() and (h_NJ.requires_grad or (w_N is not None and w_N.requires_grad)):
+        a_NI = activate(gate_NI, activation) * up_NI
+        return a_NI if w_N is None else a_NI * w_N.to(acc).unsqueeze(1)
+    # No autograd (inside the segment op, or inference): one buffer, updated in place.
+    a_NI = activate(gate_NI, activation).mul_(up_NI)
+    return a_NI if w_N is None else a_NI.mul_(w_N.to(acc).unsqueeze(1))
+
+
+def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: torch.Tensor,
+                 activation: str = "silu") -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of :func:`glu`, in the accumulation dtype (see :func:`acc_dtype`).
+
+    ``w_N`` None means no weight (w = 1; the returned grad_w_N is None, and ``grad_a_NI`` is only read);
+    with a weight, ``grad_a_NI`` may be overwritten (callers pass a temporary). Returns (grad_h_NJ (N, 2I),
+    grad_w_N (N,), a_NI (N, I) the weighted activation, which the caller needs for the down-projection's weight
+    gradient).
+    """
+    I = h_NJ.shape[1] // 2
+    acc = acc_dtype(h_NJ.dtype)
+    g_NI, u_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
+    dy_NI = grad_a_NI.to(acc)
+    act_NI = activate(g_NI, activation)
+    a_NI = act_NI * u_NI
+    grad_w_N = None
+    if w_N is not None:
+        w_N1 = w_N.to(acc).unsqueeze(1)
+        grad_w_N = torch.linalg.vecdot(dy_NI, a_NI)
+        dy_NI.mul_(w_N1)
+        a_NI.mul_(w_N1)
+    grad_h_NJ = torch.empty(h_NJ.shape, dtype=acc, device=h_NJ.device)
+    torch.mul(dy_NI, act_NI, out=grad_h_NJ[:, I:])
+    torch.mul(dy_NI, u_NI, out=act_NI)  # act(g) is no longer needed: reuse its buffer for dy·u
+    activate_backward(act_NI, g_NI, activation, out=grad_h_NJ[:, :I])
+    return grad_h_NJ, grad_w_N, a_NI

@@ -1,0 +1,51 @@
+"""Hugging Face transformers interop: convert MoE blocks to DeepSeekMoE layers and back, turn dense MLPs into MoE.
+
+transformers is optional: nothing here imports it at module import; blocks are recognised by class name.
+Supported blocks (transformers 5 fused 3-D experts, and the per-expert ModuleList layout of transformers 4.57):
+
+==================  ==========================  =====================================================
+family              block                       routing carried over
+==================  ==========================  =====================================================
+deepseek_v3         ``DeepseekV3MoE``           sigmoid, correction bias, top-2-sum groups, norm, scale
+deepseek_v2         ``DeepseekV2Moe``           softmax, greedy or group-limited (max), scale
+mixtral             ``MixtralSparseMoeBlock``   softmax, renormalised top-k, router jitter
+qwen2_moe           ``Qwen2MoeSparseMoeBlock``  softmax, optional norm, sigmoid-gated shared expert
+qwen3_moe           ``Qwen3MoeSparseMoeBlock``  softmax, optional norm
+olmoe               ``OlmoeSparseMoeBlock``     softmax, optional norm
+dbrx                ``DbrxFFN``                 softmax, p=1 norm, router jitter; MegaBlocks dMoE layout
+==================  ==========================  =====================================================
+
+A converted layer computes the same function as the block in training and in eval, records its router logits for
+``output_router_logits`` (so the model's own balance loss, ``router_aux_loss_coef``, is unchanged), keeps the
+block's dtypes, initialises through the model's ``init_weights``, and saves in the family's checkpoint layout, so
+``save_pretrained`` of a converted model loads into the stock class. Configurations it cannot reproduce raise
+ValueError naming the field. docs/integration.md lists every behaviour and every stated difference.
+
+Legend: H hidden size, I expert width, E routed experts, K experts per token, F dense MLP width.
+
+Modules: :mod:`.families` (the table above, and :func:`config_from_hf`), :mod:`.keymaps` (checkpoint key layouts),
+:mod:`.convert` (:func:`from_hf`, :func:`to_hf` and the whole-model swaps), :mod:`.trainer` (Trainer support);
+:func:`moefy` and :func:`upcycle_` live in :mod:`deepseek_moe.upcycle`.
+"""
+from __future__ import annotations
+
+from ..config import ACTIVATIONS, MoEConfig
+from ..experts import RoutedExperts
+from ..glu import activate
+from ..layer import DeepSeekMoELayer
+from ..model import calibrate_routing, expert_load, moe_layers, update_biases
+from ..padding import attention_mask_padding
+from ..router import Router
+from .convert import from_hf, from_megablocks, replace_moe_blocks, restore_moe_blocks, to_hf
+from .families import FAMILIES, SUPPORTED_BLOCKS, Family, config_from_hf, family_of
+from .keymaps import _save_in_family_layout  # noqa: F401 (tests map gradients to a block's layout with it)
+from .trainer import aux_loss_trainer, trainer_callback
+from ..upcycle import is_gated_mlp, is_plain_mlp, moefy, upcycle_
+
+__all__ = [
+    "from_hf", "to_hf", "replace_moe_blocks", "restore_moe_blocks", "from_megablocks", "moefy", "upcycle_",
+    "is_gated_mlp", "is_plain_mlp", "config_from_hf", "family_of", "FAMILIES", "SUPPORTED_BLOCKS", "Family",
+    "moe_layers", "update_biases", "calibrate_routing", "expert_load", "trainer_callback", "aux_loss_trainer",
+    # the package modules hf.py imported, still reachable here
+    "ACTIVATIONS", "MoEConfig", "RoutedExperts", "activate", "DeepSeekMoELayer", "attention_mask_padding", "Router",
+]

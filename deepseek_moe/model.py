@@ -1,0 +1,137 @@
+"""Helpers over a whole model: every DeepSeekMoELayer in it, their aux losses, bias steps and statistics.
+
+    loss = task_loss + dm.aux_loss(model)
+    optimizer.step(); dm.update_biases(model)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Dict, Iterator, List
+
+import torch
+from torch import nn
+
+from .experts import RoutedExperts
+from .layer import DeepSeekMoELayer
+from .padding import attention_mask_padding
+from .router import Router
+
+
+def moe_layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
+    """{qualified name: layer} of every DeepSeekMoELayer in ``model`` ("" names a bare layer)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DeepSeekMoELayer)}
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over every :class:`DeepSeekMoELayer` in ``model`` (0-dim tensor)."""
+    losses = [m.aux_loss for m in moe_layers(model).values()]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
+
+
+def update_biases(model: nn.Module) -> None:
+    """Aux-loss-free balancing step on every DeepSeekMoELayer (call after ``optimizer.step()``)."""
+    for layer in moe_layers(model).values():
+        layer.update_bias()
+
+
+def expert_load(model: nn.Module) -> Dict[str, float]:
+    """Per-layer load statistics of the last forward, flat for loggers: ``{"<name>/max_vio": .., "<name>/cv": ..}``."""
+    out = {}
+    for name, layer in moe_layers(model).items():
+        for key, value in layer.last_stats.items():
+            out[f"{name}/{key}"] = float(value)
+    return out
+
+
+@contextlib.contextmanager
+def inspecting(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` for inspection inside the block: eagerly (also when compiled) and with every submodule in eval
+    mode; afterwards each module's own train/eval flag and each DeepSeekMoELayer's per-forward results
+    (``aux_loss``, ``tokens_per_expert``, ``last_stats``) are as they were, so a pending training step is
+    unaffected. Training counters (``load_since_update``, the balance window) move only in training forwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.load_state.last_forward()) for m in moe_layers(model).values()]
+    model.eval()
+    try:
+        # Eager even for a compiled model: compiled code does not call hooks added after it was compiled.
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, results in saved:
+            m.load_state.restore_last_forward(results)
+
+
+def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, float]]:
+    """Run ``model(*args, **kwargs)`` once without gradient, in eval mode, and before each DeepSeekMoELayer runs,
+    set its balancing bias so that its own inputs load its experts evenly (:meth:`DeepSeekMoELayer.calibrate_bias`).
+    Layers are calibrated in the order they run, so each sees inputs routed by the calibrated layers before it; a
+    layer the forward calls more than once is calibrated on its first call.
+
+    Meant for right after ``deepseek_moe.hf.moefy`` with ``init="upcycle"`` (docs/integration.md, "Routing right
+    after upcycling"). Padding is not counted: a 2-D ``attention_mask`` keyword becomes the layers' padding mask,
+    and a mask set with :func:`deepseek_moe.padding_mask` or passed to a layer is used. With torch.distributed
+    initialised, call it on every rank (each with its own batch): loads are summed over the world and every rank
+    gets the same bias. Modes and the layers' last-forward results are left as they were (:func:`inspecting`).
+    Returns ``{layer name: {"max_vio_before": .., "max_vio_after": ..}}`` for the layers that ran. Raises
+    ValueError when the model has no DeepSeekMoELayer.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("calibrate_routing: the model has no DeepSeekMoELayer (moefy or replace_moe_blocks first)")
+    results: Dict[str, Dict[str, float]] = {}
+
+    def calibrate(name: str):
+        def hook(layer, layer_args, layer_kwargs):
+            if name in results:
+                return
+            x = layer_args[0] if layer_args else layer_kwargs["x"]
+            mask = layer_args[1] if len(layer_args) > 1 else layer_kwargs.get("padding_mask")
+            results[name] = layer.calibrate_bias(x, mask)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        with inspecting(model), torch.no_grad(), attention_mask_padding(kwargs):
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results
+
+
+def replace_modules(model: nn.Module, match: Callable[[str, nn.Module], bool],
+                    make: Callable[[str, nn.Module], nn.Module]) -> List[str]:
+    """Replace every submodule whose qualified name and module ``match`` by ``make(name, module)``, in place;
+    returns the names replaced."""
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if match(full, child):
+                setattr(parent, child_name, make(full, child))
+                replaced.append(full)
+    return replaced
+
+
+def _init_weights_with_moe(self, module: nn.Module) -> None:
+    """A transformers model's ``_init_weights``, extended to the converted layers' own modules (set, with ``self``
+    bound, on each PreTrainedModel that holds one; transformers' init guards skip weights that were loaded)."""
+    if isinstance(module, (Router, RoutedExperts)):
+        module.reset_parameters()
+    elif isinstance(module, DeepSeekMoELayer):
+        module.reset_counters()
+    else:
+        type(self)._init_weights(self, module)
+
+
+def adopt_init(model: nn.Module) -> None:
+    """Let ``model.init_weights()`` (and transformers' meta-device materialisation) initialise our layers too."""
+    for sub in model.modules():
+        if hasattr(sub, "_initialize_weights") and hasattr(type(sub), "_init_weights"):
+            # A partial, not a bound method: it pickles (a bound method pickles by its name on the instance).
+            sub._init_weights = functools.partial(_init_weights_with_moe, sub)
