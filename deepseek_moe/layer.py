@@ -1,10 +1,8 @@
 """DeepSeekMoELayer: router -> dispatch -> routed experts -> combine, plus shared experts; a drop-in for an MLP.
 
-The forward is one pipeline. The dispatcher (local, or all-to-all after ``deepseek_moe.parallel.shard_experts``)
-is chosen at construction or sharding; the experts implementation (``deepseek_moe.backends.select``) once per
-(device, compute dtype, with or without a backward); the load state lives in :class:`~.balancing.LoadState`.
-
-Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, A all positions of the input.
+The dispatcher (local, or all-to-all after ``deepseek_moe.parallel.shard_experts``) is chosen at construction or
+sharding, the experts implementation (``backends.select``) once per (device, compute dtype, with or without a
+backward); the load state lives in :class:`~.balancing.LoadState`. Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, A all positions of the input.
 """
 from __future__ import annotations
 
@@ -121,19 +119,14 @@ class DeepSeekMoELayer(nn.Module):
         y_TH, dispatched = self.dispatcher(routed_TH.to(compute_dtype), routing,
                                            lambda x_in, plan: self.experts(x_in, plan, impl), impl, self.training)
         if self.shared_experts is not None and (override is None or override.shared):
-            y_TH = y_TH + self._shared(x_TH)
+            shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
+            y_TH = y_TH + (shared_TH if gate is None else shared_TH * torch.sigmoid(gate(x_TH)))
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
-
-    def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
-        shared_TH = self.shared_experts(x_TH)
-        if self.shared_expert_gate is not None:
-            shared_TH = shared_TH * torch.sigmoid(self.shared_expert_gate(x_TH))
-        return shared_TH
 
     def _implementation(self, device: torch.device, dtype: torch.dtype) -> backends.Backend:
         """The experts implementation for (device, dtype, grad mode), selected once per key (selection reads the
@@ -197,3 +190,10 @@ class DeepSeekMoELayer(nn.Module):
             backend = f"{c.backend} (unavailable: {err})"
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
                 f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={backend}")
+
+
+def __getattr__(name: str):  # moved: deepseek_moe.layer.aux_loss is deepseek_moe.model.aux_loss (dm.aux_loss)
+    if name == "aux_loss":
+        from .model import aux_loss
+        return aux_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

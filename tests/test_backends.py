@@ -89,6 +89,29 @@ def test_align_segments_layout():
         TorchBackend(pad_multiple=0)
 
 
+def test_segment_blocks_layout():
+    from deepseek_moe.backends import grouped
+    # Consecutive non-empty experts share a block up to BLOCK_ROWS rows; a larger expert is a block of its own.
+    assert grouped._blocks([0, 3, 0, 2, 300, 1, 1]) == [
+        (0, 5, [(1, 0, 3), (3, 3, 2)]), (5, 305, [(4, 0, 300)]), (305, 307, [(5, 0, 1), (6, 1, 1)])]
+    assert grouped._blocks([0, 0]) == []
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_blocks_of_any_size_match_eager(monkeypatch, block_rows, dtype):
+    """Blocks that split between experts at every size, with ragged and empty experts, padding and capacity: the
+    output and every gradient equal the reference's, with and without a backward."""
+    from deepseek_moe.backends import grouped
+    monkeypatch.setattr(grouped, "BLOCK_ROWS", block_rows)
+    problem = _problem(61, 16, 3, 24, 16, dtype, "skewed", empty_experts=4, capacity_factor=0.9)
+    ref = _run(EagerBackend(), *problem)
+    for backend in (TorchBackend("segments"), TorchBackend.for_device(torch.device("cpu"), dtype)):
+        for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), _run(backend, *problem), ref):
+            assert_close(a, b, TOL[dtype], f"blocks of {block_rows}/{dtype}/{name}")
+    assert_close(_run_no_grad(TorchBackend("segments", inference=True), *problem), ref[0], TOL[dtype], "no grad")
+
+
 def test_empty_expert_gets_exactly_zero_gradient():
     problem = _problem(40, 8, 2, 16, 8, torch.float32, "skewed", empty_experts=3)
     _, g_gu, g_dn, _ = _run(TorchBackend("segments"), *problem)[1:]

@@ -40,23 +40,50 @@ def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.T
     return _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save=True)
 
 
+# Rows per block of the forward loop: consecutive experts are taken together up to this many rows (an expert with
+# more forms a block of its own). With few rows per expert (decode) a block holds many experts, so the gather, GLU
+# and scatter run once per block instead of once per expert: at T = 1 the per-expert version took 1.2x the time,
+# at T = 64 1.35x; with many rows per block (training, prefill) each expert is a block that stays in cache.
+BLOCK_ROWS = 256
+
+
+def _blocks(counts: List[int]) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+    """[(first row, end row, [(expert, first row in the block, rows)])]: consecutive non-empty experts grouped into
+    blocks of at most BLOCK_ROWS rows (or one expert)."""
+    blocks, start, members, begin = [], 0, [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        if members and start + n - begin > BLOCK_ROWS:
+            blocks.append((begin, start, members))
+            members, begin = [], start
+        members.append((e, start - begin, n))
+        start += n
+    if members:
+        blocks.append((begin, start, members))
+    return blocks
+
+
 def _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save: bool):
-    """The body of :func:`segment_mlp`; without ``save`` (no backward follows) h_NJ is not kept (returns None)."""
+    """The body of :func:`segment_mlp`, block by block (:data:`BLOCK_ROWS`): gather the block's rows, each expert's
+    gate_up GEMM, one GLU·w pass, each expert's down GEMM, one scatter-add into y. Without ``save`` (no backward
+    follows) h_NJ is not kept (returns None)."""
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
     h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I) if save else None
     acc = acc_dtype(x_TH.dtype)
     y_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n == 0:
-            continue
-        tok_n = token_N[start:start + n]
-        x_nH = x_TH.index_select(0, tok_n)
-        h_nJ = torch.mm(x_nH, gate_up_EJH[e].t(), out=h_NJ[start:start + n]) if save else x_nH @ gate_up_EJH[e].t()
-        out_nH = torch.mm(glu(h_nJ, activation, weight_N[start:start + n]).to(x_TH.dtype), down_EHI[e].t())
-        y_TH.index_add_(0, tok_n, out_nH if out_nH.dtype == acc else out_nH.to(acc))
-        start += n
+    for begin, end, members in _blocks(counts_E.tolist()):
+        tok_b = token_N[begin:end]
+        x_bH = x_TH.index_select(0, tok_b)
+        h_bJ = h_NJ[begin:end] if save else x_TH.new_empty(end - begin, 2 * I)
+        for e, first, n in members:
+            torch.mm(x_bH[first:first + n], gate_up_EJH[e].t(), out=h_bJ[first:first + n])
+        a_bI = glu(h_bJ, activation, weight_N[begin:end]).to(x_TH.dtype)
+        out_bH = x_TH.new_empty(end - begin, H)
+        for e, first, n in members:
+            torch.mm(a_bI[first:first + n], down_EHI[e].t(), out=out_bH[first:first + n])
+        y_TH.index_add_(0, tok_b, out_bH if out_bH.dtype == acc else out_bH.to(acc))
     return y_TH.to(x_TH.dtype), h_NJ
 
 
