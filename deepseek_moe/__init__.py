@@ -19,7 +19,7 @@ from . import parallel  # expert parallelism; torch.distributed is used only onc
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers", "update_biases",
-    "expert_load", "padding_mask", "Router", "Routing", "RoutingOverride",
+    "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers",
+    "update_biases", "expert_load", "padding_mask", "Router", "Routing", "RoutingOverride",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "hf", "parallel", "__version__",
 ]

@@ -63,12 +63,15 @@ class LoadState:
         self.aux_loss = torch.zeros(())
         self.warned_no_grad = False
 
+    # Fresh counters are made outside inference_mode even when asked for inside it: an inference tensor cannot be
+    # updated in place (count_load, update_bias) by a later training step.
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Move the counters with ``fn`` (a module's ``_apply``); counters on the meta device become zeros."""
         for name in self.COUNTERS:
             t = getattr(self, name)
             moved = fn(t)
-            setattr(self, name, torch.zeros_like(moved) if t.is_meta else moved)
+            with torch.inference_mode(False):
+                setattr(self, name, torch.zeros_like(moved) if t.is_meta else moved)
 
     def on(self, device: torch.device) -> None:
         """Counters left behind on another device (a model materialised from the meta device by a loader that
@@ -76,13 +79,15 @@ class LoadState:
         for name in self.COUNTERS:
             t = getattr(self, name)
             if t.device != device:
-                setattr(self, name, torch.zeros_like(t, device=device))
+                with torch.inference_mode(False):
+                    setattr(self, name, torch.zeros_like(t, device=device))
 
     def reset(self) -> None:
-        """Zero the counters. Fresh zeros, not zero_(): after a forward under inference_mode the counters are
-        inference tensors, which cannot be written outside it."""
-        for name in self.COUNTERS:
-            setattr(self, name, torch.zeros_like(getattr(self, name)))
+        """Zero the counters (fresh zeros, not zero_(): counters may be inference tensors, e.g. a
+        ``tokens_per_expert`` recorded under inference_mode, which cannot be written outside it)."""
+        with torch.inference_mode(False):
+            for name in self.COUNTERS:
+                setattr(self, name, torch.zeros_like(getattr(self, name)))
 
     def last_forward(self) -> tuple:
         """The last forward's results (aux_loss, tokens_per_expert, num_dropped), for :meth:`restore_last_forward`."""

@@ -2,7 +2,8 @@
 
 The dispatcher (local, or all-to-all after ``deepseek_moe.parallel.shard_experts``) is chosen at construction or
 sharding, the experts implementation (``backends.select``) once per (device, compute dtype, with or without a
-backward); the load state lives in :class:`~.balancing.LoadState`. Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, A all positions of the input.
+backward); the load state lives in :class:`~.balancing.LoadState`.
+Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed experts, A all positions of the input.
 """
 from __future__ import annotations
 
@@ -192,8 +193,7 @@ class DeepSeekMoELayer(nn.Module):
                 f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={backend}")
 
 
-def __getattr__(name: str):  # moved: deepseek_moe.layer.aux_loss is deepseek_moe.model.aux_loss (dm.aux_loss)
-    if name == "aux_loss":
-        from .model import aux_loss
-        return aux_loss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over every :class:`DeepSeekMoELayer` in ``model`` (0-dim tensor)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, DeepSeekMoELayer)]
+    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum() if losses else torch.zeros(())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .experts import RoutedExperts
-from .layer import DeepSeekMoELayer
+from .layer import DeepSeekMoELayer, aux_loss  # noqa: F401 (aux_loss: with the layer, re-exported here)
 from .padding import attention_mask_padding
 from .router import Router
 
@@ -21,14 +21,6 @@ from .router import Router
 def moe_layers(model: nn.Module) -> Dict[str, DeepSeekMoELayer]:
     """{qualified name: layer} of every DeepSeekMoELayer in ``model`` ("" names a bare layer)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, DeepSeekMoELayer)}
-
-
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``aux_loss`` over every :class:`DeepSeekMoELayer` in ``model`` (0-dim tensor)."""
-    losses = [m.aux_loss for m in moe_layers(model).values()]
-    if not losses:
-        return torch.zeros(())
-    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
 
 
 def update_biases(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ STRATEGIES = ["segments"] + (["grouped_mm"] if _grouped_mm is not None else [])
 
 def torch_backend(strategy: str, activation: str = "silu") -> TorchBackend:
     return TorchBackend(strategy, activation=activation)
+NAMES = ("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -107,7 +108,7 @@ def test_segment_blocks_of_any_size_match_eager(monkeypatch, block_rows, dtype):
     problem = _problem(61, 16, 3, 24, 16, dtype, "skewed", empty_experts=4, capacity_factor=0.9)
     ref = _run(EagerBackend(), *problem)
     for backend in (TorchBackend("segments"), TorchBackend.for_device(torch.device("cpu"), dtype)):
-        for name, a, b in zip(("y", "grad_x", "grad_gate_up", "grad_down", "grad_weight"), _run(backend, *problem), ref):
+        for name, a, b in zip(NAMES, _run(backend, *problem), ref):
             assert_close(a, b, TOL[dtype], f"blocks of {block_rows}/{dtype}/{name}")
     assert_close(_run_no_grad(TorchBackend("segments", inference=True), *problem), ref[0], TOL[dtype], "no grad")
 

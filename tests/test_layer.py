@@ -354,3 +354,34 @@ def test_reset_counters_after_an_inference_mode_forward():
     assert not layer.tokens_per_expert.any() and int(layer.last_stats["num_dropped"]) == 0
     layer.train()(torch.randn(5, 16)).sum().backward()
     assert int(layer.load_since_update.sum()) == 10
+
+
+def test_counters_made_inside_inference_mode_still_count_a_training_step():
+    """Counters created under inference_mode (a reset there, or a first forward after a load that left them on the
+    meta device) are ordinary tensors: the next training forward and update_bias update them in place."""
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, top_k=2,
+                                bias_update_speed=0.01)
+    with torch.inference_mode():
+        layer.reset_counters()
+    layer(torch.randn(5, 16)).sum().backward()
+    layer.update_bias()
+    with torch.device("meta"):
+        built = dm.DeepSeekMoELayer(layer.config)
+    built.load_state_dict(layer.state_dict(), assign=True)
+    with torch.inference_mode():
+        built.eval()(torch.randn(3, 16))
+    built.train()(torch.randn(5, 16)).sum().backward()
+    assert int(built.load_since_update.sum()) == 10
+    assert built.update_bias().shape == (8,) and int(built.load_since_update.sum()) == 0
+
+
+def test_import_loads_neither_dynamo_nor_optional_packages():
+    """`import deepseek_moe` stays light: no torch._dynamo (1.6 s; it would import triton), triton or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deepseek_moe, deepseek_moe.hf, deepseek_moe.analysis, deepseek_moe.parallel\n"
+            "print([m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -119,13 +119,17 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     return backend
 
 
-@torch.compiler.assume_constant_result
 def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu",
                   sizes: Optional[Tuple[int, int]] = None) -> str:
     """:func:`select`'s implementation (with a backward) as a string for :func:`from_spec`. Under torch.compile it
     runs once, at trace time, and its result is a constant of the graph: it reads the environment and the
     filesystem, which dynamo cannot trace."""
     return select(name, device, dtype, activation, sizes=sizes).spec()
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s, and triton with it) when
+# the package is imported; the fullgraph compile tests fail loudly should a torch release change the marker.
+selected_spec._dynamo_marked_constant = True
 
 
 def from_spec(spec: str) -> Backend:
