@@ -255,7 +255,11 @@ def test_memory_estimate_is_printed_and_counts_what_is_built(capsys):
             assert held == c.state_numel, (c.name, c.implementation)
     est = memory.estimate(groups, args.modes, args.tokens, args.decode_tokens, args.hidden_size, args.repeats,
                           args.device)
-    assert est.weights_bytes == sum(c.state_numel for c in groups[0][2]) * 4  # float32 holds the most
+    # The run's estimate is the largest of its dtypes', and its weights are what that dtype's modules hold.
+    per_dtype = [memory.estimate([g], args.modes, args.tokens, args.decode_tokens, args.hidden_size, args.repeats,
+                                 args.device) for g in groups]
+    assert est == max(per_dtype, key=lambda e: e.total_bytes)
+    assert est.weights_bytes in {sum(c.state_numel for c in g[2]) * g[1].itemsize for g in groups}
     assert est.total_bytes >= est.weights_bytes + est.call_bytes
 
 

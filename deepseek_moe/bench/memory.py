@@ -77,11 +77,13 @@ def call_bytes(c: Contender, mode: str, T: int, hidden_size: int, itemsize: int)
 
     Activations count a = max(s, 4) bytes per element: the low-precision paths keep float32 intermediates.
 
-    * MoE (ours and the peers): per routed (token, expert) pair the gathered row and the expert's output row, the
-      gate/up projection, the activation and a float32 copy of one of them: (3H + 4I)·a; per token the shared
-      experts' (3S + 3H)·a (their projections, input and output, the float32 accumulator of the output) and the
-      routing's float32 scores 16·E. transformers' ``batched_mm`` also gathers a weight matrix per pair: 3·I·H·s
-      more per pair.
+    * MoE (ours and the peers): per routed (token, expert) row the gathered row, the expert's output row and its
+      float32 copy, the gate/up projection, float32 copies of gate and up, the activation and its cast:
+      (3H + 5I)·a; rows are the T·K pairs plus, for 16-bit dtypes, up to 31 padding rows per expert reached (the
+      torch backend pads expert segments to 32 rows on CPU, and its segment loop runs blocks of experts); per
+      token the shared experts' (3S + 3H)·a (their projections, input and output, the float32 accumulator of the
+      output) and the routing's float32 scores 16·E. transformers' ``batched_mm`` also gathers a weight matrix per
+      pair: 3·I·H·s more per pair.
     * dense: T·(H + 4W)·a for the input, gate, up, activation and product.
     * fwd holds at most these; fwdbwd keeps them for backward, adds a gradient of each (×2) and the weight gradients,
       state_numel·s. The ``eager`` experts (our reference backend and transformers' eager) index the stacked expert
@@ -97,11 +99,11 @@ def call_bytes(c: Contender, mode: str, T: int, hidden_size: int, itemsize: int)
         saved = T * (H + 4 * c.dense_width) * a
     else:
         cfg = c.config
-        pairs = T * cfg.top_k
-        saved = (pairs * (3 * H + 4 * cfg.expert_hidden_size) * a
+        rows = T * cfg.top_k + (31 * min(cfg.num_routed_experts, T * cfg.top_k) if s < 4 else 0)
+        saved = (rows * (3 * H + 5 * cfg.expert_hidden_size) * a
                  + T * ((3 * cfg.shared_width + 3 * H) * a + ROUTING_BYTES_PER_SCORE * cfg.num_routed_experts))
         if c.implementation == "batched_mm":
-            saved += pairs * 3 * cfg.expert_hidden_size * H * s
+            saved += T * cfg.top_k * 3 * cfg.expert_hidden_size * H * s
     if mode != "fwdbwd":
         return saved
     weight_grads = c.state_numel * s * (2 if c.implementation == "eager" else 1)
