@@ -1,84 +1,114 @@
-"""The CPU ratios of docs/benchmarks.md for two revisions of the package, measured in one run.
+"""The CPU ratios of docs/benchmarks.md for two revisions of the package, measured in one process.
 
     git worktree add /tmp/base <revision>
-    python benchmarks/before_after_cpu.py --base /tmp/base            # this checkout against /tmp/base
-    python benchmarks/before_after_cpu.py --base /tmp/base --rounds 3 --only decode
+    python benchmarks/before_after_cpu.py --base /tmp/base        # this checkout ("after") against /tmp/base
 
-Each ratio is measured inside one process against its own dense or Mixtral contender, interleaved round by round
-(the package's own timing loop): the MoE layer's forward+backward (fp32, T = 4096) over a dense FFN of equal active
-FLOPs (``benchmarks/layer_cpu.py``), DeepSeekMoE 64x over the Mixtral-style 8x2 (the CLI's default comparison,
-forward+backward fp32, T = 4096, peers off), and decode (T = 1, fp32, inference mode) over a dense FFN of the same
-weight bytes (``benchmarks/decode_cpu.py``). The two revisions run in alternating processes, ``--rounds`` times
-each, so that drift of a shared machine reaches both; the medians over the rounds are printed side by side.
+The older revision's package is copied under another name (``deepseek_moe_before``, its custom-op namespace
+renamed with it) so both load into this process; every contender of a measure is timed interleaved, round by
+round (the package's own timing loop), so drift of a shared machine reaches all alike. Measures, fp32 on CPU:
+
+* layer / dense: the layer's forward+backward (T = 4096, H = 1024, 64 routed experts of 352 + 2 shared, top-6) over
+  a dense SwiGLU FFN of equal active FLOPs (width 2816);
+* 64x / 8x2: DeepSeekMoE 64 routed of 176 + 2 shared, top-14, over the Mixtral-style 8 of 1408, top-2
+  (``deepseek-moe-bench``'s default pair at F = 1408), forward+backward at T = 4096;
+* decode: T = 1 under inference mode over a dense FFN of the same weight bytes, each call on the next of 8 layers
+  (their weights together far exceed the L3 cache, as in a model's decode step).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import os
-import re
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
+import torch
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+import deepseek_moe as after  # noqa: E402
+from deepseek_moe.bench.timing import interleaved, run_once  # noqa: E402
+from deepseek_moe.experts import SharedExperts  # noqa: E402
 
 
-def _run(root: str, args) -> str:
-    env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run([sys.executable] + args, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise RuntimeError(f"{args} in {root} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
+def load_before(base: str, into: str):
+    """The package of checkout ``base``, imported as ``deepseek_moe_before``."""
+    target = os.path.join(into, "deepseek_moe_before")
+    shutil.copytree(os.path.join(base, "deepseek_moe"), target,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for folder, _, files in os.walk(target):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(text.replace("deepseek_moe", "deepseek_moe_before"))
+    sys.path.insert(0, into)
+    import deepseek_moe_before
+
+    return deepseek_moe_before
 
 
-def layer_vs_dense(root: str) -> float:
-    out = _run(root, ["benchmarks/layer_cpu.py", "--dtypes", "float32", "--repeats", "5", "--no-eager"])
-    lines = [ln for ln in out.splitlines() if re.match(r"float32\s+fwdbwd\s+torch", ln)]
-    return float(lines[0].split()[-1].rstrip("x"))
+def pair(before, cfg: dict):
+    """(after's layer, before's layer with the same weights)."""
+    new = after.DeepSeekMoELayer(**cfg, backend="torch")
+    old = before.DeepSeekMoELayer(**cfg, backend="torch")
+    old.load_state_dict(new.state_dict())
+    return new, old
 
 
-def moe_vs_mixtral(root: str) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "out.json")
-        _run(root, ["-m", "deepseek_moe.bench", "--tokens", "4096", "--mode", "fwdbwd", "--peers", "none",
-                    "--backend", "torch", "--no-progress", "--json", path])
-        with open(path) as f:
-            rows = json.load(f)["rows"]
-    ours = [r for r in rows if r["config"].startswith("deepseek") and r["implementation"] == "torch"]
-    return float(ours[0]["ratio_to_ref"])
-
-
-def decode_vs_dense(root: str) -> float:
-    out = _run(root, ["benchmarks/decode_cpu.py", "--tokens", "1", "--rounds", "15", "--backend", "torch"])
-    return float(out.strip().splitlines()[-1].split()[-1].rstrip("x"))
-
-
-MEASURES = {"layer": ("fp32 fwd+bwd, layer / dense FFN", layer_vs_dense),
-            "mixtral": ("fp32 fwd+bwd, DeepSeekMoE 64x / Mixtral 8x2", moe_vs_mixtral),
-            "decode": ("decode T=1 fp32, layer / dense of equal bytes", decode_vs_dense)}
+def medians(fns: dict, rounds: int, **kw) -> dict:
+    return {k: statistics.median(v) for k, v in interleaved(fns, rounds, torch.device("cpu"), **kw).items()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a checkout of the revision to compare against")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default=",".join(MEASURES), help=f"comma list of {tuple(MEASURES)}")
+    p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args(argv)
-    chosen = args.only.split(",")
-    results = {(name, side): [] for name in chosen for side in ("before", "after")}
-    for r in range(args.rounds):
-        for name in chosen:
-            for side, root in (("before", os.path.abspath(args.base)), ("after", HERE)):
-                value = MEASURES[name][1](root)
-                results[(name, side)].append(value)
-                print(f"round {r + 1}/{args.rounds} {name:8s} {side:6s} {value:.3f}", flush=True)
-    print(f"\n{'ratio':50s} {'before':>8s} {'after':>8s}  rounds (before | after)")
-    for name in chosen:
-        b, a = results[(name, "before")], results[(name, "after")]
-        print(f"{MEASURES[name][0]:50s} {statistics.median(b):8.3f} {statistics.median(a):8.3f}  "
-              f"{', '.join(f'{v:.3f}' for v in b)} | {', '.join(f'{v:.3f}' for v in a)}")
+    torch.manual_seed(0)
+    H, T = 1024, 4096
+    with tempfile.TemporaryDirectory() as tmp:
+        before = load_before(os.path.abspath(args.base), tmp)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds; "
+              f"before = {args.base}, after = {HERE}", flush=True)
+        x = torch.randn(1, T, H, requires_grad=True)
+        step = lambda m: (lambda r: run_once(m, x, "fwdbwd"))  # noqa: E731
+        new, old = pair(before, dict(hidden_size=H, expert_hidden_size=352, num_routed_experts=64,
+                                     num_shared_experts=2, top_k=6))
+        t = medians({"after": step(new), "before": step(old), "dense": step(SharedExperts.dense(H, 2816))},
+                    args.rounds, warmup=1)
+        rows = [("fp32 fwd+bwd T=4096, layer / dense FFN", t["before"] / t["dense"], t["after"] / t["dense"])]
+        fine = pair(before, dict(hidden_size=H, expert_hidden_size=176, num_routed_experts=64, num_shared_experts=2,
+                                 top_k=14))
+        coarse = pair(before, dict(hidden_size=H, expert_hidden_size=1408, num_routed_experts=8,
+                                   num_shared_experts=0, top_k=2, norm_topk_prob=True))
+        t = medians({"after 64x": step(fine[0]), "before 64x": step(fine[1]), "after 8x2": step(coarse[0]),
+                     "before 8x2": step(coarse[1])}, args.rounds, warmup=1)
+        rows.append(("fp32 fwd+bwd T=4096, 64x / 8x2", t["before 64x"] / t["before 8x2"],
+                     t["after 64x"] / t["after 8x2"]))
+        layers = [tuple(m.eval() for m in pair(before, dict(hidden_size=H, expert_hidden_size=352,
+                                                           num_routed_experts=64, num_shared_experts=2, top_k=6)))
+                  for _ in range(8)]
+        xs = [torch.randn(1, H) for _ in range(8)]
+        with torch.inference_mode():
+            touched = int(statistics.median(int(n.route(v)[1].counts_E.count_nonzero())
+                                            for (n, _), v in zip(layers, xs)))
+        denses = [SharedExperts.dense(H, (touched + 2) * 352) for _ in range(8)]
+        calls = {name: itertools.cycle(list(zip(mods, xs))) for name, mods in
+                 (("after", [n for n, _ in layers]), ("before", [o for _, o in layers]), ("dense", denses))}
+        fns = {name: (lambda r, c=c: (lambda m, v: m(v))(*next(c))) for name, c in calls.items()}
+        with torch.inference_mode():
+            t = medians(fns, 15, warmup=2, calls=16)
+        rows.append(("decode T=1 fp32, layer / dense of equal bytes", t["before"] / t["dense"],
+                     t["after"] / t["dense"]))
+    print(f"\n{'ratio':48s} {'before':>7s} {'after':>7s} {'after/before':>13s}")
+    for name, b, a in rows:
+        print(f"{name:48s} {b:7.3f} {a:7.3f} {a / b:13.3f}")
     return 0
 
 
