@@ -83,9 +83,15 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
     return _CLASSES[name](activation)
 
 
+def _refusal(name: str, activation: str) -> Optional[str]:
+    """Why implementation ``name`` cannot compute experts with the GLU ``activation`` at all (not in this release,
+    or another activation), before anything is built or loaded; None if it can."""
+    return _NOT_IN_RELEASE.get(name) or _CLASSES[name].activation_reason(activation)
+
+
 def _status(name: str, device: torch.device, dtype: torch.dtype, activation: str) -> Optional[str]:
     """None when implementation ``name`` can run on (device, dtype) with ``activation``, else why not."""
-    reason = _NOT_IN_RELEASE.get(name) or _CLASSES[name].activation_reason(activation)
+    reason = _refusal(name, activation)
     if reason is not None:
         return reason
     try:
@@ -108,7 +114,7 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     device = torch.device(device)
     resolved = _resolve_name(name, device, dtype, activation)
     via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" and _env_backend() else ""
-    reason = _NOT_IN_RELEASE.get(resolved) or _CLASSES[resolved].activation_reason(activation)
+    reason = _refusal(resolved, activation)
     if reason is None:
         if resolved == "ext":
             ExtBackend.prepare()  # build or load it before asking whether it can run

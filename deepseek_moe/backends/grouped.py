@@ -210,7 +210,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, strategy: str = "segments", pad_multiple: int = 1, inference: bool = False,
-                 activation: str = "silu"):
+                 activation: str = "silu", sizes: Optional[Tuple[int, int]] = None):
         super().__init__(activation)
         if strategy not in STRATEGIES:
             raise ValueError(f"{type(self).__name__}: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
@@ -221,7 +221,7 @@ class TorchBackend(Backend):
         self.strategy = strategy
         self.pad_multiple = pad_multiple
         self.inference = bool(inference) and strategy == "segments"
-        self.sizes: Optional[Tuple[int, int]] = None  # (H, I) when selected for a layer: checked for grouped_mm
+        self.sizes = sizes  # (H, I) of the experts when known: grouped_mm checks them (unavailable_reason)
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, strategy: str = "auto", inference: bool = False,
@@ -234,9 +234,7 @@ class TorchBackend(Backend):
             fits = sizes is None or grouped_mm_shape_reason(*sizes, dtype) is None
             strategy = "grouped_mm" if cuda_grouped_mm_ok(device, dtype) and fits else "segments"
         pad = 32 if strategy == "segments" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
-        backend = cls(strategy, pad, inference, activation)
-        backend.sizes = sizes
-        return backend
+        return cls(strategy, pad, inference, activation, sizes)
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.strategy == "grouped_mm":
