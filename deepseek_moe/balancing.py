@@ -56,26 +56,38 @@ class LoadState:
 
     def __init__(self, num_experts: int):
         E = num_experts
-        self.tokens_per_expert = torch.zeros(E, dtype=torch.int64)
-        self.load_since_update = torch.zeros(E, dtype=torch.int64)
-        self.balance_window = torch.zeros(E, dtype=torch.int64)
-        self.num_dropped = torch.zeros((), dtype=torch.int64)
-        self.aux_loss = torch.zeros(())
+        # On the CPU even inside ``with torch.device("meta")``: a model built on meta and filled by a loader that
+        # never calls ``Module._apply`` (transformers' from_pretrained) must not be left with meta counters.
+        self.tokens_per_expert = torch.zeros(E, dtype=torch.int64, device="cpu")
+        self.load_since_update = torch.zeros(E, dtype=torch.int64, device="cpu")
+        self.balance_window = torch.zeros(E, dtype=torch.int64, device="cpu")
+        self.num_dropped = torch.zeros((), dtype=torch.int64, device="cpu")
+        self.aux_loss = torch.zeros((), device="cpu")
         self.warned_no_grad = False
 
     # Fresh counters are made outside inference_mode even when asked for inside it: an inference tensor cannot be
     # updated in place (count_load, update_bias) by a later training step.
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Move the counters with ``fn`` (a module's ``_apply``); counters on the meta device become zeros."""
-        for name in self.COUNTERS:
-            t = getattr(self, name)
-            moved = fn(t)
-            with torch.inference_mode(False):
-                setattr(self, name, torch.zeros_like(moved) if t.is_meta else moved)
+        """Move the counters with ``fn`` (a module's ``_apply``), keeping their values: ``to_empty``'s ``fn``
+        returns uninitialised memory, so the values are copied over; counters on the meta device become zeros.
+        The last aux_loss is kept, detached, as fp32 on the counters' new device."""
+        with torch.inference_mode(False):
+            for name in self.COUNTERS:
+                t = getattr(self, name)
+                src = torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t
+                moved = fn(src)
+                if moved is not src and not moved.is_meta:
+                    moved.copy_(src)
+                setattr(self, name, moved)
+            device = self.tokens_per_expert.device
+            loss = self.aux_loss.detach()
+            self.aux_loss = (torch.zeros((), device=device) if loss.is_meta or device.type == "meta"
+                             else loss.to(device, torch.float32))
 
     def on(self, device: torch.device) -> None:
-        """Counters left behind on another device (a model materialised from the meta device by a loader that
-        bypasses ``Module._apply``, e.g. transformers' from_pretrained) restart as zeros on ``device``."""
+        """Counters left behind on another device (a model loaded straight onto its device by a loader that
+        bypasses ``Module._apply``, e.g. transformers' from_pretrained with a device_map) restart as zeros on
+        ``device``."""
         for name in self.COUNTERS:
             t = getattr(self, name)
             if t.device != device:
@@ -131,6 +143,8 @@ class LoadState:
 
     def stats(self) -> Dict[str, float]:
         """num_dropped, max_vio and cv of the last forward's load (syncs the device)."""
+        if self.tokens_per_expert.is_meta:  # a layer moved to the meta device has no load yet
+            self.on(torch.device("cpu"))
         return {"num_dropped": int(self.num_dropped), **load_stats(self.tokens_per_expert)}
 
     @torch.no_grad()

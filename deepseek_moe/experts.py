@@ -137,6 +137,17 @@ class RoutedExperts(nn.Module):
                                       error_msgs)
 
 
+class _Projection(nn.Linear):
+    """A bias-free nn.Linear whose weight its owner draws: the constructor consumes no random numbers, so a layer's
+    ``reset_parameters`` after ``to_empty`` redraws exactly what its constructor drew under the same seed."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class SharedExperts(nn.Module):
     """The Ks shared experts as one dense GLU MLP of width ``cfg.shared_width`` (Ks·I unless
     ``shared_expert_hidden_size`` says otherwise): ``down(act(gate(x)) * up(x))``, act = ``cfg.hidden_act``.
@@ -146,9 +157,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         width = cfg.shared_width
         self.activation = cfg.hidden_act
-        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.gate_proj = _Projection(cfg.hidden_size, width)
+        self.up_proj = _Projection(cfg.hidden_size, width)
+        self.down_proj = _Projection(width, cfg.hidden_size)
         self.initializer_range = cfg.initializer_range
         self.reset_parameters()
 

@@ -139,7 +139,9 @@ def _activation_name(act: nn.Module, field: str) -> str:
     """Our name of the GLU gate activation ``act`` (identified by its values, so any transformers spelling of the
     same function maps); ValueError naming the config ``field`` otherwise."""
     # Fine near 0, where the GELUs and SiLU differ, and wide, where clipped variants (relu6, gelu_10) part.
-    probe = torch.cat([torch.linspace(-6, 6, 97), torch.linspace(-100, 100, 201)]).double()
+    # On the CPU explicitly: blocks built inside ``with torch.device("meta")`` are converted too.
+    probe = torch.cat([torch.linspace(-6, 6, 97, device="cpu"), torch.linspace(-100, 100, 201, device="cpu")])
+    probe = probe.double()
     got = act(probe)
     for name in ACTIVATIONS:
         if torch.allclose(got, activate(probe, name), rtol=1e-6, atol=1e-7):
