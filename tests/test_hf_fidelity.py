@@ -88,8 +88,16 @@ def _stock_names_of_grads(model):
     """{stock parameter name: gradient} of a converted model (our layers' gradients in the family's layout)."""
     grads = {name: p.grad for name, p in model.named_parameters()}
     for prefix, layer in hf.moe_layers(model).items():
-        hf._save_in_family_layout(layer, grads, prefix + ".", None)
+        hf.to_stock(grads, prefix + ".", layer.hf_family, layer.config.num_routed_experts)
     return grads
+
+
+def _stock_layout(state, model):
+    """A converted model's state dict (keys under its layers' own names) in the stock layout."""
+    state = dict(state)
+    for prefix, layer in hf.moe_layers(model).items():
+        hf.to_stock(state, prefix + ".", layer.hf_family, layer.config.num_routed_experts)
+    return state
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -220,7 +228,7 @@ def test_save_pretrained_loads_into_stock_class_and_to_hf(family, tmp_path):
         ref = stock(ids).logits
         assert torch.equal(loaded.eval()(ids).logits, ref)
         assert torch.equal(ours(ids).logits, ours(ids).logits)
-    assert set(ours.state_dict()) == set(stock.state_dict())
+    assert set(_stock_layout(ours.state_dict(), ours)) == set(stock.state_dict())
     # The way back: every layer becomes the stock block again, with the same function, and records its router
     # logits although transformers hooked the model's routers at an earlier forward.
     with torch.no_grad():

@@ -1,12 +1,14 @@
 """A converted layer <-> its transformers block: the layer's construction, the inverse, and whole-model swaps.
 
 A converted layer records its router logits as transformers' ``router_logits``, initialises through the model's
-``init_weights`` and saves in the family's checkpoint layout (:mod:`.keymaps`). transformers is imported only
+``init_weights`` and is saved by ``save_pretrained`` in the family's checkpoint layout (:mod:`.keymaps`). transformers is imported only
 inside the functions that need it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import contextlib
+import importlib
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -15,7 +17,8 @@ from ..config import MoEConfig
 from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
 from .families import FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of
-from .keymaps import _family_to_ours, _load_from_family_layout, _save_in_family_layout
+from .keymaps import (_load_from_family_layout, attach_to_loaded_model, register_with_transformers, to_ours,
+                      to_stock)
 
 
 # ------------------------------------------------------------------------------------ transformers hooks
@@ -103,15 +106,15 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     layer.gate.register_buffer("e_score_correction_bias", bias,
                                persistent=family.has_bias or cfg.bias_update_speed > 0)
     state = dict(block.state_dict())  # per-expert (4.57) layouts are fused by RoutedExperts on load
-    _family_to_ours(state, "", family, cfg.num_routed_experts)
+    to_ours(state, "", family, cfg.num_routed_experts)
     if not family.has_bias and cfg.bias_update_speed > 0:
         state["gate.e_score_correction_bias"] = bias
     _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
     layer.hf_family = family
     layer.hf_block_class = type(block)
     layer.hf_config = hf_config if hf_config is not None else _hf_config_of(block)
-    layer.register_state_dict_post_hook(_save_in_family_layout)
     layer.register_load_state_dict_pre_hook(_load_from_family_layout)
+    register_with_transformers()
     _record_router_logits(layer)
     _copy_init_flags(block, layer)
     layer.train(block.training)
@@ -137,6 +140,7 @@ def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
         raise ValueError(f"to_hf: the layer's correction bias is non-zero (bias balancing was on) and "
                          f"{layer.hf_block_class.__name__} has none: the stock block would route differently")
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    to_stock(state, "", family, layer.config.num_routed_experts)
     if not family.has_bias:
         state.pop("gate.e_score_correction_bias", None)
     expert_dtype = layer.experts.gate_up_proj.dtype
@@ -166,7 +170,50 @@ def replace_moe_blocks(model: nn.Module, **overrides) -> int:
                                                                **overrides)))
     if count:
         adopt_init(model)
+        attach_to_loaded_model(model)
     return count
+
+
+@contextlib.contextmanager
+def converted_at_construction(**overrides) -> Iterator[None]:
+    """Within this context transformers builds every supported MoE block as :func:`from_hf` of it (``overrides``
+    as there), as remote-code models and training frameworks convert at construction::
+
+        with dm.hf.converted_at_construction():
+            model = AutoModelForCausalLM.from_pretrained(path)   # stock or converted checkpoint
+
+    The family's block class is replaced in its transformers modeling module for the duration, and every model
+    built inside initialises the converted layers through its own ``init_weights``. Models built inside keep
+    working after the context closes (``init_weights``, save, load, moves); models built outside are unaffected.
+    """
+    from transformers import PreTrainedModel
+
+    patched = []
+
+    def factory(original):
+        def build(config, *args, **kwargs):
+            return from_hf(original(config, *args, **kwargs), hf_config=config, **overrides)
+        return build
+
+    original_post_init = PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        adopt_init(self)
+        return original_post_init(self, *args, **kwargs)
+
+    try:
+        for family in FAMILIES:
+            module = importlib.import_module(f"transformers.models.{family.name}.modeling_{family.name}")
+            for name in family.blocks:
+                if isinstance(getattr(module, name, None), type):
+                    patched.append((module, name, getattr(module, name)))
+                    setattr(module, name, factory(getattr(module, name)))
+        PreTrainedModel.post_init = post_init
+        yield
+    finally:
+        PreTrainedModel.post_init = original_post_init
+        for module, name, original in patched:
+            setattr(module, name, original)
 
 
 def restore_moe_blocks(model: nn.Module) -> int:
@@ -183,7 +230,9 @@ def restore_moe_blocks(model: nn.Module) -> int:
             router.register_forward_hook(_RecordOutput("router_logits"))
         return block
 
-    return len(replace_modules(model, lambda name, m: getattr(m, "hf_family", None) is not None, make))
+    count = len(replace_modules(model, lambda name, m: getattr(m, "hf_family", None) is not None, make))
+    attach_to_loaded_model(model)
+    return count
 
 
 def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act: str = "gelu_pytorch_tanh",
@@ -214,7 +263,7 @@ def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act:
                     score_func="softmax", norm_topk_prob=normalize_expert_weights is not None, hidden_act=hidden_act,
                     aux_loss_alpha=0.0, **overrides)
     dbrx = next(family for family in FAMILIES if family.name == "dbrx")  # DBRX keeps MegaBlocks' dMoE layout
-    _family_to_ours(state, "", dbrx, E)
+    to_ours(state, "", dbrx, E)
     ref = state["experts.gate_up_proj"]
     layer = DeepSeekMoELayer(cfg).to(device=ref.device, dtype=ref.dtype)
     state.setdefault("gate.e_score_correction_bias", layer.gate.e_score_correction_bias)

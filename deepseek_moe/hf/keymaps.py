@@ -1,77 +1,209 @@
-"""Checkpoint key layouts: a family's stock state-dict keys <-> the layer's own, and the hooks that apply them.
+"""Checkpoint key layouts: each family's stock keys against the layer's own, as data, and the two places that use it.
 
-A converted layer saves in its family's layout (so ``save_pretrained`` loads into the stock class) and loads
-either layout. Keys are relative to the block's prefix.
+A converted layer's ``state_dict()`` holds its parameters themselves under its own names. Five families already
+use those names; Qwen2-MoE names its shared expert ``shared_expert`` and DBRX keeps MegaBlocks' stacked GLU
+weights, so :data:`KEYMAPS` lists, per family, the keys it renames and the tensors it converts (block-relative).
+The table is applied
+
+* by transformers' own loader and saver (``from_pretrained``/``save_pretrained``, with sharding, dtype,
+  ``low_cpu_mem_usage``, device maps and PEFT's key lookups): :func:`register_with_transformers` turns it into
+  transformers' ``WeightRenaming``/``WeightConverter`` transforms for every model holding a converted layer, so a
+  converted model loads stock checkpoints and saves the stock layout;
+* by :func:`to_ours`/:func:`to_stock` on plain state dicts (``from_hf``, ``to_hf``, ``from_megablocks``, and a
+  converted layer's ``load_state_dict``, which accepts either layout).
+
+transformers' public ``register_checkpoint_conversion_mapping`` is keyed by model class or ``model_type``, which a
+converted model shares with the stock one: a mapping registered there would rename the keys of stock models too.
+The transforms are therefore attached per converted layer, through the hook transformers uses for its own fused
+modules (``transformers.fusion_mapping``), when that exists (transformers >= 5.25).
+
+Legend: E routed experts, I expert width, H hidden size.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..layer import DeepSeekMoELayer
 from .families import Family
 
-# (stock, ours) key prefixes each layout renames; tensors keep their layout.
-_RENAMES: Dict[str, Tuple[Tuple[str, str], ...]] = {
-    "fused": (),
-    "dbrx": (("router.layer.weight", "gate.weight"),),
+
+# ------------------------------------------------------------------------------------------ conversions
+def _stacked_glu_to_fused(tensors: Sequence[torch.Tensor], E: int) -> torch.Tensor:
+    """MegaBlocks' w1, v1 (E·I, H) each (expert e: rows e·I..(e+1)·I) -> gate_up_proj (E, 2I, H), gate rows first."""
+    w1, v1 = tensors
+    H = w1.shape[-1]
+    return torch.cat([w1.reshape(E, -1, H), v1.reshape(E, -1, H)], dim=1)
+
+
+def _fused_to_stacked_glu(gate_up_EJH: torch.Tensor, E: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    I, H = gate_up_EJH.shape[1] // 2, gate_up_EJH.shape[2]
+    return (gate_up_EJH[:, :I].reshape(E * I, H).contiguous(), gate_up_EJH[:, I:].reshape(E * I, H).contiguous())
+
+
+def _stacked_down_to_fused(tensors: Sequence[torch.Tensor], E: int) -> torch.Tensor:
+    """MegaBlocks' w2 (E·I, H) (expert e's down projection, transposed) -> down_proj (E, H, I)."""
+    (w2,) = tensors
+    return w2.reshape(E, -1, w2.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _fused_to_stacked_down(down_EHI: torch.Tensor, E: int) -> Tuple[torch.Tensor]:
+    return (down_EHI.transpose(1, 2).reshape(-1, down_EHI.shape[1]).contiguous(),)
+
+
+# name -> (stock tensors -> ours, ours -> stock tensors), each given E
+CONVERSIONS: Dict[str, Tuple[Callable, Callable]] = {
+    "stacked_glu": (_stacked_glu_to_fused, _fused_to_stacked_glu),
+    "stacked_down": (_stacked_down_to_fused, _fused_to_stacked_down),
 }
-_OUR_SHARED = "shared_experts"
-# MegaBlocks' stacked GLU weights, each (E·I, H): expert e computes (act(x·w1_eᵀ) * x·v1_eᵀ) · w2_e.
-_DBRX_EXPERTS = ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")
 
 
-def _renames(family: Family) -> Tuple[Tuple[str, str], ...]:
-    """(stock, ours) key prefixes of ``family``'s layout: its layout's, and its shared expert's attribute name."""
-    if family.shared and family.shared != _OUR_SHARED:
-        return _RENAMES[family.layout] + ((family.shared + ".", _OUR_SHARED + "."),)
-    return _RENAMES[family.layout]
+@dataclass(frozen=True)
+class KeyMap:
+    """A family's checkpoint layout against the layer's, block-relative: ``renames`` (stock key, our key) and
+    ``converts`` (stock keys, our key, a :data:`CONVERSIONS` name)."""
+
+    renames: Tuple[Tuple[str, str], ...] = ()
+    converts: Tuple[Tuple[Tuple[str, ...], str, str], ...] = ()
 
 
-def _rename_prefix(state: Dict[str, torch.Tensor], old: str, new: str) -> None:
-    for key in [k for k in state if k.startswith(old)]:
-        state[new + key[len(old):]] = state.pop(key)
+_SHARED = tuple((f"shared_expert.{p}.weight", f"shared_experts.{p}.weight") for p in ("gate_proj", "up_proj",
+                                                                                        "down_proj"))
+KEYMAPS: Dict[str, KeyMap] = {
+    "qwen2_moe": KeyMap(renames=_SHARED),
+    "dbrx": KeyMap(renames=(("router.layer.weight", "gate.weight"),),
+                   converts=((("experts.mlp.w1", "experts.mlp.v1"), "experts.gate_up_proj", "stacked_glu"),
+                             (("experts.mlp.w2",), "experts.down_proj", "stacked_down"))),
+}
 
 
-def _dbrx_to_ours(state: Dict[str, torch.Tensor], prefix: str, E: int) -> None:
-    """MegaBlocks/DBRX expert weights (``experts.mlp.w1/v1/w2`` of shape (E·I, H)) -> ours, in place (only when
-    all three are there)."""
-    names = [prefix + n for n in _DBRX_EXPERTS]
-    if all(n in state for n in names):
-        w1, v1, w2 = (state.pop(n) for n in names)
-        H = w1.shape[-1]
-        state[prefix + "experts.gate_up_proj"] = torch.cat([w1.reshape(E, -1, H), v1.reshape(E, -1, H)], dim=1)
-        state[prefix + "experts.down_proj"] = w2.reshape(E, -1, H).transpose(1, 2).contiguous()
+def keymap(family: Family) -> KeyMap:
+    return KEYMAPS.get(family.name, KeyMap())
 
 
-def _ours_to_dbrx(state: Dict[str, torch.Tensor], prefix: str) -> None:
-    gate_up, down = state.pop(prefix + "experts.gate_up_proj"), state.pop(prefix + "experts.down_proj")
-    E, J, H = gate_up.shape
-    I = J // 2
-    w1, v1, w2 = _DBRX_EXPERTS
-    state[prefix + w1] = gate_up[:, :I].reshape(E * I, H)
-    state[prefix + v1] = gate_up[:, I:].reshape(E * I, H)
-    state[prefix + w2] = down.transpose(1, 2).reshape(E * I, H)
+# ------------------------------------------------------------------------------------------ plain state dicts
+def to_ours(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int) -> None:
+    """A block's keys under ``prefix`` in the family's stock layout -> ours, in place (ours pass unchanged; a
+    conversion applies only when all its stock keys are there)."""
+    kmap = keymap(family)
+    for stock, ours in kmap.renames:
+        if prefix + stock in state:
+            state[prefix + ours] = state.pop(prefix + stock)
+    for stock_keys, ours, name in kmap.converts:
+        if all(prefix + k in state for k in stock_keys):
+            state[prefix + ours] = CONVERSIONS[name][0]([state.pop(prefix + k) for k in stock_keys], E)
 
 
-def _family_to_ours(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int) -> None:
-    """A block's checkpoint keys under ``prefix`` -> ours, in place (ours pass unchanged)."""
-    for stock, ours in _renames(family):
-        _rename_prefix(state, prefix + stock, prefix + ours)
-    if family.layout == "dbrx":
-        _dbrx_to_ours(state, prefix, E)
+def to_stock(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int) -> None:
+    """The inverse of :func:`to_ours`: our keys under ``prefix`` -> the family's stock layout, in place."""
+    kmap = keymap(family)
+    for stock, ours in kmap.renames:
+        if prefix + ours in state:
+            state[prefix + stock] = state.pop(prefix + ours)
+    for stock_keys, ours, name in kmap.converts:
+        if prefix + ours in state:
+            state.update(zip((prefix + k for k in stock_keys), CONVERSIONS[name][1](state.pop(prefix + ours), E)))
 
 
-def _save_in_family_layout(module: DeepSeekMoELayer, state, prefix, local_metadata) -> None:
-    """state_dict post-hook of converted layers: the family's own key names and tensor layout."""
-    family = module.hf_family
-    for stock, ours in _renames(family):
-        _rename_prefix(state, prefix + ours, prefix + stock)
-    if family.layout == "dbrx":
-        _ours_to_dbrx(state, prefix)
+def _load_from_family_layout(module, state, prefix, *args) -> None:
+    """load_state_dict pre-hook of converted layers: accept the family's stock layout (and ours)."""
+    to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
 
 
-def _load_from_family_layout(module: DeepSeekMoELayer, state, prefix, *args) -> None:
-    """load_state_dict pre-hook of converted layers: accept the family's layout (and ours)."""
-    _family_to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
+# ------------------------------------------------------------------------------------------ transformers
+_TRANSFORMERS_HOOK = "deepseek_moe"
+
+
+def transformers_transforms(family: Family, E: int) -> List[object]:
+    """The family's :class:`KeyMap` as transformers ``WeightRenaming``/``WeightConverter`` transforms (stock ->
+    ours; transformers reverses them on save). Needs transformers >= 5."""
+    from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+
+    class ExpertLayout(ConversionOps):
+        """One :data:`CONVERSIONS` entry as a transformers conversion op (``forward``: stock -> ours)."""
+
+        def __init__(self, name: str, experts: int, forward: bool = True):
+            self.name, self.experts, self.forward = name, experts, forward
+
+        def __repr__(self):
+            return f"ExpertLayout({self.name!r}, E={self.experts}, {'to ours' if self.forward else 'to stock'})"
+
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            tensors = [input_dict[p][0] if isinstance(input_dict[p], list) else input_dict[p]
+                       for p in source_patterns]
+            if self.forward:
+                return {target_patterns[0]: CONVERSIONS[self.name][0](tensors, self.experts)}
+            return dict(zip(target_patterns, CONVERSIONS[self.name][1](tensors[0], self.experts)))
+
+        @property
+        def reverse_op(self):
+            return ExpertLayout(self.name, self.experts, not self.forward)
+
+    kmap = keymap(family)
+    return ([WeightRenaming(source_patterns=stock, target_patterns=ours) for stock, ours in kmap.renames]
+            + [WeightConverter(source_patterns=list(stock), target_patterns=ours,
+                               operations=[ExpertLayout(name, E)]) for stock, ours, name in kmap.converts])
+
+
+def _layer_transforms(layer) -> List[object]:
+    family = getattr(layer, "hf_family", None)
+    if family is None or family.name not in KEYMAPS:
+        return []
+    return transformers_transforms(family, layer.config.num_routed_experts)
+
+
+def register_with_transformers() -> bool:
+    """Let transformers' loader and saver apply :data:`KEYMAPS` to every model that holds a converted layer
+    (idempotent). Returns False where this transformers has no such hook (before 5.25): there a converted
+    Qwen2-MoE or DBRX model saves and loads through ``state_dict``/``load_state_dict`` only."""
+    try:
+        from transformers import fusion_mapping
+    except ImportError:
+        return False
+    registry = getattr(fusion_mapping, "_FUSION_REGISTRY", None)
+    if registry is None:
+        return False
+    if _TRANSFORMERS_HOOK not in registry:
+
+        class ConvertedLayers(fusion_mapping.ModuleFusionSpec):
+            """Not a fusion transformers performs: it only reports the key layouts of converted layers."""
+
+            def is_fusable(self, module) -> bool:
+                return False
+
+            def is_fused(self, module) -> bool:
+                return bool(_layer_transforms(module))
+
+            def make_fused_class(self, original_cls):
+                raise TypeError("deepseek_moe's layers are converted by deepseek_moe.hf, not by fusion_config")
+
+            def make_transforms(self, module) -> List[object]:
+                return _layer_transforms(module)
+
+        registry[_TRANSFORMERS_HOOK] = ConvertedLayers()
+    return True
+
+
+def attach_to_loaded_model(model) -> None:
+    """A model loaded by transformers before its blocks were converted keeps the transforms it was loaded with
+    (``_weight_conversions``, which ``save_pretrained`` reverses): add the converted layers' to them, or drop
+    them after :func:`~deepseek_moe.hf.restore_moe_blocks`."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        return
+    ours = {tuple(t.source_patterns) for family in _families_in(model) for t in transformers_transforms(family, 1)}
+    kept = [t for t in conversions if tuple(t.source_patterns) not in ours]
+    seen = set()
+    for layer in model.modules():
+        for t in _layer_transforms(layer):
+            if tuple(t.source_patterns) not in seen:
+                seen.add(tuple(t.source_patterns))
+                kept.append(t)
+    model._weight_conversions = kept
+
+
+def _families_in(model) -> List[Family]:
+    from .families import FAMILIES
+    return [f for f in FAMILIES if f.name in KEYMAPS]

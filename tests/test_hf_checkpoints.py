@@ -1,0 +1,126 @@
+"""Real models in and out: converted at construction inside from_pretrained (meta device), round trips between the
+stock and converted classes for the seven families (fp32 and bf16, sharded safetensors, low_cpu_mem_usage), then
+moves, forwards and a training step; DBRX's state dict holds the parameters themselves. The stock model is the
+oracle throughout."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from deepseek_moe import hf  # noqa: E402
+from deepseek_moe.testing import assert_close  # noqa: E402
+from test_hf_fidelity import _batch, _model  # noqa: E402
+
+SEVEN = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"]
+Auto = transformers.AutoModelForCausalLM
+
+
+def _converted(path, **kwargs):
+    with hf.converted_at_construction():
+        model = Auto.from_pretrained(path, **kwargs)
+    assert len(hf.moe_layers(model)) == 2
+    return model
+
+
+def _train_step(model, ids):
+    """One SGD step on the LM loss (fp32 master copy not needed: lr small), then the eval logits."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("family", SEVEN)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trips_between_stock_and_converted_classes(family, dtype, tmp_path):
+    ids = _batch(1)
+    _model(family).save_pretrained(tmp_path / "stock", max_shard_size="40KB")  # sharded safetensors
+    assert len(list((tmp_path / "stock").glob("*.safetensors"))) > 1
+    options = dict(dtype=dtype, low_cpu_mem_usage=dtype == torch.bfloat16)
+    stock = Auto.from_pretrained(tmp_path / "stock", **options).eval()
+    with torch.no_grad():
+        ref = stock(ids).logits.float()
+    # bf16: the combine and (for some families) the router round differently from the stock model; a wrong or
+    # missing weight is O(1) (see test_hf_fidelity.test_16bit_from_pretrained_then_convert).
+    tol = 1e-5 if dtype == torch.float32 else 8e-2
+
+    converted = _converted(tmp_path / "stock", **options)  # stock save -> converted from_pretrained
+    converted.to("cpu")  # raised "Cannot copy out of meta tensor" (the counters stayed on meta)
+    for layer in hf.moe_layers(converted).values():
+        assert layer.experts.gate_up_proj.dtype == dtype
+        assert layer.tokens_per_expert.device.type == "cpu"
+    with torch.no_grad():
+        assert_close(converted.eval()(ids).logits.float(), ref, tol, f"{family} stock -> converted")
+
+    converted.save_pretrained(tmp_path / "converted", max_shard_size="40KB")
+    back, info = Auto.from_pretrained(tmp_path / "converted", output_loading_info=True, **options)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # converted save -> stock class
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids).logits.float(), ref)
+    with hf.converted_at_construction():
+        again, info = Auto.from_pretrained(tmp_path / "converted", output_loading_info=True, **options)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # converted save -> converted class
+    with torch.no_grad():
+        assert_close(again.eval()(ids).logits.float(), ref, tol, f"{family} converted -> converted")
+    if dtype == torch.float32:  # a training step moves both the same way
+        assert_close(_train_step(again, ids), _train_step(stock, ids), 1e-5, f"{family} after a training step")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "dbrx"])
+def test_a_model_converted_after_loading_saves_the_stock_layout(family, tmp_path):
+    """replace_moe_blocks on a model that from_pretrained loaded: save_pretrained reverses the transforms the model
+    was loaded with, extended by the converted layers'."""
+    _model(family).save_pretrained(tmp_path / "stock")
+    model = Auto.from_pretrained(tmp_path / "stock").eval()
+    ids = _batch(2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    hf.replace_moe_blocks(model)
+    model.save_pretrained(tmp_path / "converted")
+    loaded, info = Auto.from_pretrained(tmp_path / "converted", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, ref)
+    hf.restore_moe_blocks(model)  # and back: the stock blocks save under their own names again
+    model.save_pretrained(tmp_path / "restored")
+    assert torch.equal(Auto.from_pretrained(tmp_path / "restored").eval()(ids).logits, ref)
+
+
+def test_dbrx_state_dict_holds_the_expert_parameters_themselves():
+    model = _model("dbrx")
+    hf.replace_moe_blocks(model)
+    state = model.state_dict()
+    for prefix, layer in hf.moe_layers(model).items():
+        for name, p in layer.named_parameters():
+            assert state[f"{prefix}.{name}"].data_ptr() == p.data_ptr(), name  # copies before
+    # An in-place update through the state dict (EMA, weight averaging, DCP loading in place) reaches the experts.
+    ids = _batch(4)
+    with torch.no_grad():
+        before = model(ids).logits
+        for key, t in state.items():
+            if ".experts." in key:
+                t.mul_(0.5)
+        assert not torch.equal(model(ids).logits, before)
+        layer = next(iter(hf.moe_layers(model).values()))
+        stock_layout = {k: v for k, v in layer.state_dict().items()}
+        hf.to_stock(stock_layout, "", layer.hf_family, layer.config.num_routed_experts)
+        block = hf.to_hf(layer, model.config)
+        assert torch.equal(block.experts.mlp.w1, stock_layout["experts.mlp.w1"])
+
+
+def test_from_hf_of_a_block_built_on_the_meta_device():
+    config = _model("qwen2_moe").config
+    with torch.device("meta"):  # the activation probe raised here
+        model = Auto.from_config(config)
+        hf.replace_moe_blocks(model)
+    layer = next(iter(hf.moe_layers(model).values()))
+    assert layer.experts.gate_up_proj.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.isfinite(layer.experts.gate_up_proj).all() and not layer.load_since_update.any()
