@@ -51,7 +51,8 @@ class DeepSeekMoELayer(nn.Module):
         self.routing_override: Optional[RoutingOverride] = None  # deepseek_moe.analysis.disabled_experts sets it
         self.balance_group = None  # ranks whose loads make up the global batch (None: the world)
         self.dispatcher: Dispatcher = LocalDispatcher(config.num_routed_experts, config.capacity_factor)
-        # Set by deepseek_moe.hf.from_hf: the model's transformers config ("eager" experts steer backend "auto").
+        # Set by deepseek_moe.hf.from_hf: the model's transformers config (its experts_implementation picks the
+        # backend).
         self.hf_config = None
         self._guard = RecomputeGuard()
         self._impls: Dict[tuple, backends.Backend] = {}  # selected implementations (this process's), per key
@@ -133,9 +134,9 @@ class DeepSeekMoELayer(nn.Module):
         """The experts implementation for (device, dtype, grad mode), selected once per key (selection reads the
         environment and the filesystem); under torch.compile a trace-time constant."""
         cfg = self.config
-        # A layer converted from transformers follows the model's experts_implementation when it is "eager".
-        name = ("eager" if cfg.backend == "auto" and getattr(self.hf_config, "_experts_implementation", None)
-                == "eager" else cfg.backend)
+        # A layer converted from transformers follows the model's experts_implementation.
+        name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
+                                                   cfg.backend)
         sizes = (cfg.hidden_size, cfg.expert_hidden_size)
         if torch.compiler.is_compiling():
             return backends.from_spec(backends.selected_spec(name, device, dtype, cfg.hidden_act, sizes))

@@ -27,7 +27,13 @@ from .grouped import STRATEGIES, TorchBackend
 from .triton import TritonBackend
 
 __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
-           "selected_spec", "from_spec", "backend_status"]
+           "selected_spec", "from_spec", "backend_status", "for_experts_implementation"]
+
+# The name under which deepseek_moe.hf registers its experts function with transformers.
+TRANSFORMERS_NAME = "deepseek_moe"
+# transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
+# transformers sets "grouped_mm" by default; its "eager" is a per-expert loop, whose counterpart is our reference.
+_TRANSFORMERS_NAMES = {"eager": "eager", "grouped_mm": None, TRANSFORMERS_NAME: None}
 
 
 class BackendUnavailable(RuntimeError):
@@ -81,6 +87,20 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
     if name == "triton":
         return TritonBackend.for_device(device, dtype, activation)
     return _CLASSES[name](activation)
+
+
+def for_experts_implementation(experts_implementation: Optional[str], configured: str) -> str:
+    """The backend a layer converted from transformers runs under the model's ``experts_implementation`` (None:
+    ``configured``, the layer's ``config.backend``). Raises ValueError for a name without a counterpart here,
+    listing the supported ones."""
+    if experts_implementation is None:
+        return configured
+    if experts_implementation not in _TRANSFORMERS_NAMES:
+        raise ValueError(f"experts_implementation={experts_implementation!r} has no counterpart in deepseek_moe's "
+                         f"converted layers; supported: 'eager' (the reference loop), 'grouped_mm' and "
+                         f"{TRANSFORMERS_NAME!r} (the layer's backend, {configured!r}). Choose one with "
+                         f"model.set_experts_implementation(...)")
+    return _TRANSFORMERS_NAMES[experts_implementation] or configured
 
 
 def _refusal(name: str, activation: str) -> Optional[str]:

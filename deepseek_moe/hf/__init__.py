@@ -41,6 +41,7 @@ from .convert import (converted_at_construction, from_hf, from_megablocks, repla
 from .families import FAMILIES, SUPPORTED_BLOCKS, Family, config_from_hf, family_of
 from .keymaps import KEYMAPS, KeyMap, to_ours, to_stock
 from .trainer import aux_loss_trainer, trainer_callback
+from . import experts_interface
 from ..upcycle import is_gated_mlp, is_plain_mlp, moefy, upcycle_
 
 __all__ = [
@@ -50,3 +51,5 @@ __all__ = [
     # the package modules hf.py imported, still reachable here
     "ACTIVATIONS", "MoEConfig", "RoutedExperts", "activate", "DeepSeekMoELayer", "attention_mask_padding", "Router",
 ]
+
+experts_interface.install()  # "deepseek_moe" in transformers' ExpertsInterface, once transformers loads it

@@ -1,0 +1,135 @@
+"""transformers' experts interface, both ways.
+
+(a) ``"deepseek_moe"`` in transformers' ``ExpertsInterface``: a stock model whose experts module carries
+``@use_experts_implementation`` (about 70 families in transformers 5.25) runs its routed experts through this
+package's grouped kernels with ``model.set_experts_implementation("deepseek_moe")`` or ``from_pretrained(...,
+experts_implementation="deepseek_moe")``: no module swap, so stock save/load and stock PEFT stay as they are.
+:func:`experts_forward` is that function; it runs exactly what transformers' own ``"eager"`` runs or raises
+ValueError at the first forward (biases, transposed or interleaved weights, experts without a gate, a post-expert
+norm, a module's own ``_apply_gate`` such as gpt-oss's clamped SwiGLU, an activation the kernels lack).
+
+(b) A converted model's ``experts_implementation`` picks the layers' backend
+(:func:`deepseek_moe.backends.for_experts_implementation`).
+
+The function is registered when transformers' ``integrations.moe`` is imported (a post-import hook installed by
+:func:`install`, so ``import deepseek_moe`` does not import transformers), or at once if it already is.
+
+Legend: T tokens, K experts per token, E experts, H hidden size, I expert width.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import Dict, Tuple
+
+import torch
+
+from .. import backends
+from ..plan import build_plan
+
+NAME = backends.TRANSFORMERS_NAME
+_MODULE = "transformers.integrations.moe"
+
+def _refusal(module) -> str:
+    """Why ``module`` (a transformers experts module) cannot run here exactly, or ''."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    flags = {"has_bias": True, "is_transposed": True, "has_post_expert_norm": True, "has_gate": False,
+             "is_concatenated": False}
+    wrong = [f"{flag}={getattr(module, flag)}" for flag, bad in flags.items() if getattr(module, flag, not bad) == bad]
+    if wrong:
+        return f"its layout ({', '.join(wrong)}) is not the fused [gate; up] GLU layout the kernels run"
+    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        return f"{type(module).__name__} defines its own _apply_gate (e.g. a clamped SwiGLU)"
+    return ""
+
+
+def _prepared(module) -> Tuple[str, Dict[tuple, backends.Backend]]:
+    """(activation name, selected implementations) of a transformers experts module, checked once."""
+    state = module.__dict__.get("_deepseek_moe")
+    if state is None:
+        from .families import _activation_name
+        reason = _refusal(module)
+        if reason:
+            raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__} cannot run through "
+                             f"deepseek_moe's kernels: {reason}. Use another experts_implementation for it")
+        state = module.__dict__["_deepseek_moe"] = (_activation_name(module.act_fn, "hidden_act"), {})
+    return state
+
+
+def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts forward through this package: hidden_states (T, H), top_k_index int (T, K),
+    top_k_weights (T, K) -> (T, H) in hidden_states' dtype, Σ_k w[t, k] · down_e(act(gate_e x) · up_e x) with
+    ``module.gate_up_proj`` (E, 2I, H) and ``module.down_proj`` (E, H, I).
+
+    Under transformers' expert parallelism (``module._is_expert_parallel``) a slot whose expert id is
+    ``num_experts`` is not this rank's: it contributes nothing and its weight gets no gradient. Raises ValueError
+    for an experts module it cannot run exactly (see the module docstring)."""
+    activation, impls = _prepared(module)
+    gate_up_EJH, down_EHI = module.gate_up_proj, module.down_proj
+    E, H, I = gate_up_EJH.shape[0], gate_up_EJH.shape[2], down_EHI.shape[2]
+    dtype = hidden_states.dtype
+    key = (hidden_states.device, dtype, not torch.is_grad_enabled())
+    if key not in impls:
+        impls[key] = backends.select("auto", hidden_states.device, dtype, activation, inference=key[2],
+                                     sizes=(H, I))
+    impl = impls[key]
+    topk_idx_TK = top_k_index.long()
+    keep_TK = topk_idx_TK < E if getattr(module, "_is_expert_parallel", False) else None
+    if keep_TK is not None:
+        topk_idx_TK = topk_idx_TK.clamp(max=E - 1)
+    plan = build_plan(topk_idx_TK, top_k_weights, E, keep_TK=keep_TK)
+    y_TH = impl.run(hidden_states, plan, gate_up_EJH.to(dtype), down_EHI.to(dtype))
+    return y_TH.to(dtype)
+
+
+def register() -> None:
+    """Add :func:`experts_forward` to transformers' ``ExpertsInterface`` as ``"deepseek_moe"`` (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+    ExpertsInterface.register(NAME, experts_forward)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register` right after transformers' ``integrations.moe`` module is first executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            spec = getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader = _Loader(loader, exec_and_register)
+        return spec
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader, exec_module):
+        self._loader, self._exec_module = loader, exec_module
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._exec_module(module)
+
+
+def install() -> None:
+    """Register now if transformers' integrations.moe is loaded, else when it is (``import deepseek_moe``)."""
+    if _MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
