@@ -169,7 +169,10 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     ``num_devices`` = W (device-level and communication losses and device-limited routing then follow the real
     placement). Call it on every rank of ``group`` (default: the world) with the same weights, e.g. right after
     construction with a fixed seed or after loading a full state_dict; a full (unsharded) state_dict also loads
-    into a sharded layer. :func:`gather_expert_state_dict` reassembles one.
+    into a sharded layer. Afterwards the layer's plain ``state_dict()`` holds this rank's experts only (shape
+    (E/W, ...) under the full model's keys, with no record of which experts they are): save checkpoints with
+    :func:`~deepseek_moe.parallel.checkpoint_state_dict` (torch.distributed.checkpoint; loads at any EP size) or
+    :func:`gather_expert_state_dict` (one full state dict).
 
     Raises RuntimeError without torch.distributed, ValueError for a layer already sharded, for E not divisible by
     W and for a config whose num_devices is neither 1 nor W.

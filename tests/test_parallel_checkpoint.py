@@ -1,0 +1,84 @@
+"""Sharded expert-parallel checkpoints through torch.distributed.checkpoint, on gloo: saved at EP = 2, loaded at
+EP = 2, at EP = 4 and into an unsharded model (EP = 1), each holds exactly the unsharded model's weights (this
+rank's experts) and gives its outputs (to the all-to-all's summation order)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch import nn
+
+import deepseek_moe as dm
+from deepseek_moe.parallel import checkpoint_state_dict, shard_experts
+from deepseek_moe.testing import assert_close
+
+H, T = 16, 24
+CFG = dm.MoEConfig(hidden_size=H, expert_hidden_size=8, num_routed_experts=8, num_shared_experts=1, top_k=3,
+                   score_func="sigmoid", backend="torch")
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(dm.DeepSeekMoELayer(CFG), dm.DeepSeekMoELayer(CFG)).eval()
+
+
+def _tokens():
+    return torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard(model):
+    for layer in model:
+        shard_experts(layer)
+    return model
+
+
+def _worker(rank, world, port, path, save):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        rows = slice(rank * T // world, (rank + 1) * T // world)
+        with torch.no_grad():
+            expected = _model(0)(_tokens())[rows]
+        if save:
+            dcp.save(checkpoint_state_dict(_shard(_model(0))), checkpoint_id=path)
+        model = _shard(_model(seed=1))  # other weights until loaded
+        dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
+        with torch.no_grad():
+            got = model(_tokens()[rows])
+        assert_close(got, expected, 1e-6, f"rank {rank} of {world}: outputs")
+        L = CFG.num_routed_experts // world
+        reference = _model(0).state_dict()
+        for key, value in model.state_dict().items():
+            ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
+            assert torch.equal(value, ref), f"rank {rank} of {world}: {key}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dcp_saved_at_ep2_loads_at_ep2_ep4_and_unsharded(tmp_path):
+    path = str(tmp_path / "ckpt")
+    mp.spawn(_worker, args=(2, _free_port(), path, True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(4, _free_port(), path, False), nprocs=4, join=True)
+    model = _model(seed=1)
+    state = checkpoint_state_dict(model)  # unsharded: plain tensors of the full shape
+    assert not any(type(t).__name__ == "DTensor" for t in state.values())
+    dcp.load(state, checkpoint_id=path)
+    assert all(torch.equal(v, _model(0).state_dict()[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(_tokens()), _model(0)(_tokens()))
+
+
+def test_checkpoint_state_dict_of_an_unsharded_model_is_its_state_dict():
+    model = _model(0)
+    state, plain = checkpoint_state_dict(model), model.state_dict()
+    assert state.keys() == plain.keys() and all(state[k].data_ptr() == plain[k].data_ptr() for k in state)
