@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import deepseek_moe as dm
+from deepseek_moe.testing import assert_close
 
 CFG = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, num_shared_experts=1, top_k=2,
                    score_func="sigmoid", bias_update_speed=0.01, aux_loss_alpha=0.01, backend="torch")
@@ -130,3 +131,31 @@ def _free_port() -> int:
 
 def test_ddp_leaves_each_rank_its_own_load_counters():
     mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _fsdp_worker(rank, world, port):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cpu = dm.DeepSeekMoELayer(CFG)
+        with torch.device("meta"):
+            meta = dm.DeepSeekMoELayer(CFG)
+        fully_shard(meta)
+        meta.to_empty(device="cpu")  # FSDP2 materialisation
+        meta.reset_parameters()
+        set_model_state_dict(meta, cpu.state_dict(), options=StateDictOptions(full_state_dict=True))
+        x = torch.randn(2, 5, CFG.hidden_size, generator=torch.Generator().manual_seed(rank))
+        assert_close(meta(x), cpu(x), 1e-6, f"rank {rank}: output")
+        assert torch.equal(meta.tokens_per_expert, cpu.tokens_per_expert)
+        assert torch.equal(meta.load_since_update, cpu.load_since_update)
+        assert meta.aux_loss.device.type == "cpu" and meta.last_stats == cpu.last_stats
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_materialisation_of_a_meta_build():
+    mp.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
