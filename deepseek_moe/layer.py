@@ -51,9 +51,10 @@ class DeepSeekMoELayer(nn.Module):
         self.routing_override: Optional[RoutingOverride] = None  # deepseek_moe.analysis.disabled_experts sets it
         self.balance_group = None  # ranks whose loads make up the global batch (None: the world)
         self.dispatcher: Dispatcher = LocalDispatcher(config.num_routed_experts, config.capacity_factor)
-        # Set by deepseek_moe.hf.from_hf: the model's transformers config (its experts_implementation picks the
-        # backend).
+        # Set by deepseek_moe.hf.from_hf: the model's transformers config, and whether the stock block's experts
+        # took transformers' experts_implementation (then its value picks the backend under backend="auto").
         self.hf_config = None
+        self.follows_experts_implementation = False
         self._guard = RecomputeGuard()
         self._impls: Dict[tuple, backends.Backend] = {}  # selected implementations (this process's), per key
 
@@ -134,9 +135,10 @@ class DeepSeekMoELayer(nn.Module):
         """The experts implementation for (device, dtype, grad mode), selected once per key (selection reads the
         environment and the filesystem); under torch.compile a trace-time constant."""
         cfg = self.config
-        # A layer converted from transformers follows the model's experts_implementation.
-        name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
-                                                   cfg.backend)
+        name = cfg.backend
+        if self.follows_experts_implementation:
+            name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
+                                                       cfg.backend)
         sizes = (cfg.hidden_size, cfg.expert_hidden_size)
         if torch.compiler.is_compiling():
             return backends.from_spec(backends.selected_spec(name, device, dtype, cfg.hidden_act, sizes))

@@ -124,3 +124,34 @@ def test_from_hf_of_a_block_built_on_the_meta_device():
     model.to_empty(device="cpu")
     model.init_weights()
     assert torch.isfinite(layer.experts.gate_up_proj).all() and not layer.load_since_update.any()
+
+
+@pytest.mark.parametrize("how", ["at construction", "after loading", "one block by hand"])
+def test_converted_dbrx_and_qwen2_save_the_stock_layout_and_pickle(how, tmp_path):
+    import pickle
+
+    for family in ("dbrx", "qwen2_moe"):
+        _model(family).save_pretrained(tmp_path / family)
+        if how == "at construction":
+            model = _converted(tmp_path / family)
+        else:
+            model = Auto.from_pretrained(tmp_path / family)
+            if how == "after loading":
+                hf.replace_moe_blocks(model)
+            else:  # a hand-placed layer: refresh the transforms save_pretrained reverses
+                block = model.get_submodule(next(n for n, m in model.named_modules() if n.endswith((".mlp", ".ffn"))
+                                                 and type(m).__name__ in hf.SUPPORTED_BLOCKS))
+                parent, _, attr = next(n for n, m in model.named_modules() if m is block).rpartition(".")
+                setattr(model.get_submodule(parent), attr, hf.from_hf(block, hf_config=model.config))
+                hf.refresh_conversions(model)
+        model.eval()
+        copy_ = pickle.loads(pickle.dumps(model))  # DBRX's conversion op was a local class
+        ids = _batch(8)
+        with torch.no_grad():
+            ref = model(ids).logits
+            assert torch.equal(copy_(ids).logits, ref)
+        model.save_pretrained(tmp_path / f"{family}_out")
+        back, info = Auto.from_pretrained(tmp_path / f"{family}_out", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (family, info)
+        with torch.no_grad():
+            assert_close(back.eval()(ids).logits, ref, 1e-5, f"{family} {how}")

@@ -109,3 +109,28 @@ def dm_auto_name(layer):
     weight = layer.experts.gate_up_proj
     return backends.select("auto", weight.device, weight.dtype, layer.config.hidden_act,
                            sizes=(layer.config.hidden_size, layer.config.expert_hidden_size)).name
+
+
+def test_dbrx_and_explicit_backends_are_not_overridden_by_transformers_eager():
+    """DBRX's experts do not take experts_implementation (transformers reports "eager" for it whatever is asked):
+    its layers keep their own backend; an explicit backend= wins over the model's setting."""
+    model = _model("dbrx")
+    hf.replace_moe_blocks(model)
+    layer = next(iter(hf.moe_layers(model).values()))
+    assert model.config._experts_implementation == "eager"
+    assert layer.backend_name == dm_auto_name(layer)
+    mixtral = _model("mixtral")
+    hf.replace_moe_blocks(mixtral, backend="torch")
+    mixtral.set_experts_implementation("eager")
+    assert next(iter(hf.moe_layers(mixtral).values())).backend_name == "torch"
+
+
+def test_deepseek_moe_experts_compile_fullgraph_from_a_cold_start():
+    model = _model("qwen3_moe")
+    model.set_experts_implementation("deepseek_moe")
+    experts = model.model.layers[0].mlp.experts
+    x, idx, w = torch.randn(5, 32), torch.randint(0, 8, (5, 2)), torch.rand(5, 2)
+    compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+    got = compiled(x, idx, w)
+    experts.config._experts_implementation = "eager"
+    assert_close(got, experts(x, idx, w), 1e-6, "compiled deepseek_moe experts")

@@ -41,6 +41,12 @@ def _shard(model):
     return model
 
 
+def _wrapped(model):
+    """Both layers under activation checkpointing's wrapper, which renames the state dict's keys back."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    return nn.Sequential(*(checkpoint_wrapper(layer) for layer in model))
+
+
 def _worker(rank, world, port, path, save):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -50,7 +56,7 @@ def _worker(rank, world, port, path, save):
         with torch.no_grad():
             expected = _model(0)(_tokens())[rows]
         if save:
-            dcp.save(checkpoint_state_dict(_shard(_model(0))), checkpoint_id=path)
+            dcp.save(checkpoint_state_dict(_wrapped(_shard(_model(0)))), checkpoint_id=path)
         model = _shard(_model(seed=1))  # other weights until loaded
         dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
         with torch.no_grad():
@@ -82,3 +88,31 @@ def test_checkpoint_state_dict_of_an_unsharded_model_is_its_state_dict():
     model = _model(0)
     state, plain = checkpoint_state_dict(model), model.state_dict()
     assert state.keys() == plain.keys() and all(state[k].data_ptr() == plain[k].data_ptr() for k in state)
+
+
+def _fsdp_worker(rank, world, port, path):
+    """EP = 2 x FSDP2 over the 2 ranks holding the same experts (a 2 x 2 mesh of 4 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        model = _model(0)
+        for layer in model:
+            shard_experts(layer, mesh["ep"].get_group())
+            dm.parallel.fully_shard_moe(layer, mesh._flatten("dp_ep"), expert_mesh=mesh["dp"])
+        dcp.save(checkpoint_state_dict(model), checkpoint_id=path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dcp_of_expert_parallel_under_fsdp2_loads_unsharded(tmp_path):
+    path = str(tmp_path / "ckpt")
+    mp.spawn(_fsdp_worker, args=(4, _free_port(), path), nprocs=4, join=True)
+    model = _model(seed=1)
+    dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
+    reference = _model(0).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key

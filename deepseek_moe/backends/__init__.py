@@ -91,8 +91,8 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
 
 def for_experts_implementation(experts_implementation: Optional[str], configured: str) -> str:
     """The backend a layer converted from transformers runs under the model's ``experts_implementation`` (None:
-    ``configured``, the layer's ``config.backend``). Raises ValueError for a name without a counterpart here,
-    listing the supported ones."""
+    ``configured``, the layer's ``config.backend``); a backend named explicitly (not "auto") wins. Raises
+    ValueError for a name without a counterpart here, listing the supported ones."""
     if experts_implementation is None:
         return configured
     if experts_implementation not in _TRANSFORMERS_NAMES:
@@ -100,7 +100,7 @@ def for_experts_implementation(experts_implementation: Optional[str], configured
                          f"converted layers; supported: 'eager' (the reference loop), 'grouped_mm' and "
                          f"{TRANSFORMERS_NAME!r} (the layer's backend, {configured!r}). Choose one with "
                          f"model.set_experts_implementation(...)")
-    return _TRANSFORMERS_NAMES[experts_implementation] or configured
+    return (_TRANSFORMERS_NAMES[experts_implementation] if configured == "auto" else None) or configured
 
 
 def _refusal(name: str, activation: str) -> Optional[str]:

@@ -39,14 +39,14 @@ from ..router import Router
 from .convert import (converted_at_construction, from_hf, from_megablocks, replace_moe_blocks,
                       restore_moe_blocks, to_hf)
 from .families import FAMILIES, SUPPORTED_BLOCKS, Family, config_from_hf, family_of
-from .keymaps import KEYMAPS, KeyMap, to_ours, to_stock
+from .keymaps import KEYMAPS, KeyMap, refresh_conversions, to_ours, to_stock
 from .trainer import aux_loss_trainer, trainer_callback
 from . import experts_interface
 from ..upcycle import is_gated_mlp, is_plain_mlp, moefy, upcycle_
 
 __all__ = [
     "from_hf", "to_hf", "replace_moe_blocks", "converted_at_construction", "restore_moe_blocks", "from_megablocks", "moefy", "upcycle_",
-    "KEYMAPS", "KeyMap", "to_ours", "to_stock", "is_gated_mlp", "is_plain_mlp", "config_from_hf", "family_of", "FAMILIES", "SUPPORTED_BLOCKS", "Family",
+    "KEYMAPS", "KeyMap", "refresh_conversions", "to_ours", "to_stock", "is_gated_mlp", "is_plain_mlp", "config_from_hf", "family_of", "FAMILIES", "SUPPORTED_BLOCKS", "Family",
     "moe_layers", "update_biases", "calibrate_routing", "expert_load", "trainer_callback", "aux_loss_trainer",
     # the package modules hf.py imported, still reachable here
     "ACTIVATIONS", "MoEConfig", "RoutedExperts", "activate", "DeepSeekMoELayer", "attention_mask_padding", "Router",

@@ -17,7 +17,7 @@ from ..config import MoEConfig
 from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
 from .families import FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of
-from .keymaps import (_load_from_family_layout, attach_to_loaded_model, register_with_transformers, to_ours,
+from .keymaps import (_load_from_family_layout, refresh_conversions, register_with_transformers, to_ours,
                       to_stock)
 
 
@@ -113,6 +113,9 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     layer.hf_family = family
     layer.hf_block_class = type(block)
     layer.hf_config = hf_config if hf_config is not None else _hf_config_of(block)
+    # Experts under transformers' @use_experts_implementation carry these flags (DBRX's do not: transformers
+    # reports "eager" for it whatever is asked, so its layers keep their own backend).
+    layer.follows_experts_implementation = hasattr(block.experts, "_is_expert_parallel")
     layer.register_load_state_dict_pre_hook(_load_from_family_layout)
     register_with_transformers()
     _record_router_logits(layer)
@@ -170,7 +173,7 @@ def replace_moe_blocks(model: nn.Module, **overrides) -> int:
                                                                **overrides)))
     if count:
         adopt_init(model)
-        attach_to_loaded_model(model)
+        refresh_conversions(model)
     return count
 
 
@@ -231,7 +234,7 @@ def restore_moe_blocks(model: nn.Module) -> int:
         return block
 
     count = len(replace_modules(model, lambda name, m: getattr(m, "hf_family", None) is not None, make))
-    attach_to_loaded_model(model)
+    refresh_conversions(model)
     return count
 
 

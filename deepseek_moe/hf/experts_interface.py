@@ -45,17 +45,43 @@ def _refusal(module) -> str:
     return ""
 
 
+# transformers' hidden_act names whose ACT2FN function is one of ours: how the activation is known inside a
+# torch.compile trace, where the value probe of an eager first call cannot run.
+_HIDDEN_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+               "relu": "relu"}
+
+
+def _check(module) -> None:
+    reason = _refusal(module)
+    if reason:
+        raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__} cannot run through "
+                         f"deepseek_moe's kernels: {reason}. Use another experts_implementation for it")
+
+
 def _prepared(module) -> Tuple[str, Dict[tuple, backends.Backend]]:
     """(activation name, selected implementations) of a transformers experts module, checked once."""
     state = module.__dict__.get("_deepseek_moe")
     if state is None:
         from .families import _activation_name
-        reason = _refusal(module)
-        if reason:
-            raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__} cannot run through "
-                             f"deepseek_moe's kernels: {reason}. Use another experts_implementation for it")
+        _check(module)
         state = module.__dict__["_deepseek_moe"] = (_activation_name(module.act_fn, "hidden_act"), {})
     return state
+
+
+def _compiled_implementation(module, x: torch.Tensor, H: int, I: int) -> backends.Backend:
+    """The implementation inside a torch.compile trace: a trace-time constant, nothing cached on the module."""
+    state = module.__dict__.get("_deepseek_moe")
+    if state is not None:
+        activation = state[0]
+    else:
+        _check(module)
+        hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
+        if hidden_act not in _HIDDEN_ACT:
+            raise ValueError(f"experts_implementation={NAME!r} under torch.compile: hidden_act={hidden_act!r} is "
+                             f"not one of {sorted(_HIDDEN_ACT)}; run one forward outside torch.compile first so "
+                             f"that the activation is identified from its values")
+        activation = _HIDDEN_ACT[hidden_act]
+    return backends.from_spec(backends.selected_spec("auto", x.device, x.dtype, activation, (H, I)))
 
 
 def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -67,15 +93,18 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     Under transformers' expert parallelism (``module._is_expert_parallel``) a slot whose expert id is
     ``num_experts`` is not this rank's: it contributes nothing and its weight gets no gradient. Raises ValueError
     for an experts module it cannot run exactly (see the module docstring)."""
-    activation, impls = _prepared(module)
     gate_up_EJH, down_EHI = module.gate_up_proj, module.down_proj
     E, H, I = gate_up_EJH.shape[0], gate_up_EJH.shape[2], down_EHI.shape[2]
     dtype = hidden_states.dtype
-    key = (hidden_states.device, dtype, not torch.is_grad_enabled())
-    if key not in impls:
-        impls[key] = backends.select("auto", hidden_states.device, dtype, activation, inference=key[2],
-                                     sizes=(H, I))
-    impl = impls[key]
+    if torch.compiler.is_compiling():
+        impl = _compiled_implementation(module, hidden_states, H, I)
+    else:
+        activation, impls = _prepared(module)
+        key = (hidden_states.device, dtype, not torch.is_grad_enabled())
+        if key not in impls:
+            impls[key] = backends.select("auto", hidden_states.device, dtype, activation, inference=key[2],
+                                         sizes=(H, I))
+        impl = impls[key]
     topk_idx_TK = top_k_index.long()
     keep_TK = topk_idx_TK < E if getattr(module, "_is_expert_parallel", False) else None
     if keep_TK is not None:

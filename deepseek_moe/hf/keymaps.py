@@ -115,36 +115,56 @@ def _load_from_family_layout(module, state, prefix, *args) -> None:
 _TRANSFORMERS_HOOK = "deepseek_moe"
 
 
+def _expert_layout_class():
+    """:class:`ExpertLayout`, a transformers ``ConversionOps`` (made at first use: transformers is optional)."""
+    cls = globals().get("_ExpertLayout")
+    if cls is None:
+        from transformers.core_model_loading import ConversionOps
+
+        class ExpertLayout(ConversionOps):
+            """One :data:`CONVERSIONS` entry as a transformers conversion op (``forward``: stock -> ours)."""
+
+            def __init__(self, name: str, experts: int, forward: bool = True):
+                self.name, self.experts, self.forward = name, experts, forward
+
+            def __repr__(self):
+                return f"ExpertLayout({self.name!r}, E={self.experts}, {'to ours' if self.forward else 'to stock'})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                tensors = [input_dict[p][0] if isinstance(input_dict[p], list) else input_dict[p]
+                           for p in source_patterns]
+                if self.forward:
+                    return {target_patterns[0]: CONVERSIONS[self.name][0](tensors, self.experts)}
+                return dict(zip(target_patterns, CONVERSIONS[self.name][1](tensors[0], self.experts)))
+
+            @property
+            def reverse_op(self):
+                return ExpertLayout(self.name, self.experts, not self.forward)
+
+        # Pickled by reference (a converted model keeps these ops in its _weight_conversions): found again through
+        # this module's __getattr__.
+        ExpertLayout.__module__, ExpertLayout.__qualname__ = __name__, "ExpertLayout"
+        cls = globals()["_ExpertLayout"] = ExpertLayout
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "ExpertLayout":
+        return _expert_layout_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def transformers_transforms(family: Family, E: int) -> List[object]:
     """The family's :class:`KeyMap` as transformers ``WeightRenaming``/``WeightConverter`` transforms (stock ->
     ours; transformers reverses them on save). Needs transformers >= 5."""
-    from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    class ExpertLayout(ConversionOps):
-        """One :data:`CONVERSIONS` entry as a transformers conversion op (``forward``: stock -> ours)."""
-
-        def __init__(self, name: str, experts: int, forward: bool = True):
-            self.name, self.experts, self.forward = name, experts, forward
-
-        def __repr__(self):
-            return f"ExpertLayout({self.name!r}, E={self.experts}, {'to ours' if self.forward else 'to stock'})"
-
-        @torch.no_grad()
-        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-            tensors = [input_dict[p][0] if isinstance(input_dict[p], list) else input_dict[p]
-                       for p in source_patterns]
-            if self.forward:
-                return {target_patterns[0]: CONVERSIONS[self.name][0](tensors, self.experts)}
-            return dict(zip(target_patterns, CONVERSIONS[self.name][1](tensors[0], self.experts)))
-
-        @property
-        def reverse_op(self):
-            return ExpertLayout(self.name, self.experts, not self.forward)
-
+    layout = _expert_layout_class()
     kmap = keymap(family)
     return ([WeightRenaming(source_patterns=stock, target_patterns=ours) for stock, ours in kmap.renames]
             + [WeightConverter(source_patterns=list(stock), target_patterns=ours,
-                               operations=[ExpertLayout(name, E)]) for stock, ours, name in kmap.converts])
+                               operations=[layout(name, E)]) for stock, ours, name in kmap.converts])
 
 
 def _layer_transforms(layer) -> List[object]:
@@ -186,10 +206,12 @@ def register_with_transformers() -> bool:
     return True
 
 
-def attach_to_loaded_model(model) -> None:
-    """A model loaded by transformers before its blocks were converted keeps the transforms it was loaded with
-    (``_weight_conversions``, which ``save_pretrained`` reverses): add the converted layers' to them, or drop
-    them after :func:`~deepseek_moe.hf.restore_moe_blocks`."""
+def refresh_conversions(model) -> None:
+    """Bring the transforms that ``save_pretrained`` reverses up to date with the converted layers ``model`` holds.
+    A model loaded by ``from_pretrained`` keeps the transforms it was loaded with (``_weight_conversions``) and
+    saves with those: add the converted layers', or drop them after :func:`~deepseek_moe.hf.restore_moe_blocks`.
+    ``replace_moe_blocks`` and ``restore_moe_blocks`` call it; call it yourself after placing :func:`from_hf`
+    layers into a loaded model by hand."""
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
         return
