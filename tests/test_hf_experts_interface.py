@@ -99,8 +99,12 @@ def test_converted_models_honour_set_experts_implementation():
     model.set_experts_implementation("deepseek_moe")
     model(ids)
     assert layer.backend_name == dm_auto_name(layer)
-    model.set_experts_implementation("batched_mm")  # was silently run on the same backend
-    with pytest.raises(ValueError, match="batched_mm.*supported: 'eager'"):
+    # generate() switches "grouped_mm" to "batched_mm" for decoding on GPUs: the layer's backend runs it.
+    model.set_experts_implementation("batched_mm")
+    model(ids)
+    assert layer.backend_name == dm_auto_name(layer)
+    model.config._experts_implementation = "sonicmoe"  # was silently run on the same backend
+    with pytest.raises(ValueError, match="sonicmoe.*supported: 'eager'"):
         model(ids)
 
 

@@ -4,7 +4,6 @@ rank's experts) and gives its outputs (to the all-to-all's summation order)."""
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp

@@ -32,8 +32,10 @@ __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "Torch
 # The name under which deepseek_moe.hf registers its experts function with transformers.
 TRANSFORMERS_NAME = "deepseek_moe"
 # transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
-# transformers sets "grouped_mm" by default; its "eager" is a per-expert loop, whose counterpart is our reference.
-_TRANSFORMERS_NAMES = {"eager": "eager", "grouped_mm": None, TRANSFORMERS_NAME: None}
+# Its "eager" is a per-expert loop, whose counterpart is our reference. "grouped_mm" (its default) and "batched_mm"
+# are its fast paths for many and for few tokens (generate() switches to "batched_mm" for decoding on GPUs); our
+# backends choose their path by the token count themselves, so both run the layer's backend.
+_TRANSFORMERS_NAMES = {"eager": "eager", "grouped_mm": None, "batched_mm": None, TRANSFORMERS_NAME: None}
 
 
 class BackendUnavailable(RuntimeError):
@@ -97,8 +99,8 @@ def for_experts_implementation(experts_implementation: Optional[str], configured
         return configured
     if experts_implementation not in _TRANSFORMERS_NAMES:
         raise ValueError(f"experts_implementation={experts_implementation!r} has no counterpart in deepseek_moe's "
-                         f"converted layers; supported: 'eager' (the reference loop), 'grouped_mm' and "
-                         f"{TRANSFORMERS_NAME!r} (the layer's backend, {configured!r}). Choose one with "
+                         f"converted layers; supported: 'eager' (the reference loop), 'grouped_mm', 'batched_mm' "
+                         f"and {TRANSFORMERS_NAME!r} (the layer's backend, {configured!r}). Choose one with "
                          f"model.set_experts_implementation(...)")
     return (_TRANSFORMERS_NAMES[experts_implementation] if configured == "auto" else None) or configured
 

@@ -18,8 +18,8 @@ dbrx                ``DbrxFFN``                 softmax, p=1 norm, router jitter
 A converted layer computes the same function as the block in training and in eval, records its router logits for
 ``output_router_logits`` (so the model's own balance loss, ``router_aux_loss_coef``, is unchanged), keeps the
 block's dtypes, initialises through the model's ``init_weights``, and ``save_pretrained`` writes the family's
-checkpoint layout (:mod:`.keymaps`), so a converted model's checkpoint loads into the stock class. Configurations it cannot reproduce raise
-ValueError naming the field. docs/integration.md lists every behaviour and every stated difference.
+checkpoint layout (:mod:`.keymaps`), so a converted model's checkpoint loads into the stock class.
+Configurations it cannot reproduce raise ValueError naming the field. docs/integration.md lists every behaviour and every stated difference.
 
 Legend: H hidden size, I expert width, E routed experts, K experts per token, F dense MLP width.
 
@@ -45,8 +45,9 @@ from . import experts_interface
 from ..upcycle import is_gated_mlp, is_plain_mlp, moefy, upcycle_
 
 __all__ = [
-    "from_hf", "to_hf", "replace_moe_blocks", "converted_at_construction", "restore_moe_blocks", "from_megablocks", "moefy", "upcycle_",
-    "KEYMAPS", "KeyMap", "refresh_conversions", "to_ours", "to_stock", "is_gated_mlp", "is_plain_mlp", "config_from_hf", "family_of", "FAMILIES", "SUPPORTED_BLOCKS", "Family",
+    "from_hf", "to_hf", "replace_moe_blocks", "converted_at_construction", "restore_moe_blocks", "from_megablocks",
+    "moefy", "upcycle_", "KEYMAPS", "KeyMap", "refresh_conversions", "to_ours", "to_stock", "is_gated_mlp",
+    "is_plain_mlp", "config_from_hf", "family_of", "FAMILIES", "SUPPORTED_BLOCKS", "Family",
     "moe_layers", "update_biases", "calibrate_routing", "expert_load", "trainer_callback", "aux_loss_trainer",
     # the package modules hf.py imported, still reachable here
     "ACTIVATIONS", "MoEConfig", "RoutedExperts", "activate", "DeepSeekMoELayer", "attention_mask_padding", "Router",

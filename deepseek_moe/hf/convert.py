@@ -1,8 +1,8 @@
 """A converted layer <-> its transformers block: the layer's construction, the inverse, and whole-model swaps.
 
 A converted layer records its router logits as transformers' ``router_logits``, initialises through the model's
-``init_weights`` and is saved by ``save_pretrained`` in the family's checkpoint layout (:mod:`.keymaps`). transformers is imported only
-inside the functions that need it.
+``init_weights`` and is saved by ``save_pretrained`` in the family's checkpoint layout (:mod:`.keymaps`).
+transformers is imported only inside the functions that need it.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     model computes its balance loss from the recorded router logits) unless given in ``overrides``. Dtypes follow
     the block: experts and shared experts in the experts' dtype, the router in fp32 (or wider). ``hf_config``:
     the model's config, for blocks that do not keep it (DBRX); it lets :func:`to_hf` rebuild the block and the
-    model's ``experts_implementation`` steer backend "auto". A meta-device block gives a meta-device layer.
+    model's ``experts_implementation`` choose the backend (:func:`deepseek_moe.backends.for_experts_implementation`;
+    not for DBRX, whose experts do not take it). A meta-device block gives a meta-device layer.
 
     Raises TypeError for an unsupported block and ValueError naming the config field of a configuration the
     layer cannot reproduce, or the checkpoint keys it cannot map. Example::

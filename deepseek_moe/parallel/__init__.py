@@ -3,4 +3,5 @@ tokens exchanged with all-to-all. See :func:`shard_experts` and docs/parallel.md
 from .checkpoint import checkpoint_state_dict
 from .expert_parallel import AllToAllDispatcher, fully_shard_moe, gather_expert_state_dict, shard_experts
 
-__all__ = ["AllToAllDispatcher", "checkpoint_state_dict", "fully_shard_moe", "gather_expert_state_dict", "shard_experts"]
+__all__ = ["AllToAllDispatcher", "checkpoint_state_dict", "fully_shard_moe", "gather_expert_state_dict",
+           "shard_experts"]

@@ -23,26 +23,28 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
+# Widths are multiples of 8 elements: transformers' own grouped_mm (the stock default) needs 16-byte strides on the
+# CPU, which odd widths (its testers' 37 and 12) violate in 16-bit and 32-bit dtypes.
 FAMILIES = {  # family: (config class, model classes, config fields) -- tiny, as transformers' testers
     "deepseek_v3": ("DeepseekV3Config", ("DeepseekV3Model", "DeepseekV3ForCausalLM"), dict(
-        intermediate_size=37, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=8,
+        intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=8,
         n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)),
     "deepseek_v2": ("DeepseekV2Config", ("DeepseekV2Model", "DeepseekV2ForCausalLM"), dict(
-        intermediate_size=37, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2,
+        intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, n_group=4, topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=0,
         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
         num_key_value_heads=4)),
     "mixtral": ("MixtralConfig", ("MixtralModel", "MixtralForCausalLM"), dict(
-        intermediate_size=37, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, hidden_act="gelu")),
+        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, hidden_act="gelu")),
     "qwen2_moe": ("Qwen2MoeConfig", ("Qwen2MoeModel", "Qwen2MoeForCausalLM"), dict(
-        intermediate_size=37, moe_intermediate_size=12, shared_expert_intermediate_size=36, num_experts=8,
+        intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=8,
         num_experts_per_tok=2, num_key_value_heads=2, hidden_act="gelu")),
     "qwen3_moe": ("Qwen3MoeConfig", ("Qwen3MoeModel", "Qwen3MoeForCausalLM"), dict(
-        intermediate_size=37, moe_intermediate_size=12, num_experts=8, num_experts_per_tok=2, head_dim=8,
+        intermediate_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
         num_key_value_heads=2)),
     "olmoe": ("OlmoeConfig", ("OlmoeModel", "OlmoeForCausalLM"), dict(
-        intermediate_size=37, num_experts=8, num_experts_per_tok=2, num_key_value_heads=2)),
+        intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_key_value_heads=2)),
     "dbrx": ("DbrxConfig", ("DbrxModel", "DbrxForCausalLM"), None),
 }
 
