@@ -18,7 +18,7 @@ from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
 from .families import FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of
 from .keymaps import (_load_from_family_layout, refresh_conversions, register_with_transformers, to_ours,
-                      to_stock)
+                      to_stock, with_layer_transforms)
 
 
 # ------------------------------------------------------------------------------------ transformers hooks
@@ -189,8 +189,10 @@ def converted_at_construction(**overrides) -> Iterator[None]:
     The family's block class is replaced in its transformers modeling module for the duration, and every model
     built inside initialises the converted layers through its own ``init_weights``. Models built inside keep
     working after the context closes (``init_weights``, save, load, moves); models built outside are unaffected.
+    Before transformers 5.25, whose loader collects the layers' key layouts itself, the loader's
+    ``get_model_conversion_mapping`` is extended by them for the duration too.
     """
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, modeling_utils
 
     patched = []
 
@@ -213,6 +215,10 @@ def converted_at_construction(**overrides) -> Iterator[None]:
                     patched.append((module, name, getattr(module, name)))
                     setattr(module, name, factory(getattr(module, name)))
         PreTrainedModel.post_init = post_init
+        if not register_with_transformers() and hasattr(modeling_utils, "get_model_conversion_mapping"):
+            original = modeling_utils.get_model_conversion_mapping
+            patched.append((modeling_utils, "get_model_conversion_mapping", original))
+            modeling_utils.get_model_conversion_mapping = with_layer_transforms(original)
         yield
     finally:
         PreTrainedModel.post_init = original_post_init

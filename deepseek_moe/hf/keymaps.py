@@ -174,17 +174,26 @@ def _layer_transforms(layer) -> List[object]:
     return transformers_transforms(family, layer.config.num_routed_experts)
 
 
-def register_with_transformers() -> bool:
-    """Let transformers' loader and saver apply :data:`KEYMAPS` to every model that holds a converted layer
-    (idempotent). Returns False where this transformers has no such hook (before 5.25): there a converted
-    Qwen2-MoE or DBRX model saves and loads through ``state_dict``/``load_state_dict`` only."""
+def _loader_applies_hook() -> bool:
+    """transformers' loader collects the per-module transforms (``get_fusion_weight_transforms``, 5.25 on)."""
     try:
-        from transformers import fusion_mapping
+        from transformers import conversion_mapping
     except ImportError:
         return False
-    registry = getattr(fusion_mapping, "_FUSION_REGISTRY", None)
-    if registry is None:
+    return hasattr(conversion_mapping, "get_fusion_weight_transforms")
+
+
+def register_with_transformers() -> bool:
+    """Let transformers' loader and saver apply :data:`KEYMAPS` to every model that holds a converted layer
+    (idempotent). Returns False where this transformers' loader does not collect per-module transforms (before
+    5.25): there :func:`refresh_conversions` still makes ``save_pretrained`` write the stock layout, but a
+    checkpoint loads into converted Qwen2-MoE or DBRX layers only through ``load_state_dict`` (load the stock
+    model, then ``replace_moe_blocks``)."""
+    if not _loader_applies_hook():
         return False
+    from transformers import fusion_mapping
+
+    registry = fusion_mapping._FUSION_REGISTRY
     if _TRANSFORMERS_HOOK not in registry:
 
         class ConvertedLayers(fusion_mapping.ModuleFusionSpec):
@@ -206,26 +215,53 @@ def register_with_transformers() -> bool:
     return True
 
 
+def with_layer_transforms(get_model_conversion_mapping):
+    """transformers' ``get_model_conversion_mapping`` extended by the converted layers' transforms: what the loader
+    collects itself from 5.25 on (:func:`~deepseek_moe.hf.converted_at_construction` patches it in before)."""
+
+    def wrapper(model, *args, **kwargs):
+        conversions = list(get_model_conversion_mapping(model, *args, **kwargs))
+        seen = {tuple(t.source_patterns) for t in conversions}
+        for layer in model.modules():
+            for t in _layer_transforms(layer):
+                if tuple(t.source_patterns) not in seen:
+                    seen.add(tuple(t.source_patterns))
+                    conversions.append(t)
+        return conversions
+
+    return wrapper
+
+
 def refresh_conversions(model) -> None:
     """Bring the transforms that ``save_pretrained`` reverses up to date with the converted layers ``model`` holds.
     A model loaded by ``from_pretrained`` keeps the transforms it was loaded with (``_weight_conversions``) and
     saves with those: add the converted layers', or drop them after :func:`~deepseek_moe.hf.restore_moe_blocks`.
-    ``replace_moe_blocks`` and ``restore_moe_blocks`` call it; call it yourself after placing :func:`from_hf`
-    layers into a loaded model by hand."""
+    Where transformers' saver does not collect per-module transforms itself (before 5.25), a model that was not
+    loaded gets the model's own transforms plus the layers'. ``replace_moe_blocks`` and ``restore_moe_blocks`` call
+    it; call it yourself after placing :func:`from_hf` layers into a loaded model by hand."""
     conversions = getattr(model, "_weight_conversions", None)
+    layers = [t for layer in model.modules() for t in _layer_transforms(layer)]
     if conversions is None:
-        return
-    ours = {tuple(t.source_patterns) for family in _families_in(model) for t in transformers_transforms(family, 1)}
+        if not layers or _loader_applies_hook():
+            return
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import PrefixChange
+        except ImportError:  # transformers 4: no declarative conversions
+            return
+        # What transformers' saver computes for a model it did not load (legacy renames and prefix changes off).
+        conversions = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(t, PrefixChange)]
+    ours = {tuple(t.source_patterns) for name in KEYMAPS for t in transformers_transforms(_family(name), 1)}
     kept = [t for t in conversions if tuple(t.source_patterns) not in ours]
     seen = set()
-    for layer in model.modules():
-        for t in _layer_transforms(layer):
-            if tuple(t.source_patterns) not in seen:
-                seen.add(tuple(t.source_patterns))
-                kept.append(t)
+    for t in layers:
+        if tuple(t.source_patterns) not in seen:
+            seen.add(tuple(t.source_patterns))
+            kept.append(t)
     model._weight_conversions = kept
 
 
-def _families_in(model) -> List[Family]:
+def _family(name: str) -> Family:
     from .families import FAMILIES
-    return [f for f in FAMILIES if f.name in KEYMAPS]
+    return next(f for f in FAMILIES if f.name == name)
