@@ -138,3 +138,42 @@ def test_deepseek_moe_experts_compile_fullgraph_from_a_cold_start():
     got = compiled(x, idx, w)
     experts.config._experts_implementation = "eager"
     assert_close(got, experts(x, idx, w), 1e-6, "compiled deepseek_moe experts")
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype_as_eager():
+    from deepseek_moe.testing import rel_rms
+
+    experts = _model("qwen3_moe").model.layers[0].mlp.experts  # fp32 weights
+    g = torch.Generator().manual_seed(0)
+    x, idx, w = torch.randn(64, 32, generator=g), torch.randint(0, 8, (64, 2), generator=g), torch.rand(64, 2)
+    experts.config._experts_implementation = "eager"
+    fp32 = experts(x, idx, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = experts(x, idx, w)
+        experts.config._experts_implementation = "deepseek_moe"
+        ours = experts(x, idx, w)
+    assert ours.dtype == eager.dtype
+    assert rel_rms(ours.float(), eager.float()) < 1e-2  # both bf16 GEMMs
+    assert rel_rms(ours.float(), fp32) > 1e-4  # it did not run in fp32 (it did before)
+    with pytest.raises(TypeError, match="dtype"):  # bf16 input, fp32 weights, no autocast: eager raises too
+        experts(x.bfloat16(), idx, w)
+
+
+def test_unsupported_activation_names_the_experts_implementation():
+    model = _model("qwen3_moe", hidden_act="tanh")
+    model.set_experts_implementation("deepseek_moe")
+    with pytest.raises(ValueError, match="experts_implementation='deepseek_moe'.*activation"):
+        model(_batch(1))
+
+
+def test_nested_converted_at_construction_applies_the_inner_overrides():
+    from test_hf_fidelity import _config
+
+    with hf.converted_at_construction(backend="eager"):
+        with hf.converted_at_construction(backend="torch"):
+            inner = transformers.AutoModelForCausalLM.from_config(_config("mixtral"))
+        outer = transformers.AutoModelForCausalLM.from_config(_config("mixtral"))
+    plain = transformers.AutoModelForCausalLM.from_config(_config("mixtral"))
+    assert {layer.config.backend for layer in hf.moe_layers(inner).values()} == {"torch"}
+    assert {layer.config.backend for layer in hf.moe_layers(outer).values()} == {"eager"}
+    assert not hf.moe_layers(plain)

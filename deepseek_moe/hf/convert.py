@@ -189,7 +189,7 @@ def converted_at_construction(**overrides) -> Iterator[None]:
     The family's block class is replaced in its transformers modeling module for the duration, and every model
     built inside initialises the converted layers through its own ``init_weights``. Models built inside keep
     working after the context closes (``init_weights``, save, load, moves); models built outside are unaffected.
-    Before transformers 5.25, whose loader collects the layers' key layouts itself, the loader's
+    Nested, the innermost context's ``overrides`` apply. Before transformers 5.25, whose loader collects the layers' key layouts itself, the loader's
     ``get_model_conversion_mapping`` is extended by them for the duration too.
     """
     from transformers import PreTrainedModel, modeling_utils
@@ -199,6 +199,7 @@ def converted_at_construction(**overrides) -> Iterator[None]:
     def factory(original):
         def build(config, *args, **kwargs):
             return from_hf(original(config, *args, **kwargs), hf_config=config, **overrides)
+        build.stock_block = original  # an inner context wraps the stock class, not this function
         return build
 
     original_post_init = PreTrainedModel.post_init
@@ -211,9 +212,11 @@ def converted_at_construction(**overrides) -> Iterator[None]:
         for family in FAMILIES:
             module = importlib.import_module(f"transformers.models.{family.name}.modeling_{family.name}")
             for name in family.blocks:
-                if isinstance(getattr(module, name, None), type):
-                    patched.append((module, name, getattr(module, name)))
-                    setattr(module, name, factory(getattr(module, name)))
+                current = getattr(module, name, None)
+                stock = getattr(current, "stock_block", current)
+                if isinstance(stock, type):
+                    patched.append((module, name, current))
+                    setattr(module, name, factory(stock))
         PreTrainedModel.post_init = post_init
         if not register_with_transformers() and hasattr(modeling_utils, "get_model_conversion_mapping"):
             original = modeling_utils.get_model_conversion_mapping

@@ -26,6 +26,8 @@ from typing import Dict, Tuple
 import torch
 
 from .. import backends
+from ..config import ACTIVATIONS
+from ..experts import check_dtype
 from ..plan import build_plan
 
 NAME = backends.TRANSFORMERS_NAME
@@ -48,7 +50,7 @@ def _refusal(module) -> str:
 # transformers' hidden_act names whose ACT2FN function is one of ours: how the activation is known inside a
 # torch.compile trace, where the value probe of an eager first call cannot run.
 _HIDDEN_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh",
-               "relu": "relu"}
+               "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh", "relu": "relu"}
 
 
 def _check(module) -> None:
@@ -64,11 +66,17 @@ def _prepared(module) -> Tuple[str, Dict[tuple, backends.Backend]]:
     if state is None:
         from .families import _activation_name
         _check(module)
-        state = module.__dict__["_deepseek_moe"] = (_activation_name(module.act_fn, "hidden_act"), {})
+        try:
+            activation = _activation_name(module.act_fn, "hidden_act")
+        except ValueError:
+            raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__}'s activation "
+                             f"({type(module.act_fn).__name__}) is not one of the kernels' GLU activations "
+                             f"{ACTIVATIONS}. Use another experts_implementation for it") from None
+        state = module.__dict__["_deepseek_moe"] = (activation, {})
     return state
 
 
-def _compiled_implementation(module, x: torch.Tensor, H: int, I: int) -> backends.Backend:
+def _compiled_implementation(module, device: torch.device, dtype: torch.dtype, H: int, I: int) -> backends.Backend:
     """The implementation inside a torch.compile trace: a trace-time constant, nothing cached on the module."""
     state = module.__dict__.get("_deepseek_moe")
     if state is not None:
@@ -81,7 +89,7 @@ def _compiled_implementation(module, x: torch.Tensor, H: int, I: int) -> backend
                              f"not one of {sorted(_HIDDEN_ACT)}; run one forward outside torch.compile first so "
                              f"that the activation is identified from its values")
         activation = _HIDDEN_ACT[hidden_act]
-    return backends.from_spec(backends.selected_spec("auto", x.device, x.dtype, activation, (H, I)))
+    return backends.from_spec(backends.selected_spec("auto", device, dtype, activation, (H, I)))
 
 
 def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -95,9 +103,13 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     for an experts module it cannot run exactly (see the module docstring)."""
     gate_up_EJH, down_EHI = module.gate_up_proj, module.down_proj
     E, H, I = gate_up_EJH.shape[0], gate_up_EJH.shape[2], down_EHI.shape[2]
-    dtype = hidden_states.dtype
+    # The GEMMs' dtype as transformers' eager computes it: autocast's when on, else the weights' (and then the
+    # hidden states must have it: eager's F.linear raises otherwise, so does check_dtype).
+    check_dtype(hidden_states, gate_up_EJH)
+    device = hidden_states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
     if torch.compiler.is_compiling():
-        impl = _compiled_implementation(module, hidden_states, H, I)
+        impl = _compiled_implementation(module, hidden_states.device, dtype, H, I)
     else:
         activation, impls = _prepared(module)
         key = (hidden_states.device, dtype, not torch.is_grad_enabled())
@@ -110,8 +122,8 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     if keep_TK is not None:
         topk_idx_TK = topk_idx_TK.clamp(max=E - 1)
     plan = build_plan(topk_idx_TK, top_k_weights, E, keep_TK=keep_TK)
-    y_TH = impl.run(hidden_states, plan, gate_up_EJH.to(dtype), down_EHI.to(dtype))
-    return y_TH.to(dtype)
+    y_TH = impl.run(hidden_states.to(dtype), plan, gate_up_EJH.to(dtype), down_EHI.to(dtype))
+    return y_TH.to(hidden_states.dtype)
 
 
 def register() -> None:
