@@ -19,7 +19,8 @@ A converted layer computes the same function as the block in training and in eva
 ``output_router_logits`` (so the model's own balance loss, ``router_aux_loss_coef``, is unchanged), keeps the
 block's dtypes, initialises through the model's ``init_weights``, and ``save_pretrained`` writes the family's
 checkpoint layout (:mod:`.keymaps`), so a converted model's checkpoint loads into the stock class.
-Configurations it cannot reproduce raise ValueError naming the field. docs/integration.md lists every behaviour and every stated difference.
+Configurations it cannot reproduce raise ValueError naming the field. docs/integration.md lists every behaviour
+and every stated difference.
 
 Legend: H hidden size, I expert width, E routed experts, K experts per token, F dense MLP width.
 

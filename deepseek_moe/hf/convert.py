@@ -189,8 +189,9 @@ def converted_at_construction(**overrides) -> Iterator[None]:
     The family's block class is replaced in its transformers modeling module for the duration, and every model
     built inside initialises the converted layers through its own ``init_weights``. Models built inside keep
     working after the context closes (``init_weights``, save, load, moves); models built outside are unaffected.
-    Nested, the innermost context's ``overrides`` apply. Before transformers 5.25, whose loader collects the layers' key layouts itself, the loader's
-    ``get_model_conversion_mapping`` is extended by them for the duration too.
+    Nested, the innermost context's ``overrides`` apply. Before transformers 5.25, whose loader collects the
+    layers' key layouts itself, the loader's ``get_model_conversion_mapping`` is extended by them for the duration
+    too.
     """
     from transformers import PreTrainedModel, modeling_utils
 
