@@ -59,8 +59,8 @@ with open("README.md", encoding="utf-8") as f:
 
 extras = {
     "test": ["pytest>=8", "hypothesis>=6.100"],
-    "triton": ["triton>=3.0"],
-    "hf": ["transformers>=4.57", "accelerate>=1.0"],
+    "triton": ["triton>=3.6"],
+    "hf": ["transformers>=5.19", "accelerate>=1.0"],
     "bench": ["rich>=13", "matplotlib>=3.8"],
     "ext": ["ninja"],
 }

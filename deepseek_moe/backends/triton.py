@@ -21,6 +21,7 @@ import torch
 
 from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
+from ..versions import below_floor
 from .base import Backend
 
 
@@ -145,6 +146,9 @@ class TritonBackend(Backend):
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'deepseek-moe[triton]')"
+        old = below_floor("triton")
+        if old is not None:
+            return old
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the Triton kernels support float32, bfloat16 and float16, not {dtype}"
         if device.type == "cuda":

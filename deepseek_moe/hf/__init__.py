@@ -30,6 +30,10 @@ Modules: :mod:`.families` (the table above, and :func:`config_from_hf`), :mod:`.
 """
 from __future__ import annotations
 
+from ..versions import require
+
+require("transformers")  # an installed transformers below the floor: one clear ImportError
+
 from ..config import ACTIVATIONS, MoEConfig
 from ..experts import RoutedExperts
 from ..glu import activate
@@ -42,7 +46,7 @@ from .convert import (converted_at_construction, from_hf, from_megablocks, repla
 from .families import FAMILIES, SUPPORTED_BLOCKS, Family, config_from_hf, family_of
 from .keymaps import KEYMAPS, KeyMap, refresh_conversions, to_ours, to_stock
 from .trainer import aux_loss_trainer, trainer_callback
-from . import experts_interface
+from . import experts_interface  # noqa: F401  ("deepseek_moe" in transformers' experts interface)
 from ..upcycle import is_gated_mlp, is_plain_mlp, moefy, upcycle_
 
 __all__ = [
@@ -53,5 +57,3 @@ __all__ = [
     # the package modules hf.py imported, still reachable here
     "ACTIVATIONS", "MoEConfig", "RoutedExperts", "activate", "DeepSeekMoELayer", "attention_mask_padding", "Router",
 ]
-
-experts_interface.install()  # "deepseek_moe" in transformers' ExpertsInterface, once transformers loads it

@@ -11,16 +11,13 @@ norm, a module's own ``_apply_gate`` such as gpt-oss's clamped SwiGLU, an activa
 (b) A converted model's ``experts_implementation`` picks the layers' backend
 (:func:`deepseek_moe.backends.for_experts_implementation`).
 
-The function is registered when transformers' ``integrations.moe`` is imported (a post-import hook installed by
-:func:`install`, so ``import deepseek_moe`` does not import transformers), or at once if it already is.
+The function is registered when transformers' ``integrations.moe`` is imported (a post-import hook that
+``import deepseek_moe`` installs, :mod:`deepseek_moe.transformers_hook`), or at once if it already is.
 
 Legend: T tokens, K experts per token, E experts, H hidden size, I expert width.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
 from typing import Dict, Tuple
 
 import torch
@@ -31,7 +28,6 @@ from ..experts import check_dtype
 from ..plan import build_plan
 
 NAME = backends.TRANSFORMERS_NAME
-_MODULE = "transformers.integrations.moe"
 
 def _refusal(module) -> str:
     """Why ``module`` (a transformers experts module) cannot run here exactly, or ''."""
@@ -130,47 +126,3 @@ def register() -> None:
     """Add :func:`experts_forward` to transformers' ``ExpertsInterface`` as ``"deepseek_moe"`` (idempotent)."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(NAME, experts_forward)
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register` right after transformers' ``integrations.moe`` module is first executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self:
-                continue
-            spec = getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def exec_and_register(module):
-            exec_module(module)
-            register()
-
-        spec.loader = _Loader(loader, exec_and_register)
-        return spec
-
-
-class _Loader(importlib.abc.Loader):
-    def __init__(self, loader, exec_module):
-        self._loader, self._exec_module = loader, exec_module
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._exec_module(module)
-
-
-def install() -> None:
-    """Register now if transformers' integrations.moe is loaded, else when it is (``import deepseek_moe``)."""
-    if _MODULE in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
