@@ -76,7 +76,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["deepseek_moe", "deepseek_moe.*"]),
-    install_requires=["torch>=2.10"],
+    install_requires=["torch>=2.10", "numpy"],
     extras_require=extras,
     entry_points={"console_scripts": ["deepseek-moe-bench = deepseek_moe.bench.cli:main_exit"]},
     ext_modules=ext_modules,

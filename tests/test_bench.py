@@ -39,6 +39,7 @@ def test_matching_rule(match, H, F):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the bench extra's matplotlib")
     out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     rc = main(TINY + ["--tokens", "16,48", "--mode", "fwd,fwdbwd,decode", "--decode-tokens", "2",
                       "--backend", "all", "--dtype", "float32,bfloat16", "--json", str(out_json),
@@ -137,6 +138,7 @@ def no_rich(monkeypatch):
 
 @pytest.mark.parametrize("with_rich", [True, False], ids=["rich", "plain"])
 def test_report_fits_the_terminal_width(with_rich, monkeypatch, capsys, request):
+    pytest.importorskip("transformers", reason="the report includes the transformers peers (the hf extra)")
     if not with_rich:
         request.getfixturevalue("no_rich")
     monkeypatch.setenv("COLUMNS", "80")
@@ -203,6 +205,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
 
 @pytest.mark.parametrize("tty,flag", [(True, []), (False, ["--no-progress"]), (True, ["--no-progress"])])
 def test_progress_bar_on_a_terminal_and_silence_on_request(tty, flag, monkeypatch, capsys):
+    pytest.importorskip("transformers", reason="the report includes the transformers peers (the hf extra)")
     stream = _Stream(tty=tty)
     monkeypatch.setattr(sys, "stderr", stream)
     assert main(SMALL + ["--mode", "fwd", "--peers", "none"] + flag) == 0
@@ -213,6 +216,7 @@ def test_progress_bar_on_a_terminal_and_silence_on_request(tty, flag, monkeypatc
 
 def test_memory_estimate_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
     """The run that swapped for 10 minutes to 22.6 GB on a 24 GiB machine is refused at once, nothing built."""
+    pytest.importorskip("transformers", reason="the report includes the transformers peers (the hf extra)")
     monkeypatch.setattr(cli, "available_bytes", lambda device: 24 * 2**30)
 
     def never(*args, **kwargs):
@@ -238,6 +242,7 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
 
 
 def test_memory_estimate_is_printed_and_counts_what_is_built(capsys):
+    pytest.importorskip("transformers", reason="the report includes the transformers peers (the hf extra)")
     assert main(SMALL + ["--no-progress", "--mode", "fwd", "--backend", "eager,torch"]) == 0
     out = capsys.readouterr().out
     assert re.match(r"memory: about [0-9.]+ (MiB|GiB) needed at the peak \(float32: weights [0-9.]+ (MiB|GiB) in "
@@ -267,6 +272,7 @@ def test_memory_estimate_is_printed_and_counts_what_is_built(capsys):
 def test_call_estimate_bounds_the_measured_peak(dtype):
     """Every contender kind's measured peak (timing.peak_memory) stays under call_bytes: our layer (eager and torch
     backends), the dense FFN, transformers' Mixtral and DeepseekV3 blocks with each experts implementation."""
+    pytest.importorskip("transformers", reason="the peers are transformers' blocks (the hf extra)")
     from deepseek_moe import MoEConfig
     from deepseek_moe.bench.timing import peak_memory, run_once
 
@@ -364,6 +370,7 @@ def test_jit_build_cache_is_recognised(monkeypatch, tmp_path):
 
 
 def test_titles_and_columns_name_the_configs_compared(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the bench extra's matplotlib")
     import matplotlib.figure
 
     texts = []
