@@ -3,6 +3,7 @@
 # the triton it pins, a numpy its Triton interpreter works with, and every extra; then the README's test command.
 # Several GB of downloads, so not part of every CI run; docs/versions.md records the last result.
 #   bash tests/compat/torch_floor.sh [venv dir]        (default /tmp/deepseek_moe_torch_floor)
+#   TORCH=2.15.0 bash tests/compat/torch_floor.sh DIR    another torch (e.g. the newest) the same way
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FLOOR=$(python - <<'PY'
@@ -13,7 +14,7 @@ PY
 VENV=${1:-/tmp/deepseek_moe_torch_floor}
 python -m venv "$VENV"
 . "$VENV/bin/activate"
-python -m pip install --quiet --disable-pip-version-check "torch==${FLOOR}.*"
+python -m pip install --quiet --disable-pip-version-check "torch==${TORCH:-${FLOOR}.*}"
 # triton <= 3.6's CPU interpreter breaks on numpy 2.4 (InterpreterError on 0-d arrays); numpy 2.3 works.
 python -m pip install --quiet --disable-pip-version-check -e ".[test,bench,hf,triton]" "numpy<2.4"
 python -c "import torch, triton, numpy, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'transformers', transformers.__version__)"
