@@ -55,3 +55,16 @@ def test_triton_below_the_floor_makes_the_backend_unavailable(monkeypatch):
     monkeypatch.setattr(versions, "installed", lambda name: "3.0.0" if name == "triton" else None)
     reason = TritonBackend("silu").unavailable_reason(torch.device("cuda"), torch.float32)
     assert reason.startswith("deepseek_moe needs triton>=3.6 (found 3.0.0)")
+
+
+def test_the_triton_interpreter_is_refused_where_numpy_breaks_it(monkeypatch):
+    from deepseek_moe.backends import triton as triton_backend
+
+    fake = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(versions, "installed", fake.get)
+    monkeypatch.setattr(triton_backend, "installed", fake.get)
+    assert "pip install 'numpy<2.4'" in triton_backend.interpreter_reason()
+    fake["numpy"] = "2.3.5"
+    assert triton_backend.interpreter_reason() is None
+    fake.update(triton="3.7.1", numpy="2.4.6")
+    assert triton_backend.interpreter_reason() is None

@@ -21,7 +21,7 @@ import torch
 
 from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
-from ..versions import below_floor
+from ..versions import below_floor, installed, parse
 from .base import Backend
 
 
@@ -118,6 +118,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_reason() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run here, or None: the interpreter of triton <= 3.6 fails on numpy >= 2.4
+    (InterpreterError converting 0-d arrays)."""
+    triton_version, numpy_version = installed("triton"), installed("numpy")
+    if triton_version and numpy_version and parse(triton_version) < (3, 7) and parse(numpy_version) >= (2, 4):
+        return (f"Triton's CPU interpreter of triton {triton_version} fails with numpy {numpy_version}: "
+                f"pip install 'numpy<2.4' (or triton>=3.7)")
+    return None
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels: gather into the first GEMM, SwiGLU·w in its epilogue, scatter-store of the second
     GEMM's rows and a K-way sum; the backward mirrors it (see docs/kernels.md).
@@ -154,7 +164,7 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             return None
         if device.type == "cpu" and interpreting():
-            return None
+            return interpreter_reason()
         return (f"Triton kernels run on CUDA devices (on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
                 f"before importing deepseek_moe; slow, for testing); got device {device.type!r}")
 
