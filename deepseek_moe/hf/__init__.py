@@ -1,7 +1,7 @@
 """Hugging Face transformers interop: convert MoE blocks to DeepSeekMoE layers and back, turn dense MLPs into MoE.
 
 transformers is optional: nothing here imports it at module import; blocks are recognised by class name.
-Supported blocks (transformers 5 fused 3-D experts, and the per-expert ModuleList layout of transformers 4.57):
+Supported blocks (transformers >= 5.19, docs/versions.md; fused 3-D experts, or a per-expert ModuleList):
 
 ==================  ==========================  =====================================================
 family              block                       routing carried over
