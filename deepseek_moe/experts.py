@@ -31,6 +31,12 @@ def check_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
                         f"torch.autocast")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in for input x: autocast's when it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``scale``."""
 

@@ -16,7 +16,7 @@ from . import backends
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import RoutedExperts, SharedExperts
+from .experts import RoutedExperts, SharedExperts, compute_dtype
 from .override import RecomputeGuard, RoutingOverride
 from .padding import active_padding_mask, check_input, check_padding_mask, pack
 from .router import LogitsProbe, Router, Routing
@@ -116,10 +116,9 @@ class DeepSeekMoELayer(nn.Module):
             eps = self.config.router_jitter_noise
             routed_TH = pack(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps), padding_mask)[0]
         routing = self.gate(routed_TH, override)
-        device = x_TH.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TH.dtype
-        impl = self._implementation(x_TH.device, compute_dtype)
-        y_TH, dispatched = self.dispatcher(routed_TH.to(compute_dtype), routing,
+        dtype = compute_dtype(x_TH)
+        impl = self._implementation(x_TH.device, dtype)
+        y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
                                            lambda x_in, plan: self.experts(x_in, plan, impl), impl, self.training)
         if self.shared_experts is not None and (override is None or override.shared):
             shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
@@ -139,13 +138,8 @@ class DeepSeekMoELayer(nn.Module):
         if self.follows_experts_implementation:
             name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
                                                        cfg.backend)
-        sizes = (cfg.hidden_size, cfg.expert_hidden_size)
-        if torch.compiler.is_compiling():
-            return backends.from_spec(backends.selected_spec(name, device, dtype, cfg.hidden_act, sizes))
-        key = (name, device, dtype, not torch.is_grad_enabled())
-        if key not in self._impls:
-            self._impls[key] = backends.select(name, device, dtype, cfg.hidden_act, inference=key[3], sizes=sizes)
-        return self._impls[key]
+        return backends.selected(self._impls, name, device, dtype, cfg.hidden_act,
+                                 (cfg.hidden_size, cfg.expert_hidden_size))
 
     @property
     def backend(self) -> backends.Backend:

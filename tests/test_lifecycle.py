@@ -31,6 +31,15 @@ def _train(layer, steps=3, seed=0):
     return y
 
 
+def _cpu_and_meta_builds():
+    """A layer built on the CPU with seed 0, and one of the same config built on the meta device."""
+    torch.manual_seed(0)
+    cpu = dm.DeepSeekMoELayer(CFG)
+    with torch.device("meta"):
+        meta = dm.DeepSeekMoELayer(CFG)
+    return cpu, meta
+
+
 def _same_state(a, b):
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), name
@@ -40,10 +49,7 @@ def _same_state(a, b):
 
 
 def test_meta_build_then_to_empty_and_reset_parameters_equals_a_cpu_build():
-    torch.manual_seed(0)
-    cpu = dm.DeepSeekMoELayer(CFG)
-    with torch.device("meta"):
-        meta = dm.DeepSeekMoELayer(CFG)
+    cpu, meta = _cpu_and_meta_builds()
     meta.to_empty(device="cpu")
     torch.manual_seed(0)
     meta.reset_parameters()
@@ -71,10 +77,7 @@ def test_to_empty_on_a_trained_layer_keeps_its_counters():
 
 
 def test_load_state_dict_assign_into_a_meta_build():
-    torch.manual_seed(0)
-    cpu = dm.DeepSeekMoELayer(CFG)
-    with torch.device("meta"):
-        meta = dm.DeepSeekMoELayer(CFG)
+    cpu, meta = _cpu_and_meta_builds()
     meta.load_state_dict(copy.deepcopy(cpu.state_dict()), assign=True)
     assert meta.last_stats["num_dropped"] == 0  # raised on meta counters
     _train(cpu), _train(meta)

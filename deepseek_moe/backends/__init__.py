@@ -147,6 +147,19 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     return backend
 
 
+def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype: torch.dtype, activation: str,
+             sizes: Tuple[int, int]) -> Backend:
+    """:func:`select` for (name, device, dtype, grad mode), kept in ``cache`` (selection reads the environment and
+    the filesystem, so once per key); under torch.compile a trace-time constant (:func:`selected_spec`), nothing
+    cached."""
+    if torch.compiler.is_compiling():
+        return from_spec(selected_spec(name, device, dtype, activation, sizes))
+    key = (name, device, dtype, not torch.is_grad_enabled())
+    if key not in cache:
+        cache[key] = select(name, device, dtype, activation, inference=key[3], sizes=sizes)
+    return cache[key]
+
+
 def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu",
                   sizes: Optional[Tuple[int, int]] = None) -> str:
     """:func:`select`'s implementation (with a backward) as a string for :func:`from_spec`. Under torch.compile it

@@ -24,7 +24,7 @@ import torch
 
 from .. import backends
 from ..config import ACTIVATIONS
-from ..experts import check_dtype
+from ..experts import check_dtype, compute_dtype
 from ..plan import build_plan
 
 NAME = backends.TRANSFORMERS_NAME
@@ -72,20 +72,18 @@ def _prepared(module) -> Tuple[str, Dict[tuple, backends.Backend]]:
     return state
 
 
-def _compiled_implementation(module, device: torch.device, dtype: torch.dtype, H: int, I: int) -> backends.Backend:
-    """The implementation inside a torch.compile trace: a trace-time constant, nothing cached on the module."""
+def _compiled_activation(module) -> str:
+    """The activation inside a torch.compile trace: the eager first call's, or read from ``config.hidden_act``."""
     state = module.__dict__.get("_deepseek_moe")
     if state is not None:
-        activation = state[0]
-    else:
-        _check(module)
-        hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
-        if hidden_act not in _HIDDEN_ACT:
-            raise ValueError(f"experts_implementation={NAME!r} under torch.compile: hidden_act={hidden_act!r} is "
-                             f"not one of {sorted(_HIDDEN_ACT)}; run one forward outside torch.compile first so "
-                             f"that the activation is identified from its values")
-        activation = _HIDDEN_ACT[hidden_act]
-    return backends.from_spec(backends.selected_spec("auto", device, dtype, activation, (H, I)))
+        return state[0]
+    _check(module)
+    hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if hidden_act not in _HIDDEN_ACT:
+        raise ValueError(f"experts_implementation={NAME!r} under torch.compile: hidden_act={hidden_act!r} is "
+                         f"not one of {sorted(_HIDDEN_ACT)}; run one forward outside torch.compile first so "
+                         f"that the activation is identified from its values")
+    return _HIDDEN_ACT[hidden_act]
 
 
 def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -102,17 +100,12 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     # The GEMMs' dtype as transformers' eager computes it: autocast's when on, else the weights' (and then the
     # hidden states must have it: eager's F.linear raises otherwise, so does check_dtype).
     check_dtype(hidden_states, gate_up_EJH)
-    device = hidden_states.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
-    if torch.compiler.is_compiling():
-        impl = _compiled_implementation(module, hidden_states.device, dtype, H, I)
+    dtype = compute_dtype(hidden_states)
+    if torch.compiler.is_compiling():  # nothing cached on the module inside a trace
+        activation, impls = _compiled_activation(module), {}
     else:
         activation, impls = _prepared(module)
-        key = (hidden_states.device, dtype, not torch.is_grad_enabled())
-        if key not in impls:
-            impls[key] = backends.select("auto", hidden_states.device, dtype, activation, inference=key[2],
-                                         sizes=(H, I))
-        impl = impls[key]
+    impl = backends.selected(impls, "auto", hidden_states.device, dtype, activation, (H, I))
     topk_idx_TK = top_k_index.long()
     keep_TK = topk_idx_TK < E if getattr(module, "_is_expert_parallel", False) else None
     if keep_TK is not None:

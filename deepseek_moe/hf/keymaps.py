@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .families import Family
+from .families import FAMILIES, Family
 
 
 # ------------------------------------------------------------------------------------------ conversions
@@ -167,11 +167,23 @@ def transformers_transforms(family: Family, E: int) -> List[object]:
                                operations=[layout(name, E)]) for stock, ours, name in kmap.converts])
 
 
+def _has_keymap(module) -> bool:
+    """``module`` is a converted layer whose family's layout differs from ours."""
+    family = getattr(module, "hf_family", None)
+    return family is not None and family.name in KEYMAPS
+
+
 def _layer_transforms(layer) -> List[object]:
-    family = getattr(layer, "hf_family", None)
-    if family is None or family.name not in KEYMAPS:
-        return []
-    return transformers_transforms(family, layer.config.num_routed_experts)
+    return transformers_transforms(layer.hf_family, layer.config.num_routed_experts) if _has_keymap(layer) else []
+
+
+def _model_transforms(model) -> List[object]:
+    """The transforms of the converted layers ``model`` holds, one per set of source patterns."""
+    unique = {}
+    for layer in model.modules():
+        for t in _layer_transforms(layer):
+            unique.setdefault(tuple(t.source_patterns), t)
+    return list(unique.values())
 
 
 def _loader_applies_hook() -> bool:
@@ -203,7 +215,7 @@ def register_with_transformers() -> bool:
                 return False
 
             def is_fused(self, module) -> bool:
-                return bool(_layer_transforms(module))
+                return _has_keymap(module)
 
             def make_fused_class(self, original_cls):
                 raise TypeError("deepseek_moe's layers are converted by deepseek_moe.hf, not by fusion_config")
@@ -221,13 +233,8 @@ def with_layer_transforms(get_model_conversion_mapping):
 
     def wrapper(model, *args, **kwargs):
         conversions = list(get_model_conversion_mapping(model, *args, **kwargs))
-        seen = {tuple(t.source_patterns) for t in conversions}
-        for layer in model.modules():
-            for t in _layer_transforms(layer):
-                if tuple(t.source_patterns) not in seen:
-                    seen.add(tuple(t.source_patterns))
-                    conversions.append(t)
-        return conversions
+        present = {tuple(t.source_patterns) for t in conversions}
+        return conversions + [t for t in _model_transforms(model) if tuple(t.source_patterns) not in present]
 
     return wrapper
 
@@ -240,7 +247,7 @@ def refresh_conversions(model) -> None:
     loaded gets the model's own transforms plus the layers'. ``replace_moe_blocks`` and ``restore_moe_blocks`` call
     it; call it yourself after placing :func:`from_hf` layers into a loaded model by hand."""
     conversions = getattr(model, "_weight_conversions", None)
-    layers = [t for layer in model.modules() for t in _layer_transforms(layer)]
+    layers = _model_transforms(model)
     if conversions is None:
         if not layers or _loader_applies_hook():
             return
@@ -252,16 +259,6 @@ def refresh_conversions(model) -> None:
         # What transformers' saver computes for a model it did not load (legacy renames and prefix changes off).
         conversions = [t for t in get_model_conversion_mapping(model, add_legacy=False)
                        if not isinstance(t, PrefixChange)]
-    ours = {tuple(t.source_patterns) for name in KEYMAPS for t in transformers_transforms(_family(name), 1)}
-    kept = [t for t in conversions if tuple(t.source_patterns) not in ours]
-    seen = set()
-    for t in layers:
-        if tuple(t.source_patterns) not in seen:
-            seen.add(tuple(t.source_patterns))
-            kept.append(t)
-    model._weight_conversions = kept
-
-
-def _family(name: str) -> Family:
-    from .families import FAMILIES
-    return next(f for f in FAMILIES if f.name == name)
+    ours = {tuple(t.source_patterns) for family in FAMILIES if family.name in KEYMAPS
+            for t in transformers_transforms(family, 1)}
+    model._weight_conversions = [t for t in conversions if tuple(t.source_patterns) not in ours] + layers
