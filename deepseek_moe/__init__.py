@@ -11,7 +11,7 @@ _require("torch")  # before anything defines custom ops: older torch fails insid
 from .config import ConfigError, MoEConfig, PRESETS, matched_pair
 from .plan import DispatchPlan, build_plan
 from .layer import DeepSeekMoELayer
-from .model import aux_loss, expert_load, moe_layers, update_biases
+from .model import aux_loss, expert_load, moe_layers, record_routing, replay_routing, update_biases
 from .override import RoutingOverride
 from .padding import padding_mask
 from .router import Router, Routing
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers",
-    "update_biases", "expert_load", "padding_mask", "Router", "Routing", "RoutingOverride",
+    "update_biases", "expert_load", "record_routing", "replay_routing", "padding_mask", "Router", "Routing", "RoutingOverride",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "parallel", "__version__",
 ]
 

@@ -10,6 +10,7 @@ import re
 import torch
 from torch import nn
 
+from . import invariant
 from .backends import Backend
 from .config import MoEConfig
 from .glu import activate
@@ -145,13 +146,18 @@ class RoutedExperts(nn.Module):
 
 class _Projection(nn.Linear):
     """A bias-free nn.Linear whose weight its owner draws: the constructor consumes no random numbers, so a layer's
-    ``reset_parameters`` after ``to_empty`` redraws exactly what its constructor drew under the same seed."""
+    ``reset_parameters`` after ``to_empty`` redraws exactly what its constructor drew under the same seed. Under
+    ``torch.use_deterministic_algorithms(True)`` it computes batch-invariantly (:func:`deepseek_moe.invariant.linear`).
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant.linear(x, self.weight) if invariant.enabled() else super().forward(x)
 
 
 class SharedExperts(nn.Module):
@@ -185,4 +191,5 @@ class SharedExperts(nn.Module):
         check_dtype(x_TH, self.gate_proj.weight)
         # Two GEMMs, not one over concatenated weights: the concatenation copies both weights every call, which
         # measured 1.4-2.7x slower at decode sizes and no faster at T = 4096 (docs/benchmarks.md).
-        return self.down_proj(activate(self.gate_proj(x_TH), self.activation) * self.up_proj(x_TH))
+        return self.down_proj(activate(self.gate_proj(x_TH), self.activation, invariant.enabled())
+                              * self.up_proj(x_TH))

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import invariant
 from .config import ACTIVATIONS
 
 
@@ -38,9 +39,12 @@ def _gate(activation: str):
         raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}") from None
 
 
-def activate(g: torch.Tensor, activation: str) -> torch.Tensor:
-    """The GLU gate activation ``act(g)`` by its transformers name (see ``deepseek_moe.config.ACTIVATIONS``)."""
-    return _gate(activation)[0](g)
+def activate(g: torch.Tensor, activation: str, batch_invariant: bool = False) -> torch.Tensor:
+    """The GLU gate activation ``act(g)`` by its transformers name (see ``deepseek_moe.config.ACTIVATIONS``); with
+    ``batch_invariant``, from kernels whose bits do not depend on the element's position
+    (:func:`deepseek_moe.invariant.activate`)."""
+    fn = _gate(activation)[0]
+    return invariant.activate(g, activation) if batch_invariant else fn(g)
 
 
 def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str,
@@ -52,17 +56,19 @@ def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str
     return op.grad_input(grad_NI, g_NI, **kwargs, grad_input=out)
 
 
-def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor] = None,
+        batch_invariant: bool = False) -> torch.Tensor:
     """The GLU of the package, a = act(gate) · up (· w), in the accumulation dtype: h_NJ (N, 2I) gate columns
-    then up columns, w_N (N,) optional -> (N, I). Every fused kernel is tested against it."""
+    then up columns, w_N (N,) optional -> (N, I). Every fused kernel is tested against it. ``batch_invariant``:
+    see :func:`activate`."""
     I = h_NJ.shape[1] // 2
     acc = acc_dtype(h_NJ.dtype)
     gate_NI, up_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
     if torch.is_grad_enabled() and (h_NJ.requires_grad or (w_N is not None and w_N.requires_grad)):
-        a_NI = activate(gate_NI, activation) * up_NI
+        a_NI = activate(gate_NI, activation, batch_invariant) * up_NI
         return a_NI if w_N is None else a_NI * w_N.to(acc).unsqueeze(1)
     # No autograd (inside the segment op, or inference): one buffer, updated in place.
-    a_NI = activate(gate_NI, activation).mul_(up_NI)
+    a_NI = activate(gate_NI, activation, batch_invariant).mul_(up_NI)
     return a_NI if w_N is None else a_NI.mul_(w_N.to(acc).unsqueeze(1))
 
 

@@ -17,9 +17,9 @@ from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
 from .experts import RoutedExperts, SharedExperts, compute_dtype
-from .override import RecomputeGuard, RoutingOverride
+from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_padding_mask, check_input, check_padding_mask, pack
-from .router import LogitsProbe, Router, Routing
+from .router import LogitsProbe, Router, Routing, forced_topk
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -49,6 +49,7 @@ class DeepSeekMoELayer(nn.Module):
         self.logits_probe = LogitsProbe()
         self.load_state = LoadState(config.num_routed_experts)
         self.routing_override: Optional[RoutingOverride] = None  # deepseek_moe.analysis.disabled_experts sets it
+        self.route_tape: Optional[RouteTape] = None  # deepseek_moe.record_routing / replay_routing set it
         self.balance_group = None  # ranks whose loads make up the global batch (None: the world)
         self.dispatcher: Dispatcher = LocalDispatcher(config.num_routed_experts, config.capacity_factor)
         # Set by deepseek_moe.hf.from_hf: the model's transformers config, and whether the stock block's experts
@@ -90,7 +91,8 @@ class DeepSeekMoELayer(nn.Module):
         self.config = self.gate.cfg = self.experts.cfg = config
         self.dispatcher = dispatcher
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                topk_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., H) -> (..., H), same dtype.
 
         ``padding_mask``: bool ``x.shape[:-1]``, True at padded positions (default: an enclosing
@@ -100,6 +102,12 @@ class DeepSeekMoELayer(nn.Module):
         ``router_jitter_noise`` ε, a training forward scales the router's and routed experts' input by
         u ~ U(1 − ε, 1 + ε) drawn over x's shape (transformers' Mixtral and DBRX).
 
+        ``topk_idx``: integer ``x.shape[:-1] + (top_k,)``, −1 at padding: use these experts instead of choosing
+        (router replay; default: the ids of an enclosing :func:`deepseek_moe.replay_routing`). The gate weights are
+        the live router's scores gathered there, normalised and scaled as routing would (the selection bias never
+        enters them), so the router still learns; losses, load counters, bias steps and capacity see these ids.
+        Checked by :func:`deepseek_moe.router.forced_topk` (ValueError naming the position).
+
         Raises TypeError for x not a tensor or of another dtype than the experts outside autocast; ValueError for
         x not floating, of the wrong last dimension, on the meta device, a bad mask, and in training x not (B, S,
         H) when a balance loss is per sequence (``seq_aux``, ``balance_scope="sequence"``, ``seq_balance_alpha``).
@@ -107,15 +115,23 @@ class DeepSeekMoELayer(nn.Module):
         check_input(x, self.config, self.training, self.gate.weight.device)
         from_context = padding_mask is None
         padding_mask = active_padding_mask() if from_context else padding_mask
-        override = self.routing_override
+        override, tape = self.routing_override, self.route_tape
+        replaying = tape if tape is not None and tape.replay is not None and topk_idx is None else None
+        if replaying is not None:
+            topk_idx = replaying.replayed_ids(self.training)
         self._guard.check(self.training, from_context and padding_mask is not None, padding_mask is not None,
-                          override)
+                          override, replaying)
         x_TH, seq_T, unpack = pack(x, padding_mask)
         routed_TH = x_TH
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
             routed_TH = pack(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps), padding_mask)[0]
-        routing = self.gate(routed_TH, override)
+        forced_TK = None
+        if topk_idx is not None:
+            padding_A = None if padding_mask is None else check_padding_mask(padding_mask, x)
+            who = "DeepSeekMoELayer" if tape is None else f"DeepSeekMoELayer {tape.name!r}"
+            forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
+        routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype)
         y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
@@ -126,6 +142,8 @@ class DeepSeekMoELayer(nn.Module):
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
+        if tape is not None and tape.recorded is not None:
+            tape.record((unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], -1), self.training)
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH

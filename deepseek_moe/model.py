@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .experts import RoutedExperts
 from .layer import DeepSeekMoELayer, aux_loss  # noqa: F401 (aux_loss: with the layer, re-exported here)
+from .override import RouteTape
 from .padding import attention_mask_padding
 from .router import Router
 
@@ -36,6 +37,76 @@ def expert_load(model: nn.Module) -> Dict[str, float]:
         for key, value in layer.last_stats.items():
             out[f"{name}/{key}"] = float(value)
     return out
+
+
+@contextlib.contextmanager
+def _taped(layers: Dict[str, DeepSeekMoELayer], field: str, values: Dict[str, list]) -> Iterator[None]:
+    """Set ``field`` ("recorded" or "replay") of each named layer's RouteTape for the block, creating tapes as
+    needed (record and replay blocks nest), and put everything back afterwards."""
+    previous = {}
+    for name, values_of in values.items():
+        layer = layers[name]
+        tape = layer.route_tape if layer.route_tape is not None else RouteTape(name)
+        previous[name] = (layer.route_tape, getattr(tape, field))
+        setattr(tape, field, values_of)
+        layer.route_tape = tape
+    try:
+        yield
+    finally:
+        for name, (old_tape, old_value) in previous.items():
+            tape = layers[name].route_tape
+            setattr(tape, field, old_value)
+            layers[name].route_tape = old_tape if old_tape is not None or tape.active else None
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[Dict[str, List[torch.Tensor]]]:
+    """Record the experts every :class:`DeepSeekMoELayer` in ``model`` (a model or a layer) picks, for router
+    replay (RL: the rollout's routing forced on the trainer's forward, as Megatron-Core's ``RouterReplay``).
+
+    Yields ``routes``: {qualified layer name ("" for ``model`` itself): [one int64 tensor per forward call,
+    shape ``x.shape[:-1] + (top_k,)``, −1 at padded positions]}. Recording changes no output and no gradient;
+    activation checkpointing's re-runs are not new calls. Under torch.compile each layer's call adds a graph
+    break. Raises ValueError when ``model`` holds no DeepSeekMoELayer."""
+    layers = _layers_of(model, "record_routing")
+    routes: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
+    with _taped(layers, "recorded", routes):
+        yield routes
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, routes: Mapping[str, Sequence[torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, the i-th forward call of each layer named in ``routes`` uses ``routes[name][i]`` as its
+    expert ids (what :func:`record_routing` yields; layers not named choose as usual).
+
+    The gate weights come from the live router's scores at those ids (normalised and scaled as routing would),
+    so the router keeps learning; balance losses, load counters, bias steps and capacity see the replayed ids.
+    A checkpointed re-run uses the ids of the forward it re-runs. Raises ValueError for a name no layer of
+    ``model`` has or entries that are not tensors, and (from the layer's forward, naming the layer) ValueError
+    for ids that do not fit (:func:`deepseek_moe.router.forced_topk`) and RuntimeError for more forward calls
+    than recorded."""
+    layers = _layers_of(model, "replay_routing")
+    unknown = sorted(set(routes) - set(layers))
+    if unknown:
+        raise ValueError(f"replay_routing: routes names {unknown}, which no DeepSeekMoELayer of the model has; its "
+                         f"layers are {sorted(layers)[:8]}{' ...' if len(layers) > 8 else ''} (record and replay "
+                         f"on the same module, e.g. both on the model wrapped by DDP or both unwrapped)")
+    replay = {}
+    for name, calls in routes.items():
+        calls = list(calls)
+        if not all(isinstance(ids, torch.Tensor) for ids in calls):
+            raise ValueError(f"replay_routing: routes[{name!r}] must be a sequence of tensors (one per forward "
+                             f"call), got {[type(ids).__name__ for ids in calls][:4]}")
+        replay[name] = calls
+    with _taped(layers, "replay", replay):
+        yield
+
+
+def _layers_of(model: nn.Module, caller: str) -> Dict[str, DeepSeekMoELayer]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{caller}: {type(model).__name__} holds no DeepSeekMoELayer")
+    return layers
 
 
 @contextlib.contextmanager

@@ -2,16 +2,18 @@
 
 :class:`RoutingOverride` is the one hook through which code outside the layer changes its routing for a while
 (``deepseek_moe.analysis.disabled_experts`` masks experts and turns shared experts off); the layer reads it from
-its ``routing_override`` attribute and passes it to the router. :class:`RecomputeGuard` makes activation
-checkpointing safe with it and with a padding mask set by :func:`deepseek_moe.padding_mask`.
+its ``routing_override`` attribute and passes it to the router. :class:`RouteTape` records the experts a layer
+picks and hands back recorded ones (``deepseek_moe.record_routing`` / ``replay_routing``); the layer reads it from
+its ``route_tape`` attribute. :class:`RecomputeGuard` makes activation checkpointing safe with both and with a
+padding mask set by :func:`deepseek_moe.padding_mask`.
 
-Legend: T tokens, E routed experts.
+Legend: T tokens, E routed experts, K experts per token, A all positions of the input.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -36,6 +38,64 @@ class RoutingOverride:
     serial: int = field(default_factory=lambda: next(_SERIALS))
 
 
+def is_recompute(training: bool) -> bool:
+    """Whether this training forward is activation checkpointing's re-run during backward (it runs inside the
+    autograd engine's graph task; an original forward never does)."""
+    return training and torch._C._current_graph_task_id() != -1
+
+
+class RouteTape:
+    """One layer's part in :func:`deepseek_moe.record_routing` and :func:`deepseek_moe.replay_routing`.
+
+    ``recorded``: the list each forward appends its expert ids to, int64 ``x.shape[:-1] + (K,)``, −1 at padding
+    (None: not recording). ``replay``: the ids its i-th forward uses (None: the layer chooses). Checkpointed
+    re-runs neither record nor advance: they take the ids of the original forward they re-run. Backward re-runs
+    a layer's forwards in the reverse order of the forwards (the autograd engine runs the newest nodes first), so
+    the originals' indices are kept on a stack.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.recorded: Optional[List[torch.Tensor]] = None
+        self.replay: Optional[List[torch.Tensor]] = None
+        self.calls = 0
+        self._pending: List[int] = []
+        self.serial = next(_SERIALS)
+        # List bookkeeping runs eagerly, one graph break under torch.compile (traced, every new call index would
+        # be a recompile). Wrapped here, not at import: torch.compiler.disable imports dynamo.
+        self.replayed_ids = torch.compiler.disable(self._replayed_ids)
+        self.record = torch.compiler.disable(self._record)
+
+    @property
+    def active(self) -> bool:
+        return self.recorded is not None or self.replay is not None
+
+    def _replayed_ids(self, training: bool) -> Optional[torch.Tensor]:
+        """The recorded ids for this forward, or None when not replaying. Raises RuntimeError for more forward
+        calls than recorded, or a checkpointed re-run of a forward that did not replay."""
+        if self.replay is None:
+            return None
+        if is_recompute(training):
+            if not self._pending:
+                raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran a forward "
+                                   f"that did not run inside this replay_routing block; call backward() inside "
+                                   f"the block that ran the forward")
+            return self.replay[self._pending.pop()]
+        if self.calls >= len(self.replay):
+            raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: forward call {self.calls + 1} inside "
+                               f"replay_routing, but routes[{self.name!r}] holds {len(self.replay)} recorded "
+                               f"call(s)")
+        index, self.calls = self.calls, self.calls + 1
+        if training:
+            self._pending.append(index)
+        return self.replay[index]
+
+    def _record(self, ids_AK: torch.Tensor, training: bool) -> None:
+        """Append one forward's ids (checkpointed re-runs are not new calls)."""
+        if self.recorded is not None and not is_recompute(training):
+            self.recorded.append(ids_AK.detach())
+
+
 class RecomputeGuard:
     """Activation checkpointing re-runs a forward during backward. The re-run must see the same padding mask (one
     set by ``dm.padding_mask`` may have ended) and the same routing override, or it would silently route
@@ -45,21 +105,26 @@ class RecomputeGuard:
 
     def __init__(self):
         self._context_mask = False
-        self._serial = 0
+        self._serial = (0, 0)
 
     def check(self, training: bool, uses_context_mask: bool, has_mask: bool,
-              override: Optional[RoutingOverride]) -> None:
+              override: Optional[RoutingOverride], replaying: Optional[RouteTape] = None) -> None:
         """Raise RuntimeError when this forward is a re-run whose context differs from its original's."""
         if torch.compiler.is_compiling() or not training:
             return
-        serial = 0 if override is None else override.serial
-        if torch._C._current_graph_task_id() == -1:  # an original forward, not a re-run
+        serial = (0 if override is None else override.serial, 0 if replaying is None else replaying.serial)
+        if not is_recompute(training):
             self._context_mask, self._serial = uses_context_mask, serial
         elif not has_mask and self._context_mask:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
                                "the layer.")
+        elif serial[1] != self._serial[1]:
+            raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
+                               "backward outside the `with deepseek_moe.replay_routing(...)` block its forward ran "
+                               "in (or inside one its forward did not run in), so the re-run would route "
+                               "differently. Call backward() inside the block.")
         elif serial != self._serial:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward with other experts disabled than its last training forward had (a "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import invariant
 from .config import MoEConfig
 from .losses import all_reduce_load, load_stats
 from .override import RoutingOverride
@@ -88,6 +89,79 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
             raise ValueError(f"select_experts: the excluded experts leave some token fewer than top_k={cfg.top_k} "
                              "experts to pick from (within the groups/devices its routing allows)")
         return top_TK.indices
+
+
+def _first_row(bad_T: torch.Tensor, positions: Optional[torch.Tensor], shape: tuple) -> str:
+    """The input position (an index into x.shape[:-1]) of the first True row of bad_T, for error messages."""
+    t = int(bad_T.nonzero()[0, 0])
+    a = t if positions is None else int(positions[t])
+    index = []
+    for size in reversed(shape):
+        a, i = divmod(a, size)
+        index.append(i)
+    return str(tuple(reversed(index)))
+
+
+def _distinct_per_row(values_TK: torch.Tensor) -> torch.Tensor:
+    """(T,) how many different values each row holds."""
+    s_TK = values_TK.sort(dim=-1).values
+    return 1 + (s_TK[:, 1:] != s_TK[:, :-1]).sum(dim=-1)
+
+
+def forced_topk(topk_idx: torch.Tensor, x: torch.Tensor, padding_A: Optional[torch.Tensor], cfg: MoEConfig,
+                who: str = "DeepSeekMoELayer") -> torch.Tensor:
+    """The expert ids a caller imposes (router replay), checked, as int64 (T, K) for the real tokens.
+
+    topk_idx: integer ``x.shape[:-1] + (K,)``, −1 at padded positions (``padding_A``: bool (A,) or None). The
+    checks that read values run in eager mode only (under torch.compile they would synchronise and break the
+    graph). Raises TypeError for a non-integer tensor; ValueError naming ``who`` and the first offending position
+    for a wrong shape, ids outside [0, E) other than −1, −1 at a position that is not padding, an expert repeated
+    within a row, or a row that group-limited (``topk_groups``) or device-limited (``max_devices_per_token``)
+    routing could not have picked.
+    """
+    K, E = cfg.top_k, cfg.num_routed_experts
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.is_floating_point() or topk_idx.is_complex() \
+            or topk_idx.dtype == torch.bool:
+        raise TypeError(f"{who}: topk_idx must be an integer tensor of expert ids, got "
+                        f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)}")
+    expected = tuple(x.shape[:-1]) + (K,)
+    if tuple(topk_idx.shape) != expected:
+        raise ValueError(f"{who}: topk_idx has shape {tuple(topk_idx.shape)}; expected x.shape[:-1] + (top_k,) = "
+                         f"{expected}")
+    ids_AK = topk_idx.reshape(-1, K).to(device=x.device, dtype=torch.int64)
+    positions = None if padding_A is None else (~padding_A).nonzero().squeeze(1)
+    ids_TK = ids_AK if positions is None else ids_AK.index_select(0, positions)
+    if torch.compiler.is_compiling():
+        return ids_TK
+    shape = tuple(x.shape[:-1])
+    bad_A = ((ids_AK < -1) | (ids_AK >= E)).any(dim=-1)
+    if bool(bad_A.any()):
+        raise ValueError(f"{who}: topk_idx at position {_first_row(bad_A, None, shape)} holds "
+                         f"{ids_AK[bad_A][0].tolist()}: expert ids must lie in [0, {E}) (−1 marks padding)")
+    unset_T = (ids_TK == -1).any(dim=-1)
+    if bool(unset_T.any()):
+        raise ValueError(f"{who}: topk_idx holds -1 at position {_first_row(unset_T, positions, shape)}, which is "
+                         f"not padding (-1 marks padded positions; pass the padding mask the ids were recorded "
+                         f"with)")
+    repeated_T = _distinct_per_row(ids_TK) < K
+    if bool(repeated_T.any()):
+        raise ValueError(f"{who}: topk_idx at position {_first_row(repeated_T, positions, shape)} repeats an "
+                         f"expert: {ids_TK[repeated_T][0].tolist()}; a token's K experts are distinct")
+    limits = []
+    if cfg.num_groups > 1:
+        limits.append(("group-limited", "groups", E // cfg.num_groups, cfg.topk_groups,
+                       f"num_groups={cfg.num_groups}, topk_groups={cfg.topk_groups}"))
+    if cfg.max_devices_per_token is not None and cfg.max_devices_per_token < cfg.num_devices:
+        limits.append(("device-limited", "devices", E // cfg.num_devices, cfg.max_devices_per_token,
+                       f"num_devices={cfg.num_devices}, max_devices_per_token={cfg.max_devices_per_token}"))
+    for kind, unit, size, most, setting in limits:
+        spread_T = _distinct_per_row(torch.div(ids_TK, size, rounding_mode="floor"))
+        over_T = spread_T > most
+        if bool(over_T.any()):
+            raise ValueError(f"{who}: topk_idx at position {_first_row(over_T, positions, shape)} picks experts "
+                             f"{ids_TK[over_T][0].tolist()} in {int(spread_T[over_T][0])} {unit}, which "
+                             f"{kind} routing ({setting}) could not have picked: at most {most} {unit} per token")
+    return ids_TK
 
 
 def balancing_bias(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig, iterations: int = 200,
@@ -176,25 +250,37 @@ class Router(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x_TH: torch.Tensor, override: Optional[RoutingOverride] = None) -> Routing:
+    def forward(self, x_TH: torch.Tensor, override: Optional[RoutingOverride] = None,
+                topk_idx_TK: Optional[torch.Tensor] = None) -> Routing:
         """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`. ``override``: experts the tokens may not
-        pick (:class:`~deepseek_moe.override.RoutingOverride`)."""
+        pick (:class:`~deepseek_moe.override.RoutingOverride`). ``topk_idx_TK``: int64 (T, K) experts to use
+        instead of choosing (router replay, checked by :func:`forced_topk`); the weights are then the scores
+        gathered there, normalised and scaled as for chosen ones, so the router still gets its gradient. Raises
+        ValueError for forced ids together with an override that excludes experts."""
         cfg = self.cfg
         # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
         gate_dtype = torch.promote_types(x_TH.dtype, torch.float32)
+        batch_invariant = invariant.enabled()  # torch.use_deterministic_algorithms(True): see deepseek_moe.invariant
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
-            logits_TE = F.linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
+            linear = invariant.linear if batch_invariant else F.linear
+            logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
         if cfg.score_func == "softmax":
-            scores_TE = logits_TE.softmax(dim=-1)
+            scores_TE = logits_TE.softmax(dim=-1)  # row by row: already batch-invariant
         else:
-            scores_TE = logits_TE.sigmoid()
+            scores_TE = invariant.sigmoid(logits_TE) if batch_invariant else logits_TE.sigmoid()
         exclude = None if override is None else override.exclude
-        excluded_TE = None if exclude is None else exclude(
-            scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype))
-        topk_idx_TK = select_experts(scores_TE.detach(), self.e_score_correction_bias, cfg, excluded_TE)
+        if topk_idx_TK is not None:
+            if exclude is not None:
+                raise ValueError("Router: replayed expert ids cannot be combined with disabled experts "
+                                 "(deepseek_moe.analysis.disabled_experts): which one should decide?")
+        else:
+            excluded_TE = None if exclude is None else exclude(
+                scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype))
+            topk_idx_TK = select_experts(scores_TE.detach(), self.e_score_correction_bias, cfg, excluded_TE)
         weight_TK = scores_TE.gather(1, topk_idx_TK)
         if cfg.norm_topk_prob:
-            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            total_T1 = invariant.row_sum(weight_TK) if batch_invariant else weight_TK.sum(dim=-1, keepdim=True)
+            weight_TK = weight_TK / (total_T1 + 1e-20)
         weight_TK = weight_TK * cfg.routed_scaling_factor
         return Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE)
 

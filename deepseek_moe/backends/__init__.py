@@ -8,7 +8,9 @@ it once per (device, dtype, mode) and a forward never again.
 
 ``auto`` picks ``triton`` on CUDA when triton is installed and supports the dtype, ``ext`` on CPU for fp32 when an
 ahead-of-time build of the extension is installed (an install property: never whether something in this process
-loaded it), else ``torch``. The fused implementations (triton, ext) compute the SiLU GLU only: for another
+loaded it), else ``torch``. Under ``torch.use_deterministic_algorithms(True)`` the implementation is selected
+batch-invariant (``batch_invariant=True``; :mod:`deepseek_moe.invariant`): ``auto`` then never picks ``ext``, and a
+backend that cannot compute so refuses with the reason. The fused implementations (triton, ext) compute the SiLU GLU only: for another
 ``hidden_act`` auto picks ``torch``. Optional dependencies are imported only when an implementation runs.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import ext as _ext
+from .. import invariant
 from ..config import BACKENDS
 from .base import Backend
 from .eager import EagerBackend
@@ -57,7 +60,8 @@ def _env_backend() -> str:
     return "" if env == "auto" else env
 
 
-def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activation: str) -> str:
+def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activation: str,
+                  batch_invariant: bool = False) -> str:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}")
@@ -69,13 +73,13 @@ def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activatio
     if fused_ok and device.type == "cuda" and TritonBackend(activation).unavailable_reason(device, dtype) is None:
         return "triton"
     # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 (docs/benchmarks.md).
-    if fused_ok and device.type == "cpu" and dtype == torch.float32 and _ext.has_prebuilt():
+    if fused_ok and device.type == "cpu" and dtype == torch.float32 and _ext.has_prebuilt() and not batch_invariant:
         return "ext"
     return "torch"
 
 
 def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str, inference: bool,
-           sizes: Optional[Tuple[int, int]]) -> Backend:
+           sizes: Optional[Tuple[int, int]], batch_invariant: bool = False) -> Backend:
     """Implementation ``name`` configured for (device, dtype, activation, mode); ValueError for a bad
     DEEPSEEK_MOE_TORCH_STRATEGY."""
     if name == "torch":
@@ -83,12 +87,15 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
         if strategy not in _TORCH_STRATEGIES:
             raise ValueError(f"DEEPSEEK_MOE_TORCH_STRATEGY={strategy!r} is invalid; expected one of "
                              f"{_TORCH_STRATEGIES}")
-        return TorchBackend.for_device(device, dtype, strategy, inference, activation, sizes)
+        return TorchBackend.for_device(device, dtype, strategy, inference, activation, sizes, batch_invariant)
     if name == "ext":
-        return ExtBackend.for_device(device, dtype, activation)
-    if name == "triton":
-        return TritonBackend.for_device(device, dtype, activation)
-    return _CLASSES[name](activation)
+        backend = ExtBackend.for_device(device, dtype, activation)
+    elif name == "triton":
+        backend = TritonBackend.for_device(device, dtype, activation)
+    else:
+        backend = _CLASSES[name](activation)
+    backend.batch_invariant = batch_invariant
+    return backend
 
 
 def for_experts_implementation(experts_implementation: Optional[str], configured: str) -> str:
@@ -124,24 +131,30 @@ def _status(name: str, device: torch.device, dtype: torch.dtype, activation: str
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
            activation: str = "silu", *, inference: bool = False,
-           sizes: Optional[Tuple[int, int]] = None) -> Backend:
+           sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False) -> Backend:
     """The implementation ``name`` ("auto" | "eager" | "torch" | "triton" | "ext" | "megablocks") configured for
     (device, dtype), experts with the GLU gate ``activation`` and of ``sizes`` (hidden_size, expert_hidden_size)
-    when known, for forwards with (``inference=False``) or without a backward.
+    when known, for forwards with (``inference=False``) or without a backward, batch-invariant when
+    ``batch_invariant`` (the layer asks for it under ``torch.use_deterministic_algorithms(True)``).
 
     A backend chosen by name (argument or ``DEEPSEEK_MOE_BACKEND``) that needs a build or a load (ext) gets it
     here. Raises ValueError for an unknown name or a bad environment variable, and :class:`BackendUnavailable`
     (with the reason) for a known backend that cannot run here.
     """
     device = torch.device(device)
-    resolved = _resolve_name(name, device, dtype, activation)
+    resolved = _resolve_name(name, device, dtype, activation, batch_invariant)
     via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" and _env_backend() else ""
     reason = _refusal(resolved, activation)
     if reason is None:
         if resolved == "ext":
             ExtBackend.prepare()  # build or load it before asking whether it can run
-        backend = _build(resolved, device, dtype, activation, inference, sizes)  # ValueError: a bad environment
+        # ValueError: a bad environment
+        backend = _build(resolved, device, dtype, activation, inference, sizes, batch_invariant)
         reason = backend.unavailable_reason(device, dtype)
+        if reason is None and batch_invariant:
+            reason = backend.invariance_reason(device, dtype)
+            if reason is not None:
+                reason = f"under torch.use_deterministic_algorithms(True) it must be batch-invariant, but {reason}"
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r}{via} cannot run on {device} / {dtype}: {reason}")
     return backend
@@ -152,20 +165,22 @@ def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype
     """:func:`select` for (name, device, dtype, grad mode), kept in ``cache`` (selection reads the environment and
     the filesystem, so once per key); under torch.compile a trace-time constant (:func:`selected_spec`), nothing
     cached."""
+    batch_invariant = invariant.enabled()
     if torch.compiler.is_compiling():
-        return from_spec(selected_spec(name, device, dtype, activation, sizes))
-    key = (name, device, dtype, not torch.is_grad_enabled())
+        return from_spec(selected_spec(name, device, dtype, activation, sizes, batch_invariant))
+    key = (name, device, dtype, not torch.is_grad_enabled(), batch_invariant)
     if key not in cache:
-        cache[key] = select(name, device, dtype, activation, inference=key[3], sizes=sizes)
+        cache[key] = select(name, device, dtype, activation, inference=key[3], sizes=sizes,
+                            batch_invariant=batch_invariant)
     return cache[key]
 
 
 def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu",
-                  sizes: Optional[Tuple[int, int]] = None) -> str:
+                  sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False) -> str:
     """:func:`select`'s implementation (with a backward) as a string for :func:`from_spec`. Under torch.compile it
     runs once, at trace time, and its result is a constant of the graph: it reads the environment and the
     filesystem, which dynamo cannot trace."""
-    return select(name, device, dtype, activation, sizes=sizes).spec()
+    return select(name, device, dtype, activation, sizes=sizes, batch_invariant=batch_invariant).spec()
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s, and triton with it) when
@@ -175,15 +190,18 @@ selected_spec._dynamo_marked_constant = True
 
 def from_spec(spec: str) -> Backend:
     """The implementation that :meth:`Backend.spec` describes."""
-    name, activation, *rest = spec.split(":")
+    name, activation, batch_invariant, *rest = spec.split(":")
     if name == "torch":
         strategy, pad, inference = rest
-        return TorchBackend(strategy, int(pad), bool(int(inference)), activation)
-    if name == "ext":
-        return ExtBackend(rest[0], activation)
-    if name == "triton":
-        return TritonBackend(activation, [int(v) for v in rest] or None)
-    return _CLASSES[name](activation)
+        backend = TorchBackend(strategy, int(pad), bool(int(inference)), activation)
+    elif name == "ext":
+        backend = ExtBackend(rest[0], activation)
+    elif name == "triton":
+        backend = TritonBackend(activation, [int(v) for v in rest] or None)
+    else:
+        backend = _CLASSES[name](activation)
+    backend.batch_invariant = bool(int(batch_invariant))
+    return backend
 
 
 def backend_status(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,

@@ -8,8 +8,12 @@ each token's K outputs. The expert weights come in as arguments, so a wrapped ex
 wrapper, FSDP2, transformers' experts interface handing in the stock weights) runs through the same code.
 
 Everything an implementation depends on besides its inputs (device, dtype, GLU activation, whether a backward
-follows, tile sizes, interpreter mode) is fixed when :func:`deepseek_moe.backends.select` builds it: ``run`` never
-branches on data or reads the environment.
+follows, tile sizes, interpreter mode, batch invariance) is fixed when :func:`deepseek_moe.backends.select` builds
+it: ``run`` never branches on data or reads the environment.
+
+Batch invariance (selected under ``torch.use_deterministic_algorithms(True)``): a token's output rows must be
+bitwise the same whatever else is in the batch and wherever the token sits in it (:mod:`deepseek_moe.invariant`);
+an implementation that cannot promise it on a device says why in :meth:`Backend.invariance_reason`.
 
 Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows then up rows), E routed experts.
 """
@@ -27,7 +31,8 @@ class Backend:
     """A routed-experts implementation (see the module docstring), configured for one device, dtype and mode.
 
     Attributes: ``name`` (the ``MoEConfig.backend`` name), ``activations`` (the GLU gate activations it
-    implements), ``activation`` (the one this instance computes).
+    implements), ``activation`` (the one this instance computes), ``batch_invariant`` (whether it computes
+    batch-invariantly; set by selection).
     """
 
     name = "base"
@@ -38,6 +43,7 @@ class Backend:
         if reason is not None:
             raise ValueError(reason)
         self.activation = activation
+        self.batch_invariant = False
 
     @classmethod
     def activation_reason(cls, activation: str) -> Optional[str]:
@@ -53,6 +59,11 @@ class Backend:
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None when this implementation can run on (device, dtype), else a sentence saying why not and what to
         install or change."""
+        return None
+
+    def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None when this implementation can compute batch-invariantly and deterministically on (device, dtype),
+        else why not."""
         return None
 
     def plan(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int,
@@ -72,7 +83,7 @@ class Backend:
 
     def spec(self) -> str:
         """This configured implementation as a string for :func:`deepseek_moe.backends.from_spec`."""
-        return f"{self.name}:{self.activation}"
+        return f"{self.name}:{self.activation}:{int(self.batch_invariant)}"
 
     def __repr__(self) -> str:
         return f"<deepseek_moe backend {self.name!r}>"

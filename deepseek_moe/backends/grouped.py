@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import invariant
 from ..glu import acc_dtype, glu, glu_backward
 from ..plan import DispatchPlan, segment_ranks, sorted_weights
 from ..rows import combine_rows, gather_rows
@@ -30,14 +31,15 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 # ------------------------------------------------------------------------------------------ segments op
 @torch.library.custom_op("deepseek_moe::segment_mlp", mutates_args=())
 def segment_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor, token_N: torch.Tensor,
-                weight_N: torch.Tensor, counts_E: torch.Tensor, activation: str = "silu"
+                weight_N: torch.Tensor, counts_E: torch.Tensor, activation: str = "silu", row_tile: int = 0
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """y_TH = Σ over sorted pairs n of weight_N[n] · GLU_{e(n)}(x_TH[token_N[n]]), and the saved h_NJ.
 
-    token_N must be sorted by expert with ``counts_E`` pairs per expert. Returns (y_TH in x's dtype, h_NJ = the
-    gate_up pre-activations, kept for the backward).
+    token_N must be sorted by expert with ``counts_E`` pairs per expert. ``row_tile`` > 0: batch-invariant (every
+    count a multiple of it; GEMMs of exactly that many rows, position-independent GLU). Returns (y_TH in x's
+    dtype, h_NJ = the gate_up pre-activations, kept for the backward).
     """
-    return _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save=True)
+    return _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, True, row_tile)
 
 
 # Rows per block of the forward loop: consecutive experts are taken together up to this many rows (an expert with
@@ -64,10 +66,18 @@ def _blocks(counts: List[int]) -> List[Tuple[int, int, List[Tuple[int, int, int]
     return blocks
 
 
-def _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save: bool):
+def _tiles(members: List[Tuple[int, int, int]], row_tile: int) -> List[Tuple[int, int, int]]:
+    """(expert, first row, rows) per GEMM: each member whole, or cut into tiles of ``row_tile`` rows."""
+    if not row_tile:
+        return members
+    return [(e, first + i, row_tile) for e, first, n in members for i in range(0, n, row_tile)]
+
+
+def _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, save: bool,
+                     row_tile: int = 0):
     """The body of :func:`segment_mlp`, block by block (:data:`BLOCK_ROWS`): gather the block's rows, each expert's
     gate_up GEMM, one GLU·w pass, each expert's down GEMM, one scatter-add into y. Without ``save`` (no backward
-    follows) h_NJ is not kept (returns None)."""
+    follows) h_NJ is not kept (returns None). ``row_tile``: see :func:`segment_mlp`."""
     T, H = x_TH.shape
     I = down_EHI.shape[-1]
     h_NJ = x_TH.new_empty(token_N.shape[0], 2 * I) if save else None
@@ -77,18 +87,19 @@ def _segment_forward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, a
         tok_b = token_N[begin:end]
         x_bH = x_TH.index_select(0, tok_b)
         h_bJ = h_NJ[begin:end] if save else x_TH.new_empty(end - begin, 2 * I)
-        for e, first, n in members:
+        gemms = _tiles(members, row_tile)
+        for e, first, n in gemms:
             torch.mm(x_bH[first:first + n], gate_up_EJH[e].t(), out=h_bJ[first:first + n])
-        a_bI = glu(h_bJ, activation, weight_N[begin:end]).to(x_TH.dtype)
+        a_bI = glu(h_bJ, activation, weight_N[begin:end], batch_invariant=row_tile > 0).to(x_TH.dtype)
         out_bH = x_TH.new_empty(end - begin, H)
-        for e, first, n in members:
+        for e, first, n in gemms:
             torch.mm(a_bI[first:first + n], down_EHI[e].t(), out=out_bH[first:first + n])
         y_TH.index_add_(0, tok_b, out_bH if out_bH.dtype == acc else out_bH.to(acc))
     return y_TH.to(x_TH.dtype), h_NJ
 
 
 @segment_mlp.register_fake
-def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation="silu"):
+def _(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation="silu", row_tile=0):
     return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], 2 * down_EHI.shape[-1])
 
 
@@ -132,7 +143,7 @@ def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ,
 
 
 def _segment_setup(ctx, inputs, output):
-    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation = inputs
+    x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, activation, _ = inputs
     ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, output[1])
     ctx.activation = activation
     # h_NJ is returned only to be saved: nothing uses its gradient, and materialising that (N, 2I) zero tensor
@@ -142,11 +153,11 @@ def _segment_setup(ctx, inputs, output):
 
 def _segment_backward(ctx, grad_y_TH, grad_h_NJ):
     if grad_y_TH is None:  # y unused (grads are not materialised): nothing flows back
-        return None, None, None, None, None, None, None
+        return (None,) * 8
     x_TH, gate_up_EJH, down_EHI, token_N, weight_N, counts_E, h_NJ = ctx.saved_tensors
     gx, ggu, gdn, gw = segment_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, weight_N,
                                             counts_E, h_NJ, ctx.activation)
-    return gx, ggu, gdn, None, gw, None, None
+    return gx, ggu, gdn, None, gw, None, None, None
 
 
 segment_mlp.register_autograd(_segment_backward, setup_context=_segment_setup)
@@ -204,7 +215,8 @@ class TorchBackend(Backend):
     change every step (measured 3-4x slower GEMMs than with padded, cached shapes). fp32 uses MKL and needs no
     padding. ``inference`` (segments only): no backward follows (selected for forwards without autograd), so the
     segment loop runs without its custom op's dispatch (~0.1 ms, a tenth of a decode step) and keeps no
-    activations.
+    activations. Batch-invariant (``batch_invariant``, set by selection): segments padded to
+    :data:`deepseek_moe.invariant.ROW_TILE` rows and GEMMs of exactly that many.
     """
 
     name = "torch"
@@ -225,16 +237,22 @@ class TorchBackend(Backend):
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, strategy: str = "auto", inference: bool = False,
-                   activation: str = "silu", sizes: Optional[Tuple[int, int]] = None) -> "TorchBackend":
+                   activation: str = "silu", sizes: Optional[Tuple[int, int]] = None,
+                   batch_invariant: bool = False) -> "TorchBackend":
         """The backend for (device, dtype): ``strategy`` "auto" is grouped_mm where PyTorch's CUDA grouped GEMM
         runs and takes the expert ``sizes`` (H, I), else segments (on a 2-core CPU at T = 4096 the cache-resident
         segment loop took 0.75x the time of grouped_mm with separate gather and combine passes, 0.57x in bf16);
-        segments padded for 16-bit dtypes on CPU."""
+        segments padded for 16-bit dtypes on CPU. ``batch_invariant``: segments in row tiles."""
         if strategy == "auto":
             fits = sizes is None or grouped_mm_shape_reason(*sizes, dtype) is None
-            strategy = "grouped_mm" if cuda_grouped_mm_ok(device, dtype) and fits else "segments"
+            strategy = ("grouped_mm" if cuda_grouped_mm_ok(device, dtype) and fits and not batch_invariant
+                        else "segments")
         pad = 32 if strategy == "segments" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
-        return cls(strategy, pad, inference, activation, sizes)
+        if batch_invariant and strategy == "segments":
+            pad = invariant.ROW_TILE
+        backend = cls(strategy, pad, inference, activation, sizes)
+        backend.batch_invariant = batch_invariant
+        return backend
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.strategy == "grouped_mm":
@@ -243,12 +261,21 @@ class TorchBackend(Backend):
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
         if self.pad_multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, self.pad_multiple)
+        row_tile = self.pad_multiple if self.batch_invariant else 0
         if self.inference:
             return _segment_forward(x_TH, gate_up_EJH, down_EHI, token, weight, counts, self.activation,
-                                    save=False)[0]
+                                    False, row_tile)[0]
         y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
-                              self.activation)
+                              self.activation, row_tile)
         return y_TH
+
+    def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if self.strategy == "grouped_mm":
+            return ("PyTorch's grouped_mm blocks a group's rows by the group's size, so a token's result depends on "
+                    "its batch; use strategy 'segments' (unset DEEPSEEK_MOE_TORCH_STRATEGY)")
+        if self.pad_multiple != invariant.ROW_TILE:
+            return f"segments padded to {self.pad_multiple} rows, not deepseek_moe.invariant.ROW_TILE"
+        return None
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if self.strategy == "grouped_mm" and dtype == torch.float64:

@@ -1,0 +1,81 @@
+"""Batch-invariant arithmetic: what the layer computes with when ``torch.use_deterministic_algorithms(True)`` is on.
+
+In that mode a token's output must be bitwise the same alone, in any batch and at any position of it. Two things
+in eager PyTorch on CPU break this (measured on the 2-core CI machine, torch 2.13, AVX-512):
+
+* GEMMs. BLAS chooses its blocking and threading by the row count, so a row's dot products are summed in another
+  order in a batch of 64 than alone. A GEMM of one fixed shape treats every row alike (measured: MKL fp32 and
+  oneDNN bf16, every row position, misaligned inputs), but a batched GEMM over such tiles does not (``bmm``
+  changed rows with the batch count). :func:`linear` therefore runs rows through GEMMs of exactly
+  :data:`ROW_TILE` rows, one call per tile.
+* Element-wise kernels. ATen computes ``silu``, ``sigmoid`` and ``gelu`` with vector code in the body of each
+  thread's chunk and with scalar libm code in its tail, and these differ in the last bit for ~4% of fp32 inputs;
+  where a chunk ends depends on the tensor's size. ``exp``, ``erf`` and ``tanh`` run one vectorised routine to
+  the end, and + − × ÷ are exactly rounded in both paths, so :func:`activate` and :func:`sigmoid` are written
+  with those (within an ulp of ATen's kernels, not bitwise equal to them).
+
+Row-wise ops (softmax over E, top-k, gathers) and the fixed-order combines of :mod:`deepseek_moe.rows` are
+already invariant. Legend: T rows, H input features, N output features, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Rows per GEMM. Larger tiles waste less on padding and per-call overhead at many rows (a 4096 x 1024 x 704 fp32
+# GEMM took 1.4x the plain GEMM's time in tiles of 64 rows, 2.9x in tiles of 32), smaller ones at decode.
+ROW_TILE = 64
+
+
+def enabled() -> bool:
+    """Whether the layer computes batch-invariantly: ``torch.are_deterministic_algorithms_enabled()``."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def tiled_mm(a_TH: torch.Tensor, b_HN: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D a (T, H), b (H, N), computed in GEMMs of exactly :data:`ROW_TILE` rows (a zero-padded last
+    tile), so each row's result depends on that row alone. Differentiable."""
+    T = a_TH.shape[0]
+    pad = -T % ROW_TILE
+    if pad or T == 0:
+        a_TH = torch.cat([a_TH, a_TH.new_zeros(pad if T else ROW_TILE, a_TH.shape[1])])
+    tiles = [a_TH[i:i + ROW_TILE] @ b_HN for i in range(0, a_TH.shape[0], ROW_TILE)]
+    return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:T]
+
+
+def linear(x: torch.Tensor, weight_NH: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` without bias, batch-invariant: x (..., H) -> (..., N) (see :func:`tiled_mm`)."""
+    return tiled_mm(x.reshape(-1, x.shape[-1]), weight_NH.t()).view(*x.shape[:-1], weight_NH.shape[0])
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + exp(−x)), the same bits at every position."""
+    return torch.reciprocal(torch.exp(-x) + 1)
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_TANH_GELU = math.sqrt(2.0 / math.pi)
+
+
+def activate(g: torch.Tensor, activation: str) -> torch.Tensor:
+    """The GLU gate activation (a ``deepseek_moe.config.ACTIVATIONS`` name) from position-independent kernels:
+    silu g·σ(g) as g / (1 + exp(−g)); gelu 0.5·g·(1 + erf(g/√2)); gelu_pytorch_tanh 0.5·g·(1 + tanh(√(2/π)·(g +
+    0.044715·g³))); relu. Differentiable."""
+    if activation == "silu":
+        return g / (torch.exp(-g) + 1)
+    if activation == "gelu":
+        return 0.5 * g * (torch.erf(g * _SQRT_HALF) + 1)
+    if activation == "gelu_pytorch_tanh":
+        return 0.5 * g * (torch.tanh(_TANH_GELU * (g + 0.044715 * g * g * g)) + 1)
+    if activation == "relu":
+        return torch.relu(g)
+    raise ValueError(f"activation={activation!r} has no batch-invariant form here")
+
+
+def row_sum(w_TK: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[:, k] added left to right, (T, K) -> (T, 1): the same order for every row and batch size."""
+    total = w_TK[:, :1]
+    for k in range(1, w_TK.shape[1]):
+        total = total + w_TK[:, k:k + 1]
+    return total
