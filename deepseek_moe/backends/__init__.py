@@ -112,10 +112,17 @@ def for_experts_implementation(experts_implementation: Optional[str], configured
     return (_TRANSFORMERS_NAMES[experts_implementation] if configured == "auto" else None) or configured
 
 
-def _refusal(name: str, activation: str) -> Optional[str]:
-    """Why implementation ``name`` cannot compute experts with the GLU ``activation`` at all (not in this release,
-    or another activation), before anything is built or loaded; None if it can."""
-    return _NOT_IN_RELEASE.get(name) or _CLASSES[name].activation_reason(activation)
+def _refusal(name: str, activation: str, batch_invariant: bool = False) -> Optional[str]:
+    """Why implementation ``name`` cannot compute experts with the GLU ``activation`` (batch-invariantly) at all
+    (not in this release, another activation), before anything is built or loaded; None if it can."""
+    reason = _NOT_IN_RELEASE.get(name) or _CLASSES[name].activation_reason(activation)
+    if reason is None and batch_invariant and _CLASSES[name].not_batch_invariant:
+        reason = _invariance_refusal(_CLASSES[name].not_batch_invariant)
+    return reason
+
+
+def _invariance_refusal(reason: str) -> str:
+    return f"under torch.use_deterministic_algorithms(True) it must compute batch-invariantly, but {reason}"
 
 
 def _status(name: str, device: torch.device, dtype: torch.dtype, activation: str) -> Optional[str]:
@@ -144,7 +151,7 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     device = torch.device(device)
     resolved = _resolve_name(name, device, dtype, activation, batch_invariant)
     via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" and _env_backend() else ""
-    reason = _refusal(resolved, activation)
+    reason = _refusal(resolved, activation, batch_invariant)
     if reason is None:
         if resolved == "ext":
             ExtBackend.prepare()  # build or load it before asking whether it can run
@@ -153,8 +160,7 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
         reason = backend.unavailable_reason(device, dtype)
         if reason is None and batch_invariant:
             reason = backend.invariance_reason(device, dtype)
-            if reason is not None:
-                reason = f"under torch.use_deterministic_algorithms(True) it must be batch-invariant, but {reason}"
+            reason = reason and _invariance_refusal(reason)
     if reason is not None:
         raise BackendUnavailable(f"backend {resolved!r}{via} cannot run on {device} / {dtype}: {reason}")
     return backend

@@ -37,6 +37,7 @@ class Backend:
 
     name = "base"
     activations = ACTIVATIONS
+    not_batch_invariant: Optional[str] = None  # why it can never compute batch-invariantly, when it cannot
 
     def __init__(self, activation: str = "silu"):
         reason = self.activation_reason(activation)
@@ -64,7 +65,7 @@ class Backend:
     def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None when this implementation can compute batch-invariantly and deterministically on (device, dtype),
         else why not."""
-        return None
+        return self.not_batch_invariant
 
     def plan(self, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int,
              capacity: Optional[int] = None, affinity_TK: Optional[torch.Tensor] = None,

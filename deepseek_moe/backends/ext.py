@@ -137,6 +137,8 @@ class ExtBackend(Backend):
 
     name = "ext"
     activations = ("silu",)  # the C++ segment loop implements SwiGLU only
+    not_batch_invariant = ("the extension's GEMMs take each expert's rows in one call, blocked by their count, so a "
+                           "token's result depends on its batch; use backend='torch' (or 'auto', which picks it)")
 
     def __init__(self, strategy: str = "segments", activation: str = "silu"):
         super().__init__(activation)
@@ -197,11 +199,6 @@ class ExtBackend(Backend):
         if capacity is not None or keep_TK is not None:
             return super().plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
         return route_plan(topk_idx_TK, weight_TK, num_experts)
-
-    def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        return ("the extension's GEMMs take each expert's rows in one call, blocked by their count, so a token's "
-                "result depends on its batch; under torch.use_deterministic_algorithms(True) use backend='torch' "
-                "(or 'auto', which picks it)")
 
     def spec(self) -> str:
         return f"{super().spec()}:{self.strategy}"

@@ -1,0 +1,141 @@
+"""Deterministic, batch-invariant mode: under torch.use_deterministic_algorithms(True) every backend gives the same
+bits run after run, and in eval a token's output is bitwise the same alone, in any batch and at any position;
+its values stay those of the float64 reference (within fp32 rounding). Without the mode the CPU GEMMs already
+differ between a token alone and in a batch (the first test), so these tests can fail."""
+import contextlib
+
+import pytest
+import torch
+
+import deepseek_moe as dm
+from deepseek_moe import invariant
+from deepseek_moe.backends import BackendUnavailable
+from deepseek_moe.testing import assert_close
+
+H = 64
+
+
+@contextlib.contextmanager
+def deterministic(on=True):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def make_layer(backend, dtype=torch.float32, **fields):
+    base = dict(hidden_size=H, expert_hidden_size=48, num_routed_experts=16, num_shared_experts=1, top_k=4,
+                backend=backend)
+    return dm.DeepSeekMoELayer(**{**base, **fields}).to(dtype)
+
+
+CASES = [
+    ("eager", torch.float32, dict()),
+    ("eager", torch.bfloat16, dict(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True)),
+    ("torch", torch.float32, dict(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True,
+                                  hidden_act="gelu")),
+    ("torch", torch.bfloat16, dict()),
+    ("torch", torch.float32, dict(expert_hidden_size=40, num_shared_experts=2)),
+    # Triton's CPU interpreter computes bf16 tl.dot wrongly (docs/kernels.md): fp32 only here.
+    ("triton", torch.float32, dict(score_func="sigmoid", norm_topk_prob=True)),
+]
+
+
+def _batches(x_TH, layer):
+    """(a token alone, the batch, a permuted batch, the batch behind 150 other tokens, a sub-batch) outputs."""
+    T = x_TH.shape[0]
+    perm = torch.randperm(T)
+    others = torch.randn(150, H, dtype=x_TH.dtype)
+    with torch.no_grad():
+        return (torch.cat([layer(x_TH[t:t + 1]) for t in range(T)]), layer(x_TH),
+                layer(x_TH[perm])[perm.argsort()], layer(torch.cat([others, x_TH]))[150:],
+                layer(x_TH[3:20]))
+
+
+def test_without_the_mode_a_token_alone_and_in_a_batch_differ():
+    """Why the mode exists: CPU BLAS sums a row's products in another order in a batch than alone."""
+    layer = make_layer("torch", num_shared_experts=4).eval()
+    x = torch.randn(64, H)
+    alone, batch, *_ = _batches(x, layer)
+    assert not torch.equal(alone, batch)
+
+
+@pytest.mark.parametrize("backend,dtype,fields", CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         ",".join(f"{k}={w}" for k, w in v.items()) or "defaults")
+def test_eval_outputs_are_bitwise_batch_invariant(backend, dtype, fields):
+    torch.manual_seed(0)
+    layer = make_layer(backend, dtype, **fields).eval()
+    x = torch.randn(70, H, dtype=dtype)
+    with deterministic():
+        assert layer.backend.batch_invariant
+        alone, batch, permuted, behind, sub = _batches(x, layer)
+    assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of 70 tokens differ alone"
+    assert torch.equal(permuted, batch)
+    assert torch.equal(behind, batch)
+    assert torch.equal(sub, batch[3:20])
+    ref = make_layer("eager", torch.float64, **fields)
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        expected = ref.eval()(x.double())
+    assert_close(batch, expected, 1e-5 if dtype == torch.float32 else 3e-2, "batch-invariant vs float64")
+
+
+@pytest.mark.parametrize("backend,dtype,fields", CASES[:4] + CASES[5:], ids=lambda v: str(v) if not isinstance(
+    v, dict) else ",".join(f"{k}={w}" for k, w in v.items()) or "defaults")
+def test_training_steps_are_bitwise_repeatable(backend, dtype, fields):
+    torch.manual_seed(0)
+    layer = make_layer(backend, dtype, aux_loss_alpha=0.01, capacity_factor=1.25, **fields)
+    x = torch.randn(4, 12, H, dtype=dtype)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[2, 7:] = True
+
+    def step():
+        layer.zero_grad()
+        xr = x.clone().requires_grad_()
+        y = layer(xr, padding_mask=mask)
+        (y.float().square().mean() + layer.aux_loss).backward()
+        return [y.detach(), layer.aux_loss.detach(), xr.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    with deterministic():
+        first, second = step(), step()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref = make_layer("eager", torch.float64, aux_loss_alpha=0.01, capacity_factor=1.25, **fields)
+    ref.load_state_dict(layer.state_dict())
+    xd = x.double().requires_grad_()
+    y = ref(xd, padding_mask=mask)
+    (y.square().mean() + ref.aux_loss).backward()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert_close(first[0], y, tol, "y")
+    for (name, p), g in zip(ref.named_parameters(), first[3:]):
+        assert_close(g, p.grad, tol if dtype == torch.float32 else 1e-1, f"grad {name}")
+
+
+def test_backends_that_cannot_be_batch_invariant_refuse_in_the_mode():
+    layer = make_layer("ext")
+    with deterministic(), pytest.raises(BackendUnavailable, match="must compute batch-invariantly, but the "
+                                                                   "extension's GEMMs"):
+        layer(torch.randn(3, H))
+    with deterministic():
+        auto = make_layer("auto")
+        assert auto.backend.name in ("torch", "triton") and auto.backend.batch_invariant
+    assert not auto.backend.batch_invariant  # selected again once the mode is off
+
+
+def test_tiled_mm_and_invariant_activations_against_float64():
+    a = torch.randn(77, 40, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
+    out = invariant.tiled_mm(a, b)
+    assert out.shape == (77, 24) and torch.allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert torch.allclose(a.grad, torch.ones(77, 24, dtype=torch.float64) @ b.T)
+    assert invariant.tiled_mm(a[:0], b).shape == (0, 24)
+    g = torch.linspace(-12, 12, 2001, dtype=torch.float64)
+    expected = {"silu": torch.nn.functional.silu(g), "gelu": torch.nn.functional.gelu(g),
+                "gelu_pytorch_tanh": torch.nn.functional.gelu(g, approximate="tanh"), "relu": g.relu()}
+    for name, value in expected.items():
+        # 1 + erf cancels for negative g in fp32 (in ATen's kernel as well): absolute 1e-6
+        assert torch.allclose(invariant.activate(g.float(), name).double(), value, rtol=1e-6, atol=1e-6), name
+    assert torch.allclose(invariant.sigmoid(g.float()).double(), g.sigmoid(), rtol=1e-6, atol=1e-7)
