@@ -161,7 +161,7 @@ class LoadState:
 
 @torch.no_grad()
 def calibrate_bias(router, x: torch.Tensor, padding_T: Optional[torch.Tensor], iterations: int = 200,
-                   group: Optional[object] = None) -> Dict[str, float]:
+                   group: Optional[object] = None, route=None) -> Dict[str, float]:
     """Set ``router.e_score_correction_bias`` so that routing x (..., H) loads the experts as evenly as the bias can
     make it (:func:`deepseek_moe.router.balancing_bias`); only which experts are picked changes, never the gate
     weights (DeepSeek-V3 §2.1.2), and the bias is kept only if it lowers the MaxVio of x.
@@ -169,14 +169,15 @@ def calibrate_bias(router, x: torch.Tensor, padding_T: Optional[torch.Tensor], i
     ``padding_T``: bool (T,) True at tokens not to count (padding), or None; tokens with non-finite values are not
     counted either. Use several thousand tokens. When torch.distributed is initialised, the loads are summed over
     ``group`` (default: the world): call it on every rank, each with its own tokens, and all get the same bias.
-    Costs ``iterations`` top-k passes. Returns ``{"max_vio_before": .., "max_vio_after": ..}``. Raises ValueError
+    ``route``: the module whose forward routes (default ``router``; a wrapper of it, e.g. PEFT's LoRA). Costs
+    ``iterations`` top-k passes. Returns ``{"max_vio_before": .., "max_vio_after": ..}``. Raises ValueError
     for ``iterations`` < 1.
     """
     x_TH = x.reshape(-1, router.cfg.hidden_size)
     keep_T = torch.isfinite(x_TH).all(dim=-1)
     if padding_T is not None:
         keep_T &= ~padding_T
-    scores_TE = router(x_TH[keep_T]).scores_TE
+    scores_TE = (router if route is None else route)(x_TH[keep_T]).scores_TE
     new_bias_E, before, after = balancing_bias(scores_TE, router.e_score_correction_bias, router.cfg, iterations,
                                                group)
     router.e_score_correction_bias.copy_(new_bias_E)

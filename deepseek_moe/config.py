@@ -199,6 +199,14 @@ class MoEConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    model_type = "deepseek_moe"  # not a field: what model-config readers (PEFT's get_peft_model) look up
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields, plus ``model_type``: the dict form model-config readers expect of a module's ``config``
+        (PEFT reads it; without ``model_type`` a LoraConfig with only ``target_parameters`` raised KeyError).
+        ``MoEConfig(**{k: v for k, v in d.items() if k != "model_type"})`` rebuilds the config."""
+        return {**dataclasses.asdict(self), "model_type": self.model_type}
+
     # --------------------------------------------------------- size accounting
     @property
     def routed_params(self) -> int:

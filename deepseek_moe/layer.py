@@ -88,7 +88,7 @@ class DeepSeekMoELayer(nn.Module):
 
     def use_dispatcher(self, dispatcher: Dispatcher, config: MoEConfig) -> None:
         """Run the routed experts through ``dispatcher`` with ``config`` (``shard_experts``)."""
-        self.config = self.gate.cfg = self.experts.cfg = config
+        self.config = self.router.cfg = self.routed_experts.cfg = config
         self.dispatcher = dispatcher
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
@@ -112,7 +112,7 @@ class DeepSeekMoELayer(nn.Module):
         x not floating, of the wrong last dimension, on the meta device, a bad mask, and in training x not (B, S,
         H) when a balance loss is per sequence (``seq_aux``, ``balance_scope="sequence"``, ``seq_balance_alpha``).
         """
-        check_input(x, self.config, self.training, self.gate.weight.device)
+        check_input(x, self.config, self.training, self.router.weight.device)
         from_context = padding_mask is None
         padding_mask = active_padding_mask() if from_context else padding_mask
         override, tape = self.routing_override, self.route_tape
@@ -160,6 +160,18 @@ class DeepSeekMoELayer(nn.Module):
                                  (cfg.hidden_size, cfg.expert_hidden_size))
 
     @property
+    def router(self) -> Router:
+        """The :class:`~deepseek_moe.router.Router`, also where ``gate`` is a wrapper around it (PEFT's LoRA on
+        ``gate.weight`` wraps the module; wrappers nest through ``get_base_layer()``, PEFT's API). ``gate`` is
+        what the forward calls; this is where the bias and the config live."""
+        return _unwrapped(self.gate, Router)
+
+    @property
+    def routed_experts(self) -> RoutedExperts:
+        """The :class:`~deepseek_moe.experts.RoutedExperts`, also under PEFT's wrappers (see :attr:`router`)."""
+        return _unwrapped(self.experts, RoutedExperts)
+
+    @property
     def backend(self) -> backends.Backend:
         """The experts implementation a forward (with a backward) in the experts' device and dtype runs. Raises
         :class:`~deepseek_moe.BackendUnavailable` if none can run."""
@@ -185,7 +197,7 @@ class DeepSeekMoELayer(nn.Module):
         of the real tokens since the last call, summed over ``group`` (default: the world) when torch.distributed
         is initialised; then reset that load and the global-batch window. Call after every ``optimizer.step()``
         (``dm.update_biases(model)`` for a model). Moves only when ``bias_update_speed`` > 0. Returns the bias."""
-        return self.load_state.update_bias(self.gate.e_score_correction_bias, self.config.bias_update_speed, group)
+        return self.load_state.update_bias(self.router.e_score_correction_bias, self.config.bias_update_speed, group)
 
     @torch.no_grad()
     def calibrate_bias(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, iterations: int = 200,
@@ -194,9 +206,10 @@ class DeepSeekMoELayer(nn.Module):
         (:func:`deepseek_moe.balancing.calibrate_bias`), e.g. right after upcycling. Padded (``padding_mask`` or
         :func:`deepseek_moe.padding_mask`) and non-finite tokens are not counted. Returns ``{"max_vio_before",
         "max_vio_after"}``. Raises as :meth:`forward` for x, ValueError for ``iterations`` < 1."""
-        check_input(x, self.config, False, self.gate.weight.device)
+        check_input(x, self.config, False, self.router.weight.device)
         mask = active_padding_mask() if padding_mask is None else padding_mask
-        return calibrate_bias(self.gate, x, None if mask is None else check_padding_mask(mask, x), iterations, group)
+        return calibrate_bias(self.router, x, None if mask is None else check_padding_mask(mask, x), iterations, group,
+                              route=self.gate)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -206,6 +219,15 @@ class DeepSeekMoELayer(nn.Module):
             backend = f"{c.backend} (unavailable: {err})"
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
                 f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={backend}")
+
+
+def _unwrapped(module: nn.Module, cls: type) -> nn.Module:
+    while not isinstance(module, cls) and hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    if not isinstance(module, cls):
+        raise TypeError(f"DeepSeekMoELayer: expected a {cls.__name__} (or a PEFT wrapper of one), found "
+                        f"{type(module).__name__}")
+    return module
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -347,3 +347,30 @@ def _ep_worker(rank, world, port):
 
 def test_replay_under_expert_parallelism_two_gloo_ranks():
     mp.spawn(_ep_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_converted_transformers_model_records_and_replays():
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from deepseek_moe import hf
+    from test_hf_fidelity import _batch, _model
+
+    model = _model("deepseek_v3")
+    hf.replace_moe_blocks(model)
+    ids = _batch(1)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, -3:] = 0
+    with dm.record_routing(model) as routes:
+        model(ids, attention_mask=attention_mask)
+    names = list(hf.moe_layers(model))
+    assert sorted(routes) == sorted(names) and all(len(routes[n]) == 1 for n in names)
+    for layer in hf.moe_layers(model).values():
+        with torch.no_grad():
+            layer.gate.weight.mul_(-1)
+    model.train()
+    with dm.replay_routing(model, routes), dm.record_routing(model) as used:
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    for n in names:
+        assert torch.equal(used[n][0], routes[n][0]), n
+        assert hf.moe_layers(model)[n].gate.weight.grad is not None

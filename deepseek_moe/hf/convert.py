@@ -139,7 +139,7 @@ def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
     if hf_config is None:
         raise ValueError(f"to_hf: pass hf_config= (the model's config); a {layer.hf_block_class.__name__} block "
                          f"does not keep it")
-    bias = layer.gate.e_score_correction_bias
+    bias = layer.router.e_score_correction_bias
     if not family.has_bias and bool(bias.ne(0).any()):
         raise ValueError(f"to_hf: the layer's correction bias is non-zero (bias balancing was on) and "
                          f"{layer.hf_block_class.__name__} has none: the stock block would route differently")
@@ -147,7 +147,7 @@ def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
     to_stock(state, "", family, layer.config.num_routed_experts)
     if not family.has_bias:
         state.pop("gate.e_score_correction_bias", None)
-    expert_dtype = layer.experts.gate_up_proj.dtype
+    expert_dtype = layer.routed_experts.gate_up_proj.dtype
     router_key = "router.layer.weight" if family.layout == "dbrx" else "gate.weight"
     if not family.router_fp32:
         state[router_key] = state[router_key].to(expert_dtype)
@@ -280,7 +280,7 @@ def from_megablocks(state_dict: Dict[str, torch.Tensor], top_k: int, hidden_act:
     to_ours(state, "", dbrx, E)
     ref = state["experts.gate_up_proj"]
     layer = DeepSeekMoELayer(cfg).to(device=ref.device, dtype=ref.dtype)
-    state.setdefault("gate.e_score_correction_bias", layer.gate.e_score_correction_bias)
+    state.setdefault("gate.e_score_correction_bias", layer.router.e_score_correction_bias)
     _load_every_key(layer, state, "from_megablocks: the state dict")
     return layer
 

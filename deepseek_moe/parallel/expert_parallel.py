@@ -175,8 +175,11 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     :func:`gather_expert_state_dict` (one full state dict).
 
     Raises RuntimeError without torch.distributed, ValueError for a layer already sharded, for E not divisible by
-    W and for a config whose num_devices is neither 1 nor W.
+    W, for a config whose num_devices is neither 1 nor W, and for experts already wrapped by PEFT.
     """
+    if layer.experts is not layer.routed_experts:
+        raise ValueError("shard_experts: the routed experts are wrapped (PEFT's LoRA sizes its factors for every "
+                         "expert); shard first, then add the adapters")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_experts: torch.distributed is not initialised (dist.init_process_group first)")
     if getattr(layer, "expert_parallel", None) is not None:
