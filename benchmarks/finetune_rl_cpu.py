@@ -1,4 +1,5 @@
-"""What fine-tuning and RL features cost on CPU, each against the plain layer in the same run (docs/finetuning-and-rl.md).
+"""What the fine-tuning and RL features cost on CPU, each against the plain layer in the same run
+(docs/finetuning-and-rl.md).
 
     python benchmarks/finetune_rl_cpu.py                  # T=4096, H=1024, 64x352 + 2 shared, top-6, fp32
     python benchmarks/finetune_rl_cpu.py --tokens 2048 --dtype bfloat16 --rank 8
@@ -14,23 +15,13 @@ Contenders, interleaved round by round (median of --repeats), each a forward + b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 
 import torch
 
 import deepseek_moe as dm
 from deepseek_moe.bench.timing import interleaved, run_once
-
-
-@contextlib.contextmanager
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
+from deepseek_moe.invariant import deterministic_algorithms
 
 
 def main(argv=None) -> int:
@@ -77,7 +68,7 @@ def main(argv=None) -> int:
 
     def det(fn):
         def call(r):
-            with deterministic():
+            with deterministic_algorithms():
                 fn(r)
         return call
 

@@ -19,7 +19,9 @@ already invariant. Legend: T rows, H input features, N output features, K expert
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
@@ -62,6 +64,18 @@ class _TiledMM(torch.autograd.Function):
         return grad_a, grad_b
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block; the previous setting (and its
+    ``warn_only``) is restored after it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def tiled_mm(a_TH: torch.Tensor, b_HN: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D a (T, H), b (H, N) of one dtype, computed in GEMMs of exactly :data:`ROW_TILE` rows (a
     zero-padded last tile), so each row's result depends on that row alone. Differentiable (the backward in whole
@@ -94,8 +108,8 @@ _TANH_GELU = math.sqrt(2.0 / math.pi)
 
 def activate(g: torch.Tensor, activation: str) -> torch.Tensor:
     """The GLU gate activation (a ``deepseek_moe.config.ACTIVATIONS`` name) from position-independent kernels:
-    silu g·σ(g) as g / (1 + exp(−g)); gelu 0.5·g·(1 + erf(g/√2)); gelu_pytorch_tanh 0.5·g·(1 + tanh(√(2/π)·(g +
-    0.044715·g³))); relu. Differentiable."""
+    silu g·σ(g) as g / (1 + exp(−g)); gelu 0.5·g·(1 + erf(g/√2)); gelu_pytorch_tanh
+    0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))); relu. Differentiable."""
     if activation == "silu":
         return g / (torch.exp(-g) + 1)
     if activation == "gelu":

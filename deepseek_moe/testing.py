@@ -1,10 +1,12 @@
-"""Test helpers: RMS-ratio comparison that reports where it failed, and routing generators.
+"""Test helpers: RMS-ratio comparison that reports where it failed, routing generators, gloo process groups.
 
 Legend: T tokens, E routed experts, K experts per token.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+import socket
+from typing import Callable, Optional
 
 import torch
 
@@ -74,3 +76,27 @@ def make_topk(num_tokens: int, num_experts: int, top_k: int, kind: str = "balanc
     else:
         raise ValueError(f"make_topk: kind={kind!r}; expected 'balanced', 'random' or 'skewed'")
     return logits.topk(top_k, dim=-1).indices
+
+
+def spawn_gloo(fn: Callable[..., None], world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` new processes joined in a gloo process group on this machine (one
+    thread each), and wait for them; a rank's exception fails the call. ``fn`` must be importable (module level)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -2,27 +2,17 @@
 bits run after run, and in eval a token's output is bitwise the same alone, in any batch and at any position;
 its values stay those of the float64 reference (within fp32 rounding). Without the mode the CPU GEMMs already
 differ between a token alone and in a batch (the first test), so these tests can fail."""
-import contextlib
 
 import pytest
 import torch
 
 import deepseek_moe as dm
 from deepseek_moe import invariant
+from deepseek_moe.invariant import deterministic_algorithms
 from deepseek_moe.backends import BackendUnavailable
 from deepseek_moe.testing import assert_close
 
 H = 64
-
-
-@contextlib.contextmanager
-def deterministic(on=True):
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def make_layer(backend, dtype=torch.float32, **fields):
@@ -68,7 +58,7 @@ def test_eval_outputs_are_bitwise_batch_invariant(backend, dtype, fields):
     torch.manual_seed(0)
     layer = make_layer(backend, dtype, **fields).eval()
     x = torch.randn(70, H, dtype=dtype)
-    with deterministic():
+    with deterministic_algorithms():
         assert layer.backend.batch_invariant
         alone, batch, permuted, behind, sub = _batches(x, layer)
     assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of 70 tokens differ alone"
@@ -98,7 +88,7 @@ def test_training_steps_are_bitwise_repeatable(backend, dtype, fields):
         (y.float().square().mean() + layer.aux_loss).backward()
         return [y.detach(), layer.aux_loss.detach(), xr.grad] + [p.grad.clone() for p in layer.parameters()]
 
-    with deterministic():
+    with deterministic_algorithms():
         first, second = step(), step()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
@@ -115,10 +105,10 @@ def test_training_steps_are_bitwise_repeatable(backend, dtype, fields):
 
 def test_backends_that_cannot_be_batch_invariant_refuse_in_the_mode():
     layer = make_layer("ext")
-    with deterministic(), pytest.raises(BackendUnavailable, match="must compute batch-invariantly, but the "
-                                                                   "extension's GEMMs"):
+    refusal = "must compute batch-invariantly, but the extension's GEMMs"
+    with deterministic_algorithms(), pytest.raises(BackendUnavailable, match=refusal):
         layer(torch.randn(3, H))
-    with deterministic():
+    with deterministic_algorithms():
         auto = make_layer("auto")
         assert auto.backend.name in ("torch", "triton") and auto.backend.batch_invariant
     assert not auto.backend.batch_invariant  # selected again once the mode is off
@@ -148,7 +138,7 @@ def test_compiled_layer_is_batch_invariant_in_the_mode():
     layer = make_layer("torch", score_func="sigmoid").eval()
     compiled = torch.compile(layer)
     x = torch.randn(40, H)
-    with deterministic(), torch.no_grad():
+    with deterministic_algorithms(), torch.no_grad():
         batch = compiled(x)
         alone = torch.cat([compiled(x[t:t + 1]) for t in range(0, 40, 7)])
         assert_close(batch, layer(x), 1e-6, "compiled vs eager")

@@ -2,15 +2,12 @@
 reset_parameters, load_state_dict(assign=True)), moved, emptied, deep-copied and wrapped in DDP. Each must give a
 layer that behaves exactly like one built on the CPU: same outputs, counters and bias after training steps."""
 import copy
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import deepseek_moe as dm
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, spawn_gloo
 
 CFG = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=8, num_shared_experts=1, top_k=2,
                    score_func="sigmoid", bias_update_speed=0.01, aux_loss_alpha=0.01, backend="torch")
@@ -102,62 +99,46 @@ def test_moves_and_copies_keep_counters_and_aux_loss_usable():
     assert torch.equal(double.tokens_per_expert, counts)
 
 
-def _ddp_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(dm.DeepSeekMoELayer(CFG))  # broadcast_buffers=True
-        layer = model.module
-        torch.manual_seed(1 + rank)
-        for _ in range(2):
-            x = torch.randn(4 + 3 * rank, CFG.hidden_size)  # the ranks' loads differ
-            model(x).sum().backward()
-            own = torch.bincount(layer.route(x)[0].topk_idx_TK.flatten(), minlength=CFG.num_routed_experts)
-            assert torch.equal(layer.tokens_per_expert, own), "DDP replaced this rank's counts"
-        assert int(layer.load_since_update.sum()) == 2 * (4 + 3 * rank) * CFG.top_k
-        # The bias step sums the ranks' loads: every rank ends with the same bias.
-        bias = layer.update_bias()
-        biases = [torch.empty_like(bias) for _ in range(world)]
-        dist.all_gather(biases, bias)
-        assert all(torch.equal(b, bias) for b in biases)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank, world):
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(dm.DeepSeekMoELayer(CFG))  # broadcast_buffers=True
+    layer = model.module
+    torch.manual_seed(1 + rank)
+    for _ in range(2):
+        x = torch.randn(4 + 3 * rank, CFG.hidden_size)  # the ranks' loads differ
+        model(x).sum().backward()
+        own = torch.bincount(layer.route(x)[0].topk_idx_TK.flatten(), minlength=CFG.num_routed_experts)
+        assert torch.equal(layer.tokens_per_expert, own), "DDP replaced this rank's counts"
+    assert int(layer.load_since_update.sum()) == 2 * (4 + 3 * rank) * CFG.top_k
+    # The bias step sums the ranks' loads: every rank ends with the same bias.
+    bias = layer.update_bias()
+    biases = [torch.empty_like(bias) for _ in range(world)]
+    dist.all_gather(biases, bias)
+    assert all(torch.equal(b, bias) for b in biases)
 
 
 def test_ddp_leaves_each_rank_its_own_load_counters():
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, 2)
 
 
-def _fsdp_worker(rank, world, port):
+def _fsdp_worker(rank, world):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        cpu = dm.DeepSeekMoELayer(CFG)
-        with torch.device("meta"):
-            meta = dm.DeepSeekMoELayer(CFG)
-        fully_shard(meta)
-        meta.to_empty(device="cpu")  # FSDP2 materialisation
-        meta.reset_parameters()
-        set_model_state_dict(meta, cpu.state_dict(), options=StateDictOptions(full_state_dict=True))
-        x = torch.randn(2, 5, CFG.hidden_size, generator=torch.Generator().manual_seed(rank))
-        assert_close(meta(x), cpu(x), 1e-6, f"rank {rank}: output")
-        assert torch.equal(meta.tokens_per_expert, cpu.tokens_per_expert)
-        assert torch.equal(meta.load_since_update, cpu.load_since_update)
-        assert meta.aux_loss.device.type == "cpu" and meta.last_stats == cpu.last_stats
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    cpu = dm.DeepSeekMoELayer(CFG)
+    with torch.device("meta"):
+        meta = dm.DeepSeekMoELayer(CFG)
+    fully_shard(meta)
+    meta.to_empty(device="cpu")  # FSDP2 materialisation
+    meta.reset_parameters()
+    set_model_state_dict(meta, cpu.state_dict(), options=StateDictOptions(full_state_dict=True))
+    x = torch.randn(2, 5, CFG.hidden_size, generator=torch.Generator().manual_seed(rank))
+    assert_close(meta(x), cpu(x), 1e-6, f"rank {rank}: output")
+    assert torch.equal(meta.tokens_per_expert, cpu.tokens_per_expert)
+    assert torch.equal(meta.load_since_update, cpu.load_since_update)
+    assert meta.aux_loss.device.type == "cpu" and meta.last_stats == cpu.last_stats
 
 
 def test_fsdp2_materialisation_of_a_meta_build():
-    mp.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_gloo(_fsdp_worker, 2)

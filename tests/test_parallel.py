@@ -3,25 +3,17 @@ layer on the concatenated batch (outputs, input gradients, and every parameter's
 convention: replicated gradients averaged over ranks, expert shards already averaged by the layer), device-limited routing, a rank that receives no tokens, load statistics, and
 state_dict shard/gather round trips."""
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import deepseek_moe as dm
 from deepseek_moe.parallel import gather_expert_state_dict, shard_experts
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, spawn_gloo
 
 T_LOCAL, H = 13, 16
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(world: int, M):
@@ -102,37 +94,30 @@ def _check_device_capacity(rank, world):
     assert_close(layer(x), ref(x_all)[rank * T_LOCAL:(rank + 1) * T_LOCAL], 1e-5, f"rank {rank}: loose capacity")
 
 
-def _worker(rank, world, port, M):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        layer, ref = _check_against_single_process(rank, world, M)
+def _worker(rank, world, M):
+    layer, ref = _check_against_single_process(rank, world, M)
 
-        # state_dict: gathering the shards gives the full checkpoint; a full checkpoint loads into a shard.
-        full = gather_expert_state_dict(layer)
-        for key, value in ref.state_dict().items():
-            assert torch.equal(full[key], value), key
-        torch.manual_seed(1)
-        fresh = shard_experts(dm.DeepSeekMoELayer(_config(world, M)))
-        fresh.load_state_dict(ref.state_dict())
-        assert torch.equal(fresh.experts.down_proj, layer.experts.down_proj)
-        with pytest.raises(ValueError, match="already sharded"):
-            shard_experts(layer)
+    # state_dict: gathering the shards gives the full checkpoint; a full checkpoint loads into a shard.
+    full = gather_expert_state_dict(layer)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(full[key], value), key
+    torch.manual_seed(1)
+    fresh = shard_experts(dm.DeepSeekMoELayer(_config(world, M)))
+    fresh.load_state_dict(ref.state_dict())
+    assert torch.equal(fresh.experts.down_proj, layer.experts.down_proj)
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_experts(layer)
 
-        # A rank that receives no tokens: a large bias sends every token to rank 0's experts.
-        bias = torch.zeros(4 * world)
-        bias[:4] = 10.0
-        _check_against_single_process(rank, world, None, bias)
-        _check_device_capacity(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # A rank that receives no tokens: a large bias sends every token to rank 0's experts.
+    bias = torch.zeros(4 * world)
+    bias[:4] = 10.0
+    _check_against_single_process(rank, world, None, bias)
+    _check_device_capacity(rank, world)
 
 
 @pytest.mark.parametrize("world,M", [(2, 1), (4, 2), (4, None)])
 def test_expert_parallel_equals_single_process(world, M):
-    mp.spawn(_worker, args=(world, _free_port(), M), nprocs=world, join=True)
+    spawn_gloo(_worker, world, M)
 
 
 def test_shard_needs_initialised_distributed():
@@ -141,28 +126,22 @@ def test_shard_needs_initialised_distributed():
         shard_experts(layer)
 
 
-def _calibrate_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        layer = shard_experts(dm.DeepSeekMoELayer(_config(world, None)))
-        torch.manual_seed(10 + rank)  # each rank its own tokens, sharing one dominant direction
-        x = torch.randn(64, H) + 3 * torch.ones(H)
-        stats = layer.calibrate_bias(x)
-        bias = layer.gate.e_score_correction_bias
-        biases = [torch.empty_like(bias) for _ in range(world)]
-        dist.all_gather(biases, bias)
-        assert all(torch.equal(b, bias) for b in biases), "ranks calibrated different biases"
-        # The reported MaxVio is the world's: the loads of all ranks' tokens summed.
-        load = torch.bincount(layer.route(x)[0].topk_idx_TK.flatten(), minlength=bias.numel()).double()
-        dist.all_reduce(load)
-        assert (load.max() / load.mean() - 1).item() == pytest.approx(stats["max_vio_after"])
-        assert stats["max_vio_after"] < stats["max_vio_before"]
-    finally:
-        dist.destroy_process_group()
+def _calibrate_worker(rank, world):
+    torch.manual_seed(0)
+    layer = shard_experts(dm.DeepSeekMoELayer(_config(world, None)))
+    torch.manual_seed(10 + rank)  # each rank its own tokens, sharing one dominant direction
+    x = torch.randn(64, H) + 3 * torch.ones(H)
+    stats = layer.calibrate_bias(x)
+    bias = layer.gate.e_score_correction_bias
+    biases = [torch.empty_like(bias) for _ in range(world)]
+    dist.all_gather(biases, bias)
+    assert all(torch.equal(b, bias) for b in biases), "ranks calibrated different biases"
+    # The reported MaxVio is the world's: the loads of all ranks' tokens summed.
+    load = torch.bincount(layer.route(x)[0].topk_idx_TK.flatten(), minlength=bias.numel()).double()
+    dist.all_reduce(load)
+    assert (load.max() / load.mean() - 1).item() == pytest.approx(stats["max_vio_after"])
+    assert stats["max_vio_after"] < stats["max_vio_before"]
 
 
 def test_calibrate_bias_sums_the_load_over_ranks_and_every_rank_gets_the_same_bias():
-    mp.spawn(_calibrate_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_gloo(_calibrate_worker, 2)

@@ -1,18 +1,14 @@
 """Sharded expert-parallel checkpoints through torch.distributed.checkpoint, on gloo: saved at EP = 2, loaded at
 EP = 2, at EP = 4 and into an unsharded model (EP = 1), each holds exactly the unsharded model's weights (this
 rank's experts) and gives its outputs (to the all-to-all's summation order)."""
-import os
-import socket
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch import nn
 
 import deepseek_moe as dm
 from deepseek_moe.parallel import checkpoint_state_dict, shard_experts
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, spawn_gloo
 
 H, T = 16, 24
 CFG = dm.MoEConfig(hidden_size=H, expert_hidden_size=8, num_routed_experts=8, num_shared_experts=1, top_k=3,
@@ -28,11 +24,6 @@ def _tokens():
     return torch.randn(T, H, generator=torch.Generator().manual_seed(5))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _shard(model):
     for layer in model:
@@ -46,34 +37,28 @@ def _wrapped(model):
     return nn.Sequential(*(checkpoint_wrapper(layer) for layer in model))
 
 
-def _worker(rank, world, port, path, save):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        rows = slice(rank * T // world, (rank + 1) * T // world)
-        with torch.no_grad():
-            expected = _model(0)(_tokens())[rows]
-        if save:
-            dcp.save(checkpoint_state_dict(_wrapped(_shard(_model(0)))), checkpoint_id=path)
-        model = _shard(_model(seed=1))  # other weights until loaded
-        dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
-        with torch.no_grad():
-            got = model(_tokens()[rows])
-        assert_close(got, expected, 1e-6, f"rank {rank} of {world}: outputs")
-        L = CFG.num_routed_experts // world
-        reference = _model(0).state_dict()
-        for key, value in model.state_dict().items():
-            ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
-            assert torch.equal(value, ref), f"rank {rank} of {world}: {key}"
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, path, save):
+    rows = slice(rank * T // world, (rank + 1) * T // world)
+    with torch.no_grad():
+        expected = _model(0)(_tokens())[rows]
+    if save:
+        dcp.save(checkpoint_state_dict(_wrapped(_shard(_model(0)))), checkpoint_id=path)
+    model = _shard(_model(seed=1))  # other weights until loaded
+    dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
+    with torch.no_grad():
+        got = model(_tokens()[rows])
+    assert_close(got, expected, 1e-6, f"rank {rank} of {world}: outputs")
+    L = CFG.num_routed_experts // world
+    reference = _model(0).state_dict()
+    for key, value in model.state_dict().items():
+        ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
+        assert torch.equal(value, ref), f"rank {rank} of {world}: {key}"
 
 
 def test_dcp_saved_at_ep2_loads_at_ep2_ep4_and_unsharded(tmp_path):
     path = str(tmp_path / "ckpt")
-    mp.spawn(_worker, args=(2, _free_port(), path, True), nprocs=2, join=True)
-    mp.spawn(_worker, args=(4, _free_port(), path, False), nprocs=4, join=True)
+    spawn_gloo(_worker, 2, path, True)
+    spawn_gloo(_worker, 4, path, False)
     model = _model(seed=1)
     state = checkpoint_state_dict(model)  # unsharded: plain tensors of the full shape
     assert not any(type(t).__name__ == "DTensor" for t in state.values())
@@ -89,27 +74,21 @@ def test_checkpoint_state_dict_of_an_unsharded_model_is_its_state_dict():
     assert state.keys() == plain.keys() and all(state[k].data_ptr() == plain[k].data_ptr() for k in state)
 
 
-def _fsdp_worker(rank, world, port, path):
+def _fsdp_worker(rank, world, path):
     """EP = 2 x FSDP2 over the 2 ranks holding the same experts (a 2 x 2 mesh of 4 ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
-        model = _model(0)
-        for layer in model:
-            shard_experts(layer, mesh["ep"].get_group())
-            dm.parallel.fully_shard_moe(layer, mesh._flatten("dp_ep"), expert_mesh=mesh["dp"])
-        dcp.save(checkpoint_state_dict(model), checkpoint_id=path)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    model = _model(0)
+    for layer in model:
+        shard_experts(layer, mesh["ep"].get_group())
+        dm.parallel.fully_shard_moe(layer, mesh._flatten("dp_ep"), expert_mesh=mesh["dp"])
+    dcp.save(checkpoint_state_dict(model), checkpoint_id=path)
 
 
 def test_dcp_of_expert_parallel_under_fsdp2_loads_unsharded(tmp_path):
     path = str(tmp_path / "ckpt")
-    mp.spawn(_fsdp_worker, args=(4, _free_port(), path), nprocs=4, join=True)
+    spawn_gloo(_fsdp_worker, 4, path)
     model = _model(seed=1)
     dcp.load(checkpoint_state_dict(model), checkpoint_id=path)
     reference = _model(0).state_dict()

@@ -12,6 +12,7 @@ import torch
 from torch.func import functional_call
 
 import deepseek_moe as dm
+from deepseek_moe.invariant import deterministic_algorithms
 from deepseek_moe.testing import assert_close, require_extension
 
 peft = pytest.importorskip("peft")
@@ -124,14 +125,9 @@ def test_lora_keeps_deterministic_mode_batch_invariant():
     torch.manual_seed(0)
     model = get_peft_model(make_layer(), lora_config(shared=False)).eval()
     x = torch.randn(20, H)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with torch.no_grad():
-            alone = torch.cat([model(x[t:t + 1]) for t in range(20)])
-            batch = model(x)
-    finally:
-        torch.use_deterministic_algorithms(before)
+    with deterministic_algorithms(), torch.no_grad():
+        alone = torch.cat([model(x[t:t + 1]) for t in range(20)])
+        batch = model(x)
     assert torch.equal(alone, batch)
 
 

@@ -6,17 +6,14 @@ y = shared(x) + Σ_k w_k · expert_{id_k}(x). The ids used are read back by reco
 """
 import copy
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import deepseek_moe as dm
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, spawn_gloo
 
 H = 16
 
@@ -308,45 +305,33 @@ def test_vllm_routed_experts_layout_round_trip():
 
 
 # --------------------------------------------------------------------------------- expert parallelism (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _ep_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        cfg = dict(num_routed_experts=8, score_func="sigmoid", norm_topk_prob=True, num_devices=world,
-                   max_devices_per_token=1)
-        ref = make_layer(**cfg)
-        layer = dm.parallel.shard_experts(copy.deepcopy(ref))
-        x_all = torch.randn(world, 6, H)
-        x = x_all[rank:rank + 1]
-        with dm.record_routing(layer) as routes:
-            layer(x)
-        for m in (layer, ref):
-            with torch.no_grad():
-                m.gate.weight.mul_(-1)
-        xr = x.clone().requires_grad_()
-        with dm.replay_routing(layer, routes), dm.record_routing(layer) as used:
-            y = layer(xr)
-        assert torch.equal(used[""][0], routes[""][0])
-        y.square().sum().backward()
-        y_ref = ref(x, topk_idx=routes[""][0])  # the same ids on one process, every expert local
-        assert_close(y, y_ref, 1e-5, f"rank {rank}: EP replay")
-        y_hand, W = by_hand(ref, x.reshape(-1, H), routes[""][0].reshape(-1, 2))
-        assert_close(y.reshape(-1, H), y_hand, 1e-5, f"rank {rank}: EP replay vs float64")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ep_worker(rank, world):
+    torch.manual_seed(0)
+    cfg = dict(num_routed_experts=8, score_func="sigmoid", norm_topk_prob=True, num_devices=world,
+               max_devices_per_token=1)
+    ref = make_layer(**cfg)
+    layer = dm.parallel.shard_experts(copy.deepcopy(ref))
+    x_all = torch.randn(world, 6, H)
+    x = x_all[rank:rank + 1]
+    with dm.record_routing(layer) as routes:
+        layer(x)
+    for m in (layer, ref):
+        with torch.no_grad():
+            m.gate.weight.mul_(-1)
+    xr = x.clone().requires_grad_()
+    with dm.replay_routing(layer, routes), dm.record_routing(layer) as used:
+        y = layer(xr)
+    assert torch.equal(used[""][0], routes[""][0])
+    y.square().sum().backward()
+    y_ref = ref(x, topk_idx=routes[""][0])  # the same ids on one process, every expert local
+    assert_close(y, y_ref, 1e-5, f"rank {rank}: EP replay")
+    y_hand, W = by_hand(ref, x.reshape(-1, H), routes[""][0].reshape(-1, 2))
+    assert_close(y.reshape(-1, H), y_hand, 1e-5, f"rank {rank}: EP replay vs float64")
 
 
 def test_replay_under_expert_parallelism_two_gloo_ranks():
-    mp.spawn(_ep_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_gloo(_ep_worker, 2)
 
 
 def test_converted_transformers_model_records_and_replays():

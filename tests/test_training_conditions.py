@@ -11,19 +11,16 @@ Legend: T tokens, B sequences, S tokens per sequence, H hidden size, I expert wi
 token, W ranks.
 """
 import copy
-import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import deepseek_moe as dm
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, spawn_gloo
 
 H, I, E, K = 16, 8, 8, 2
 GAMMA = 0.01
@@ -551,24 +548,6 @@ def test_global_batch_window_with_micro_batches_in_flight_under_checkpointing():
 T_LOCAL_SEQ = 2  # sequences per rank, of 6 tokens
 
 
-def _spawn(fn, world, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(world, port, fn, args), nprocs=world, join=True)
-
-
-def _rank_main(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        fn(rank, world, *args)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _distributed_case(rank, world, kind):
     """One rank of: "dp" (DistributedDataParallel, which also broadcasts buffers before each forward), "ep"
     (shard_experts, replicated gradients averaged as DDP would), "ep_fsdp" (2 data-parallel x 2 expert-parallel
@@ -643,12 +622,12 @@ def _check_fsdp_mixed_precision(mesh, x):
 
 @pytest.mark.parametrize("kind", ["dp", "ep"])
 def test_two_ranks_against_float64(kind):
-    _spawn(_distributed_case, 2, kind)
+    spawn_gloo(_distributed_case, 2, kind)
 
 
 def test_expert_parallel_with_fsdp2_on_a_2d_mesh():
     pytest.importorskip("torch.distributed.fsdp")
-    _spawn(_distributed_case, 4, "ep_fsdp")
+    spawn_gloo(_distributed_case, 4, "ep_fsdp")
 
 
 def test_compiled_layer_reads_the_padding_context():

@@ -10,8 +10,9 @@ it once per (device, dtype, mode) and a forward never again.
 ahead-of-time build of the extension is installed (an install property: never whether something in this process
 loaded it), else ``torch``. Under ``torch.use_deterministic_algorithms(True)`` the implementation is selected
 batch-invariant (``batch_invariant=True``; :mod:`deepseek_moe.invariant`): ``auto`` then never picks ``ext``, and a
-backend that cannot compute so refuses with the reason. The fused implementations (triton, ext) compute the SiLU GLU only: for another
-``hidden_act`` auto picks ``torch``. Optional dependencies are imported only when an implementation runs.
+backend that cannot compute so refuses with the reason. The fused implementations (triton, ext) compute the SiLU
+GLU only: for another ``hidden_act`` auto picks ``torch``. Optional dependencies are imported only when an
+implementation runs.
 """
 from __future__ import annotations
 

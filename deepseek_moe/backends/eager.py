@@ -32,7 +32,8 @@ class EagerBackend(Backend):
 def expert_loop(x_NH: torch.Tensor, counts: List[int], gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
                 activation: str, batch_invariant: bool = False) -> torch.Tensor:
     """o_NH: each expert's segment of the sorted rows (``counts`` rows per expert) through its GLU MLP
-    (``batch_invariant``: GEMMs in fixed row tiles and position-independent activations, :mod:`~deepseek_moe.invariant`)."""
+    (``batch_invariant``: GEMMs in fixed row tiles and position-independent activations,
+    :mod:`~deepseek_moe.invariant`)."""
     mm = invariant.tiled_mm if batch_invariant else torch.mm
     # Every expert runs, also on zero rows, so every expert weight gets a gradient (zeros for an idle expert), as
     # data-parallel gradient reductions expect.
