@@ -142,7 +142,7 @@ class DeepSeekMoELayer(nn.Module):
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
-        if tape is not None and tape.recorded is not None:
+        if tape is not None and tape.recorded:
             tape.record((unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], -1), self.training)
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.

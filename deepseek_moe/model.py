@@ -47,15 +47,14 @@ def _taped(layers: Dict[str, DeepSeekMoELayer], field: str, values: Dict[str, li
     for name, values_of in values.items():
         layer = layers[name]
         tape = layer.route_tape if layer.route_tape is not None else RouteTape(name)
-        previous[name] = (layer.route_tape, getattr(tape, field))
-        setattr(tape, field, values_of)
+        previous[name] = (layer.route_tape, tape.swap(field, values_of))
         layer.route_tape = tape
     try:
         yield
     finally:
-        for name, (old_tape, old_value) in previous.items():
+        for name, (old_tape, saved) in previous.items():
             tape = layers[name].route_tape
-            setattr(tape, field, old_value)
+            tape.restore(saved)
             layers[name].route_tape = old_tape if old_tape is not None or tape.active else None
 
 
@@ -66,7 +65,8 @@ def record_routing(model: nn.Module) -> Iterator[Dict[str, List[torch.Tensor]]]:
 
     Yields ``routes``: {qualified layer name ("" for ``model`` itself): [one int64 tensor per forward call,
     shape ``x.shape[:-1] + (top_k,)``, −1 at padded positions]}. Recording changes no output and no gradient;
-    activation checkpointing's re-runs are not new calls. Under torch.compile each layer's call adds a graph
+    activation checkpointing's re-runs are not new calls. Blocks nest (each block's routes get every call made
+    inside it, also inside a replay block: the replayed ids). Under torch.compile each layer's call adds a graph
     break. Raises ValueError when ``model`` holds no DeepSeekMoELayer."""
     layers = _layers_of(model, "record_routing")
     routes: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}

@@ -47,8 +47,8 @@ def is_recompute(training: bool) -> bool:
 class RouteTape:
     """One layer's part in :func:`deepseek_moe.record_routing` and :func:`deepseek_moe.replay_routing`.
 
-    ``recorded``: the list each forward appends its expert ids to, int64 ``x.shape[:-1] + (K,)``, −1 at padding
-    (None: not recording). ``replay``: the ids its i-th forward uses (None: the layer chooses). Checkpointed
+    ``recorded``: the lists each forward appends its expert ids to, int64 ``x.shape[:-1] + (K,)``, −1 at padding
+    (one per enclosing record block, innermost last; empty: not recording). ``replay``: the ids its i-th forward uses (None: the layer chooses). Checkpointed
     re-runs neither record nor advance: they take the ids of the original forward they re-run. Backward re-runs
     a layer's forwards in the reverse order of the forwards (the autograd engine runs the newest nodes first), so
     the originals' indices are kept on a stack.
@@ -56,7 +56,7 @@ class RouteTape:
 
     def __init__(self, name: str):
         self.name = name
-        self.recorded: Optional[List[torch.Tensor]] = None
+        self.recorded: List[List[torch.Tensor]] = []
         self.replay: Optional[List[torch.Tensor]] = None
         self.calls = 0
         self._pending: List[int] = []
@@ -68,7 +68,24 @@ class RouteTape:
 
     @property
     def active(self) -> bool:
-        return self.recorded is not None or self.replay is not None
+        return bool(self.recorded) or self.replay is not None
+
+    def swap(self, field: str, value: List[torch.Tensor]) -> tuple:
+        """Record into the list ``value`` too (``field`` "recorded"; enclosing record blocks keep recording), or
+        replay it (``field`` "replay", from call 0, with a new serial). Returns what :meth:`restore` needs to put
+        the tape back as it was."""
+        saved = (field, getattr(self, field), self.calls, self._pending, self.serial)
+        if field == "recorded":
+            self.recorded = self.recorded + [value]
+        else:
+            self.replay, self.calls, self._pending, self.serial = value, 0, [], next(_SERIALS)
+        return saved
+
+    def restore(self, saved: tuple) -> None:
+        field, value, calls, pending, serial = saved
+        setattr(self, field, value)
+        if field == "replay":
+            self.calls, self._pending, self.serial = calls, pending, serial
 
     def _replayed_ids(self, training: bool) -> Optional[torch.Tensor]:
         """The recorded ids for this forward, or None when not replaying. Raises RuntimeError for more forward
@@ -92,8 +109,9 @@ class RouteTape:
 
     def _record(self, ids_AK: torch.Tensor, training: bool) -> None:
         """Append one forward's ids (checkpointed re-runs are not new calls)."""
-        if self.recorded is not None and not is_recompute(training):
-            self.recorded.append(ids_AK.detach())
+        if not is_recompute(training):
+            for recorded in self.recorded:
+                recorded.append(ids_AK.detach())
 
 
 class RecomputeGuard:

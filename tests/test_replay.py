@@ -359,3 +359,21 @@ def test_converted_transformers_model_records_and_replays():
     for n in names:
         assert torch.equal(used[n][0], routes[n][0]), n
         assert hf.moe_layers(model)[n].gate.weight.grad is not None
+
+
+def test_nested_blocks_restore_the_layer_and_a_new_replay_starts_at_the_first_call():
+    layer = make_layer()
+    x = torch.randn(3, H)
+    with dm.record_routing(layer) as outer:
+        with dm.record_routing(layer) as inner:
+            layer(x)
+        layer(x * 2)
+        with dm.replay_routing(layer, inner):
+            layer(x * 3)  # replays inner[0]; recorded by outer as used
+        with pytest.raises(ValueError, match="boom"):
+            with dm.replay_routing(layer, inner):
+                layer(x * 3)  # a new block: call 1 again, not call 2
+                raise ValueError("boom")
+    assert layer.route_tape is None
+    assert len(inner[""]) == 1 and len(outer[""]) == 4
+    assert torch.equal(outer[""][2], inner[""][0]) and torch.equal(outer[""][3], inner[""][0])
