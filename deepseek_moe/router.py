@@ -129,6 +129,8 @@ def forced_topk(topk_idx: torch.Tensor, x: torch.Tensor, padding_A: Optional[tor
         raise ValueError(f"{who}: topk_idx has shape {tuple(topk_idx.shape)}; expected x.shape[:-1] + (top_k,) = "
                          f"{expected}")
     ids_AK = topk_idx.reshape(-1, K).to(device=x.device, dtype=torch.int64)
+    if ids_AK.is_inference() and not torch.is_inference_mode_enabled():
+        ids_AK = ids_AK.clone()  # ids recorded by a rollout under inference_mode: autograd cannot save those
     positions = None if padding_A is None else (~padding_A).nonzero().squeeze(1)
     ids_TK = ids_AK if positions is None else ids_AK.index_select(0, positions)
     if torch.compiler.is_compiling():

@@ -377,3 +377,16 @@ def test_nested_blocks_restore_the_layer_and_a_new_replay_starts_at_the_first_ca
     assert layer.route_tape is None
     assert len(inner[""]) == 1 and len(outer[""]) == 4
     assert torch.equal(outer[""][2], inner[""][0]) and torch.equal(outer[""][3], inner[""][0])
+
+
+def test_ids_recorded_under_inference_mode_replay_in_training():
+    """Rollouts run under torch.inference_mode; the trainer's replay saves the ids for backward."""
+    layer = make_layer()
+    x = torch.randn(4, H)
+    with torch.inference_mode(), dm.record_routing(layer) as routes:
+        layer(x)
+    assert routes[""][0].is_inference()
+    with dm.replay_routing(layer, routes):
+        y = layer(x)
+    y.sum().backward()
+    assert layer.gate.weight.grad.abs().sum() > 0
