@@ -144,20 +144,47 @@ class RoutedExperts(nn.Module):
                                       error_msgs)
 
 
-class _Projection(nn.Linear):
-    """A bias-free nn.Linear whose weight its owner draws: the constructor consumes no random numbers, so a layer's
-    ``reset_parameters`` after ``to_empty`` redraws exactly what its constructor drew under the same seed. Under
-    ``torch.use_deterministic_algorithms(True)`` it computes batch-invariantly (:func:`deepseek_moe.invariant.linear`).
-    """
+class InvariantLinear(nn.Linear):
+    """A bias-free nn.Linear that computes batch-invariantly under ``torch.use_deterministic_algorithms(True)``
+    (:func:`deepseek_moe.invariant.linear`); the shared experts' projections and the shared-expert gate."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant.linear(x, self.weight) if invariant.enabled() else super().forward(x)
+
+
+class _Projection(InvariantLinear):
+    """An :class:`InvariantLinear` whose weight its owner draws: the constructor consumes no random numbers, so a
+    layer's ``reset_parameters`` after ``to_empty`` redraws exactly what its constructor drew under the same seed."""
+
     def reset_parameters(self) -> None:
         pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant.linear(x, self.weight) if invariant.enabled() else super().forward(x)
+
+def _invariant(module: nn.Module) -> bool:
+    """An :class:`InvariantLinear`, or PEFT's ``ParamWrapper`` of one (it substitutes the weight and runs the module
+    itself; a wrapper with ``parameter_name`` is one)."""
+    while not isinstance(module, InvariantLinear) and hasattr(module, "parameter_name"):
+        module = module.get_base_layer()
+    return isinstance(module, InvariantLinear)
+
+
+def check_invariant_projections(modules, training: bool) -> None:
+    """In the deterministic mode's eval, the projections must compute batch-invariantly (:func:`_invariant`): a
+    wrapper that adds its own computation (PEFT's ``lora.Linear`` from ``target_modules``: factors run by
+    ``nn.Linear``) is outside the batch-invariant arithmetic. Raises RuntimeError naming the remedy (a warning under
+    ``warn_only=True``, as PyTorch's mode)."""
+    if training or not invariant.enabled():
+        return
+    wrapped = sorted({type(m).__name__ for m in modules if m is not None and not _invariant(m)})
+    if wrapped:
+        invariant.refuse(f"DeepSeekMoELayer: under torch.use_deterministic_algorithms(True) outputs are to be "
+                         f"batch-invariant, but the shared experts' projections are wrapped ({', '.join(wrapped)}: "
+                         f"PEFT's target_modules), whose LoRA factors run outside the batch-invariant arithmetic. "
+                         f"Adapt them with target_parameters=['shared_experts.gate_proj.weight', "
+                         f"'shared_experts.up_proj.weight', 'shared_experts.down_proj.weight'] or merge the adapter")
 
 
 class SharedExperts(nn.Module):
@@ -189,6 +216,7 @@ class SharedExperts(nn.Module):
         """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it). Raises TypeError when x's
         dtype is not the weights' outside autocast (:func:`check_dtype`)."""
         check_dtype(x_TH, self.gate_proj.weight)
+        check_invariant_projections((self.gate_proj, self.up_proj, self.down_proj), self.training)
         # Two GEMMs, not one over concatenated weights: the concatenation copies both weights every call, which
         # measured 1.4-2.7x slower at decode sizes and no faster at T = 4096 (docs/benchmarks.md).
         return self.down_proj(activate(self.gate_proj(x_TH), self.activation, invariant.enabled())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterator
 
 import torch
@@ -74,6 +75,15 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def refuse(message: str) -> None:
+    """What the mode does where the layer cannot keep its promise: RuntimeError, or a warning when the mode was
+    switched on with ``warn_only=True`` (as PyTorch's own nondeterministic ops)."""
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def tiled_mm(a_TH: torch.Tensor, b_HN: torch.Tensor) -> torch.Tensor:

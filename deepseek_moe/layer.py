@@ -12,11 +12,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, invariant
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import RoutedExperts, SharedExperts, compute_dtype
+from .experts import InvariantLinear, RoutedExperts, SharedExperts, check_invariant_projections, compute_dtype
 from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_padding_mask, check_input, check_padding_mask, pack
 from .router import LogitsProbe, Router, Routing, forced_topk
@@ -44,7 +44,7 @@ class DeepSeekMoELayer(nn.Module):
         self.gate = Router(config)
         self.experts = RoutedExperts(config)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
-        self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = (InvariantLinear(config.hidden_size, 1)
                                    if config.shared_expert_gate and config.num_shared_experts > 0 else None)
         self.logits_probe = LogitsProbe()
         self.load_state = LoadState(config.num_routed_experts)
@@ -83,8 +83,10 @@ class DeepSeekMoELayer(nn.Module):
         self.load_state.apply(fn)
         return self
 
-    def __getstate__(self):  # pickling and deepcopy: implementations are selected again in the new process
-        return {**super().__getstate__(), "_impls": {}}
+    def __getstate__(self):
+        # Pickling and deepcopy: implementations are selected again in the new process; a copy made inside a
+        # record or replay block takes no part in it (the block belongs to the original).
+        return {**super().__getstate__(), "_impls": {}, "route_tape": None}
 
     def use_dispatcher(self, dispatcher: Dispatcher, config: MoEConfig) -> None:
         """Run the routed experts through ``dispatcher`` with ``config`` (``shard_experts``)."""
@@ -118,7 +120,7 @@ class DeepSeekMoELayer(nn.Module):
         override, tape = self.routing_override, self.route_tape
         replaying = tape if tape is not None and tape.replay is not None and topk_idx is None else None
         if replaying is not None:
-            topk_idx = replaying.replayed_ids(self.training)
+            topk_idx = replaying.ids_for(x, self.training)
         self._guard.check(self.training, from_context and padding_mask is not None, padding_mask is not None,
                           override, replaying)
         x_TH, seq_T, unpack = pack(x, padding_mask)
@@ -138,12 +140,18 @@ class DeepSeekMoELayer(nn.Module):
                                            lambda x_in, plan: self.experts(x_in, plan, impl), impl, self.training)
         if self.shared_experts is not None and (override is None or override.shared):
             shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
-            y_TH = y_TH + (shared_TH if gate is None else shared_TH * torch.sigmoid(gate(x_TH)))
+            if gate is not None:
+                check_invariant_projections((gate,), self.training)
+                sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
+                shared_TH = shared_TH * sigmoid(gate(x_TH))
+            y_TH = y_TH + shared_TH
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
-        if tape is not None and tape.recorded:
-            tape.record((unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], -1), self.training)
+        if tape is not None:
+            recorded = (unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], self.config.top_k) \
+                if tape.recorded else None
+            tape.finish(x, recorded, self.training, replaying is not None)
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH

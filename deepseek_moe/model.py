@@ -93,6 +93,9 @@ def replay_routing(model: nn.Module, routes: Mapping[str, Sequence[torch.Tensor]
                          f"on the same module, e.g. both on the model wrapped by DDP or both unwrapped)")
     replay = {}
     for name, calls in routes.items():
+        if isinstance(calls, torch.Tensor):
+            raise ValueError(f"replay_routing: routes[{name!r}] must be a sequence of tensors (one per forward call), "
+                             f"got a tensor; for one call pass [ids]")
         calls = list(calls)
         if not all(isinstance(ids, torch.Tensor) for ids in calls):
             raise ValueError(f"replay_routing: routes[{name!r}] must be a sequence of tensors (one per forward "

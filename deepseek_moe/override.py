@@ -44,14 +44,26 @@ def is_recompute(training: bool) -> bool:
     return training and torch._C._current_graph_task_id() != -1
 
 
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Three fp64 numbers that tell apart the inputs of a layer's forwards: a checkpointed re-run recomputes its
+    original's input, bitwise when the recomputation is deterministic."""
+    flat = x.detach().reshape(-1)
+    return torch.stack([flat.sum(dtype=torch.float32), flat.abs().sum(dtype=torch.float32),
+                        flat[::97].sum(dtype=torch.float32)]).double().cpu()
+
+
 class RouteTape:
     """One layer's part in :func:`deepseek_moe.record_routing` and :func:`deepseek_moe.replay_routing`.
 
     ``recorded``: the lists each forward appends its expert ids to, int64 ``x.shape[:-1] + (K,)``, −1 at padding
-    (one per enclosing record block, innermost last; empty: not recording). ``replay``: the ids its i-th forward uses (None: the layer chooses). Checkpointed
-    re-runs neither record nor advance: they take the ids of the original forward they re-run. Backward re-runs
-    a layer's forwards in the reverse order of the forwards (the autograd engine runs the newest nodes first), so
-    the originals' indices are kept on a stack.
+    (one per enclosing record block, innermost last; empty: not recording). ``replay``: the ids its i-th forward
+    uses (None: the layer chooses). A forward takes its ids with :meth:`ids_for` and, only once it has finished,
+    counts as a call (:meth:`finish`): a forward that raised uses up nothing.
+
+    Checkpointed re-runs neither record nor count: each takes the ids of the original forward whose input it
+    recomputes, found by the input's shape and fingerprint (exactly equal, else the nearest within 1%; the newest
+    among equals). Re-runs need not come in any order, other forwards may run in between, and one checkpointed
+    region may call the layer several times.
     """
 
     def __init__(self, name: str):
@@ -59,12 +71,13 @@ class RouteTape:
         self.recorded: List[List[torch.Tensor]] = []
         self.replay: Optional[List[torch.Tensor]] = None
         self.calls = 0
-        self._pending: List[int] = []
+        self._pending: List[tuple] = []  # (call index, input shape, input fingerprint) of training forwards
+        self._rerun: Optional[int] = None  # position in _pending of the original that the running re-run redoes
         self.serial = next(_SERIALS)
-        # List bookkeeping runs eagerly, one graph break under torch.compile (traced, every new call index would
-        # be a recompile). Wrapped here, not at import: torch.compiler.disable imports dynamo.
-        self.replayed_ids = torch.compiler.disable(self._replayed_ids)
-        self.record = torch.compiler.disable(self._record)
+        # Bookkeeping runs eagerly, one graph break under torch.compile (traced, every new call index would be a
+        # recompile). Wrapped here, not at import: torch.compiler.disable imports dynamo.
+        self.ids_for = torch.compiler.disable(self._ids_for)
+        self.finish = torch.compiler.disable(self._finish)
 
     @property
     def active(self) -> bool:
@@ -87,31 +100,49 @@ class RouteTape:
         if field == "replay":
             self.calls, self._pending, self.serial = calls, pending, serial
 
-    def _replayed_ids(self, training: bool) -> Optional[torch.Tensor]:
-        """The recorded ids for this forward, or None when not replaying. Raises RuntimeError for more forward
-        calls than recorded, or a checkpointed re-run of a forward that did not replay."""
+    def _ids_for(self, x: torch.Tensor, training: bool) -> Optional[torch.Tensor]:
+        """The recorded ids for the forward of x, or None when not replaying. Raises RuntimeError for more forward
+        calls than recorded, or a checkpointed re-run that matches no forward of this block."""
         if self.replay is None:
             return None
         if is_recompute(training):
-            if not self._pending:
-                raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran a forward "
-                                   f"that did not run inside this replay_routing block; call backward() inside "
-                                   f"the block that ran the forward")
-            return self.replay[self._pending.pop()]
+            self._rerun = self._original_of(x)
+            return self.replay[self._pending[self._rerun][0]]
         if self.calls >= len(self.replay):
             raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: forward call {self.calls + 1} inside "
                                f"replay_routing, but routes[{self.name!r}] holds {len(self.replay)} recorded "
                                f"call(s)")
-        index, self.calls = self.calls, self.calls + 1
-        if training:
-            self._pending.append(index)
-        return self.replay[index]
+        return self.replay[self.calls]
 
-    def _record(self, ids_AK: torch.Tensor, training: bool) -> None:
-        """Append one forward's ids (checkpointed re-runs are not new calls)."""
-        if not is_recompute(training):
-            for recorded in self.recorded:
-                recorded.append(ids_AK.detach())
+    def _original_of(self, x: torch.Tensor) -> int:
+        fingerprint = _fingerprint(x)
+        same_shape = [i for i, (_, shape, _) in enumerate(self._pending) if shape == tuple(x.shape)]
+        exact = [i for i in same_shape if torch.equal(self._pending[i][2], fingerprint)]
+        if exact:
+            return exact[-1]
+        scale = fingerprint.abs().clamp(min=1e-12)
+        distance = {i: float(((self._pending[i][2] - fingerprint).abs() / scale).max()) for i in same_shape}
+        nearest = min(distance, key=distance.get, default=None)
+        if nearest is None or distance[nearest] > 1e-2:
+            raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran a forward whose "
+                               f"input matches no training forward of this replay_routing block; call backward() "
+                               f"inside the block that ran the forward")
+        return nearest
+
+    def _finish(self, x: torch.Tensor, ids_AK: Optional[torch.Tensor], training: bool, replayed: bool) -> None:
+        """After the forward of x: count it as a replayed call (``replayed``; a re-run forgets its original) and
+        record its ids ``ids_AK``."""
+        if is_recompute(training):
+            if self._rerun is not None:
+                del self._pending[self._rerun]
+                self._rerun = None
+            return
+        if replayed:
+            if training:
+                self._pending.append((self.calls, tuple(x.shape), _fingerprint(x)))
+            self.calls += 1
+        for recorded in self.recorded:
+            recorded.append(ids_AK.detach())
 
 
 class RecomputeGuard:

@@ -115,7 +115,8 @@ def forced_topk(topk_idx: torch.Tensor, x: torch.Tensor, padding_A: Optional[tor
     topk_idx: integer ``x.shape[:-1] + (K,)``, −1 at padded positions (``padding_A``: bool (A,) or None). The
     checks that read values run in eager mode only (under torch.compile they would synchronise and break the
     graph). Raises TypeError for a non-integer tensor; ValueError naming ``who`` and the first offending position
-    for a wrong shape, ids outside [0, E) other than −1, −1 at a position that is not padding, an expert repeated
+    for a wrong shape, ids outside [0, E) other than −1 (at padded positions nothing is read), −1 at a position
+    that is not padding, an expert repeated
     within a row, or a row that group-limited (``topk_groups``) or device-limited (``max_devices_per_token``)
     routing could not have picked.
     """
@@ -129,17 +130,17 @@ def forced_topk(topk_idx: torch.Tensor, x: torch.Tensor, padding_A: Optional[tor
         raise ValueError(f"{who}: topk_idx has shape {tuple(topk_idx.shape)}; expected x.shape[:-1] + (top_k,) = "
                          f"{expected}")
     ids_AK = topk_idx.reshape(-1, K).to(device=x.device, dtype=torch.int64)
-    if ids_AK.is_inference() and not torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and ids_AK.is_inference() and not torch.is_inference_mode_enabled():
         ids_AK = ids_AK.clone()  # ids recorded by a rollout under inference_mode: autograd cannot save those
     positions = None if padding_A is None else (~padding_A).nonzero().squeeze(1)
     ids_TK = ids_AK if positions is None else ids_AK.index_select(0, positions)
     if torch.compiler.is_compiling():
         return ids_TK
     shape = tuple(x.shape[:-1])
-    bad_A = ((ids_AK < -1) | (ids_AK >= E)).any(dim=-1)
-    if bool(bad_A.any()):
-        raise ValueError(f"{who}: topk_idx at position {_first_row(bad_A, None, shape)} holds "
-                         f"{ids_AK[bad_A][0].tolist()}: expert ids must lie in [0, {E}) (−1 marks padding)")
+    bad_T = ((ids_TK < -1) | (ids_TK >= E)).any(dim=-1)  # padded positions are never read
+    if bool(bad_T.any()):
+        raise ValueError(f"{who}: topk_idx at position {_first_row(bad_T, positions, shape)} holds "
+                         f"{ids_TK[bad_T][0].tolist()}: expert ids must lie in [0, {E}) (−1 marks padding)")
     unset_T = (ids_TK == -1).any(dim=-1)
     if bool(unset_T.any()):
         raise ValueError(f"{who}: topk_idx holds -1 at position {_first_row(unset_T, positions, shape)}, which is "

@@ -27,7 +27,7 @@ CASES = [
     ("torch", torch.float32, dict(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True,
                                   hidden_act="gelu")),
     ("torch", torch.bfloat16, dict()),
-    ("torch", torch.float32, dict(expert_hidden_size=40, num_shared_experts=2)),
+    ("torch", torch.float32, dict(expert_hidden_size=40, num_shared_experts=2, shared_expert_gate=True)),
     # Triton's CPU interpreter computes bf16 tl.dot wrongly (docs/kernels.md): fp32 only here.
     ("triton", torch.float32, dict(score_func="sigmoid", norm_topk_prob=True)),
 ]

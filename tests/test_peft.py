@@ -121,14 +121,30 @@ def test_merge_and_unload_and_the_layer_api_under_the_wrappers():
         dm.parallel.shard_experts(wrapped_layer)
 
 
-def test_lora_keeps_deterministic_mode_batch_invariant():
+def test_lora_by_target_parameters_keeps_deterministic_mode_batch_invariant():
     torch.manual_seed(0)
-    model = get_peft_model(make_layer(), lora_config(shared=False)).eval()
+    shared = [name + ".weight" for name in SHARED]
+    config = LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=False,
+                        target_parameters=EXPERTS + ["gate.weight"] + shared)
+    model = get_peft_model(make_layer(shared_expert_gate=True), config).eval()
     x = torch.randn(20, H)
     with deterministic_algorithms(), torch.no_grad():
         alone = torch.cat([model(x[t:t + 1]) for t in range(20)])
         batch = model(x)
     assert torch.equal(alone, batch)
+    # target_modules wraps the shared projections in PEFT's lora.Linear, outside the mode's arithmetic: refused in
+    # eval (a warning with warn_only=True), allowed in training, where the mode promises repeatability only.
+    wrapped = get_peft_model(make_layer(), lora_config()).eval()
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match="target_parameters=\\['shared_experts"):
+        wrapped(x)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.warns(UserWarning, match="batch-invariant"):
+            wrapped(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms():
+        wrapped.train()(x)
 
 
 # ------------------------------------------------------------------------------------ converted transformers models

@@ -390,3 +390,70 @@ def test_ids_recorded_under_inference_mode_replay_in_training():
         y = layer(x)
     y.sum().backward()
     assert layer.gate.weight.grad.abs().sum() > 0
+
+
+def _grads(layer):
+    g = torch.cat([p.grad.flatten() for p in layer.parameters() if p.grad is not None])
+    layer.zero_grad()
+    return g
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_reruns_find_their_forward_whatever_runs_in_between(reentrant):
+    """Re-runs matched to their original forward by its input: another forward between a checkpointed forward and
+    its backward, backwards in forward order (accumulation), and one checkpoint around two calls of the layer."""
+    torch.manual_seed(0)
+    layer = make_layer(num_shared_experts=0, initializer_range=0.3, aux_loss_alpha=0.0)
+    # Reentrant checkpointing needs an input that requires grad to build a graph at all.
+    x0, x1 = torch.randn(6, H, requires_grad=True), torch.randn(6, H, requires_grad=True)
+    ids0, ids1 = (torch.stack([torch.randperm(8)[:2] for _ in range(6)]) for _ in range(2))
+    routes = {"": [ids0, ids1]}
+    ckpt = lambda f, *a: checkpoint(f, *a, use_reentrant=reentrant)  # noqa: E731
+
+    layer(x0, topk_idx=ids0).square().sum().backward()
+    expected = _grads(layer)
+    with dm.replay_routing(layer, routes):
+        y0 = ckpt(layer, x0)
+        with torch.no_grad():
+            layer(x1)  # another training forward in between
+        y0.square().sum().backward()
+    assert_close(_grads(layer), expected, 1e-6, "forward in between")
+
+    (layer(x0, topk_idx=ids0).square().sum() + layer(x1, topk_idx=ids1).square().sum()).backward()
+    expected = _grads(layer)
+    with dm.replay_routing(layer, routes):
+        loss0, loss1 = ckpt(layer, x0).square().sum(), ckpt(layer, x1).square().sum()
+        loss0.backward()  # backwards in forward order
+        loss1.backward()
+    assert_close(_grads(layer), expected, 1e-6, "accumulation")
+
+    layer(layer(x0, topk_idx=ids0), topk_idx=ids1).square().sum().backward()
+    expected = _grads(layer)
+    with dm.replay_routing(layer, routes):
+        ckpt(lambda t: layer(layer(t)), x0).square().sum().backward()  # one region, two calls
+    assert_close(_grads(layer), expected, 1e-6, "two calls in one region")
+
+
+def test_a_forward_that_raises_uses_up_no_call_and_copies_take_no_part():
+    import pickle
+
+    layer = make_layer()
+    x = torch.randn(6, H)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(6)])
+    with dm.replay_routing(layer, {"": [ids]}):
+        with pytest.raises(ValueError, match="shape"):
+            layer(x[:3])
+        layer(x)  # still call 1
+    with dm.record_routing(layer) as routes:
+        layer(x)
+        twin = copy.deepcopy(layer)
+        twin(x)
+        pickle.dumps(layer)
+        layer(torch.randn(0, H))  # an empty input records a (0, K) entry
+    assert twin.route_tape is None and len(routes[""]) == 2 and routes[""][1].shape == (0, 2)
+    with dm.record_routing(twin) as again:
+        twin(x)
+    assert len(again[""]) == 1
+    with pytest.raises(ValueError, match="got a tensor"):
+        with dm.replay_routing(layer, {"": ids}):
+            pass
