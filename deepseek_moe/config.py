@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("max", "top2_sum")
 BACKENDS = ("auto", "eager", "torch", "triton", "ext", "megablocks")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")

@@ -112,6 +112,12 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(torch.exp(-x) + 1)
 
 
+def sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
+    """√softplus(x) (DeepSeek-V4's affinity), softplus as ATen's (threshold 20: x itself above), the same bits at
+    every position. The clamp keeps exp finite where the threshold applies, so the gradient there is not NaN."""
+    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20)))).sqrt()
+
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _TANH_GELU = math.sqrt(2.0 / math.pi)
 

@@ -171,8 +171,9 @@ def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
 
 
 def routing_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
-    """Probabilities used by the balance losses: softmax scores as they are, sigmoid scores normalised per
-    token (as DeepSeek-V3 does), so that uniform routing gives exactly α for either score function."""
+    """Probabilities used by the balance losses: softmax scores as they are, sigmoid and √softplus scores
+    normalised per token (as DeepSeek-V3 does for sigmoid), so that uniform routing gives exactly α for any score
+    function."""
     if score_func == "softmax":
         return scores_TE
     return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)

@@ -25,7 +25,8 @@ class Routing:
         topk_idx_TK: int64 (T, K), the K distinct experts picked for each token, best first.
         topk_weight_TK: fp32 (T, K), the gate weights that scale each expert's output (after optional
             normalisation and ``routed_scaling_factor``); differentiable w.r.t. the router weight.
-        scores_TE: fp32 (T, E), the affinities s = softmax(logits) or sigmoid(logits), bias excluded.
+        scores_TE: fp32 (T, E), the affinities s = softmax(logits), sigmoid(logits) or √softplus(logits), bias
+            excluded.
         logits_TE: fp32 (T, E), the raw router logits x·Wᵀ.
     """
 
@@ -269,8 +270,10 @@ class Router(nn.Module):
             logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)  # row by row: already batch-invariant
-        else:
+        elif cfg.score_func == "sigmoid":
             scores_TE = invariant.sigmoid(logits_TE) if batch_invariant else logits_TE.sigmoid()
+        else:  # sqrtsoftplus, DeepSeek-V4
+            scores_TE = invariant.sqrt_softplus(logits_TE) if batch_invariant else F.softplus(logits_TE).sqrt()
         exclude = None if override is None else override.exclude
         if topk_idx_TK is not None:
             if exclude is not None:
