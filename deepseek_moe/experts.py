@@ -164,9 +164,12 @@ class _Projection(InvariantLinear):
 
 
 def _invariant(module: nn.Module) -> bool:
-    """An :class:`InvariantLinear`, or PEFT's ``ParamWrapper`` of one (it substitutes the weight and runs the module
-    itself; a wrapper with ``parameter_name`` is one)."""
-    while not isinstance(module, InvariantLinear) and hasattr(module, "parameter_name"):
+    """An :class:`InvariantLinear`, or PEFT's wrapper of one that adds no computation of its own: a ``ParamWrapper``
+    (``parameter_name``: it substitutes the weight and runs the module itself), or a LoRA layer whose adapters are
+    disabled or merged into the weight."""
+    while not isinstance(module, InvariantLinear) and hasattr(module, "get_base_layer") and (
+            hasattr(module, "parameter_name") or getattr(module, "disable_adapters", False)
+            or getattr(module, "merged", False)):
         module = module.get_base_layer()
     return isinstance(module, InvariantLinear)
 
@@ -181,8 +184,9 @@ def check_invariant_projections(modules, training: bool) -> None:
     wrapped = sorted({type(m).__name__ for m in modules if m is not None and not _invariant(m)})
     if wrapped:
         invariant.refuse(f"DeepSeekMoELayer: under torch.use_deterministic_algorithms(True) outputs are to be "
-                         f"batch-invariant, but the shared experts' projections are wrapped ({', '.join(wrapped)}: "
-                         f"PEFT's target_modules), whose LoRA factors run outside the batch-invariant arithmetic. "
+                         f"batch-invariant, but the shared experts' projections are wrapped ({', '.join(wrapped)}, "
+                         f"e.g. by PEFT's target_modules), and what the wrapper adds runs outside the batch-invariant "
+                         f"arithmetic. "
                          f"Adapt them with target_parameters=['shared_experts.gate_proj.weight', "
                          f"'shared_experts.up_proj.weight', 'shared_experts.down_proj.weight'] or merge the adapter")
 

@@ -118,11 +118,13 @@ class DeepSeekMoELayer(nn.Module):
         from_context = padding_mask is None
         padding_mask = active_padding_mask() if from_context else padding_mask
         override, tape = self.routing_override, self.route_tape
-        replaying = tape if tape is not None and tape.replay is not None and topk_idx is None else None
-        if replaying is not None:
-            topk_idx = replaying.ids_for(x, self.training)
+        replaying = tape is not None and tape.replay is not None and topk_idx is None
+        if replaying:
+            topk_idx = tape.ids_for(x, self.training)
+        elif tape is not None and tape.closed and not torch.compiler.is_compiling():
+            tape.check_late_rerun(x, self.training)  # eager only, as the RecomputeGuard
         self._guard.check(self.training, from_context and padding_mask is not None, padding_mask is not None,
-                          override, replaying)
+                          override)
         x_TH, seq_T, unpack = pack(x, padding_mask)
         routed_TH = x_TH
         if self.training and self.config.router_jitter_noise > 0:
@@ -148,10 +150,10 @@ class DeepSeekMoELayer(nn.Module):
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
-        if tape is not None:
+        if tape is not None and tape.active:
             recorded = (unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], self.config.top_k) \
                 if tape.recorded else None
-            tape.finish(x, recorded, self.training, replaying is not None)
+            tape.finish(x, recorded, self.training, replaying)
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH

@@ -55,7 +55,8 @@ def _taped(layers: Dict[str, DeepSeekMoELayer], field: str, values: Dict[str, li
         for name, (old_tape, saved) in previous.items():
             tape = layers[name].route_tape
             tape.restore(saved)
-            layers[name].route_tape = old_tape if old_tape is not None or tape.active else None
+            # old_tape is this tape (blocks nest on one tape) or None (this block made it)
+            layers[name].route_tape = tape if old_tape is not None or tape.needed else None
 
 
 @contextlib.contextmanager

@@ -61,9 +61,11 @@ class RouteTape:
     counts as a call (:meth:`finish`): a forward that raised uses up nothing.
 
     Checkpointed re-runs neither record nor count: each takes the ids of the original forward whose input it
-    recomputes, found by the input's shape and fingerprint (exactly equal, else the nearest within 1%; the newest
-    among equals). Re-runs need not come in any order, other forwards may run in between, and one checkpointed
-    region may call the layer several times.
+    recomputes, found by the input's shape and fingerprint, which must be equal bitwise (a deterministic
+    recomputation reproduces it). Re-runs need not come in any order, other forwards may run in between, and one
+    checkpointed region may call the layer several times. What cannot be told apart is refused: a re-run matching
+    no forward of the block (``closed``: the unfinished forwards of the block that ended, to recognise a re-run
+    after it), or matching several forwards with different ids (identical inputs).
     """
 
     def __init__(self, name: str):
@@ -72,7 +74,7 @@ class RouteTape:
         self.replay: Optional[List[torch.Tensor]] = None
         self.calls = 0
         self._pending: List[tuple] = []  # (call index, input shape, input fingerprint) of training forwards
-        self._rerun: Optional[int] = None  # position in _pending of the original that the running re-run redoes
+        self.closed: List[tuple] = []  # (input shape, fingerprint) of the last ended block's unfinished forwards
         self.serial = next(_SERIALS)
         # Bookkeeping runs eagerly, one graph break under torch.compile (traced, every new call index would be a
         # recompile). Wrapped here, not at import: torch.compiler.disable imports dynamo.
@@ -83,6 +85,11 @@ class RouteTape:
     def active(self) -> bool:
         return bool(self.recorded) or self.replay is not None
 
+    @property
+    def needed(self) -> bool:
+        """Whether the layer must keep the tape: a block is open, or an ended one may still see re-runs."""
+        return self.active or bool(self.closed)
+
     def swap(self, field: str, value: List[torch.Tensor]) -> tuple:
         """Record into the list ``value`` too (``field`` "recorded"; enclosing record blocks keep recording), or
         replay it (``field`` "replay", from call 0, with a new serial). Returns what :meth:`restore` needs to put
@@ -92,50 +99,61 @@ class RouteTape:
             self.recorded = self.recorded + [value]
         else:
             self.replay, self.calls, self._pending, self.serial = value, 0, [], next(_SERIALS)
+            self.closed = []
         return saved
 
     def restore(self, saved: tuple) -> None:
         field, value, calls, pending, serial = saved
         setattr(self, field, value)
         if field == "replay":
+            self.closed = [(shape, fingerprint) for _, shape, fingerprint in self._pending]
             self.calls, self._pending, self.serial = calls, pending, serial
 
     def _ids_for(self, x: torch.Tensor, training: bool) -> Optional[torch.Tensor]:
         """The recorded ids for the forward of x, or None when not replaying. Raises RuntimeError for more forward
-        calls than recorded, or a checkpointed re-run that matches no forward of this block."""
+        calls than recorded, and for a checkpointed re-run it cannot pair with its original (see the class)."""
         if self.replay is None:
             return None
         if is_recompute(training):
-            self._rerun = self._original_of(x)
-            return self.replay[self._pending[self._rerun][0]]
+            # Taken off now: a non-reentrant re-run may stop inside this forward (checkpoint's early stop).
+            return self.replay[self._pending.pop(self._original_of(x))[0]]
         if self.calls >= len(self.replay):
             raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: forward call {self.calls + 1} inside "
                                f"replay_routing, but routes[{self.name!r}] holds {len(self.replay)} recorded "
                                f"call(s)")
         return self.replay[self.calls]
 
+    def check_late_rerun(self, x: torch.Tensor, training: bool) -> None:
+        """Raise RuntimeError when this forward is a re-run, after its replay block ended, of a forward in it."""
+        if is_recompute(training):
+            fingerprint = _fingerprint(x)
+            if any(shape == tuple(x.shape) and torch.equal(fp, fingerprint) for shape, fp in self.closed):
+                raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran, after its "
+                                   f"replay_routing block had ended, a forward that ran inside it; the re-run "
+                                   f"would route freely. Call backward() inside the block")
+
     def _original_of(self, x: torch.Tensor) -> int:
         fingerprint = _fingerprint(x)
-        same_shape = [i for i, (_, shape, _) in enumerate(self._pending) if shape == tuple(x.shape)]
-        exact = [i for i in same_shape if torch.equal(self._pending[i][2], fingerprint)]
-        if exact:
-            return exact[-1]
-        scale = fingerprint.abs().clamp(min=1e-12)
-        distance = {i: float(((self._pending[i][2] - fingerprint).abs() / scale).max()) for i in same_shape}
-        nearest = min(distance, key=distance.get, default=None)
-        if nearest is None or distance[nearest] > 1e-2:
+        exact = [i for i, (_, shape, fp) in enumerate(self._pending)
+                 if shape == tuple(x.shape) and torch.equal(fp, fingerprint)]
+        if not exact:
             raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran a forward whose "
-                               f"input matches no training forward of this replay_routing block; call backward() "
-                               f"inside the block that ran the forward")
-        return nearest
+                               f"input matches no unfinished training forward of this replay_routing block: it ran "
+                               f"outside the block, or its recomputation changed the input (e.g. dropout with "
+                               f"preserve_rng_state=False, or nondeterministic kernels); the ids cannot be chosen")
+        calls = {self._pending[i][0] for i in exact}
+        if len({tuple(self.replay[c].reshape(-1).tolist()) for c in calls}) > 1:
+            raise RuntimeError(f"DeepSeekMoELayer {self.name!r}: activation checkpointing re-ran a forward whose "
+                               f"input equals that of forward calls {sorted(c + 1 for c in calls)} of this "
+                               f"replay_routing block, which were given different ids; which ones to use cannot be "
+                               f"told. Run each micro-batch's backward before the next identical forward, or do "
+                               f"not checkpoint the layer")
+        return exact[-1]
 
     def _finish(self, x: torch.Tensor, ids_AK: Optional[torch.Tensor], training: bool, replayed: bool) -> None:
         """After the forward of x: count it as a replayed call (``replayed``; a re-run forgets its original) and
         record its ids ``ids_AK``."""
         if is_recompute(training):
-            if self._rerun is not None:
-                del self._pending[self._rerun]
-                self._rerun = None
             return
         if replayed:
             if training:
@@ -154,14 +172,15 @@ class RecomputeGuard:
 
     def __init__(self):
         self._context_mask = False
-        self._serial = (0, 0)
+        self._serial = 0
 
     def check(self, training: bool, uses_context_mask: bool, has_mask: bool,
-              override: Optional[RoutingOverride], replaying: Optional[RouteTape] = None) -> None:
-        """Raise RuntimeError when this forward is a re-run whose context differs from its original's."""
+              override: Optional[RoutingOverride]) -> None:
+        """Raise RuntimeError when this forward is a re-run whose context differs from its original's (replayed
+        routing pairs re-runs with their originals itself: :class:`RouteTape`)."""
         if torch.compiler.is_compiling() or not training:
             return
-        serial = (0 if override is None else override.serial, 0 if replaying is None else replaying.serial)
+        serial = 0 if override is None else override.serial
         if not is_recompute(training):
             self._context_mask, self._serial = uses_context_mask, serial
         elif not has_mask and self._context_mask:
@@ -169,11 +188,6 @@ class RecomputeGuard:
                                "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
                                "route the padding. Call backward() inside the block, or pass padding_mask= to "
                                "the layer.")
-        elif serial[1] != self._serial[1]:
-            raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
-                               "backward outside the `with deepseek_moe.replay_routing(...)` block its forward ran "
-                               "in (or inside one its forward did not run in), so the re-run would route "
-                               "differently. Call backward() inside the block.")
         elif serial != self._serial:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward with other experts disabled than its last training forward had (a "

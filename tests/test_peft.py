@@ -220,3 +220,14 @@ def test_converted_models_train_with_lora_and_adapters_move_to_the_stock_class(f
     back = Auto.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert_close(back(ids).logits, trained, 1e-5, f"{family} merged, saved, stock class")
+
+
+def test_disabled_or_merged_target_modules_adapters_are_not_refused_in_the_mode():
+    torch.manual_seed(0)
+    model = get_peft_model(make_layer(), lora_config()).eval()
+    x = torch.randn(20, H)
+    with deterministic_algorithms(), torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(torch.cat([model(x[t:t + 1]) for t in range(20)]), model(x))
+        model.merge_adapter()
+        assert torch.equal(torch.cat([model(x[t:t + 1]) for t in range(20)]), model(x))
