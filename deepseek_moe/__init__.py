@@ -13,7 +13,7 @@ from .plan import DispatchPlan, build_plan
 from .layer import DeepSeekMoELayer
 from .model import aux_loss, expert_load, moe_layers, record_routing, replay_routing, update_biases
 from .override import RoutingOverride
-from .padding import padding_mask
+from .padding import input_ids, padding_mask
 from .router import Router, Routing
 from .backends import BackendUnavailable, backend_status
 from . import analysis  # expert masking, load/co-activation statistics, the redundancy experiment
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers",
-    "update_biases", "expert_load", "record_routing", "replay_routing", "padding_mask", "Router", "Routing",
+    "update_biases", "expert_load", "record_routing", "replay_routing", "padding_mask", "input_ids", "Router", "Routing",
     "RoutingOverride",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "parallel", "__version__",
 ]

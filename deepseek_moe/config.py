@@ -72,6 +72,7 @@ class MoEConfig:
     initializer_range: float = 0.02
     hidden_act: str = "silu"
     router_jitter_noise: float = 0.0
+    hash_vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "expert_hidden_size", "num_routed_experts", "top_k", "num_groups",
@@ -91,6 +92,12 @@ class MoEConfig:
             _fail("group_score", self.group_score, f"expected one of {GROUP_SCORES}")
         if self.hidden_act not in ACTIVATIONS:
             _fail("hidden_act", self.hidden_act, f"expected one of {ACTIVATIONS}")
+        v = self.hash_vocab_size
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            _fail("hash_vocab_size", v, "expected None (top-k routing) or the vocabulary size, an integer >= 1")
+        if v is not None and (self.num_groups > 1 or self.max_devices_per_token is not None):
+            _fail("hash_vocab_size", v, "hash routing picks experts from its table: it takes no group or device limit "
+                  "(num_groups=1, max_devices_per_token=None)")
         v = self.router_jitter_noise
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
             _fail("router_jitter_noise", v, "expected a number in [0, 1)")

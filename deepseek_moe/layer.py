@@ -18,8 +18,8 @@ from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
 from .experts import InvariantLinear, RoutedExperts, SharedExperts, check_invariant_projections, compute_dtype
 from .override import RecomputeGuard, RouteTape, RoutingOverride
-from .padding import active_padding_mask, check_input, check_padding_mask, pack
-from .router import LogitsProbe, Router, Routing, forced_topk
+from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
+from .router import LogitsProbe, Router, Routing, forced_topk, hashed_topk
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -94,7 +94,7 @@ class DeepSeekMoELayer(nn.Module):
         self.dispatcher = dispatcher
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                topk_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                topk_idx: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., H) -> (..., H), same dtype.
 
         ``padding_mask``: bool ``x.shape[:-1]``, True at padded positions (default: an enclosing
@@ -109,6 +109,11 @@ class DeepSeekMoELayer(nn.Module):
         the live router's scores gathered there, normalised and scaled as routing would (the selection bias never
         enters them), so the router still learns; losses, load counters, bias steps and capacity see these ids.
         Checked by :func:`deepseek_moe.router.forced_topk` (ValueError naming the position).
+
+        ``input_ids``: integer ``x.shape[:-1]``, the token ids a hash-routed layer (``hash_vocab_size`` set;
+        DeepSeek-V4's first MoE layers) routes by: experts ``gate.tid2eid[input_ids]``, weighted like replayed ids
+        (default: an enclosing :func:`deepseek_moe.input_ids`; ignored by top-k layers; replayed ids win).
+        Checked by :func:`deepseek_moe.router.hashed_topk`.
 
         Raises TypeError for x not a tensor or of another dtype than the experts outside autocast; ValueError for
         x not floating, of the wrong last dimension, on the meta device, a bad mask, and in training x not (B, S,
@@ -131,10 +136,14 @@ class DeepSeekMoELayer(nn.Module):
             eps = self.config.router_jitter_noise
             routed_TH = pack(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps), padding_mask)[0]
         forced_TK = None
-        if topk_idx is not None:
+        if topk_idx is not None or self.config.hash_vocab_size is not None:
             padding_A = None if padding_mask is None else check_padding_mask(padding_mask, x)
             who = "DeepSeekMoELayer" if tape is None else f"DeepSeekMoELayer {tape.name!r}"
-            forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
+            if topk_idx is not None:
+                forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
+            else:
+                ids = input_ids if input_ids is not None else active_input_ids()
+                forced_TK = hashed_topk(self.router.tid2eid, ids, x, padding_A, self.config, who)
         routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype)
@@ -206,8 +215,10 @@ class DeepSeekMoELayer(nn.Module):
         """Close one optimizer step: b += γ·sign(mean(load) − load) (DeepSeek-V3 §2.1.2, fp32) from the router load
         of the real tokens since the last call, summed over ``group`` (default: the world) when torch.distributed
         is initialised; then reset that load and the global-batch window. Call after every ``optimizer.step()``
-        (``dm.update_biases(model)`` for a model). Moves only when ``bias_update_speed`` > 0. Returns the bias."""
-        return self.load_state.update_bias(self.router.e_score_correction_bias, self.config.bias_update_speed, group)
+        (``dm.update_biases(model)`` for a model). Moves only when ``bias_update_speed`` > 0, and never in a
+        hash-routed layer (its table picks the experts; a bias could not change the choice). Returns the bias."""
+        speed = 0.0 if self.config.hash_vocab_size is not None else self.config.bias_update_speed
+        return self.load_state.update_bias(self.router.e_score_correction_bias, speed, group)
 
     @torch.no_grad()
     def calibrate_bias(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, iterations: int = 200,

@@ -19,6 +19,7 @@ import torch
 
 class _Active:
     mask: Optional[torch.Tensor] = None
+    input_ids: Optional[torch.Tensor] = None
 
 
 _ACTIVE = _Active()
@@ -37,6 +38,25 @@ def padding_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.mask = outer
+
+
+@contextlib.contextmanager
+def input_ids(ids: Optional[torch.Tensor]) -> Iterator[None]:
+    """Within the block, every hash-routed :class:`~deepseek_moe.DeepSeekMoELayer` (``hash_vocab_size`` set) called
+    without ``input_ids=`` routes by ``ids``: the token ids, an integer tensor of the layer input's leading shape
+    (e.g. the model's (B, S) ``input_ids``). ``None`` turns an outer block off. Held like :func:`padding_mask`."""
+    if ids is not None and (not isinstance(ids, torch.Tensor) or ids.is_floating_point()):
+        raise TypeError(f"input_ids: expected an integer tensor or None, got {getattr(ids, 'dtype', type(ids))}")
+    outer, _ACTIVE.input_ids = _ACTIVE.input_ids, ids
+    try:
+        yield
+    finally:
+        _ACTIVE.input_ids = outer
+
+
+def active_input_ids() -> Optional[torch.Tensor]:
+    """The token ids set by the innermost :func:`input_ids` block, or None."""
+    return _ACTIVE.input_ids
 
 
 def check_input(x: torch.Tensor, config, training: bool, device: torch.device) -> None:

@@ -168,6 +168,53 @@ def forced_topk(topk_idx: torch.Tensor, x: torch.Tensor, padding_A: Optional[tor
     return ids_TK
 
 
+def default_hash_table(vocab_size: int, num_experts: int, top_k: int,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """A token-id -> expert-ids table (V, K) int64 for a fresh hash-routed layer: token v takes experts
+    (h(v) + k·⌊E/K⌋) mod E, k < K, with h Knuth's multiplicative hash (bits 16-31) mod E: K distinct experts per token, every
+    expert used by about V·K/E tokens, no random numbers drawn. Trained models load their own table."""
+    v = torch.arange(vocab_size, dtype=torch.int64, device=device)
+    h = (v * 2654435761) % (2 ** 32) // (2 ** 16) % num_experts  # the product's middle bits mix best
+    return (h.unsqueeze(1) + torch.arange(top_k, device=device) * (num_experts // top_k)) % num_experts
+
+
+def hashed_topk(tid2eid: torch.Tensor, input_ids: Optional[torch.Tensor], x: torch.Tensor,
+                padding_A: Optional[torch.Tensor], cfg: MoEConfig, who: str = "DeepSeekMoELayer") -> torch.Tensor:
+    """Hash routing (Roller et al. 2021; DeepSeek-V4's first MoE layers): the real tokens' experts
+    ``tid2eid[input_ids]``, int64 (T, K).
+
+    Raises ValueError naming ``who`` for missing ids (neither ``input_ids=`` nor :func:`deepseek_moe.input_ids`),
+    ids of another shape than ``x.shape[:-1]`` or not integer, ids outside [0, hash_vocab_size), and a table row
+    with an expert outside [0, E) or repeated (checked on the rows used, in eager mode)."""
+    if input_ids is None:
+        raise ValueError(f"{who}: a hash-routed layer (hash_vocab_size={cfg.hash_vocab_size}) needs the token ids: "
+                         f"pass input_ids= to the layer, or run the model inside `with deepseek_moe.input_ids(ids):`")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"{who}: input_ids must be an integer tensor, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if tuple(input_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{who}: input_ids has shape {tuple(input_ids.shape)}; expected x.shape[:-1] = "
+                         f"{tuple(x.shape[:-1])}")
+    ids_A = input_ids.reshape(-1).to(device=tid2eid.device, dtype=torch.int64)
+    positions = None if padding_A is None else (~padding_A).nonzero().squeeze(1).to(tid2eid.device)
+    ids_T = ids_A if positions is None else ids_A.index_select(0, positions)
+    if not torch.compiler.is_compiling():
+        V, shape = tid2eid.shape[0], tuple(x.shape[:-1])
+        bad_T = (ids_T < 0) | (ids_T >= V)
+        if bool(bad_T.any()):
+            raise ValueError(f"{who}: input_ids at position {_first_row(bad_T, positions, shape)} is "
+                             f"{int(ids_T[bad_T][0])}, outside the table's vocabulary [0, hash_vocab_size={V})")
+    rows_TK = tid2eid.index_select(0, ids_T)
+    if not torch.compiler.is_compiling():
+        E, K = cfg.num_routed_experts, cfg.top_k
+        bad_T = ((rows_TK < 0) | (rows_TK >= E)).any(dim=-1) | (_distinct_per_row(rows_TK) < K)
+        if bool(bad_T.any()):
+            token = int(ids_T[bad_T][0])
+            raise ValueError(f"{who}: gate.tid2eid[{token}] = {rows_TK[bad_T][0].tolist()}: a row of the hash table "
+                             f"must hold top_k={K} distinct experts in [0, {E})")
+    return rows_TK
+
+
 def balancing_bias(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig, iterations: int = 200,
                    group: Optional[object] = None) -> "tuple[torch.Tensor, float, float]":
     """A bias that balances the top-k choice of these T tokens: DeepSeek-V3's step bᵢ += γ·sign(mean(load) −
@@ -221,7 +268,9 @@ class Router(nn.Module):
     """Linear gate (fp32 math) + score function + (group-limited) top-k.
 
     Parameters: ``weight`` (E, H). Buffers: ``e_score_correction_bias`` (E,) fp32, the aux-loss-free
-    balancing bias b (DeepSeek-V3 §2.1.2), which changes which experts are picked but never the weights.
+    balancing bias b (DeepSeek-V3 §2.1.2), which changes which experts are picked but never the weights. A
+    hash-routed router (``hash_vocab_size`` V) also holds ``tid2eid`` (V, K) int64, the frozen table that picks
+    the experts (:func:`hashed_topk`), persistent under transformers' name ``gate.tid2eid``.
 
     Both stay fp32 (fp64 if cast to fp64) when the module is cast to a 16-bit dtype (``.to(torch.bfloat16)``,
     ``.half()``, a load with ``assign=True``): a bias step γ = 0.001 is below bf16's resolution at the biases
@@ -236,11 +285,17 @@ class Router(nn.Module):
         dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)
         self.weight = nn.Parameter(torch.empty(cfg.num_routed_experts, cfg.hidden_size, dtype=dtype))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_routed_experts, dtype=dtype))
+        if cfg.hash_vocab_size is not None:  # hash routing: the frozen token-id -> expert-ids table
+            self.register_buffer("tid2eid", torch.zeros(cfg.hash_vocab_size, cfg.top_k, dtype=torch.int64))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.cfg.initializer_range)
         nn.init.zeros_(self.e_score_correction_bias)
+        if self.cfg.hash_vocab_size is not None:
+            with torch.no_grad():
+                self.tid2eid.copy_(default_hash_table(self.cfg.hash_vocab_size, self.cfg.num_routed_experts,
+                                                      self.cfg.top_k, self.tid2eid.device))
 
     def _apply(self, fn, recurse=True):
         return super()._apply(_at_least_fp32(fn), recurse)
