@@ -73,6 +73,7 @@ class MoEConfig:
     hidden_act: str = "silu"
     router_jitter_noise: float = 0.0
     hash_vocab_size: Optional[int] = None
+    swiglu_limit: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "expert_hidden_size", "num_routed_experts", "top_k", "num_groups",
@@ -92,6 +93,9 @@ class MoEConfig:
             _fail("group_score", self.group_score, f"expected one of {GROUP_SCORES}")
         if self.hidden_act not in ACTIVATIONS:
             _fail("hidden_act", self.hidden_act, f"expected one of {ACTIVATIONS}")
+        v = self.swiglu_limit
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            _fail("swiglu_limit", v, "expected None (no clamp) or a finite number > 0")
         v = self.hash_vocab_size
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             _fail("hash_vocab_size", v, "expected None (top-k routing) or the vocabulary size, an integer >= 1")

@@ -13,7 +13,7 @@ from torch import nn
 from . import invariant
 from .backends import Backend
 from .config import MoEConfig
-from .glu import activate
+from .glu import gated, glu_name
 from .plan import DispatchPlan
 
 # Per-expert checkpoint layouts accepted on load: DeepSeek/Qwen names and Mixtral's w1 (gate) / w3 (up) / w2.
@@ -199,7 +199,7 @@ class SharedExperts(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         width = cfg.shared_width
-        self.activation = cfg.hidden_act
+        self.activation = glu_name(cfg.hidden_act, cfg.swiglu_limit)  # clamped with swiglu_limit (glu.py)
         self.gate_proj = _Projection(cfg.hidden_size, width)
         self.up_proj = _Projection(cfg.hidden_size, width)
         self.down_proj = _Projection(width, cfg.hidden_size)
@@ -223,5 +223,5 @@ class SharedExperts(nn.Module):
         check_invariant_projections((self.gate_proj, self.up_proj, self.down_proj), self.training)
         # Two GEMMs, not one over concatenated weights: the concatenation copies both weights every call, which
         # measured 1.4-2.7x slower at decode sizes and no faster at T = 4096 (docs/benchmarks.md).
-        return self.down_proj(activate(self.gate_proj(x_TH), self.activation, invariant.enabled())
-                              * self.up_proj(x_TH))
+        return self.down_proj(gated(self.gate_proj(x_TH), self.up_proj(x_TH), self.activation,
+                                    invariant.enabled()))

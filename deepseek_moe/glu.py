@@ -4,6 +4,10 @@ here (or in a fused kernel epilogue tested against :func:`glu`).
 a = act(gate) · up (· w), gate and up the two halves of the gate_up projection (gate columns first, as
 transformers' fused ``gate_up_proj``); act is named as in transformers (``deepseek_moe.config.ACTIVATIONS``).
 
+A GLU name is that activation name, or ``"<act>@<L>"`` for the clamped GLU of DeepSeek-V4 and gpt-oss
+(``swiglu_limit`` L): act(min(gate, L)) · clamp(up, −L, L), whose gradient is zero where a clamp is active
+(torch.clamp's convention: it passes at the bound itself). :func:`glu_name` builds one from a config.
+
 Legend: N rows, I expert hidden size, J = 2·I.
 """
 from __future__ import annotations
@@ -32,11 +36,31 @@ _GLU_GATES = {
 }
 
 
+def glu_name(activation: str, limit: Optional[float] = None) -> str:
+    """The GLU name of ``activation`` clamped at ``limit`` (None: not clamped)."""
+    return activation if limit is None else f"{activation}@{float(limit)!r}"
+
+
+def split_name(name: str) -> Tuple[str, Optional[float]]:
+    """(activation, limit or None) of a GLU name."""
+    activation, _, limit = name.partition("@")
+    return activation, (float(limit) if limit else None)
+
+
 def _gate(activation: str):
     try:
-        return _GLU_GATES[activation]
+        return _GLU_GATES[split_name(activation)[0]]
     except KeyError:
         raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}") from None
+
+
+def gated(gate_NI: torch.Tensor, up_NI: torch.Tensor, name: str, batch_invariant: bool = False) -> torch.Tensor:
+    """act(gate) · up for the GLU ``name`` (clamped first when it has a limit), in the inputs' dtype;
+    differentiable. The shared experts' GLU; :func:`glu` is the routed experts'."""
+    activation, limit = split_name(name)
+    if limit is not None:
+        gate_NI, up_NI = gate_NI.clamp(max=limit), up_NI.clamp(min=-limit, max=limit)
+    return activate(gate_NI, activation, batch_invariant) * up_NI
 
 
 def activate(g: torch.Tensor, activation: str, batch_invariant: bool = False) -> torch.Tensor:
@@ -44,7 +68,7 @@ def activate(g: torch.Tensor, activation: str, batch_invariant: bool = False) ->
     ``batch_invariant``, from kernels whose bits do not depend on the element's position
     (:func:`deepseek_moe.invariant.activate`)."""
     fn = _gate(activation)[0]
-    return invariant.activate(g, activation) if batch_invariant else fn(g)
+    return invariant.activate(g, split_name(activation)[0]) if batch_invariant else fn(g)
 
 
 def activate_backward(grad_NI: torch.Tensor, g_NI: torch.Tensor, activation: str,
@@ -65,9 +89,12 @@ def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor
     acc = acc_dtype(h_NJ.dtype)
     gate_NI, up_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
     if torch.is_grad_enabled() and (h_NJ.requires_grad or (w_N is not None and w_N.requires_grad)):
-        a_NI = activate(gate_NI, activation, batch_invariant) * up_NI
+        a_NI = gated(gate_NI, up_NI, activation, batch_invariant)
         return a_NI if w_N is None else a_NI * w_N.to(acc).unsqueeze(1)
     # No autograd (inside the segment op, or inference): one buffer, updated in place.
+    limit = split_name(activation)[1]
+    if limit is not None:
+        gate_NI, up_NI = gate_NI.clamp(max=limit), up_NI.clamp(min=-limit, max=limit)
     a_NI = activate(gate_NI, activation, batch_invariant).mul_(up_NI)
     return a_NI if w_N is None else a_NI.mul_(w_N.to(acc).unsqueeze(1))
 
@@ -84,6 +111,10 @@ def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: tor
     I = h_NJ.shape[1] // 2
     acc = acc_dtype(h_NJ.dtype)
     g_NI, u_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
+    limit = split_name(activation)[1]
+    if limit is not None:  # the clamped values, and where the clamps pass the gradient (bounds included)
+        pass_g, pass_u = g_NI <= limit, (u_NI >= -limit) & (u_NI <= limit)
+        g_NI, u_NI = g_NI.clamp(max=limit), u_NI.clamp(min=-limit, max=limit)
     dy_NI = grad_a_NI.to(acc)
     act_NI = activate(g_NI, activation)
     a_NI = act_NI * u_NI
@@ -97,4 +128,7 @@ def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: tor
     torch.mul(dy_NI, act_NI, out=grad_h_NJ[:, I:])
     torch.mul(dy_NI, u_NI, out=act_NI)  # act(g) is no longer needed: reuse its buffer for dy·u
     activate_backward(act_NI, g_NI, activation, out=grad_h_NJ[:, :I])
+    if limit is not None:
+        grad_h_NJ[:, :I].mul_(pass_g)
+        grad_h_NJ[:, I:].mul_(pass_u)
     return grad_h_NJ, grad_w_N, a_NI

@@ -17,6 +17,7 @@ from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
 from .experts import InvariantLinear, RoutedExperts, SharedExperts, check_invariant_projections, compute_dtype
+from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
 from .router import LogitsProbe, Router, Routing, forced_topk, hashed_topk
@@ -175,7 +176,7 @@ class DeepSeekMoELayer(nn.Module):
         if self.follows_experts_implementation:
             name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
                                                        cfg.backend)
-        return backends.selected(self._impls, name, device, dtype, cfg.hidden_act,
+        return backends.selected(self._impls, name, device, dtype, glu_name(cfg.hidden_act, cfg.swiglu_limit),
                                  (cfg.hidden_size, cfg.expert_hidden_size))
 
     @property

@@ -137,6 +137,7 @@ class ExtBackend(Backend):
 
     name = "ext"
     activations = ("silu",)  # the C++ segment loop implements SwiGLU only
+    clamps = False  # the fused epilogues compute the unclamped SwiGLU
     not_batch_invariant = ("the extension's GEMMs take each expert's rows in one call, blocked by their count, so a "
                            "token's result depends on its batch; use backend='torch' (or 'auto', which picks it)")
 

@@ -139,6 +139,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     activations = ("silu",)  # SiLU is fused into the GEMM epilogues
+    clamps = False  # the fused epilogues compute the unclamped SwiGLU
 
     def __init__(self, activation: str = "silu", settings: Optional[List[int]] = None):
         super().__init__(activation)
