@@ -177,3 +177,34 @@ def test_nested_converted_at_construction_applies_the_inner_overrides():
     assert {layer.config.backend for layer in hf.moe_layers(inner).values()} == {"torch"}
     assert {layer.config.backend for layer in hf.moe_layers(outer).values()} == {"eager"}
     assert not hf.moe_layers(plain)
+
+
+def test_deepseek_v4_experts_with_their_clamped_swiglu_run_exactly():
+    """DeepseekV4Experts defines its own _apply_gate (silu(min(g, L)) · clamp(u, −L, L)): recognised on values and
+    run with the clamped GLU; outputs and gradients equal transformers' eager loop."""
+    v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
+                             reason="this transformers has no DeepSeek-V4 (added after the 5.19 floor)")
+    DeepseekV4Experts = v4.DeepseekV4Experts
+    config = v4.DeepseekV4Config(vocab_size=97, hidden_size=32, moe_intermediate_size=16,
+                                           num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                                           swiglu_limit=0.3)
+    torch.manual_seed(0)
+    eager = DeepseekV4Experts(config)
+    torch.nn.init.normal_(eager.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(eager.down_proj, std=0.3)
+    ours = copy.deepcopy(eager)
+    ours.config = copy.deepcopy(config)
+    eager.config._experts_implementation, ours.config._experts_implementation = "eager", "deepseek_moe"
+    x = torch.randn(9, 32)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
+    w = torch.rand(9, 2)
+    ys = []
+    for m in (eager, ours):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = m(xr, idx, wr)
+        y.square().sum().backward()
+        ys.append((y, xr.grad, wr.grad, m.gate_up_proj.grad, m.down_proj.grad))
+    assert ours.__dict__["_deepseek_moe"][0] == "silu@0.3"
+    assert ((x @ eager.gate_up_proj[0, :16].T).abs() > 0.3).float().mean() > 0.2  # the clamp is active
+    for name, a, b in zip(("y", "grad x", "grad w", "grad gate_up", "grad down"), ys[1], ys[0]):
+        assert_close(a, b, 1e-5, f"DeepseekV4Experts {name}")

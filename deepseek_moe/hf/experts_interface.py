@@ -6,7 +6,8 @@ package's grouped kernels with ``model.set_experts_implementation("deepseek_moe"
 experts_implementation="deepseek_moe")``: no module swap, so stock save/load and stock PEFT stay as they are.
 :func:`experts_forward` is that function; it runs exactly what transformers' own ``"eager"`` runs or raises
 ValueError at the first forward (biases, transposed or interleaved weights, experts without a gate, a post-expert
-norm, a module's own ``_apply_gate`` such as gpt-oss's clamped SwiGLU, an activation the kernels lack).
+norm, a module's own ``_apply_gate`` other than DeepSeek-V4's clamped SwiGLU (which is checked on values at the
+first forward; gpt-oss's is another function), an activation the kernels lack).
 
 (b) A converted model's ``experts_implementation`` picks the layers' backend
 (:func:`deepseek_moe.backends.for_experts_implementation`).
@@ -25,22 +26,42 @@ import torch
 from .. import backends
 from ..config import ACTIVATIONS
 from ..experts import check_dtype, compute_dtype
+from ..glu import gated, glu_name
 from ..plan import build_plan
 
 NAME = backends.TRANSFORMERS_NAME
 
 def _refusal(module) -> str:
     """Why ``module`` (a transformers experts module) cannot run here exactly, or ''."""
-    from transformers.integrations.moe import _default_apply_gate
-
     flags = {"has_bias": True, "is_transposed": True, "has_post_expert_norm": True, "has_gate": False,
              "is_concatenated": False}
     wrong = [f"{flag}={getattr(module, flag)}" for flag, bad in flags.items() if getattr(module, flag, not bad) == bad]
     if wrong:
         return f"its layout ({', '.join(wrong)}) is not the fused [gate; up] GLU layout the kernels run"
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return f"{type(module).__name__} defines its own _apply_gate (e.g. a clamped SwiGLU)"
+    if _own_gate(module) and not isinstance(getattr(module, "limit", None), (int, float)):
+        return f"{type(module).__name__} defines its own _apply_gate (and no clamp limit to check it against)"
     return ""
+
+
+def _own_gate(module) -> bool:
+    from transformers.integrations.moe import _default_apply_gate
+    return getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+
+
+def _clamped_name(module, activation: str) -> str:
+    """The GLU name of a module with its own ``_apply_gate`` and a ``limit`` (DeepSeek-V4's clamped SwiGLU), once
+    its ``_apply_gate`` is seen to compute exactly that on values on both sides of the clamps; ValueError if not
+    (gpt-oss's gate, for one, is another function)."""
+    name = glu_name(activation, float(module.limit))
+    gate_up = torch.randn(64, 2 * 16, generator=torch.Generator().manual_seed(0)) * 3 * float(module.limit)
+    with torch.no_grad():
+        theirs = module._apply_gate(gate_up)
+        ours = gated(gate_up[:, :16], gate_up[:, 16:], name)
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=1e-7):
+        raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__}._apply_gate is not "
+                         f"act(min(gate, limit)) · clamp(up, -limit, limit) with limit={module.limit}, the clamped "
+                         f"GLU the kernels run. Use another experts_implementation for it")
+    return name
 
 
 # transformers' hidden_act names whose ACT2FN function is one of ours: how the activation is known inside a
@@ -68,6 +89,8 @@ def _prepared(module) -> Tuple[str, Dict[tuple, backends.Backend]]:
             raise ValueError(f"experts_implementation={NAME!r}: {type(module).__name__}'s activation "
                              f"({type(module.act_fn).__name__}) is not one of the kernels' GLU activations "
                              f"{ACTIVATIONS}. Use another experts_implementation for it") from None
+        if _own_gate(module):
+            activation = _clamped_name(module, activation)
         state = module.__dict__["_deepseek_moe"] = (activation, {})
     return state
 
@@ -78,6 +101,9 @@ def _compiled_activation(module) -> str:
     if state is not None:
         return state[0]
     _check(module)
+    if _own_gate(module):
+        raise ValueError(f"experts_implementation={NAME!r} under torch.compile: {type(module).__name__} has its own "
+                         f"_apply_gate, which is checked on values; run one forward outside torch.compile first")
     hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
     if hidden_act not in _HIDDEN_ACT:
         raise ValueError(f"experts_implementation={NAME!r} under torch.compile: hidden_act={hidden_act!r} is "
