@@ -3,10 +3,10 @@ experts are the frozen table's row tid2eid[input_id]; the weights are the live â
 normalised and scaled, so the gate still trains. Checked against float64 formulas written here, with padding."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import deepseek_moe as dm
 from deepseek_moe.testing import assert_close
+from float64_reference import moe_rows
 
 H, E, K, I, V = 16, 8, 2, 8, 50
 
@@ -18,10 +18,6 @@ def make_layer(**fields):
     return dm.DeepSeekMoELayer(**{**base, **fields})
 
 
-def _swiglu(x, gate, up, down):
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
-
-
 def by_formula(layer, x_TH, ids_T, table):
     p = {n: t.detach().double() for n, t in layer.state_dict().items() if t.is_floating_point()}
     W = p["gate.weight"].clone().requires_grad_()
@@ -30,18 +26,9 @@ def by_formula(layer, x_TH, ids_T, table):
     idx = table[ids_T]
     w = s.gather(1, idx)
     w = w / w.sum(-1, keepdim=True) * 1.5
-    rows = []
-    for t in range(x.shape[0]):
-        y = _swiglu(x[t], p["shared_experts.gate_proj.weight"], p["shared_experts.up_proj.weight"],
-                    p["shared_experts.down_proj.weight"])
-        for k in range(K):
-            e = int(idx[t, k])
-            gate, up = p["experts.gate_up_proj"][e].split(I)
-            y = y + w[t, k] * _swiglu(x[t], gate, up, p["experts.down_proj"][e])
-        rows.append(y)
     probs = s / s.sum(-1, keepdim=True)
     f = E / (K * x.shape[0]) * torch.bincount(idx.reshape(-1), minlength=E).double()
-    return torch.stack(rows), 0.01 * (f * probs.mean(0)).sum(), idx, W
+    return moe_rows(p, x, idx, w), 0.01 * (f * probs.mean(0)).sum(), idx, W
 
 
 def test_hash_routing_against_float64_with_padding():

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import deepseek_moe as dm
 from deepseek_moe.testing import assert_close, spawn_gloo
+from float64_reference import moe_rows
 
 H = 16
 
@@ -24,10 +25,6 @@ def make_layer(**fields):
     return dm.DeepSeekMoELayer(**{**base, **fields})
 
 
-def _swiglu(x, gate, up, down):
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
-
-
 def by_hand(layer, x_AH, ids_AK):
     """(y_AH, router weight W as a float64 leaf) for the real rows (ids not -1), from the formulas."""
     cfg = layer.config
@@ -36,23 +33,10 @@ def by_hand(layer, x_AH, ids_AK):
     x = x_AH.detach().double()
     logits = x @ W.T
     s = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
-    rows = []
-    for a in range(x.shape[0]):
-        if int(ids_AK[a, 0]) == -1:
-            rows.append(torch.zeros(H, dtype=torch.float64))
-            continue
-        w = s[a, ids_AK[a]]
-        if cfg.norm_topk_prob:
-            w = w / w.sum()
-        w = w * cfg.routed_scaling_factor
-        y = _swiglu(x[a], p["shared_experts.gate_proj.weight"], p["shared_experts.up_proj.weight"],
-                    p["shared_experts.down_proj.weight"]) if cfg.num_shared_experts else 0
-        for k in range(cfg.top_k):
-            e = int(ids_AK[a, k])
-            gate, up = p["experts.gate_up_proj"][e].split(cfg.expert_hidden_size)
-            y = y + w[k] * _swiglu(x[a], gate, up, p["experts.down_proj"][e])
-        rows.append(y)
-    return torch.stack(rows), W
+    w = s.gather(1, ids_AK.clamp(min=0))
+    if cfg.norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    return moe_rows(p, x, ids_AK, w * cfg.routed_scaling_factor), W
 
 
 CONFIGS = {

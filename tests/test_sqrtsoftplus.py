@@ -3,11 +3,11 @@
 and scaled by routed_scaling_factor. Checked against float64 formulas written here, with padding."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import deepseek_moe as dm
 from deepseek_moe.invariant import deterministic_algorithms
 from deepseek_moe.testing import assert_close
+from float64_reference import moe_rows
 
 H, E, K, I = 16, 8, 2, 8
 
@@ -17,10 +17,6 @@ def make_layer(**fields):
                 score_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5, aux_loss_alpha=0.01,
                 z_loss_coef=1e-3, backend="torch", initializer_range=0.5)
     return dm.DeepSeekMoELayer(**{**base, **fields})
-
-
-def _swiglu(x, gate, up, down):
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def by_formula(layer, x_TH):
@@ -33,19 +29,10 @@ def by_formula(layer, x_TH):
     idx = (s.detach() + p["gate.e_score_correction_bias"]).topk(K, dim=-1).indices
     w = s.gather(1, idx)
     w = w / w.sum(-1, keepdim=True) * 1.5
-    rows = []
-    for t in range(x.shape[0]):
-        y = _swiglu(x[t], p["shared_experts.gate_proj.weight"], p["shared_experts.up_proj.weight"],
-                    p["shared_experts.down_proj.weight"])
-        for k in range(K):
-            e = int(idx[t, k])
-            gate, up = p["experts.gate_up_proj"][e].split(I)
-            y = y + w[t, k] * _swiglu(x[t], gate, up, p["experts.down_proj"][e])
-        rows.append(y)
     probs = s / s.sum(-1, keepdim=True)  # the balance losses' P: scores normalised per token
     f = E / (K * x.shape[0]) * torch.bincount(idx.reshape(-1), minlength=E).double()
     aux = 0.01 * (f * probs.mean(0)).sum() + 1e-3 * torch.logsumexp(logits, -1).square().mean()
-    return torch.stack(rows), aux, idx, W
+    return moe_rows(p, x, idx, w), aux, idx, W
 
 
 def test_sqrt_softplus_routing_output_losses_and_router_gradient_against_float64():

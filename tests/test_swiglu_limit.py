@@ -4,11 +4,11 @@ gradient zero where a clamp is active. Against float64 formulas written here, ev
 padding and experts that receive no tokens; the fused backends refuse it by name."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import deepseek_moe as dm
 from deepseek_moe.backends import BackendUnavailable
 from deepseek_moe.testing import assert_close
+from float64_reference import moe_rows
 
 H, E, K, I, L = 16, 8, 2, 8, 0.05
 
@@ -20,10 +20,6 @@ def make_layer(backend, **fields):
     return dm.DeepSeekMoELayer(**{**base, **fields})
 
 
-def _clamped(x, gate, up, down):
-    return (F.silu((x @ gate.T).clamp(max=L)) * (x @ up.T).clamp(-L, L)) @ down.T
-
-
 def by_formula(layer, x_TH):
     params = {n: t.detach().double().clone().requires_grad_() for n, t in layer.named_parameters()}
     x = x_TH.double()
@@ -31,16 +27,7 @@ def by_formula(layer, x_TH):
     idx = (s.detach() + layer.gate.e_score_correction_bias.double()).topk(K, dim=-1).indices
     w = s.gather(1, idx)
     w = w / w.sum(-1, keepdim=True)
-    rows = []
-    for t in range(x.shape[0]):
-        y = _clamped(x[t], params["shared_experts.gate_proj.weight"], params["shared_experts.up_proj.weight"],
-                     params["shared_experts.down_proj.weight"])
-        for k in range(K):
-            e = int(idx[t, k])
-            gate, up = params["experts.gate_up_proj"][e].split(I)
-            y = y + w[t, k] * _clamped(x[t], gate, up, params["experts.down_proj"][e])
-        rows.append(y)
-    return torch.stack(rows), params, idx
+    return moe_rows(params, x, idx, w, limit=L), params, idx
 
 
 @pytest.mark.parametrize("backend", ["eager", "torch"])
