@@ -26,6 +26,17 @@ _ACTIVE = _Active()
 
 
 @contextlib.contextmanager
+def _held(name: str, value: Optional[torch.Tensor]) -> Iterator[None]:
+    """``_ACTIVE.<name>`` is ``value`` inside the block, the outer value again after it."""
+    outer = getattr(_ACTIVE, name)
+    setattr(_ACTIVE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_ACTIVE, name, outer)
+
+
+@contextlib.contextmanager
 def padding_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
     """Within the block, every :class:`~deepseek_moe.DeepSeekMoELayer` called without ``padding_mask=`` uses
     ``mask``: a bool tensor of the layer input's leading shape (``x.shape[:-1]``, e.g. (B, S)), True at padded
@@ -33,11 +44,8 @@ def padding_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"padding_mask: expected a bool tensor or None, got {type(mask).__name__}")
-    outer, _ACTIVE.mask = _ACTIVE.mask, mask
-    try:
+    with _held("mask", mask):
         yield
-    finally:
-        _ACTIVE.mask = outer
 
 
 @contextlib.contextmanager
@@ -47,11 +55,8 @@ def input_ids(ids: Optional[torch.Tensor]) -> Iterator[None]:
     (e.g. the model's (B, S) ``input_ids``). ``None`` turns an outer block off. Held like :func:`padding_mask`."""
     if ids is not None and (not isinstance(ids, torch.Tensor) or ids.is_floating_point()):
         raise TypeError(f"input_ids: expected an integer tensor or None, got {getattr(ids, 'dtype', type(ids))}")
-    outer, _ACTIVE.input_ids = _ACTIVE.input_ids, ids
-    try:
+    with _held("input_ids", ids):
         yield
-    finally:
-        _ACTIVE.input_ids = outer
 
 
 def active_input_ids() -> Optional[torch.Tensor]:
