@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "ConfigError", "PRESETS", "matched_pair", "DeepSeekMoELayer", "aux_loss", "moe_layers",
-    "update_biases", "expert_load", "record_routing", "replay_routing", "padding_mask", "input_ids", "Router", "Routing",
-    "RoutingOverride",
+    "update_biases", "expert_load", "record_routing", "replay_routing", "padding_mask", "input_ids", "Router",
+    "Routing", "RoutingOverride",
     "DispatchPlan", "build_plan", "BackendUnavailable", "backend_status", "analysis", "parallel", "__version__",
 ]
 

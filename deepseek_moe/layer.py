@@ -20,7 +20,8 @@ from .experts import InvariantLinear, RoutedExperts, SharedExperts, check_invari
 from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
-from .router import LogitsProbe, Router, Routing, forced_topk, hashed_topk
+from .forced_routing import forced_topk, hashed_topk
+from .router import LogitsProbe, Router, Routing
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -109,12 +110,12 @@ class DeepSeekMoELayer(nn.Module):
         (router replay; default: the ids of an enclosing :func:`deepseek_moe.replay_routing`). The gate weights are
         the live router's scores gathered there, normalised and scaled as routing would (the selection bias never
         enters them), so the router still learns; losses, load counters, bias steps and capacity see these ids.
-        Checked by :func:`deepseek_moe.router.forced_topk` (ValueError naming the position).
+        Checked by :func:`deepseek_moe.forced_routing.forced_topk` (ValueError naming the position).
 
         ``input_ids``: integer ``x.shape[:-1]``, the token ids a hash-routed layer (``hash_vocab_size`` set;
         DeepSeek-V4's first MoE layers) routes by: experts ``gate.tid2eid[input_ids]``, weighted like replayed ids
         (default: an enclosing :func:`deepseek_moe.input_ids`; ignored by top-k layers; replayed ids win).
-        Checked by :func:`deepseek_moe.router.hashed_topk`.
+        Checked by :func:`deepseek_moe.forced_routing.hashed_topk`.
 
         Raises TypeError for x not a tensor or of another dtype than the experts outside autocast; ValueError for
         x not floating, of the wrong last dimension, on the meta device, a bad mask, and in training x not (B, S,

@@ -84,7 +84,7 @@ def replay_routing(model: nn.Module, routes: Mapping[str, Sequence[torch.Tensor]
     so the router keeps learning; balance losses, load counters, bias steps and capacity see the replayed ids.
     A checkpointed re-run uses the ids of the forward it re-runs. Raises ValueError for a name no layer of
     ``model`` has or entries that are not tensors, and (from the layer's forward, naming the layer) ValueError
-    for ids that do not fit (:func:`deepseek_moe.router.forced_topk`) and RuntimeError for more forward calls
+    for ids that do not fit (:func:`deepseek_moe.forced_routing.forced_topk`) and RuntimeError for more forward calls
     than recorded."""
     layers = _layers_of(model, "replay_routing")
     unknown = sorted(set(routes) - set(layers))
