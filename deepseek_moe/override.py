@@ -75,7 +75,6 @@ class RouteTape:
         self.calls = 0
         self._pending: List[tuple] = []  # (call index, input shape, input fingerprint) of training forwards
         self.closed: List[tuple] = []  # (input shape, fingerprint) of the last ended block's unfinished forwards
-        self.serial = next(_SERIALS)
         # Bookkeeping runs eagerly, one graph break under torch.compile (traced, every new call index would be a
         # recompile). Wrapped here, not at import: torch.compiler.disable imports dynamo.
         self.ids_for = torch.compiler.disable(self._ids_for)
@@ -92,22 +91,22 @@ class RouteTape:
 
     def swap(self, field: str, value: List[torch.Tensor]) -> tuple:
         """Record into the list ``value`` too (``field`` "recorded"; enclosing record blocks keep recording), or
-        replay it (``field`` "replay", from call 0, with a new serial). Returns what :meth:`restore` needs to put
+        replay it (``field`` "replay", from call 0). Returns what :meth:`restore` needs to put
         the tape back as it was."""
-        saved = (field, getattr(self, field), self.calls, self._pending, self.serial)
+        saved = (field, getattr(self, field), self.calls, self._pending)
         if field == "recorded":
             self.recorded = self.recorded + [value]
         else:
-            self.replay, self.calls, self._pending, self.serial = value, 0, [], next(_SERIALS)
+            self.replay, self.calls, self._pending = value, 0, []
             self.closed = []
         return saved
 
     def restore(self, saved: tuple) -> None:
-        field, value, calls, pending, serial = saved
+        field, value, calls, pending = saved
         setattr(self, field, value)
         if field == "replay":
             self.closed = [(shape, fingerprint) for _, shape, fingerprint in self._pending]
-            self.calls, self._pending, self.serial = calls, pending, serial
+            self.calls, self._pending = calls, pending
 
     def _ids_for(self, x: torch.Tensor, training: bool) -> Optional[torch.Tensor]:
         """The recorded ids for the forward of x, or None when not replaying. Raises RuntimeError for more forward
