@@ -54,12 +54,18 @@ def _gate(activation: str):
         raise ValueError(f"activation={activation!r} is invalid; expected one of {ACTIVATIONS}") from None
 
 
+def _clamped(gate_NI: torch.Tensor, up_NI: torch.Tensor, limit: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(min(gate, L), clamp(up, −L, L)), or both unchanged without a limit."""
+    if limit is None:
+        return gate_NI, up_NI
+    return gate_NI.clamp(max=limit), up_NI.clamp(min=-limit, max=limit)
+
+
 def gated(gate_NI: torch.Tensor, up_NI: torch.Tensor, name: str, batch_invariant: bool = False) -> torch.Tensor:
     """act(gate) · up for the GLU ``name`` (clamped first when it has a limit), in the inputs' dtype;
     differentiable. The shared experts' GLU; :func:`glu` is the routed experts'."""
     activation, limit = split_name(name)
-    if limit is not None:
-        gate_NI, up_NI = gate_NI.clamp(max=limit), up_NI.clamp(min=-limit, max=limit)
+    gate_NI, up_NI = _clamped(gate_NI, up_NI, limit)
     return activate(gate_NI, activation, batch_invariant) * up_NI
 
 
@@ -92,9 +98,7 @@ def glu(h_NJ: torch.Tensor, activation: str = "silu", w_N: Optional[torch.Tensor
         a_NI = gated(gate_NI, up_NI, activation, batch_invariant)
         return a_NI if w_N is None else a_NI * w_N.to(acc).unsqueeze(1)
     # No autograd (inside the segment op, or inference): one buffer, updated in place.
-    limit = split_name(activation)[1]
-    if limit is not None:
-        gate_NI, up_NI = gate_NI.clamp(max=limit), up_NI.clamp(min=-limit, max=limit)
+    gate_NI, up_NI = _clamped(gate_NI, up_NI, split_name(activation)[1])
     a_NI = activate(gate_NI, activation, batch_invariant).mul_(up_NI)
     return a_NI if w_N is None else a_NI.mul_(w_N.to(acc).unsqueeze(1))
 
@@ -112,9 +116,9 @@ def glu_backward(h_NJ: torch.Tensor, w_N: Optional[torch.Tensor], grad_a_NI: tor
     acc = acc_dtype(h_NJ.dtype)
     g_NI, u_NI = h_NJ[:, :I].to(acc), h_NJ[:, I:].to(acc)
     limit = split_name(activation)[1]
-    if limit is not None:  # the clamped values, and where the clamps pass the gradient (bounds included)
+    if limit is not None:  # where the clamps pass the gradient (bounds included), then the clamped values
         pass_g, pass_u = g_NI <= limit, (u_NI >= -limit) & (u_NI <= limit)
-        g_NI, u_NI = g_NI.clamp(max=limit), u_NI.clamp(min=-limit, max=limit)
+    g_NI, u_NI = _clamped(g_NI, u_NI, limit)
     dy_NI = grad_a_NI.to(acc)
     act_NI = activate(g_NI, activation)
     a_NI = act_NI * u_NI
