@@ -13,11 +13,11 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("combine(Tensor o, Tensor slot, Tensor? weight) -> Tensor");
   // -> grad_o (N, H), grad_weight (T, K) (undefined without weight).
   m.def("combine_backward(Tensor grad_y, Tensor o, Tensor slot, Tensor? weight) -> (Tensor, Tensor)");
-  // The SwiGLU routed experts over expert segments, y = Σ w · expert(x[token]) -> (y (T, H), h (N, 2I): the gate/up
-  // pre-activations, saved for the backward).
-  m.def("segment_mlp_fused(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts) "
-        "-> (Tensor, Tensor)");
+  // The SwiGLU routed experts over expert segments, y = Σ w · expert(x[token]), the SwiGLU clamped at limit when
+  // given (swiglu_limit) -> (y (T, H), h (N, 2I): the unclamped gate/up pre-activations, saved for the backward).
+  m.def("segment_mlp_fused(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
+        "float? limit) -> (Tensor, Tensor)");
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
-        "Tensor weight, Tensor counts, Tensor h) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -3,7 +3,9 @@
 // The same math as the Python `deepseek_moe::segment_mlp` op (backends/grouped.py), with the per-expert
 // glue in C++: for each expert, gather its rows, gate_up GEMM, SwiGLU·w in one pass, down GEMM, and add the
 // rows into y while they are still in cache. The GEMMs go to ATen (MKL / oneDNN); the element-wise work and
-// the row scatter are single passes parallelised over rows.
+// the row scatter are single passes parallelised over rows. With a limit L (DeepSeek-V4's swiglu_limit) the
+// SwiGLU is silu(min(g, L)) · clamp(u, −L, L), clamped inside the same passes: silu(g) comes from ATen's
+// vectorised kernel on the unclamped g, and where g > L the pass uses the constant silu(L) instead.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows then up rows), E experts,
 // N sorted (token, slot) pairs, n pairs of the current expert.
@@ -14,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
 #include <vector>
 
 namespace deepseek_moe {
@@ -56,26 +62,43 @@ void for_each_expert(const std::vector<int64_t>& counts, Fn&& fn) {
   }
 }
 
-// a_nI = silu(gate) · up · w, from h_nJ and silu(gate) already computed in acc_t.
+// The SwiGLU's clamp (swiglu_limit): L = +inf for none, which makes every test below a no-op.
+template <typename acc_t>
+struct Clamp {
+  acc_t limit, silu_limit;  // L and silu(L)
+  explicit Clamp(std::optional<double> L)
+      : limit(L ? static_cast<acc_t>(*L) : std::numeric_limits<acc_t>::infinity()),
+        silu_limit(L ? static_cast<acc_t>(*L / (1.0 + std::exp(-*L))) : acc_t(0)) {}
+  acc_t up(acc_t u) const { return std::min(std::max(u, -limit), limit); }
+  bool passes_up(acc_t u) const { return u >= -limit && u <= limit; }  // torch.clamp passes the gradient at a bound
+};
+
+// a_nI = silu(min(g, L)) · clamp(u, −L, L) · w, from h_nJ and silu(g) of the unclamped gate, computed in acc_t.
 template <typename scalar_t, typename acc_t>
 void swiglu_forward(const scalar_t* h_nJ, const acc_t* silu_nI, const acc_t* w_n, scalar_t* a_nI, int64_t n,
-                    int64_t I) {
+                    int64_t I, const Clamp<acc_t>& clamp) {
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* up = h_nJ + i * 2 * I + I;
+      const scalar_t* g = h_nJ + i * 2 * I;
+      const scalar_t* up = g + I;
       const acc_t* s = silu_nI + i * I;
       const acc_t w = w_n[i];
       scalar_t* a = a_nI + i * I;
-      for (int64_t j = 0; j < I; ++j) a[j] = static_cast<scalar_t>(s[j] * static_cast<acc_t>(up[j]) * w);
+      for (int64_t j = 0; j < I; ++j) {
+        const acc_t silu = static_cast<acc_t>(g[j]) > clamp.limit ? clamp.silu_limit : s[j];
+        a[j] = static_cast<scalar_t>(silu * clamp.up(static_cast<acc_t>(up[j])) * w);
+      }
     }
   });
 }
 
-// Given sigmoid(gate) in sig_nI and the incoming gradient dy_nI of a = silu(g)·u·w:
-//   grad_h = [dy·w·u·σ(g)(1 + g(1 − σ(g))) ; dy·w·silu(g)],  grad_w = Σ_j dy·silu(g)·u,  a = silu(g)·u·w.
+// Given sigmoid(gate) in sig_nI and the incoming gradient dy_nI of a = silu(g)·u·w (g, u clamped first):
+//   grad_h = [dy·w·u·σ(g)(1 + g(1 − σ(g))) ; dy·w·silu(g)],  grad_w = Σ_j dy·silu(g)·u,  a = silu(g)·u·w,
+// each half of grad_h zero where its clamp is active.
 template <typename scalar_t, typename acc_t>
 void swiglu_backward(const scalar_t* h_nJ, const acc_t* sig_nI, const scalar_t* dy_nI, const acc_t* w_n,
-                     scalar_t* grad_h_nJ, scalar_t* a_nI, acc_t* grad_w_n, int64_t n, int64_t I) {
+                     scalar_t* grad_h_nJ, scalar_t* a_nI, acc_t* grad_w_n, int64_t n, int64_t I,
+                     const Clamp<acc_t>& clamp) {
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* g = h_nJ + i * 2 * I;
@@ -88,13 +111,15 @@ void swiglu_backward(const scalar_t* h_nJ, const acc_t* sig_nI, const scalar_t* 
       const acc_t w = w_n[i];
       acc_t gw = 0;
       for (int64_t j = 0; j < I; ++j) {
-        const acc_t gj = static_cast<acc_t>(g[j]), uj = static_cast<acc_t>(u[j]), sj = s[j];
-        const acc_t silu = gj * sj, dyj = static_cast<acc_t>(dy[j]);
+        const acc_t gj = static_cast<acc_t>(g[j]), u0 = static_cast<acc_t>(u[j]), uj = clamp.up(u0);
+        const bool gate_clamped = gj > clamp.limit;
+        const acc_t sj = s[j], silu = gate_clamped ? clamp.silu_limit : gj * sj;
+        const acc_t dyj = static_cast<acc_t>(dy[j]);
         const acc_t a0 = silu * uj;
         gw += dyj * a0;
         const acc_t dyw = dyj * w;
-        du[j] = static_cast<scalar_t>(dyw * silu);
-        dg[j] = static_cast<scalar_t>(dyw * uj * (sj * (acc_t(1) + gj * (acc_t(1) - sj))));
+        du[j] = static_cast<scalar_t>(clamp.passes_up(u0) ? dyw * silu : acc_t(0));
+        dg[j] = static_cast<scalar_t>(gate_clamped ? acc_t(0) : dyw * uj * (sj * (acc_t(1) + gj * (acc_t(1) - sj))));
         a[j] = static_cast<scalar_t>(a0 * w);
       }
       grad_w_n[i] = gw;
@@ -124,7 +149,7 @@ void check_inputs(const Tensor& x_TH, const Tensor& gate_up_EJH, const Tensor& d
 
 std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
                                                  const Tensor& token_in, const Tensor& weight_in,
-                                                 const Tensor& counts_E) {
+                                                 const Tensor& counts_E, std::optional<double> limit) {
   check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
@@ -135,6 +160,7 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tenso
   Tensor h_NJ = at::empty({N, 2 * I}, x_TH.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "segment_mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Clamp<acc_t> clamp(limit);
     for_each_expert(counts, [&](int64_t e, int64_t start, int64_t n) {
       const Tensor tok_n = token_N.narrow(0, start, n);
       Tensor h_nJ = h_NJ.narrow(0, start, n);
@@ -143,7 +169,7 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tenso
       Tensor a_nI = at::empty({n, I}, x_TH.options());
       swiglu_forward<scalar_t, acc_t>(h_nJ.const_data_ptr<scalar_t>(), silu_nI.const_data_ptr<acc_t>(),
                                       weight_N.const_data_ptr<acc_t>() + start, a_nI.mutable_data_ptr<scalar_t>(),
-                                      n, I);
+                                      n, I, clamp);
       const Tensor out_nH = at::mm(a_nI, down[e].t());
       scatter_add_rows<scalar_t, acc_t>(y_TH.mutable_data_ptr<acc_t>(), out_nH.const_data_ptr<scalar_t>(),
                                         tok_n.const_data_ptr<int64_t>(), n, H);
@@ -154,7 +180,8 @@ std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> segment_mlp_fused_backward_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
-    const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, const Tensor& h_in) {
+    const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, const Tensor& h_in,
+    std::optional<double> limit) {
   check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor grad_y_TH = grad_y_in.contiguous(), x_TH = x_in.contiguous();
   const Tensor gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
@@ -169,6 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_mlp_fused_backward_cpu(
   Tensor grad_w_N = at::empty_like(weight_N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "segment_mlp_fused_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Clamp<acc_t> clamp(limit);
     for (int64_t e = 0; e < E; ++e) {
       if (counts[e] == 0) {
         grad_gate_up[e].zero_();
@@ -187,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_mlp_fused_backward_cpu(
                                        grad_a_nI.const_data_ptr<scalar_t>(),
                                        weight_N.const_data_ptr<acc_t>() + start,
                                        grad_h_nJ.mutable_data_ptr<scalar_t>(), a_nI.mutable_data_ptr<scalar_t>(),
-                                       grad_w_N.mutable_data_ptr<acc_t>() + start, n, I);
+                                       grad_w_N.mutable_data_ptr<acc_t>() + start, n, I, clamp);
       Tensor grad_down_e = grad_down[e], grad_gate_up_e = grad_gate_up[e];
       at::mm_out(grad_down_e, grad_out_nH.t(), a_nI);
       at::mm_out(grad_gate_up_e, grad_h_nJ.t(), x_TH.index_select(0, tok_n));

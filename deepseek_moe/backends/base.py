@@ -38,7 +38,6 @@ class Backend:
 
     name = "base"
     activations = ACTIVATIONS
-    clamps = True  # computes the clamped GLU ("<act>@<L>", swiglu_limit)
     not_batch_invariant: Optional[str] = None  # why it can never compute batch-invariantly, when it cannot
 
     def __init__(self, activation: str = "silu"):
@@ -52,16 +51,13 @@ class Backend:
     def activation_reason(cls, activation: str) -> Optional[str]:
         """None if this implementation computes the GLU ``activation`` (a GLU name, :mod:`deepseek_moe.glu`), else
         why not."""
-        base, limit = split_name(activation)
+        base = split_name(activation)[0]
         if base not in ACTIVATIONS:
             return f"hidden_act={base!r} is invalid; expected one of {ACTIVATIONS}"
-        if limit is not None and not cls.clamps:
-            return (f"the {cls.name} backend fuses the unclamped GLU only, not swiglu_limit={limit}; use "
-                    f"backend='torch' or 'auto' (which picks it unless DEEPSEEK_MOE_BACKEND names {cls.name!r})")
         if base in cls.activations:
             return None
         return (f"the {cls.name} backend implements the {'/'.join(cls.activations)} GLU only, not "
-                f"hidden_act={activation!r}; use backend='torch' or 'auto' (which picks it unless "
+                f"hidden_act={base!r}; use backend='torch' or 'auto' (which picks it unless "
                 f"DEEPSEEK_MOE_BACKEND names {cls.name!r})")
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import ext
-from ..glu import acc_dtype
+from ..glu import acc_dtype, split_name
 from ..plan import DispatchPlan, sorted_weights
 from ..rows import gather_rows
 from .base import Backend
@@ -68,11 +68,11 @@ def _register() -> None:
                                       else o.new_empty(0, dtype=acc))
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused")
-    def _(x, gate_up, down, token, weight, counts):
+    def _(x, gate_up, down, token, weight, counts, limit):
         return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
-    def _(grad_y, x, gate_up, down, token, weight, counts, h):
+    def _(grad_y, x, gate_up, down, token, weight, counts, h, limit):
         return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape), \
             weight.new_empty(weight.shape)
 
@@ -91,17 +91,18 @@ def _combine_backward(ctx, grad_y):
 
 
 def _segment_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
+    ctx.save_for_backward(*inputs[:-1], output[1])
+    ctx.limit = inputs[-1]
     ctx.set_materialize_grads(False)  # h is returned only to be saved: never build its (N, 2I) zero gradient
 
 
 def _segment_backward(ctx, grad_y, grad_h):
     if grad_y is None:
-        return (None,) * 6
+        return (None,) * 7
     x, gate_up, down, token, weight, counts, h = ctx.saved_tensors
     gx, ggu, gdn, gw = torch.ops.deepseek_moe.segment_mlp_fused_backward(grad_y.contiguous(), x, gate_up, down,
-                                                                         token, weight, counts, h)
-    return gx, ggu, gdn, None, gw, None
+                                                                         token, weight, counts, h, ctx.limit)
+    return gx, ggu, gdn, None, gw, None, None
 
 
 def combine(o_NH: torch.Tensor, plan: DispatchPlan, weighted: bool = False) -> torch.Tensor:
@@ -136,8 +137,7 @@ class ExtBackend(Backend):
     plans only)."""
 
     name = "ext"
-    activations = ("silu",)  # the C++ segment loop implements SwiGLU only
-    clamps = False  # the fused epilogues compute the unclamped SwiGLU
+    activations = ("silu",)  # the C++ segment loop implements SwiGLU (clamped or not) only
     not_batch_invariant = ("the extension's GEMMs take each expert's rows in one call, blocked by their count, so a "
                            "token's result depends on its batch; use backend='torch' (or 'auto', which picks it)")
 
@@ -193,7 +193,7 @@ class ExtBackend(Backend):
         y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(),
                                                            plan.token_N,
                                                            sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
-                                                           plan.counts_E)
+                                                           plan.counts_E, split_name(self.activation)[1])
         return y_TH
 
     def plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..glu import acc_dtype
+from ..glu import acc_dtype, split_name
 from ..plan import DispatchPlan, sorted_weights
 from ..versions import below_floor, installed, parse
 from .base import Backend
@@ -46,24 +46,26 @@ def _sum_k(rows_PH: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tenso
 @torch.library.custom_op("deepseek_moe::triton_expert_mlp", mutates_args=())
 def triton_expert_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
                       token_N: torch.Tensor, pair_N: torch.Tensor, weight_N: torch.Tensor,
-                      offsets_E1: torch.Tensor, top_k: int, settings: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      offsets_E1: torch.Tensor, top_k: int, settings: List[int],
+                      limit: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     """y_TH = Σ_k w · SwiGLU_e(x) over the kept pairs, and h_NJ (the gate/up pre-activations, for the backward).
 
     token_N/pair_N: int64 (N,) token and pair id of each expert-sorted pair; weight_N: fp32 (N,);
-    offsets_E1: int64 (E+1,) segment starts; settings: interpreter mode and tiles (:meth:`TritonBackend.settings`).
-    Pairs that are not kept (capacity) contribute zero.
+    offsets_E1: int64 (E+1,) segment starts; settings: interpreter mode and tiles (:meth:`TritonBackend.settings`);
+    limit: the SwiGLU's clamp (``swiglu_limit``), None for none. Pairs that are not kept (capacity) contribute zero.
     """
     k = _launchers()
     interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
-    h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1, tiles["gate_up"], interpret)
+    h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1, tiles["gate_up"], interpret,
+                                  limit)
     o_PH = k.grouped_gemm_scatter(a_NI, down_EHI.transpose(1, 2), pair_N, T * top_k, offsets_E1,
                                   pair_N.numel() < T * top_k, tiles["down"], interpret)
     return _sum_k(o_PH, top_k, x_TH.dtype), h_NJ
 
 
 @triton_expert_mlp.register_fake
-def _(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings):
+def _(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings, limit):
     return x_TH.new_empty(x_TH.shape), x_TH.new_empty(token_N.shape[0], gate_up_EJH.shape[1])
 
 
@@ -71,14 +73,15 @@ def _(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k,
 def triton_expert_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_EJH: torch.Tensor,
                                down_EHI: torch.Tensor, token_N: torch.Tensor, pair_N: torch.Tensor,
                                weight_N: torch.Tensor, offsets_E1: torch.Tensor, h_NJ: torch.Tensor, top_k: int,
-                               settings: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               settings: List[int], limit: Optional[float]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_expert_mlp`: (grad_x_TH, grad_gate_up_EJH, grad_down_EHI, grad_weight_N)."""
     k = _launchers()
     interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
     grad_y_TH = grad_y_TH.contiguous()
     grad_h_NJ, a_NI, grad_w_N = k.down_swiglu_backward(grad_y_TH, token_N, down_EHI, h_NJ, weight_N, offsets_E1,
-                                                       tiles["down_bwd"], interpret)
+                                                       tiles["down_bwd"], interpret, limit)
     grad_down = k.expert_weight_grad(grad_y_TH, token_N, a_NI, None, offsets_E1, down_EHI.dtype, tiles["wgrad"],
                                      interpret)
     grad_gate_up = k.expert_weight_grad(grad_h_NJ, None, x_TH, token_N, offsets_E1, gate_up_EJH.dtype,
@@ -89,25 +92,25 @@ def triton_expert_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate
 
 
 @triton_expert_mlp_backward.register_fake
-def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ, top_k, settings):
+def _(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ, top_k, settings, limit):
     return (x_TH.new_empty(x_TH.shape), gate_up_EJH.new_empty(gate_up_EJH.shape),
             down_EHI.new_empty(down_EHI.shape), weight_N.new_empty(weight_N.shape))
 
 
 def _setup(ctx, inputs, output):
-    x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings = inputs
+    x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, top_k, settings, limit = inputs
     ctx.save_for_backward(x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, output[1])
-    ctx.top_k, ctx.settings = top_k, settings
+    ctx.top_k, ctx.settings, ctx.limit = top_k, settings, limit
     ctx.set_materialize_grads(False)  # h_NJ's gradient is never used: don't build an (N, 2I) zero tensor
 
 
 def _backward(ctx, grad_y_TH, grad_h_NJ):
     if grad_y_TH is None:
-        return (None,) * 9
+        return (None,) * 10
     x_TH, gate_up_EJH, down_EHI, token_N, pair_N, weight_N, offsets_E1, h_NJ = ctx.saved_tensors
     gx, ggu, gdn, gw = triton_expert_mlp_backward(grad_y_TH, x_TH, gate_up_EJH, down_EHI, token_N, pair_N,
-                                                  weight_N, offsets_E1, h_NJ, ctx.top_k, ctx.settings)
-    return gx, ggu, gdn, None, None, gw, None, None, None
+                                                  weight_N, offsets_E1, h_NJ, ctx.top_k, ctx.settings, ctx.limit)
+    return gx, ggu, gdn, None, None, gw, None, None, None, None
 
 
 triton_expert_mlp.register_autograd(_backward, setup_context=_setup)
@@ -138,8 +141,7 @@ class TritonBackend(Backend):
     (device, dtype), and kept: a launch reads neither the environment nor the device."""
 
     name = "triton"
-    activations = ("silu",)  # SiLU is fused into the GEMM epilogues
-    clamps = False  # the fused epilogues compute the unclamped SwiGLU
+    activations = ("silu",)  # SiLU (clamped or not) is fused into the GEMM epilogues
 
     def __init__(self, activation: str = "silu", settings: Optional[List[int]] = None):
         super().__init__(activation)
@@ -190,5 +192,5 @@ class TritonBackend(Backend):
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         y_TH, _ = triton_expert_mlp(x_TH.contiguous(), gate_up_EJH, down_EHI, plan.token_N, plan.pair_N,
                                     sorted_weights(plan).float(), plan.offsets_E1, plan.top_k,
-                                    self.settings(x_TH.device, x_TH.dtype))
+                                    self.settings(x_TH.device, x_TH.dtype), split_name(self.activation)[1])
         return y_TH

@@ -23,6 +23,8 @@ _ELEMENT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"
 _POINTER_TYPES = {"token_ptr": "*i64", "scatter_ptr": "*i64", "a_index_ptr": "*i64", "b_index_ptr": "*i64",
                   "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "tile_expert_ptr": "*i32",
                   "weight_ptr": "*fp32", "grad_w_part_ptr": "*fp32"}
+# Scalar arguments that are not int32, by name.
+_SCALAR_TYPES = {"limit": "fp32"}
 
 
 def compile_all(capability: int, dtype: torch.dtype) -> List[Dict]:
@@ -38,8 +40,9 @@ def compile_all(capability: int, dtype: torch.dtype) -> List[Dict]:
         raise RuntimeError("compile_check: the kernels were decorated for Triton's interpreter; "
                            "run with TRITON_INTERPRET unset")
     elem = _ELEMENT[dtype]
-    launches = [(k._gate_up_swiglu_kernel, "gate_up", {}), (k._grouped_gemm_scatter_kernel, "down", {}),
-                (k._down_swiglu_bwd_kernel, "down_bwd", {})]
+    launches = [(k._gate_up_swiglu_kernel, "gate_up", {"CLAMP": c}) for c in (False, True)]
+    launches += [(k._grouped_gemm_scatter_kernel, "down", {})]
+    launches += [(k._down_swiglu_bwd_kernel, "down_bwd", {"CLAMP": c}) for c in (False, True)]
     launches += [(k._expert_weight_grad_kernel, "wgrad", {"GATHER_A": a, "GATHER_B": not a}) for a in (True, False)]
     results = []
     for kernel, kind, flags in launches:
@@ -47,7 +50,7 @@ def compile_all(capability: int, dtype: torch.dtype) -> List[Dict]:
         constexprs = {"BM": cfg.block_m, "BC": cfg.block_c, "BR": cfg.block_r, "DOT_FP32": False,
                       "RNE": False, "PRECISION": "ieee", **flags}
         signature = {name: "constexpr" if name in constexprs else
-                     (_POINTER_TYPES.get(name, f"*{elem}") if name.endswith("_ptr") else "i32")
+                     (_POINTER_TYPES.get(name, f"*{elem}") if name.endswith("_ptr") else _SCALAR_TYPES.get(name, "i32"))
                      for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", capability, 32),
@@ -68,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in args.dtype.split(","):
             for r in compile_all(cap, DTYPES[name]):
                 t = r["tiles"]
-                print(f"sm_{cap} {name:8s} {r['kernel']:30s} {t.block_m}x{t.block_c}x{t.block_r} "
+                flags = ",".join(f"{k}={int(v)}" for k, v in r.items() if k.isupper())
+                print(f"sm_{cap} {name:8s} {r['kernel']:30s} {flags:21s} {t.block_m}x{t.block_c}x{t.block_r} "
                       f"warps={t.num_warps} stages={t.num_stages} shared={r['shared_bytes']} B")
     return 0
 

@@ -40,6 +40,15 @@ def _cast(b_x, dtype: tl.constexpr, RNE: tl.constexpr):
 
 
 @triton.jit
+def _clamp_gate_up(b_g, b_u, limit, CLAMP: tl.constexpr):
+    """The clamped SwiGLU's inputs (min(g, L), clamp(u, −L, L)) with CLAMP, else (g, u)."""
+    if CLAMP:
+        b_g = tl.minimum(b_g, limit)
+        b_u = tl.minimum(tl.maximum(b_u, -limit), limit)
+    return b_g, b_u
+
+
+@triton.jit
 def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, BM: tl.constexpr):
     """(expert, row offsets, row mask) of this program's tile; expert -1 marks an unused tile (the caller
     returns)."""
@@ -89,12 +98,12 @@ def _tile_mainloop(a_ptr, o_a, m_m, stride_am, stride_ar, b_ptr, stride_br, stri
 def _gate_up_swiglu_kernel(
         x_ptr, token_ptr, weight_ptr, gate_up_ptr, h_ptr, a_ptr,
         tile_expert_ptr, tile_start_ptr, offsets_ptr,
-        H, I,
+        H, I, limit,
         stride_xt, stride_xh, stride_ge, stride_gj, stride_gh, stride_hn, stride_hj, stride_an, stride_ai,
-        BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+        BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, CLAMP: tl.constexpr,
         DOT_FP32: tl.constexpr, RNE: tl.constexpr, PRECISION: tl.constexpr):
     """One (BM rows × BC columns of I) tile, reducing over H: gate and up accumulate side by side, so the epilogue
-    has both halves of SwiGLU in registers."""
+    has both halves of SwiGLU in registers (clamped at ``limit`` there with CLAMP; h keeps the unclamped values)."""
     e, o_m, m_m, o_t, o_c, m_c = _gathered_tile(token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, I, BM, BC)
     if e < 0:
         return
@@ -123,9 +132,9 @@ def _gate_up_swiglu_kernel(
     p_h = h_ptr + o_m[:, None] * stride_hn + o_c[None, :] * stride_hj  # [BM, BC]
     tl.store(p_h, b_g, mask=m_mc)
     tl.store(p_h + I * stride_hj, b_u, mask=m_mc)
-    b_gf = b_g.to(tl.float32)  # [BM, BC]
+    b_gf, b_uf = _clamp_gate_up(b_g.to(tl.float32), b_u.to(tl.float32), limit, CLAMP)  # [BM, BC]
     b_w = tl.load(weight_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)  # [BM]
-    b_a = b_gf * tl.sigmoid(b_gf) * b_u.to(tl.float32) * b_w[:, None]  # [BM, BC]
+    b_a = b_gf * tl.sigmoid(b_gf) * b_uf * b_w[:, None]  # [BM, BC]
     p_a = a_ptr + o_m[:, None] * stride_an + o_c[None, :] * stride_ai  # [BM, BC]
     tl.store(p_a, _cast(b_a, a_ptr.dtype.element_ty, RNE), mask=m_mc)
 
@@ -157,14 +166,14 @@ def _grouped_gemm_scatter_kernel(
 def _down_swiglu_bwd_kernel(
         grad_y_ptr, token_ptr, down_ptr, h_ptr, weight_ptr, grad_h_ptr, a_ptr, grad_w_part_ptr,
         tile_expert_ptr, tile_start_ptr, offsets_ptr,
-        H, I,
+        H, I, limit,
         stride_gyt, stride_gyh, stride_de, stride_dh, stride_di, stride_hn, stride_hj, stride_an, stride_ai,
         stride_pn, stride_pq,
-        BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+        BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, CLAMP: tl.constexpr,
         DOT_FP32: tl.constexpr, RNE: tl.constexpr, PRECISION: tl.constexpr):
-    """grad_a = grad_y[token] @ W_d[e] for one tile, then in the epilogue, with g, u from h and s = σ(g):
-    grad_h = [grad_a·w·u·s(1 + g(1 − s)) ; grad_a·w·g·s], a = g·s·u·w, and Σ_cols grad_a·g·s·u as this column
-    tile's part of grad_w."""
+    """grad_a = grad_y[token] @ W_d[e] for one tile, then in the epilogue, with g, u from h (clamped with CLAMP)
+    and s = σ(g): grad_h = [grad_a·w·u·s(1 + g(1 − s)) ; grad_a·w·g·s] (each zero where its clamp is active),
+    a = g·s·u·w, and Σ_cols grad_a·g·s·u as this column tile's part of grad_w."""
     e, o_m, m_m, o_t, o_c, m_c = _gathered_tile(token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, I, BM, BC)
     if e < 0:
         return
@@ -172,8 +181,9 @@ def _down_swiglu_bwd_kernel(
                               stride_di, o_c, m_c, H, BM, BC, BR, DOT_FP32, PRECISION)  # [BM, BC]
     m_mc = m_m[:, None] & m_c[None, :]  # [BM, BC]
     p_h = h_ptr + o_m[:, None] * stride_hn + o_c[None, :] * stride_hj  # [BM, BC]
-    b_g = tl.load(p_h, mask=m_mc, other=0.0).to(tl.float32)  # [BM, BC]
-    b_u = tl.load(p_h + I * stride_hj, mask=m_mc, other=0.0).to(tl.float32)  # [BM, BC]
+    b_g0 = tl.load(p_h, mask=m_mc, other=0.0).to(tl.float32)  # [BM, BC]
+    b_u0 = tl.load(p_h + I * stride_hj, mask=m_mc, other=0.0).to(tl.float32)  # [BM, BC]
+    b_g, b_u = _clamp_gate_up(b_g0, b_u0, limit, CLAMP)  # [BM, BC]
     b_w = tl.load(weight_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)  # [BM]
     b_s = tl.sigmoid(b_g)  # [BM, BC]
     b_silu = b_g * b_s  # [BM, BC]
@@ -183,8 +193,12 @@ def _down_swiglu_bwd_kernel(
     b_dyw = b_grad_a * b_w[:, None]  # [BM, BC]
     p_grad_h = grad_h_ptr + o_m[:, None] * stride_hn + o_c[None, :] * stride_hj  # [BM, BC]
     b_grad_g = b_dyw * b_u * (b_s * (1.0 + b_g * (1.0 - b_s)))  # [BM, BC]
+    b_grad_u = b_dyw * b_silu  # [BM, BC]
+    if CLAMP:  # no gradient through an active clamp; it passes at the bound itself, as torch.clamp's
+        b_grad_g = tl.where(b_g0 <= limit, b_grad_g, 0.0)
+        b_grad_u = tl.where((b_u0 >= -limit) & (b_u0 <= limit), b_grad_u, 0.0)
     tl.store(p_grad_h, _cast(b_grad_g, grad_h_ptr.dtype.element_ty, RNE), mask=m_mc)
-    tl.store(p_grad_h + I * stride_hj, _cast(b_dyw * b_silu, grad_h_ptr.dtype.element_ty, RNE), mask=m_mc)
+    tl.store(p_grad_h + I * stride_hj, _cast(b_grad_u, grad_h_ptr.dtype.element_ty, RNE), mask=m_mc)
     p_a = a_ptr + o_m[:, None] * stride_an + o_c[None, :] * stride_ai  # [BM, BC]
     tl.store(p_a, _cast(b_a0 * b_w[:, None], a_ptr.dtype.element_ty, RNE), mask=m_mc)
 

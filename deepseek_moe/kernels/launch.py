@@ -71,8 +71,10 @@ def _launch_opts(cfg: TileConfig, dtype: torch.dtype, interpret: bool) -> dict:
 
 
 def gate_up_swiglu(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, gate_up_EJH: torch.Tensor,
-                   offsets_E1: torch.Tensor, cfg: TileConfig, interpret: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """h_NJ = x_TH[token_N] @ gate_up[e]ᵀ per expert segment and a_NI = silu(gate)·up·weight_N.
+                   offsets_E1: torch.Tensor, cfg: TileConfig, interpret: bool,
+                   limit: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """h_NJ = x_TH[token_N] @ gate_up[e]ᵀ per expert segment and a_NI = silu(gate)·up·weight_N, the SwiGLU clamped
+    at ``limit`` when given (:mod:`deepseek_moe.glu`; h keeps the unclamped values).
 
     x_TH (T, H), token_N int64 (N,), weight_N fp32 (N,), gate_up_EJH (E, 2I, H), offsets_E1 int64 (E+1,).
     Returns (h_NJ (N, 2I), a_NI (N, I)) in x's dtype.
@@ -88,8 +90,8 @@ def gate_up_swiglu(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Te
     grid = (tile_expert_L.numel(), triton.cdiv(I, cfg.block_c))
     _gate_up_swiglu_kernel[grid](
         x_TH, token_N, weight_N, gate_up_EJH, h_NJ, a_NI, tile_expert_L, tile_start_L, offsets_E1, H, I,
-        x_TH.stride(0), x_TH.stride(1), *gate_up_EJH.stride(), *h_NJ.stride(), *a_NI.stride(),
-        **_launch_opts(cfg, x_TH.dtype, interpret))
+        0.0 if limit is None else limit, x_TH.stride(0), x_TH.stride(1), *gate_up_EJH.stride(), *h_NJ.stride(),
+        *a_NI.stride(), CLAMP=limit is not None, **_launch_opts(cfg, x_TH.dtype, interpret))
     return h_NJ, a_NI
 
 
@@ -117,8 +119,9 @@ def grouped_gemm_scatter(a_NR: torch.Tensor, b_ERC: torch.Tensor, scatter_N: tor
 
 def down_swiglu_backward(grad_y_TH: torch.Tensor, token_N: torch.Tensor, down_EHI: torch.Tensor,
                          h_NJ: torch.Tensor, weight_N: torch.Tensor, offsets_E1: torch.Tensor,
-                         cfg: TileConfig, interpret: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through the down GEMM and SwiGLU·w for the sorted rows.
+                         cfg: TileConfig, interpret: bool,
+                         limit: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through the down GEMM and SwiGLU·w (clamped at ``limit`` when given) for the sorted rows.
 
     Returns (grad_h_NJ (N, 2I) x dtype, a_NI (N, I) the weighted activation in x dtype, grad_w_N fp32 (N,)).
     """
@@ -132,8 +135,9 @@ def down_swiglu_backward(grad_y_TH: torch.Tensor, token_N: torch.Tensor, down_EH
         tile_expert_L, tile_start_L = expert_tiles(offsets_E1, N, cfg.block_m)
         _down_swiglu_bwd_kernel[(tile_expert_L.numel(), Q)](
             grad_y_TH, token_N, down_EHI, h_NJ, weight_N, grad_h_NJ, a_NI, part_NQ, tile_expert_L, tile_start_L,
-            offsets_E1, H, I, *grad_y_TH.stride(), *down_EHI.stride(), *h_NJ.stride(), *a_NI.stride(),
-            *part_NQ.stride(), **_launch_opts(cfg, grad_y_TH.dtype, interpret))
+            offsets_E1, H, I, 0.0 if limit is None else limit, *grad_y_TH.stride(), *down_EHI.stride(),
+            *h_NJ.stride(), *a_NI.stride(), *part_NQ.stride(), CLAMP=limit is not None,
+            **_launch_opts(cfg, grad_y_TH.dtype, interpret))
     return grad_h_NJ, a_NI, part_NQ.sum(1)
 
 
