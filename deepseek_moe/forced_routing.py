@@ -132,7 +132,10 @@ def hashed_topk(tid2eid: torch.Tensor, input_ids: Optional[torch.Tensor], x: tor
         E, K = cfg.num_routed_experts, cfg.top_k
         bad_T = ((rows_TK < 0) | (rows_TK >= E)).any(dim=-1) | (_distinct_per_row(rows_TK) < K)
         if bool(bad_T.any()):
-            token = int(ids_T[bad_T][0])
-            raise ValueError(f"{who}: gate.tid2eid[{token}] = {rows_TK[bad_T][0].tolist()}: a row of the hash table "
-                             f"must hold top_k={K} distinct experts in [0, {E})")
+            token, row = int(ids_T[bad_T][0]), rows_TK[bad_T][0]
+            hint = ("; an all-zero table is the placeholder transformers' DeepseekV4HashRouter holds until a "
+                    "checkpoint fills it: load one, or write a table (deepseek_moe.forced_routing.default_hash_table)"
+                    if not bool(tid2eid.any()) else "")
+            raise ValueError(f"{who}: gate.tid2eid[{token}] = {row.tolist()}: a row of the hash table must hold "
+                             f"top_k={K} distinct experts in [0, {E}){hint}")
     return rows_TK

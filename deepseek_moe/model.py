@@ -188,7 +188,11 @@ def replace_modules(model: nn.Module, match: Callable[[str, nn.Module], bool],
 def _init_weights_with_moe(self, module: nn.Module) -> None:
     """A transformers model's ``_init_weights``, extended to the converted layers' own modules (set, with ``self``
     bound, on each PreTrainedModel that holds one; transformers' init guards skip weights that were loaded)."""
-    if isinstance(module, (Router, RoutedExperts)):
+    if isinstance(module, Router):
+        # transformers' guards keep loaded tensors from torch.nn.init's functions; the hash table is written by a
+        # copy, so a table the checkpoint filled is kept here.
+        module.reset_parameters(hash_table=not getattr(getattr(module, "tid2eid", None), "_is_hf_initialized", False))
+    elif isinstance(module, RoutedExperts):
         module.reset_parameters()
     elif isinstance(module, DeepSeekMoELayer):
         module.reset_counters()

@@ -168,10 +168,11 @@ class Router(nn.Module):
             self.register_buffer("tid2eid", torch.zeros(cfg.hash_vocab_size, cfg.top_k, dtype=torch.int64))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, hash_table: bool = True) -> None:
+        """Draw the weight, zero the bias and (with ``hash_table``) write the default hash table."""
         nn.init.normal_(self.weight, std=self.cfg.initializer_range)
         nn.init.zeros_(self.e_score_correction_bias)
-        if self.cfg.hash_vocab_size is not None:
+        if self.cfg.hash_vocab_size is not None and hash_table:
             with torch.no_grad():
                 self.tid2eid.copy_(default_hash_table(self.cfg.hash_vocab_size, self.cfg.num_routed_experts,
                                                       self.cfg.top_k, self.tid2eid.device))

@@ -14,7 +14,7 @@ from deepseek_moe import hf  # noqa: E402
 from deepseek_moe.testing import assert_close  # noqa: E402
 from test_hf_fidelity import _batch, _model  # noqa: E402
 
-SEVEN = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"]
+FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v4"]
 Auto = transformers.AutoModelForCausalLM
 
 
@@ -36,7 +36,7 @@ def _train_step(model, ids):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("family", SEVEN)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trips_between_stock_and_converted_classes(family, dtype, tmp_path):
     ids = _batch(1)

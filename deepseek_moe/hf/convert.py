@@ -16,7 +16,8 @@ from torch import nn
 from ..config import MoEConfig
 from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
-from .families import FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of
+from .families import (FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of,
+                       keeps_bias)
 from .keymaps import (_load_from_family_layout, refresh_conversions, register_with_transformers, to_ours,
                       to_stock, with_layer_transforms)
 
@@ -103,12 +104,12 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
         layer = DeepSeekMoELayer(cfg)
     layer = layer.to_empty(device=router_weight.device).to(expert_param.dtype)
     bias = torch.zeros_like(layer.gate.e_score_correction_bias)
-    # A family without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move.
-    layer.gate.register_buffer("e_score_correction_bias", bias,
-                               persistent=family.has_bias or cfg.bias_update_speed > 0)
+    has_bias = keeps_bias(family, cfg)
+    # A block without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move.
+    layer.gate.register_buffer("e_score_correction_bias", bias, persistent=has_bias or cfg.bias_update_speed > 0)
     state = dict(block.state_dict())  # per-expert (4.57) layouts are fused by RoutedExperts on load
     to_ours(state, "", family, cfg.num_routed_experts)
-    if not family.has_bias and cfg.bias_update_speed > 0:
+    if not has_bias and cfg.bias_update_speed > 0:
         state["gate.e_score_correction_bias"] = bias
     _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
     layer.hf_family = family
@@ -119,7 +120,8 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     layer.follows_experts_implementation = hasattr(block.experts, "_is_expert_parallel")
     layer.register_load_state_dict_pre_hook(_load_from_family_layout)
     register_with_transformers()
-    _record_router_logits(layer)
+    if cfg.hash_vocab_size is None:  # transformers records DeepSeek-V4's top-k routers only
+        _record_router_logits(layer)
     _copy_init_flags(block, layer)
     layer.train(block.training)
     return layer
@@ -140,19 +142,21 @@ def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
         raise ValueError(f"to_hf: pass hf_config= (the model's config); a {layer.hf_block_class.__name__} block "
                          f"does not keep it")
     bias = layer.router.e_score_correction_bias
-    if not family.has_bias and bool(bias.ne(0).any()):
+    has_bias = keeps_bias(family, layer.config)
+    if not has_bias and bool(bias.ne(0).any()):
         raise ValueError(f"to_hf: the layer's correction bias is non-zero (bias balancing was on) and "
                          f"{layer.hf_block_class.__name__} has none: the stock block would route differently")
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     to_stock(state, "", family, layer.config.num_routed_experts)
-    if not family.has_bias:
+    if not has_bias:
         state.pop("gate.e_score_correction_bias", None)
     expert_dtype = layer.routed_experts.gate_up_proj.dtype
     router_key = "router.layer.weight" if family.layout == "dbrx" else "gate.weight"
     if not family.router_fp32:
         state[router_key] = state[router_key].to(expert_dtype)
     with torch.device("meta"):
-        block = layer.hf_block_class(hf_config)
+        block = (family.build or (lambda cls, config, cfg: cls(config)))(layer.hf_block_class, hf_config,
+                                                                          layer.config)
     block.load_state_dict(state, assign=True)
     block.train(layer.training)
     return block
@@ -241,7 +245,8 @@ def restore_moe_blocks(model: nn.Module) -> int:
         if any(h == "" or name.startswith(h + ".") for h in hooked):
             # transformers hooks a model's routers once, at its first recording forward: hook the new one alike.
             router = block.router if layer.hf_family.layout == "dbrx" else block.gate
-            router.register_forward_hook(_RecordOutput("router_logits"))
+            if layer.config.hash_vocab_size is None:  # as from_hf: hash routers are not recorded
+                router.register_forward_hook(_RecordOutput("router_logits"))
         return block
 
     count = len(replace_modules(model, lambda name, m: getattr(m, "hf_family", None) is not None, make))

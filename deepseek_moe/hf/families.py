@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ACTIVATIONS, MoEConfig
@@ -21,10 +22,11 @@ class Family:
     """How one transformers MoE block maps onto :class:`DeepSeekMoELayer`.
 
     ``fields(block)`` returns the MoEConfig fields of its routing (raising ValueError for a configuration the layer
-    cannot reproduce); ``has_bias``: the block has ``gate.e_score_correction_bias``; ``router_fp32``: transformers
-    keeps its router weight fp32 in 16-bit models; ``shared``: the shared-expert attribute name and
-    ``shared_field`` the config field of its width; ``layout``: "fused" (our names) or "dbrx" (MegaBlocks' stacked
-    w1/v1/w2).
+    cannot reproduce); ``has_bias``: the block's top-k router has ``gate.e_score_correction_bias`` (a hash router
+    never has one: :func:`keeps_bias`); ``router_fp32``: transformers keeps its router weight fp32 in 16-bit
+    models; ``shared``: the shared-expert attribute name and ``shared_field`` the config field of its width;
+    ``layout``: "fused" (our names) or "dbrx" (MegaBlocks' stacked w1/v1/w2); ``build(block_class, hf_config,
+    cfg)``: the stock block for a layer of config ``cfg`` (default ``block_class(hf_config)``).
     """
 
     name: str
@@ -35,6 +37,12 @@ class Family:
     shared: Optional[str] = None
     shared_field: Optional[str] = None
     layout: str = "fused"
+    build: Optional[Callable[[type, Any, MoEConfig], nn.Module]] = None
+
+
+def keeps_bias(family: Family, cfg: MoEConfig) -> bool:
+    """Whether the stock block of a layer of config ``cfg`` holds ``gate.e_score_correction_bias``."""
+    return family.has_bias and cfg.hash_vocab_size is None
 
 
 def _find(obj: nn.Module, *names: str, default=None):
@@ -98,6 +106,40 @@ def _qwen2_moe(block: nn.Module) -> Dict[str, Any]:
     return dict(_softmax_topk(block), shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None)
 
 
+def _score_name(fn: Callable, field: str) -> str:
+    """Our score function name of a router's element-wise ``fn`` (identified by its values); ValueError naming the
+    config ``field`` otherwise."""
+    probe = torch.linspace(-30, 30, 241, dtype=torch.float64)
+    for name, ref in (("sqrtsoftplus", F.softplus(probe).sqrt()), ("sigmoid", torch.sigmoid(probe))):
+        if torch.allclose(fn(probe), ref, rtol=1e-9, atol=1e-12):
+            return name
+    raise ValueError(f"from_hf: {field}={type(fn).__name__} is not supported; expected sqrtsoftplus or sigmoid")
+
+
+def _deepseek_v4(block: nn.Module) -> Dict[str, Any]:
+    limit = getattr(block.experts, "limit", None)
+    if getattr(block.shared_experts, "limit", None) != limit:
+        raise ValueError(f"from_hf: DeepseekV4 swiglu_limit differs between the routed ({limit}) and the shared "
+                         f"experts ({block.shared_experts.limit}); the layer clamps both at one limit")
+    # transformers' routers always normalise the chosen experts' scores (norm_topk_prob is not read).
+    fields = dict(score_func=_score_name(block.gate.score_fn, "scoring_func"), norm_topk_prob=True,
+                  routed_scaling_factor=float(block.gate.routed_scaling_factor),
+                  swiglu_limit=None if limit is None else float(limit))
+    if getattr(block.gate, "tid2eid", None) is not None:  # DeepseekV4HashRouter: its table picks the experts
+        fields["hash_vocab_size"] = block.gate.tid2eid.shape[0]
+    return fields
+
+
+def _build_deepseek_v4(block_class: type, hf_config, cfg: MoEConfig) -> nn.Module:
+    """A stock block of the router kind of ``cfg``: transformers picks it by ``mlp_layer_types[layer_idx]``."""
+    kind = "hash_moe" if cfg.hash_vocab_size is not None else "moe"
+    kinds = list(getattr(hf_config, "mlp_layer_types", None) or ())
+    if kind not in kinds:
+        raise ValueError(f"to_hf: hf_config.mlp_layer_types={kinds} has no {kind!r} layer, which a "
+                         f"{'hash' if kind == 'hash_moe' else 'top-k'}-routed DeepseekV4SparseMoeBlock needs")
+    return block_class(hf_config, kinds.index(kind))
+
+
 def _dbrx(block: nn.Module) -> Dict[str, Any]:
     # transformers 5 keeps top_k and the normalisation on DbrxFFN; 4.57 on its router (as moe_top_k).
     holder = block if hasattr(block, "moe_normalize_expert_weights") else block.router
@@ -122,6 +164,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _softmax_topk),
     Family("olmoe", ("OlmoeSparseMoeBlock",), _softmax_topk),
     Family("dbrx", ("DbrxFFN",), _dbrx, layout="dbrx"),
+    Family("deepseek_v4", ("DeepseekV4SparseMoeBlock",), _deepseek_v4, has_bias=True, shared="shared_experts",
+           shared_field="moe_intermediate_size", build=_build_deepseek_v4),
 )
 SUPPORTED_BLOCKS = tuple(name for family in FAMILIES for name in family.blocks)
 
@@ -164,8 +208,13 @@ def _expert_sizes(block: nn.Module, family: Family) -> Tuple[int, str]:
 
 
 def _hf_config_of(block: nn.Module):
-    """The transformers config a block was built from (experts modules keep it in transformers 5), or None."""
-    return getattr(block, "config", None) or getattr(block.experts, "config", None)
+    """The transformers config a block was built from (experts modules keep it in transformers 5, DeepSeek-V4's
+    shared expert too), or None."""
+    for holder in (block, block.experts, getattr(block, "shared_experts", None)):
+        config = getattr(holder, "config", None)
+        if config is not None:
+            return config
+    return None
 
 
 def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
