@@ -134,8 +134,8 @@ def hashed_topk(tid2eid: torch.Tensor, input_ids: Optional[torch.Tensor], x: tor
         if bool(bad_T.any()):
             token, row = int(ids_T[bad_T][0]), rows_TK[bad_T][0]
             hint = ("; an all-zero table is the placeholder transformers' DeepseekV4HashRouter holds until a "
-                    "checkpoint fills it: load one, or write a table (deepseek_moe.forced_routing.default_hash_table)"
-                    if not bool(tid2eid.any()) else "")
+                    "checkpoint fills it: load the checkpoint's table, or write one "
+                    "(deepseek_moe.forced_routing.default_hash_table)" if not bool(tid2eid.any()) else "")
             raise ValueError(f"{who}: gate.tid2eid[{token}] = {row.tolist()}: a row of the hash table must hold "
                              f"top_k={K} distinct experts in [0, {E}){hint}")
     return rows_TK

@@ -13,6 +13,7 @@ v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4",
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe import hf  # noqa: E402
+from deepseek_moe.forced_routing import default_hash_table  # noqa: E402
 from deepseek_moe.testing import assert_close  # noqa: E402
 
 H, E, K, I, V = 32, 8, 2, 16, 50
@@ -79,9 +80,14 @@ def test_hash_layer_ids_reach_it_through_the_context_and_errors_name_the_layer()
         layer(x)
     with pytest.raises(ValueError, match=r"outside the table's vocabulary \[0, hash_vocab_size=50\)"):
         layer(x, input_ids=ids + V)
-    stock_fresh = v4.DeepseekV4SparseMoeBlock(_config(), 0)  # transformers' placeholder table: all zeros
-    with pytest.raises(ValueError, match="all-zero table is the placeholder"):
-        hf.from_hf(stock_fresh)(x, input_ids=ids)
+    # transformers' placeholder table (zeros until a checkpoint fills it) becomes the layer's default table, as in
+    # a layer built by __init__ or init_weights; zeros loaded later are refused, with the reason
+    fresh = hf.from_hf(v4.DeepseekV4SparseMoeBlock(_config(), 0))
+    assert torch.equal(fresh.router.tid2eid, default_hash_table(V, E, K))
+    with torch.no_grad():
+        fresh.router.tid2eid.zero_()
+    with pytest.raises(ValueError, match=r"gate.tid2eid\[\d+\] = \[0, 0\].*all-zero table is the placeholder"):
+        fresh(x, input_ids=ids)
 
 
 def test_output_router_logits_records_the_top_k_layers_only():

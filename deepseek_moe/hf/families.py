@@ -109,7 +109,7 @@ def _qwen2_moe(block: nn.Module) -> Dict[str, Any]:
 def _score_name(fn: Callable, field: str) -> str:
     """Our score function name of a router's element-wise ``fn`` (identified by its values); ValueError naming the
     config ``field`` otherwise."""
-    probe = torch.linspace(-30, 30, 241, dtype=torch.float64)
+    probe = torch.linspace(-30, 30, 241, dtype=torch.float64, device="cpu")  # also inside torch.device("meta")
     for name, ref in (("sqrtsoftplus", F.softplus(probe).sqrt()), ("sigmoid", torch.sigmoid(probe))):
         if torch.allclose(fn(probe), ref, rtol=1e-9, atol=1e-12):
             return name

@@ -1,12 +1,12 @@
-"""transformers' own model tests (``ModelTesterMixin`` of its ``tests/test_modeling_common.py``) for the seven
-families, run twice: on the stock models and with every MoE block converted at construction
+"""transformers' own model tests (``ModelTesterMixin`` of its ``tests/test_modeling_common.py``) for the eight
+families (DeepSeek-V4 twice: with top-k layers only, as its own tester, and with a hash-routed layer), run twice: on the stock models and with every MoE block converted at construction
 (``deepseek_moe.hf.converted_at_construction()`` active for the whole run). Prints the tests that pass stock and
 fail converted (the regressions) and the reverse. Run by hand (several minutes on 2 cores)::
 
     pip download transformers==$(python -c "import transformers; print(transformers.__version__)") \
         --no-binary :all: --no-deps -d /tmp/tfsrc && tar xzf /tmp/tfsrc/transformers-*.tar.gz -C /tmp/tfsrc
     pip install --target /tmp/tfdeps parameterized          # the test files' one extra dependency
-    PYTHONPATH=/tmp/tfdeps python tests/compat/transformers_model_tests.py /tmp/tfsrc/transformers-*/tests
+    PYTHONPATH=/tmp/tfdeps python tests/compat/transformers_model_tests.py /tmp/tfsrc/transformers-*/tests [FAMILY ...]
 
 transformers' sdist ships its common test files but not ``tests/models/`` nor ``tests/generation/``: the
 per-family testers here are written in the style of transformers' ``CausalLMModelTester`` (tiny configs, the
@@ -25,6 +25,12 @@ import xml.etree.ElementTree as ET
 
 # Widths are multiples of 8 elements: transformers' own grouped_mm (the stock default) needs 16-byte strides on the
 # CPU, which odd widths (its testers' 37 and 12) violate in 16-bit and 32-bit dtypes.
+_V4 = dict(num_key_value_heads=1, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
+           partial_rotary_factor=0.5, q_lora_rank=16, o_groups=2, o_lora_rank=8, n_routed_experts=4,
+           n_shared_experts=1, mlp_layer_types=["moe", "moe"],
+           layer_types=["heavily_compressed_attention", "compressed_sparse_attention"], sliding_window=8, hc_mult=2,
+           hc_sinkhorn_iters=3, index_n_heads=2, index_head_dim=16, index_topk=2, num_nextn_predict_layers=0,
+           scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0)
 FAMILIES = {  # family: (config class, model classes, config fields) -- tiny, as transformers' testers
     "deepseek_v3": ("DeepseekV3Config", ("DeepseekV3Model", "DeepseekV3ForCausalLM"), dict(
         intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=8,
@@ -46,6 +52,11 @@ FAMILIES = {  # family: (config class, model classes, config fields) -- tiny, as
     "olmoe": ("OlmoeConfig", ("OlmoeModel", "OlmoeForCausalLM"), dict(
         intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_key_value_heads=2)),
     "dbrx": ("DbrxConfig", ("DbrxModel", "DbrxForCausalLM"), None),
+    # transformers' DeepseekV4ModelTester's fields (tests/models/deepseek_v4), with its all-top-k layers ...
+    "deepseek_v4": ("DeepseekV4Config", ("DeepseekV4Model", "DeepseekV4ForCausalLM"), _V4),
+    # ... and with a hash-routed first layer (its tester avoids one: inputs_embeds-only tests have no token ids)
+    "deepseek_v4_hash": ("DeepseekV4Config", ("DeepseekV4Model", "DeepseekV4ForCausalLM"),
+                         dict(_V4, mlp_layer_types=["hash_moe", "moe"])),
 }
 
 TEST_MODULE = '''
@@ -133,7 +144,7 @@ def _run(workdir: str, convert: bool) -> dict:
     return results
 
 
-def main(tests_dir: str) -> None:
+def main(tests_dir: str, families=None) -> None:
     workdir = tempfile.mkdtemp(prefix="tf_model_tests_")
     shutil.copytree(tests_dir, os.path.join(workdir, "tftests"))
     for sub, text in (("exporters", "class ExportTesterMixin:\n    pass\n"),
@@ -145,13 +156,13 @@ def main(tests_dir: str) -> None:
             f.write(text)
     open(os.path.join(workdir, "tftests", "__init__.py"), "a").close()
     with open(os.path.join(workdir, "test_families.py"), "w") as f:
-        f.write(TEST_MODULE.format(families=FAMILIES))
+        f.write(TEST_MODULE.format(families={k: v for k, v in FAMILIES.items() if not families or k in families}))
     with open(os.path.join(workdir, "conftest.py"), "w") as f:
         f.write(CONFTEST)
     stock, converted = _run(workdir, False), _run(workdir, True)
     regressions = {k: v for k, v in converted.items() if v.startswith("failed") and stock.get(k) == "passed"}
     fixed = {k: stock[k] for k, v in converted.items() if v == "passed" and stock.get(k, "").startswith("failed")}
-    for family in FAMILIES:
+    for family in families or FAMILIES:
         names = [k for k in stock if k.startswith(f"Test_{family}::")]
         count = lambda res, what: sum(res.get(k, "").startswith(what) for k in names)  # noqa: E731
         print(f"{family:12s} stock: {count(stock, 'passed')} passed, {count(stock, 'failed')} failed, "
@@ -168,6 +179,6 @@ def main(tests_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
