@@ -131,10 +131,11 @@ def _stock_layout(state, model):
     return state
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_loss_router_logits_aux_loss_and_gradients(family):
+def test_logits_loss_router_logits_aux_loss_and_gradients(family, training):
     stock, ours = _pair(family, output_router_logits=True)
-    stock.train(), ours.train()
+    stock.train(training), ours.train(training)
     ids = _batch()
     out_s = stock(ids, labels=ids)
     out_o = ours(ids, labels=ids)
