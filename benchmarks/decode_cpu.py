@@ -1,14 +1,22 @@
-"""Decode on CPU: the forward of a few tokens through one DeepSeekMoE layer against a dense SwiGLU FFN that reads
-the same weight bytes.
+"""Decode on CPU against the memory's read bandwidth, with cold weights as in a real model's decode step.
 
-    python benchmarks/decode_cpu.py                     # T = 1, 8, 64; H=1024, 64x352 + 2 shared, K=6, fp32
+    python benchmarks/decode_cpu.py                          # fp32, T = 1, 4, 16; H=1024, 64x352 + 2 shared, K=6
+    python benchmarks/decode_cpu.py --dtype bfloat16
 
-At small T a forward is bound by reading weights: the layer reads the shared experts and every routed expert some
-token picked (distinct experts touched × expert bytes). The dense contender for each input is a SwiGLU FFN of
-width (distinct experts touched + Ks) · I, which reads exactly as many weight bytes; its time is the bound the
-layer is held to. One process, forward under inference mode, contenders interleaved round by round, each round on
-a fresh input (its routing decides the dense width, so each round builds its dense FFN first), 20 calls per
-sample, median of the rounds.
+A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
+so each contender here cycles through ``--layers`` copies of its weights (together several times the L3), one
+forward per copy, on a fresh input each call (fresh routing). What a call must read: the router, the shared
+experts and every routed expert some token picked (``distinct experts × expert bytes``). Contenders, interleaved
+round by round under inference mode, median of the rounds:
+
+* ``ext decode``: the layer, backend "ext" (the weight-streaming op for T <= 16, ``expert_gemv``);
+* ``torch``: the layer, backend "torch";
+* ``hf grouped_mm``: transformers' own DeepSeek-V3 block of the same shape (sigmoid routing without groups),
+  ``experts_implementation="grouped_mm"``, when transformers is installed;
+* ``dense``: a SwiGLU FFN that reads as many bytes: width (shared + distinct routed experts) · I.
+
+The read bandwidth is measured in the same run: the best of several sums over a 1 GiB buffer. Each contender's
+GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth.
 """
 from __future__ import annotations
 
@@ -23,44 +31,92 @@ from deepseek_moe.bench.timing import interleaved
 from deepseek_moe.experts import SharedExperts
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second of the best sum over a 1 GiB fp32 buffer (all threads)."""
+    buf = torch.ones(2 ** 28)
+    best = float("inf")
+    for _ in range(repeats):
+        best = min(best, statistics.median(interleaved({"sum": lambda _: buf.sum()}, 1, torch.device("cpu"))["sum"]))
+    return buf.numel() * 4 / best
+
+
+def hf_blocks(cfg: dm.MoEConfig, layers, dtype):
+    """transformers' DeepseekV3MoE blocks holding the same weights as ``layers``, or [] without transformers."""
+    try:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    except ImportError:
+        return []
+    hc = DeepseekV3Config(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.expert_hidden_size,
+                          n_routed_experts=cfg.num_routed_experts, n_shared_experts=cfg.num_shared_experts,
+                          num_experts_per_tok=cfg.top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+                          routed_scaling_factor=1.0)
+    hc._experts_implementation = "grouped_mm"
+    blocks = []
+    for layer in layers:
+        with torch.device("meta"):
+            block = DeepseekV3MoE(hc)
+        state = {k: v for k, v in layer.state_dict().items() if not k.startswith(("tokens_per", "load_since"))}
+        block.load_state_dict(state, strict=False, assign=True)
+        block.experts.config._experts_implementation = "grouped_mm"
+        blocks.append(block.to(dtype).eval())
+    return blocks
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,8,64")
-    p.add_argument("--hidden-size", type=int, default=1024)
-    p.add_argument("--expert-hidden-size", type=int, default=352)
+    p.add_argument("--tokens", default="1,4,16")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--layers", type=int, default=0, help="weight copies cycled (default: >= 1 GiB of weights)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=0, help="calls per sample (default: one pass over the copies)")
+    p.add_argument("--no-hf", action="store_true", help="leave transformers' block out")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
-    cfg = dm.MoEConfig(hidden_size=args.hidden_size, expert_hidden_size=args.expert_hidden_size,
-                       num_routed_experts=64, num_shared_experts=2, top_k=6, backend=args.backend)
-    layer = dm.DeepSeekMoELayer(cfg).to(dtype).eval()
-    H, I, Ks = cfg.hidden_size, cfg.expert_hidden_size, cfg.num_shared_experts
-    expert_mb = 3 * H * I * torch.finfo(dtype).bits / 8 / 2**20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; H={H} 64x{I} +{Ks} shared K=6; "
-          f"backend {layer.backend!r}; {args.rounds} rounds of 20 calls")
-    print(f"{'T':>4s} {'experts':>8s} {'weight MB':>10s} {'layer ms':>9s} {'layer GB/s':>11s} {'dense ms':>9s} "
-          f"{'x dense':>8s}")
+    cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
+                       score_func="sigmoid", norm_topk_prob=True)
+    H, I, E, K, Ks = cfg.hidden_size, cfg.expert_hidden_size, cfg.num_routed_experts, cfg.top_k, cfg.num_shared_experts
+    size = torch.finfo(dtype).bits // 8
+    expert_bytes = 3 * H * I * size
+    layer_bytes = (E + Ks) * expert_bytes + E * H * 4
+    n = args.layers or max(2, -(-2 ** 30 // layer_bytes))
+    calls = args.calls or n
+    ours = [dm.DeepSeekMoELayer(cfg.replace(backend="ext")).to(dtype).eval() for _ in range(n)]
+    torch_layers = [dm.DeepSeekMoELayer(cfg.replace(backend="torch")).to(dtype).eval() for _ in range(n)]
+    for a, b in zip(torch_layers, ours):
+        a.load_state_dict(b.state_dict())
+    blocks = [] if args.no_hf else hf_blocks(cfg, ours, dtype)
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; H={H} {E}x{I} +{Ks} shared "
+          f"K={K}; {n} weight copies of {layer_bytes / 2 ** 20:.0f} MiB cycled; read bandwidth {bandwidth / 1e9:.1f} "
+          f"GB/s (best sum over 1 GiB); {args.rounds} rounds of {calls} calls")
+    print(f"{'T':>3s} {'contender':>14s} {'ms':>8s} {'MB read':>8s} {'GB/s':>6s} {'of bw':>6s} {'x dense':>8s}")
     for T in (int(t) for t in args.tokens.split(",")):
-        xs = [torch.randn(T, H, dtype=dtype) for _ in range(args.rounds)]
-        ratios, layer_ms, dense_ms, touched = [], [], [], []
-        for r, x in enumerate(xs):
-            with torch.inference_mode():
-                distinct = int(layer.route(x)[1].counts_E.count_nonzero())
-            dense = SharedExperts.dense(H, (distinct + Ks) * I).to(dtype).eval()
-            fns = {"layer": lambda _, x=x: layer(x), "dense": lambda _, x=x: dense(x)}
-            with torch.inference_mode():
-                t = {k: statistics.median(v) for k, v in interleaved(fns, 3, cpu, warmup=2, calls=20).items()}
-            ratios.append(t["layer"] / t["dense"])
-            layer_ms.append(t["layer"] * 1e3)
-            dense_ms.append(t["dense"] * 1e3)
-            touched.append(distinct + Ks)
-        n = statistics.median(touched)
-        mb, ms = n * expert_mb, statistics.median(layer_ms)
-        print(f"{T:4d} {n:8.0f} {mb:10.1f} {ms:9.3f} {mb * 2**20 / 1e9 / (ms / 1e3):11.1f} "
-              f"{statistics.median(dense_ms):9.3f} {statistics.median(ratios):7.2f}x", flush=True)
+        xs = [torch.randn(T, H, dtype=dtype) for _ in range(calls)]
+        with torch.inference_mode():  # the bytes each input's step must read (its distinct experts)
+            distinct = statistics.mean(int(ours[0].route(x)[1].counts_E.count_nonzero()) for x in xs)
+        need = (distinct + Ks) * expert_bytes + E * H * 4
+        dense = [SharedExperts.dense(H, round(distinct + Ks) * I).to(dtype).eval() for _ in range(n)]
+        step = {"i": 0}
+
+        def cycling(models, step=step):
+            def call(_):
+                i = step["i"] = step["i"] + 1
+                return models[i % n](xs[i % calls])
+            return call
+
+        fns = {"ext decode": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
+        if blocks:
+            fns["hf grouped_mm"] = cycling([lambda x, b=b: b(x.unsqueeze(0)) for b in blocks])
+        with torch.inference_mode():
+            times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1,
+                                                                     calls=calls).items()}
+        for name, t in times.items():
+            mb = round(distinct + Ks) * expert_bytes if name == "dense" else need
+            print(f"{T:3d} {name:>14s} {t * 1e3:8.3f} {mb / 1e6:8.1f} {mb / t / 1e9:6.1f} {mb / t / bandwidth:6.2f} "
+                  f"{t / times['dense']:7.2f}x", flush=True)
+        del dense
     return 0
 
 

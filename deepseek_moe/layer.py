@@ -130,8 +130,12 @@ class DeepSeekMoELayer(nn.Module):
             topk_idx = tape.ids_for(x, self.training)
         elif tape is not None and tape.closed and not torch.compiler.is_compiling():
             tape.check_late_rerun(x, self.training)  # eager only, as the RecomputeGuard
-        self._guard.check(self.training, from_context and padding_mask is not None, padding_mask is not None,
-                          override)
+        hashed = self.config.hash_vocab_size is not None and topk_idx is None
+        if hashed and input_ids is None:
+            input_ids = context_ids = active_input_ids()
+        else:
+            context_ids = None
+        self._guard.check(self.training, padding_mask if from_context else None, context_ids, override)
         x_TH, seq_T, unpack = pack(x, padding_mask)
         routed_TH = x_TH
         if self.training and self.config.router_jitter_noise > 0:
@@ -144,11 +148,10 @@ class DeepSeekMoELayer(nn.Module):
             if topk_idx is not None:
                 forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
             else:
-                ids = input_ids if input_ids is not None else active_input_ids()
-                forced_TK = hashed_topk(self.router.tid2eid, ids, x, padding_A, self.config, who)
+                forced_TK = hashed_topk(self.router.tid2eid, input_ids, x, padding_A, self.config, who)
         routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
-        impl = self._implementation(x_TH.device, dtype)
+        impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
         y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
                                            lambda x_in, plan: self.experts(x_in, plan, impl), impl, self.training)
         if self.shared_experts is not None and (override is None or override.shared):
@@ -169,16 +172,18 @@ class DeepSeekMoELayer(nn.Module):
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
 
-    def _implementation(self, device: torch.device, dtype: torch.dtype) -> backends.Backend:
-        """The experts implementation for (device, dtype, grad mode), selected once per key (selection reads the
-        environment and the filesystem); under torch.compile a trace-time constant."""
+    def _implementation(self, device: torch.device, dtype: torch.dtype,
+                        tokens: Optional[int] = None) -> backends.Backend:
+        """The experts implementation for (device, dtype, grad mode, whether ``tokens`` is a decode step), selected
+        once per key (selection reads the environment and the filesystem); under torch.compile a trace-time
+        constant."""
         cfg = self.config
         name = cfg.backend
         if self.follows_experts_implementation:
             name = backends.for_experts_implementation(getattr(self.hf_config, "_experts_implementation", None),
                                                        cfg.backend)
         return backends.selected(self._impls, name, device, dtype, glu_name(cfg.hidden_act, cfg.swiglu_limit),
-                                 (cfg.hidden_size, cfg.expert_hidden_size))
+                                 (cfg.hidden_size, cfg.expert_hidden_size), tokens)
 
     @property
     def router(self) -> Router:
@@ -228,7 +233,11 @@ class DeepSeekMoELayer(nn.Module):
         """Set ``gate.e_score_correction_bias`` so that routing x (..., H) loads the experts as evenly as a bias can
         (:func:`deepseek_moe.balancing.calibrate_bias`), e.g. right after upcycling. Padded (``padding_mask`` or
         :func:`deepseek_moe.padding_mask`) and non-finite tokens are not counted. Returns ``{"max_vio_before",
-        "max_vio_after"}``. Raises as :meth:`forward` for x, ValueError for ``iterations`` < 1."""
+        "max_vio_after"}``. Raises as :meth:`forward` for x, ValueError for ``iterations`` < 1 and for a
+        hash-routed layer (its table picks the experts: no bias changes its load)."""
+        if self.config.hash_vocab_size is not None:
+            raise ValueError("DeepSeekMoELayer.calibrate_bias: the layer is hash-routed (hash_vocab_size="
+                             f"{self.config.hash_vocab_size}): its table picks the experts, no bias changes its load")
         check_input(x, self.config, False, self.router.weight.device)
         mask = active_padding_mask() if padding_mask is None else padding_mask
         return calibrate_bias(self.router, x, None if mask is None else check_padding_mask(mask, x), iterations, group,

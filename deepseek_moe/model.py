@@ -144,8 +144,9 @@ def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, 
     and a mask set with :func:`deepseek_moe.padding_mask` or passed to a layer is used. With torch.distributed
     initialised, call it on every rank (each with its own batch): loads are summed over the world and every rank
     gets the same bias. Modes and the layers' last-forward results are left as they were (:func:`inspecting`).
-    Returns ``{layer name: {"max_vio_before": .., "max_vio_after": ..}}`` for the layers that ran. Raises
-    ValueError when the model has no DeepSeekMoELayer.
+    Hash-routed layers (``hash_vocab_size``: DeepSeek-V4's first layers) are left alone: their table picks the
+    experts. Returns ``{layer name: {"max_vio_before": .., "max_vio_after": ..}}`` for the layers calibrated.
+    Raises ValueError when the model has no DeepSeekMoELayer.
     """
     layers = moe_layers(model)
     if not layers:
@@ -161,7 +162,8 @@ def calibrate_routing(model: nn.Module, *args, **kwargs) -> Dict[str, Dict[str, 
             results[name] = layer.calibrate_bias(x, mask)
         return hook
 
-    handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()]
+    handles = [layer.register_forward_pre_hook(calibrate(name), with_kwargs=True) for name, layer in layers.items()
+               if layer.config.hash_vocab_size is None]
     try:
         with inspecting(model), torch.no_grad(), attention_mask_padding(kwargs):
             model(*args, **kwargs)

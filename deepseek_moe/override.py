@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -163,31 +163,41 @@ class RouteTape:
 
 
 class RecomputeGuard:
-    """Activation checkpointing re-runs a forward during backward. The re-run must see the same padding mask (one
-    set by ``dm.padding_mask`` may have ended) and the same routing override, or it would silently route
-    differently. Compared with the layer's last training forward (the original forward of reentrant
-    checkpointing runs without autograd, so a no-grad forward counts too), in eager mode only: a compiled layer
-    is not checked."""
+    """Activation checkpointing re-runs a forward during backward. The re-run must see the same padding mask and
+    token ids where they came from a ``with`` block (``dm.padding_mask``, ``dm.input_ids``: the block may have
+    ended, or another one begun) and the same routing override, or it would silently route differently. Compared
+    with the layer's last training forward (the original forward of reentrant checkpointing runs without autograd,
+    so a no-grad forward counts too), in eager mode only: a compiled layer is not checked."""
+
+    _BLOCKS = {"mask": ("padding mask", "dm.padding_mask(m)", "padding_mask="),
+               "ids": ("token ids", "dm.input_ids(ids)", "input_ids=")}
 
     def __init__(self):
-        self._context_mask = False
+        self._context: Dict[str, Optional[torch.Tensor]] = {"mask": None, "ids": None}
         self._serial = 0
 
-    def check(self, training: bool, uses_context_mask: bool, has_mask: bool,
+    def check(self, training: bool, context_mask: Optional[torch.Tensor], context_ids: Optional[torch.Tensor],
               override: Optional[RoutingOverride]) -> None:
         """Raise RuntimeError when this forward is a re-run whose context differs from its original's (replayed
-        routing pairs re-runs with their originals itself: :class:`RouteTape`)."""
+        routing pairs re-runs with their originals itself: :class:`RouteTape`). ``context_mask`` /
+        ``context_ids``: the tensors this forward took from an enclosing block (None: none, or given as
+        arguments)."""
         if torch.compiler.is_compiling() or not training:
             return
         serial = 0 if override is None else override.serial
+        now = {"mask": context_mask, "ids": context_ids}
         if not is_recompute(training):
-            self._context_mask, self._serial = uses_context_mask, serial
-        elif not has_mask and self._context_mask:
-            raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
-                               "backward after the `with dm.padding_mask(m)` block had ended, so the re-run would "
-                               "route the padding. Call backward() inside the block, or pass padding_mask= to "
-                               "the layer.")
-        elif serial != self._serial:
+            self._context, self._serial = now, serial
+            return
+        for key, original in self._context.items():
+            if original is not None and now[key] is not original:  # the same tensor object, not an equal one
+                what, block, argument = self._BLOCKS[key]
+                where = (f"after the `with {block}` block its forward ran in had ended" if now[key] is None else
+                         f"inside another `with {block}` block than the one its forward ran in")
+                raise RuntimeError(f"DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
+                                   f"backward {where}, so the re-run would route by other {what}. Call backward() "
+                                   f"inside the same block, or pass {argument} to the layer.")
+        if serial != self._serial:
             raise RuntimeError("DeepSeekMoELayer: activation checkpointing re-ran this layer's forward during "
                                "backward with other experts disabled than its last training forward had (a "
                                "`with deepseek_moe.analysis.disabled_experts(...)` block ended or began in "

@@ -107,3 +107,31 @@ def test_every_bad_hash_input_is_a_clear_error():
         make_layer(num_groups=4, topk_groups=2)
     with pytest.raises(dm.ConfigError, match="hash_vocab_size"):
         make_layer(hash_vocab_size=0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_ids_context_must_cover_the_checkpoint_recompute(reentrant):
+    """Checkpointing re-runs the forward in backward: inside the same `with dm.input_ids` block it routes by the
+    same ids (the gradients of the plain forward); after the block, or inside another one (the next micro-batch's),
+    a clear error instead of routing by no or other ids."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer()
+    x = torch.randn(2, 6, H, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    ids, other = torch.randint(0, V, (2, 6)), torch.randint(0, V, (2, 6))
+    with dm.input_ids(ids):
+        layer(x).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    with dm.input_ids(ids):
+        checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert_close(p.grad, expected[name], 1e-6, f"grad {name}")
+    with dm.input_ids(ids):
+        y = checkpoint(layer, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="after the `with dm.input_ids\\(ids\\)` block its forward ran in"):
+        y.square().sum().backward()
+    with dm.input_ids(ids):
+        y = checkpoint(layer, x, use_reentrant=reentrant)
+    with dm.input_ids(other), pytest.raises(RuntimeError, match="inside another `with dm.input_ids\\(ids\\)`"):
+        y.square().sum().backward()

@@ -110,3 +110,39 @@ def test_unsupported_configurations_raise_naming_the_field():
     layer = hf.from_hf(_block(0))
     with pytest.raises(ValueError, match=r"mlp_layer_types=\['moe', 'moe'\] has no 'hash_moe' layer"):
         hf.to_hf(layer, _config(mlp_layer_types=["moe", "moe"]))
+
+
+def test_hash_layers_have_no_bias_to_balance_calibrate_or_save():
+    """update_bias, calibrate_bias / calibrate_routing leave a hash layer's (unused) bias alone, and it stays out of
+    the saved state even with bias balancing on, as in the stock hash block."""
+    hash_layer = hf.from_hf(_block(0), bias_update_speed=1e-3)
+    top_k_layer = hf.from_hf(_block(1), bias_update_speed=1e-3)
+    assert "gate.e_score_correction_bias" not in hash_layer.state_dict()
+    assert "gate.e_score_correction_bias" in top_k_layer.state_dict()
+    x, ids = torch.randn(2, 6, H), torch.randint(0, V, (2, 6))
+    with pytest.raises(ValueError, match="hash-routed .* no bias changes its load"):
+        hash_layer.calibrate_bias(x)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = hash_layer, top_k_layer
+
+        def forward(self, x, input_ids):
+            return self.second(self.first(x, input_ids=input_ids))
+
+    results = hf.calibrate_routing(Two(), x, ids)
+    assert list(results) == ["second"]
+    assert not hash_layer.router.e_score_correction_bias.any()
+    assert hf.to_hf(hash_layer).is_hash  # a zero bias: the stock block routes the same
+
+
+def test_an_infinite_limit_is_no_clamp():
+    """transformers' config takes no None for swiglu_limit: inf (which clamps nothing) turns the clamp off."""
+    block = _block(1, swiglu_limit=float("inf"))
+    layer = hf.from_hf(block)
+    assert layer.config.swiglu_limit is None
+    x = torch.randn(2, 5, H) * 3
+    assert_close(layer(x), block(x), 1e-5, "output")
+    with pytest.raises(dm.ConfigError, match="from_hf: DeepseekV4SparseMoeBlock: MoEConfig.swiglu_limit=0.0"):
+        hf.from_hf(_block(1, swiglu_limit=0.0))

@@ -131,3 +131,26 @@ def test_triton_equals_the_eager_oracle_with_clamp_and_sqrt_softplus(c):
 def test_the_limit_is_validated():
     with pytest.raises(dm.ConfigError, match="swiglu_limit"):
         make_layer("torch", swiglu_limit=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_a_nan_stays_nan_through_the_clamp(backend):
+    """torch.clamp keeps a NaN: the fused clamps must give the NaNs the eager oracle gives in the output and the
+    input's gradient, not a finite number (Triton's min/max drop NaN unless told otherwise)."""
+    needs(backend)
+
+    def nans(name, column):
+        torch.manual_seed(0)
+        layer = make_layer(name, num_shared_experts=0)
+        with torch.no_grad():
+            layer.experts.gate_up_proj[:, column, 5] = float("nan")
+        x = torch.randn(1, 6, H, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        return [t.isnan() for t in (y, x.grad)]
+
+    for column in (3, I + 3):  # a gate unit, an up unit
+        expected = nans("eager", column)
+        assert expected[0].any()
+        for got, want in zip(nans(backend, column), expected):
+            assert torch.equal(got, want)

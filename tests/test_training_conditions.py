@@ -340,8 +340,13 @@ def test_padding_context_must_cover_the_checkpoint_recompute(reentrant):
         assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
         with dm.padding_mask(PADDING):
             y = checkpoint(layer, x, use_reentrant=reentrant)
-        with pytest.raises(RuntimeError, match="Call backward\\(\\) inside the block"):
+        with pytest.raises(RuntimeError, match="after the `with dm.padding_mask\\(m\\)` block its forward ran in"):
             y.sum().backward()
+        with dm.padding_mask(PADDING):
+            y = checkpoint(layer, x, use_reentrant=reentrant)
+        with dm.padding_mask(PADDING.clone()):  # another block (the next micro-batch's), an equal mask even
+            with pytest.raises(RuntimeError, match="inside another `with dm.padding_mask\\(m\\)` block"):
+                y.sum().backward()
 
 
 def test_padding_excluded_from_capacity_and_maxvio():

@@ -33,6 +33,9 @@ from .triton import TritonBackend
 __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
            "selected_spec", "from_spec", "backend_status", "for_experts_implementation"]
 
+# Inference on at most this many tokens on the CPU is decoding: the experts' GEMMs are matrix-vector products bound
+# by reading the weights, which the extension's "decode" strategy streams once (csrc/cpu/expert_gemv.cpp).
+DECODE_TOKENS = 16
 # The name under which deepseek_moe.hf registers its experts function with transformers.
 TRANSFORMERS_NAME = "deepseek_moe"
 # transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
@@ -62,7 +65,7 @@ def _env_backend() -> str:
 
 
 def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activation: str,
-                  batch_invariant: bool = False) -> str:
+                  batch_invariant: bool = False, decode: bool = False) -> str:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}")
@@ -73,14 +76,16 @@ def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activatio
     fused_ok = activation == "silu"
     if fused_ok and device.type == "cuda" and TritonBackend(activation).unavailable_reason(device, dtype) is None:
         return "triton"
-    # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 (docs/benchmarks.md).
-    if fused_ok and device.type == "cpu" and dtype == torch.float32 and _ext.has_prebuilt() and not batch_invariant:
+    # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32, and its decode strategy
+    # streams the weights of a few tokens' experts in fp32 and bf16 (docs/benchmarks.md).
+    ext_dtypes = (torch.float32, torch.bfloat16) if decode else (torch.float32,)
+    if fused_ok and device.type == "cpu" and dtype in ext_dtypes and _ext.has_prebuilt() and not batch_invariant:
         return "ext"
     return "torch"
 
 
 def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str, inference: bool,
-           sizes: Optional[Tuple[int, int]], batch_invariant: bool = False) -> Backend:
+           sizes: Optional[Tuple[int, int]], batch_invariant: bool = False, decode: bool = False) -> Backend:
     """Implementation ``name`` configured for (device, dtype, activation, mode); ValueError for a bad
     DEEPSEEK_MOE_TORCH_STRATEGY."""
     if name == "torch":
@@ -90,7 +95,7 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
                              f"{_TORCH_STRATEGIES}")
         return TorchBackend.for_device(device, dtype, strategy, inference, activation, sizes, batch_invariant)
     if name == "ext":
-        backend = ExtBackend.for_device(device, dtype, activation)
+        backend = ExtBackend.for_device(device, dtype, activation, decode)
     elif name == "triton":
         backend = TritonBackend.for_device(device, dtype, activation)
     else:
@@ -139,25 +144,28 @@ def _status(name: str, device: torch.device, dtype: torch.dtype, activation: str
 
 def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
            activation: str = "silu", *, inference: bool = False,
-           sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False) -> Backend:
+           sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False, decode: bool = False) -> Backend:
     """The implementation ``name`` ("auto" | "eager" | "torch" | "triton" | "ext" | "megablocks") configured for
     (device, dtype), experts with the GLU gate ``activation`` and of ``sizes`` (hidden_size, expert_hidden_size)
     when known, for forwards with (``inference=False``) or without a backward, batch-invariant when
-    ``batch_invariant`` (the layer asks for it under ``torch.use_deterministic_algorithms(True)``).
+    ``batch_invariant`` (the layer asks for it under ``torch.use_deterministic_algorithms(True)``), for decoding
+    when ``decode`` (inference on at most :data:`DECODE_TOKENS` tokens on the CPU: ``ext`` then streams the
+    weights, strategy "decode"; ``auto`` picks it when an ahead-of-time build is installed).
 
     A backend chosen by name (argument or ``DEEPSEEK_MOE_BACKEND``) that needs a build or a load (ext) gets it
     here. Raises ValueError for an unknown name or a bad environment variable, and :class:`BackendUnavailable`
     (with the reason) for a known backend that cannot run here.
     """
     device = torch.device(device)
-    resolved = _resolve_name(name, device, dtype, activation, batch_invariant)
+    decode = decode and inference and device.type == "cpu"
+    resolved = _resolve_name(name, device, dtype, activation, batch_invariant, decode)
     via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" and _env_backend() else ""
     reason = _refusal(resolved, activation, batch_invariant)
     if reason is None:
         if resolved == "ext":
             ExtBackend.prepare()  # build or load it before asking whether it can run
         # ValueError: a bad environment
-        backend = _build(resolved, device, dtype, activation, inference, sizes, batch_invariant)
+        backend = _build(resolved, device, dtype, activation, inference, sizes, batch_invariant, decode)
         reason = backend.unavailable_reason(device, dtype)
         if reason is None and batch_invariant:
             reason = backend.invariance_reason(device, dtype)
@@ -168,17 +176,19 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
 
 
 def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype: torch.dtype, activation: str,
-             sizes: Tuple[int, int]) -> Backend:
-    """:func:`select` for (name, device, dtype, grad mode), kept in ``cache`` (selection reads the environment and
-    the filesystem, so once per key); under torch.compile a trace-time constant (:func:`selected_spec`), nothing
-    cached."""
+             sizes: Tuple[int, int], tokens: Optional[int] = None) -> Backend:
+    """:func:`select` for (name, device, dtype, grad mode, whether ``tokens`` is a decode step), kept in ``cache``
+    (selection reads the environment and the filesystem, so once per key); under torch.compile a trace-time
+    constant (:func:`selected_spec`), nothing cached."""
     batch_invariant = invariant.enabled()
     if torch.compiler.is_compiling():
         return from_spec(selected_spec(name, device, dtype, activation, sizes, batch_invariant))
-    key = (name, device, dtype, not torch.is_grad_enabled(), batch_invariant)
+    inference = not torch.is_grad_enabled()
+    decode = inference and device.type == "cpu" and tokens is not None and tokens <= DECODE_TOKENS
+    key = (name, device, dtype, inference, batch_invariant, decode)
     if key not in cache:
-        cache[key] = select(name, device, dtype, activation, inference=key[3], sizes=sizes,
-                            batch_invariant=batch_invariant)
+        cache[key] = select(name, device, dtype, activation, inference=inference, sizes=sizes,
+                            batch_invariant=batch_invariant, decode=decode)
     return cache[key]
 
 

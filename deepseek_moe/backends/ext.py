@@ -3,6 +3,9 @@
 * ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
   GEMM → add into y; ATen's GEMMs).
+* ``decode`` (CPU, inference on at most ``backends.DECODE_TOKENS`` tokens, chosen at selection): ``expert_gemv``
+  streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
+  into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
 * ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
   plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
   per token row, fp32, the same order as the reference's combine).
@@ -28,6 +31,7 @@ from .grouped import _grouped_mm, cuda_grouped_mm_ok, grouped_mm_experts
 _registered = False
 _register_lock = threading.Lock()
 _OPS = "deepseek_moe::"
+STRATEGIES = ("segments", "decode", "grouped_mm")
 
 
 def ensure_loaded() -> None:
@@ -70,6 +74,10 @@ def _register() -> None:
     @torch.library.register_fake(_OPS + "segment_mlp_fused")
     def _(x, gate_up, down, token, weight, counts, limit):
         return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
+
+    @torch.library.register_fake(_OPS + "expert_gemv")
+    def _(x, gate_up, down, token, weight, counts, limit):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
     def _(grad_y, x, gate_up, down, token, weight, counts, h, limit):
@@ -143,14 +151,18 @@ class ExtBackend(Backend):
 
     def __init__(self, strategy: str = "segments", activation: str = "silu"):
         super().__init__(activation)
-        if strategy not in ("segments", "grouped_mm"):
-            raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected 'segments' or 'grouped_mm'")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         self.strategy = strategy
 
     @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> "ExtBackend":
-        """The segment loop on CPU, the grouped GEMM with the extension's combine elsewhere."""
-        return cls("segments" if device.type == "cpu" else "grouped_mm", activation)
+    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu",
+                   decode: bool = False) -> "ExtBackend":
+        """On CPU the segment loop, or the weight-streaming decode op when ``decode`` (inference on a few tokens);
+        elsewhere the grouped GEMM with the extension's combine."""
+        if device.type != "cpu":
+            return cls("grouped_mm", activation)
+        return cls("decode" if decode else "segments", activation)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -169,8 +181,9 @@ class ExtBackend(Backend):
                 return ("the loaded extension has no CUDA kernels (a just-in-time build is CPU-only): build it ahead "
                         "of time with a CUDA torch, TORCH_CUDA_ARCH_LIST=... DEEPSEEK_MOE_BUILD_EXT=1 pip install -e . "
                         "--no-build-isolation")
-            if self.strategy == "segments":
-                return "the ext backend's segment loop runs on CPU only; use strategy 'grouped_mm' on CUDA"
+            if self.strategy != "grouped_mm":
+                return (f"the ext backend's {self.strategy} strategy runs on CPU only; use strategy 'grouped_mm' on "
+                        f"CUDA")
             if not cuda_grouped_mm_ok(device, dtype):
                 return ("the ext backend on CUDA uses PyTorch's grouped GEMM, which runs bf16 on compute capability "
                         f">= 9.0; got {dtype} on {torch.cuda.get_device_name(device)}")
@@ -187,6 +200,10 @@ class ExtBackend(Backend):
             pass
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+        if self.strategy == "decode":  # selected for inference only: the op has no backward
+            return torch.ops.deepseek_moe.expert_gemv(x_TH, gate_up_EJH, down_EHI, plan.token_N,
+                                                      sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E,
+                                                      split_name(self.activation)[1])
         if self.strategy == "grouped_mm":
             o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
             return combine(o_NH, plan, weighted=True)

@@ -118,11 +118,13 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     layer = layer.to_empty(device=router_weight.device).to(expert_param.dtype)
     bias = torch.zeros_like(layer.gate.e_score_correction_bias)
     has_bias = keeps_bias(family, cfg)
-    # A block without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move.
-    layer.gate.register_buffer("e_score_correction_bias", bias, persistent=has_bias or cfg.bias_update_speed > 0)
+    # A block without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move: bias
+    # balancing off, or a hash-routed layer (update_bias leaves its bias alone).
+    moves = cfg.bias_update_speed > 0 and cfg.hash_vocab_size is None
+    layer.gate.register_buffer("e_score_correction_bias", bias, persistent=has_bias or moves)
     state = dict(block.state_dict())  # per-expert (4.57) layouts are fused by RoutedExperts on load
     to_ours(state, "", family, cfg.num_routed_experts)
-    if not has_bias and cfg.bias_update_speed > 0:
+    if not has_bias and moves:
         state["gate.e_score_correction_bias"] = bias
     _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
     _replace_placeholder_table(layer)

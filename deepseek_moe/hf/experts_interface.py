@@ -19,6 +19,8 @@ Legend: T tokens, K experts per token, E experts, H hidden size, I expert width.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Dict, Tuple
 
 import torch
@@ -51,9 +53,13 @@ def _own_gate(module) -> bool:
 def _clamped_name(module, activation: str) -> str:
     """The GLU name of a module with its own ``_apply_gate`` and a ``limit`` (DeepSeek-V4's clamped SwiGLU), once
     its ``_apply_gate`` is seen to compute exactly that on values on both sides of the clamps; ValueError if not
-    (gpt-oss's gate, for one, is another function)."""
-    name = glu_name(activation, float(module.limit))
-    gate_up = torch.randn(64, 2 * 16, generator=torch.Generator().manual_seed(0)) * 3 * float(module.limit)
+    (gpt-oss's gate, for one, is another function). An infinite limit clamps nothing (transformers' configs take
+    no None for it): the plain GLU."""
+    limit = float(module.limit)
+    name = glu_name(activation, limit) if math.isfinite(limit) else activation
+    # Values on both sides of the clamps, and finite: a huge limit is probed below it (no clamp active there).
+    scale = 3 * min(limit, 1e3)
+    gate_up = torch.randn(64, 2 * 16, generator=torch.Generator().manual_seed(0)) * scale
     with torch.no_grad():
         theirs = module._apply_gate(gate_up)
         ours = gated(gate_up[:, :16], gate_up[:, 16:], name)
@@ -131,7 +137,7 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
         activation, impls = _compiled_activation(module), {}
     else:
         activation, impls = _prepared(module)
-    impl = backends.selected(impls, "auto", hidden_states.device, dtype, activation, (H, I))
+    impl = backends.selected(impls, "auto", hidden_states.device, dtype, activation, (H, I), hidden_states.shape[0])
     topk_idx_TK = top_k_index.long()
     keep_TK = topk_idx_TK < E if getattr(module, "_is_expert_parallel", False) else None
     if keep_TK is not None:

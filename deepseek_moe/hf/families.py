@@ -6,6 +6,7 @@ transformers is not imported: blocks are recognised by class name.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ACTIVATIONS, MoEConfig
+from ..config import ACTIVATIONS, ConfigError, MoEConfig
 from ..glu import activate
 
 
@@ -121,10 +122,11 @@ def _deepseek_v4(block: nn.Module) -> Dict[str, Any]:
     if getattr(block.shared_experts, "limit", None) != limit:
         raise ValueError(f"from_hf: DeepseekV4 swiglu_limit differs between the routed ({limit}) and the shared "
                          f"experts ({block.shared_experts.limit}); the layer clamps both at one limit")
-    # transformers' routers always normalise the chosen experts' scores (norm_topk_prob is not read).
+    # transformers' routers always normalise the chosen experts' scores (norm_topk_prob is not read). Its config
+    # takes no None for swiglu_limit: an infinite one, which clamps nothing, is the way to turn the clamp off.
     fields = dict(score_func=_score_name(block.gate.score_fn, "scoring_func"), norm_topk_prob=True,
                   routed_scaling_factor=float(block.gate.routed_scaling_factor),
-                  swiglu_limit=None if limit is None else float(limit))
+                  swiglu_limit=None if limit is None or math.isinf(limit) else float(limit))
     if getattr(block.gate, "tid2eid", None) is not None:  # DeepseekV4HashRouter: its table picks the experts
         fields["hash_vocab_size"] = block.gate.tid2eid.shape[0]
     return fields
@@ -249,5 +251,8 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
         fields["shared_expert_hidden_size"] = shared_width
     fields.update(family.fields(block))
     fields.update(overrides)
-    return MoEConfig(**fields)
+    try:
+        return MoEConfig(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"from_hf: {type(block).__name__}: {err}") from None
 

@@ -41,10 +41,12 @@ def _cast(b_x, dtype: tl.constexpr, RNE: tl.constexpr):
 
 @triton.jit
 def _clamp_gate_up(b_g, b_u, limit, CLAMP: tl.constexpr):
-    """The clamped SwiGLU's inputs (min(g, L), clamp(u, −L, L)) with CLAMP, else (g, u)."""
+    """The clamped SwiGLU's inputs (min(g, L), clamp(u, −L, L)) with CLAMP, else (g, u); a NaN stays NaN, as in
+    torch.clamp (tl.minimum's default drops it)."""
     if CLAMP:
-        b_g = tl.minimum(b_g, limit)
-        b_u = tl.minimum(tl.maximum(b_u, -limit), limit)
+        b_g = tl.minimum(b_g, limit, propagate_nan=tl.PropagateNan.ALL)
+        b_u = tl.minimum(tl.maximum(b_u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                         propagate_nan=tl.PropagateNan.ALL)
     return b_g, b_u
 
 

@@ -1,0 +1,221 @@
+// Routed experts for a few tokens (decode), CPU: every chosen expert's weights streamed from memory once.
+//
+// With T <= ~16 tokens the experts' GEMMs are matrix-vector products, bound by reading the weights: a step's
+// floor is (bytes of the chosen experts) / (DRAM read bandwidth). Calling a BLAS GEMM per expert pays a parallel
+// region, a packing pass and a thread hand-off per expert (SGLang's CPU MoE and llama.cpp stream the rows
+// themselves for the same reason). Here one call runs two parallel regions over all experts:
+//
+//   1. gate/up: threads split the I hidden units; for each chosen expert a thread streams its gate rows
+//      [i0, i1) and up rows [I+i0, I+i1) (contiguous in the public (E, 2I, H) layout), dots each with the rows of
+//      x of that expert's tokens (they stay in L1/L2), and writes a = act(min(g, L)) · clamp(u, −L, L) · w.
+//   2. down: threads split the H output rows; for each expert a thread streams rows [h0, h1) of down (E, H, I),
+//      dots each with the pairs' a and adds into its own slice of y (fp32), experts in a fixed order.
+//
+// No repacking: in the public layouts every row a dot product reads is contiguous. Accumulation is fp32 (double
+// for fp64); a 16-bit weight is widened in registers. The AVX-512 dot product is chosen at run time by the CPU's
+// capability, with a portable loop otherwise.
+//
+// Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define DEEPSEEK_MOE_X86 1
+#endif
+
+namespace deepseek_moe {
+namespace {
+
+using at::Tensor;
+
+// ------------------------------------------------------------------------------------ dot products
+// dot(row, v) of n elements: row in the weights' dtype, v fp32; fp32 result.
+
+float widen(float v) { return v; }
+float widen(at::BFloat16 v) { return static_cast<float>(v); }
+float widen(at::Half v) { return static_cast<float>(v); }
+
+template <typename scalar_t>
+float dot_portable(const scalar_t* row, const float* v, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight partial sums: the compiler vectorises the loop
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += widen(row[j + k]) * v[j + k];
+  float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) sum += widen(row[j]) * v[j];
+  return sum;
+}
+
+#ifdef DEEPSEEK_MOE_X86
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));  // bf16 = fp32's high half
+}
+
+// Four independent accumulators of 16 lanes: enough loads in flight to stream at the memory's rate. ``next``: the
+// row the caller reads after this one, fetched into cache meanwhile (a row of H fp32 is one 4 KiB page, and the
+// hardware prefetcher does not cross pages).
+template <typename scalar_t>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float dot_avx512(const scalar_t* row, const float* v, int64_t n,
+                                                                     const scalar_t* next) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const __mmask16 all = 0xFFFF;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    for (int64_t l = 0; l < 64; l += kLine) _mm_prefetch(reinterpret_cast<const char*>(next + j + l), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(load16(row + j, all), _mm512_loadu_ps(v + j), a0);
+    a1 = _mm512_fmadd_ps(load16(row + j + 16, all), _mm512_loadu_ps(v + j + 16), a1);
+    a2 = _mm512_fmadd_ps(load16(row + j + 32, all), _mm512_loadu_ps(v + j + 32), a2);
+    a3 = _mm512_fmadd_ps(load16(row + j + 48, all), _mm512_loadu_ps(v + j + 48), a3);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? all : static_cast<__mmask16>((1u << (n - j)) - 1);
+    a0 = _mm512_fmadd_ps(load16(row + j, m), _mm512_maskz_loadu_ps(m, v + j), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#endif
+
+bool has_avx512() {
+#ifdef DEEPSEEK_MOE_X86
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+float dot(const scalar_t* row, const float* v, int64_t n, bool avx512, const scalar_t* next) {
+#ifdef DEEPSEEK_MOE_X86
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (avx512) return dot_avx512(row, v, n, next);
+  }
+#endif
+  (void)next;
+  return dot_portable(row, v, n);
+}
+
+double dot(const double* row, const double* v, int64_t n, bool, const double*) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += row[j] * v[j];
+  return sum;
+}
+
+// ------------------------------------------------------------------------------------ the op
+struct Segment {
+  int64_t expert, start, count;
+};
+
+template <typename acc_t>
+acc_t silu(acc_t g) {
+  return g / (acc_t(1) + std::exp(-g));
+}
+
+template <typename scalar_t>
+void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const int64_t* token_N,
+                      const Tensor& weight_N, const std::vector<Segment>& segments, std::optional<double> limit,
+                      Tensor& y_TH) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2), N = weight_N.size(0);
+  const bool avx512 = has_avx512();
+  const acc_t L = limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
+  // x widened once (T·H elements: small), so that every dot reads one weight row and one acc_t vector.
+  const Tensor xw = x_TH.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* x = xw.const_data_ptr<acc_t>();
+  const acc_t* w = weight_N.const_data_ptr<acc_t>();
+  const scalar_t* W1 = gate_up.const_data_ptr<scalar_t>();
+  const scalar_t* W2 = down.const_data_ptr<scalar_t>();
+  std::vector<acc_t> a_NI(static_cast<size_t>(N * I));
+  // Grains: a thread's share of rows should be large enough to stream (a few KB per expert), and both threads of
+  // a small machine busy.
+  at::parallel_for(0, I, 16, [&](int64_t i0, int64_t i1) {
+    for (const Segment& s : segments) {
+      const scalar_t* gate = W1 + s.expert * 2 * I * H;
+      const scalar_t* up = gate + I * H;
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t p = s.start; p < s.start + s.count; ++p) {
+          const acc_t* xt = x + token_N[p] * H;
+          const acc_t g = std::min(static_cast<acc_t>(dot(gate + i * H, xt, H, avx512, gate + (i + 1) * H)), L);
+          const acc_t u = std::min(std::max(static_cast<acc_t>(dot(up + i * H, xt, H, avx512, up + (i + 1) * H)), -L),
+                                   L);
+          a_NI[p * I + i] = silu(g) * u * w[p];
+        }
+      }
+    }
+  });
+  acc_t* y = y_TH.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
+    for (const Segment& s : segments) {
+      const scalar_t* rows = W2 + s.expert * H * I;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t p = s.start; p < s.start + s.count; ++p)
+          y[token_N[p] * H + h] +=
+              static_cast<acc_t>(dot(rows + h * I, a_NI.data() + p * I, I, avx512, rows + (h + 2) * I));
+      }
+    }
+  });
+  (void)T;
+}
+
+}  // namespace
+
+Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in, const Tensor& token_in,
+                       const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit) {
+  TORCH_CHECK(x_in.device().is_cpu(), "deepseek_moe ext expert_gemv: CPU tensors only, got ", x_in.device());
+  TORCH_CHECK(x_in.dim() == 2 && gate_up_in.dim() == 3 && down_in.dim() == 3,
+              "expert_gemv: expected x (T, H), gate_up (E, 2I, H), down (E, H, I)");
+  const int64_t H = x_in.size(1), E = gate_up_in.size(0), I = down_in.size(2);
+  TORCH_CHECK(gate_up_in.size(1) == 2 * I && gate_up_in.size(2) == H && down_in.size(0) == E &&
+                  down_in.size(1) == H,
+              "expert_gemv: weight shapes ", gate_up_in.sizes(), " and ", down_in.sizes(), " do not match H=", H);
+  TORCH_CHECK(gate_up_in.scalar_type() == x_in.scalar_type() && down_in.scalar_type() == x_in.scalar_type(),
+              "expert_gemv: x and the weights must share one dtype");
+  TORCH_CHECK(token_in.scalar_type() == at::kLong && token_in.dim() == 1, "expert_gemv: token_N must be int64 (N,)");
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == token_in.size(0), "expert_gemv: weight_N must be (N,)");
+  TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == E, "expert_gemv: counts_E must be (E,)");
+  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(weight_in.scalar_type() == acc, "expert_gemv: weight_N must be ", acc);
+  const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
+  const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
+  const Tensor counts = counts_E.to(at::kCPU, at::kLong).contiguous();
+  std::vector<Segment> segments;
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts.const_data_ptr<int64_t>()[e];
+    if (n > 0) segments.push_back({e, start, n});
+    start += n;
+  }
+  TORCH_CHECK(start == token_N.size(0), "expert_gemv: counts_E sum to ", start, ", token_N has ", token_N.size(0));
+  Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "expert_gemv", [&] {
+    expert_gemv_impl<scalar_t>(x_TH, gate_up, down, token_N.const_data_ptr<int64_t>(), weight_N, segments, limit,
+                               y_TH);
+  });
+  return y_TH.to(x_TH.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
+  m.impl("expert_gemv", &expert_gemv_cpu);
+}
+
+}  // namespace deepseek_moe

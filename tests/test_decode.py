@@ -1,0 +1,103 @@
+"""The CPU decode implementation (backend "ext", strategy "decode": csrc/cpu/expert_gemv.cpp): for inference on at
+most DECODE_TOKENS tokens on the CPU selection picks it, and it equals the truth: every pair's expert computed in
+float64 from the formulas (fp32 to rounding, bf16 within bf16 rounding), and the eager layer with padding,
+capacity, group-limited sigmoid routing, the clamped SwiGLU and experts that receive no token."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import deepseek_moe as dm
+from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, select
+from deepseek_moe.plan import build_plan, sorted_weights
+from deepseek_moe.testing import assert_close, make_topk, require_extension
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    require_extension()
+
+
+def by_formula(x, gate_up, down, topk, w, keep, limit):
+    """Σ_k w · down(silu(min(g, L)) · clamp(u, −L, L)) over the kept pairs, in float64, pair by pair."""
+    I = down.shape[-1]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t, k in keep.nonzero().tolist():
+        e = int(topk[t, k])
+        h = gate_up[e].double() @ x[t].double()
+        g, u = h[:I], h[I:]
+        if limit is not None:
+            g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        y[t] += float(w[t, k]) * (down[e].double() @ (F.silu(g) * u))
+    return y
+
+
+@given(T=st.integers(1, DECODE_TOKENS), E=st.integers(1, 12), K=st.integers(1, 6), H=st.integers(1, 150),
+       I=st.integers(1, 70), empty=st.integers(0, 4), capacity=st.sampled_from([None, 0.5]),
+       limit=st.sampled_from([None, 0.05, 1.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2 ** 16))
+def test_decode_op_equals_a_float64_loop(T, E, K, H, I, empty, capacity, limit, dtype, seed):
+    """Widths that are no multiple of the vector length (16) and below it exercise the masked tails."""
+    K = min(K, E)
+    empty = min(empty, E - K)
+    g = torch.Generator().manual_seed(seed)
+    topk = make_topk(T, E, K, "random", generator=g, empty_experts=empty)
+    w = torch.rand(T, K, generator=g)
+    cap = None if capacity is None else max(1, int(capacity * T * K / E))
+    plan = build_plan(topk, w, E, cap, w)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype)
+    impl = ExtBackend("decode", dm.glu.glu_name("silu", limit))
+    with torch.inference_mode():
+        y = impl.run(x, plan, gate_up, down)
+    assert y.dtype == dtype and y.shape == (T, H)
+    truth = by_formula(x, gate_up, down, topk, w, plan.keep_TK, limit)
+    if dtype == torch.float32:
+        assert_close(y.double(), truth, 1e-6, "fp32 decode")
+    else:  # accumulated in fp32 from the bf16 inputs: the error is the output's rounding to bf16
+        scale = truth.abs().clamp_min(truth.abs().max() * 1e-3)
+        assert float(((y.double() - truth).abs() / scale).max()) <= 2 ** -8 + 1e-3, "bf16 decode"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid_groups"])
+def test_layer_decode_equals_the_eager_layer_with_padding_capacity_and_clamp(routing, dtype):
+    fields = dict(hidden_size=96, expert_hidden_size=40, num_routed_experts=16, num_shared_experts=1, top_k=4,
+                  swiglu_limit=1.0, capacity_factor=1.0, initializer_range=0.1)
+    if routing == "sigmoid_groups":
+        fields.update(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True,
+                      routed_scaling_factor=2.5)
+    torch.manual_seed(0)
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").to(dtype).eval()
+    with torch.no_grad():
+        oracle.gate.e_score_correction_bias[:3] = -50.0  # experts 0-2 receive no token
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").to(dtype).eval()
+    layer.load_state_dict(oracle.state_dict())
+    x = torch.randn(2, 8, 96).to(dtype) * 2
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[1, 5:] = True  # 13 real tokens: a decode step
+    with torch.inference_mode():
+        y, y_ref = layer(x, padding_mask=mask), oracle(x, padding_mask=mask)
+    impl = [impl for key, impl in layer._impls.items()]
+    assert [i.strategy for i in impl] == ["decode"]
+    # The oracle rounds h and a to bf16 between its GEMMs; the decode op keeps fp32 between them.
+    assert_close(y[~mask], y_ref[~mask], 1e-6 if dtype == torch.float32 else 1e-2, f"{routing} {dtype}")
+    assert (y[mask] == 0).all()
+
+
+def test_selection_picks_decode_for_a_few_tokens_in_inference_only():
+    cpu = torch.device("cpu")
+    assert select("ext", cpu, torch.float32, inference=True, decode=True).strategy == "decode"
+    assert select("ext", cpu, torch.float32, inference=True).strategy == "segments"
+    assert select("ext", cpu, torch.float32, decode=True).strategy == "segments"  # a backward follows
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
+                                backend="ext").eval()
+    with torch.no_grad():
+        layer(torch.randn(DECODE_TOKENS, 32))
+        layer(torch.randn(DECODE_TOKENS + 1, 32))
+    layer.train()
+    layer(torch.randn(4, 32)).sum().backward()
+    strategies = {key[3:]: impl.strategy for key, impl in layer._impls.items()}
+    assert strategies == {(True, False, True): "decode", (True, False, False): "segments",
+                          (False, False, False): "segments"}
