@@ -17,10 +17,10 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // given (swiglu_limit) -> (y (T, H), h (N, 2I): the unclamped gate/up pre-activations, saved for the backward).
   m.def("segment_mlp_fused(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
         "float? limit) -> (Tensor, Tensor)");
-  // The same routed experts for a few tokens (decode, inference): every chosen expert's rows streamed once ->
-  // y (T, H).
+  // The same routed experts for a few tokens (decode, inference): every chosen expert's rows streamed once, and
+  // the shared experts' (gate (Is, H), up (Is, H), down (H, Is)) in the same pass when given -> y (T, H).
   m.def("expert_gemv(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
-        "float? limit) -> Tensor");
+        "float? limit, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor");
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -6,6 +6,7 @@ Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows, then
 from __future__ import annotations
 
 import re
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -82,16 +83,20 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
         nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
 
-    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, impl: Backend) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, impl: Backend,
+                shared: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """y_TH (T, H) = Σ_k w[t, k] · expert_k(x_t) over the pairs of ``plan``: ``impl.run`` with these weights in
         x's dtype (the compute dtype: the weights' dtype unless autocast chose it, :func:`check_dtype`). The
         weights are read here and only here, so a wrapper that substitutes them (PEFT's LoRA on
-        ``gate_up_proj``/``down_proj``) changes what every implementation computes."""
+        ``gate_up_proj``/``down_proj``) changes what every implementation computes. ``shared``: the shared
+        experts' weights (:meth:`SharedExperts.fusable_weights`) for an implementation that adds them in its pass."""
         check_dtype(x_TH, self.gate_up_proj)
         gate_up_EJH, down_EHI = self.gate_up_proj.to(x_TH.dtype), self.down_proj.to(x_TH.dtype)
         if self.grad_scale != 1.0:
             gate_up_EJH = _ScaleGrad.apply(gate_up_EJH, self.grad_scale)
             down_EHI = _ScaleGrad.apply(down_EHI, self.grad_scale)
+        if shared is not None:
+            return impl.run(x_TH, plan, gate_up_EJH, down_EHI, shared=shared)
         return impl.run(x_TH, plan, gate_up_EJH, down_EHI)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -215,6 +220,15 @@ class SharedExperts(nn.Module):
         """A dense GLU FFN (H -> width -> H), weights drawn from N(0, std²): one shared expert of that width."""
         return cls(MoEConfig(hidden_size=hidden_size, expert_hidden_size=width, num_shared_experts=1,
                              hidden_act=activation, initializer_range=std))
+
+    def fusable_weights(self, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(gate (Is, H), up (Is, H), down (H, Is)) for an experts implementation that computes these shared
+        experts in its own pass (``Backend.fuses_shared``), or None where that would compute another function:
+        a projection wrapped or replaced (PEFT's LoRA), or weights not in the compute ``dtype`` (autocast)."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if any(type(p) is not _Projection or p.weight.dtype != dtype for p in projections):
+            return None
+        return tuple(p.weight for p in projections)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it). Raises TypeError when x's

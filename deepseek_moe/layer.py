@@ -152,9 +152,11 @@ class DeepSeekMoELayer(nn.Module):
         routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
+        shared = self._fused_shared(impl, dtype, override)
         y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
-                                           lambda x_in, plan: self.experts(x_in, plan, impl), impl, self.training)
-        if self.shared_experts is not None and (override is None or override.shared):
+                                           lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
+                                           self.training)
+        if shared is None and self.shared_experts is not None and (override is None or override.shared):
             shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
             if gate is not None:
                 check_invariant_projections((gate,), self.training)
@@ -171,6 +173,15 @@ class DeepSeekMoELayer(nn.Module):
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
+
+    def _fused_shared(self, impl: backends.Backend, dtype: torch.dtype, override) -> Optional[tuple]:
+        """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: it can, the
+        experts see this layer's own tokens (local dispatch), no gate scales the shared output, they are not
+        disabled, and their projections are plain (:meth:`SharedExperts.fusable_weights`)."""
+        if not (impl.fuses_shared and self.shared_experts is not None and self.shared_expert_gate is None
+                and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)):
+            return None
+        return self.shared_experts.fusable_weights(dtype)
 
     def _implementation(self, device: torch.device, dtype: torch.dtype,
                         tokens: Optional[int] = None) -> backends.Backend:

@@ -101,3 +101,28 @@ def test_selection_picks_decode_for_a_few_tokens_in_inference_only():
     strategies = {key[3:]: impl.strategy for key, impl in layer._impls.items()}
     assert strategies == {(True, False, True): "decode", (True, False, False): "segments",
                           (False, False, False): "segments"}
+
+
+@pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared"])
+def test_shared_experts_join_the_decode_pass_only_when_that_is_the_same_function(variant):
+    """The decode op adds the shared experts in its own pass when they are plain; with a sigmoid gate on them
+    (Qwen2-MoE) or LoRA wrappers on their projections it leaves them to the layer. Each equals the eager layer."""
+    fields = dict(hidden_size=64, expert_hidden_size=24, num_routed_experts=8, num_shared_experts=2, top_k=2,
+                  shared_expert_gate=variant == "shared_gate", initializer_range=0.1)
+    torch.manual_seed(0)
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    layer.load_state_dict(oracle.state_dict())
+    if variant == "lora_on_shared":
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+        layer, oracle = peft.get_peft_model(layer, config), peft.get_peft_model(oracle, config)
+        oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 64)
+    base = layer.get_base_model() if variant == "lora_on_shared" else layer
+    with torch.inference_mode():
+        y, y_ref = layer(x), oracle(x)
+        impl = base._implementation(x.device, x.dtype, 3)
+        fused = base._fused_shared(impl, x.dtype, None) is not None
+    assert impl.strategy == "decode" and fused == (variant == "fused")
+    assert_close(y, y_ref, 1e-6, variant)

@@ -122,8 +122,17 @@ double dot(const double* row, const double* v, int64_t n, bool, const double*) {
 }
 
 // ------------------------------------------------------------------------------------ the op
+// One GLU expert and the pairs it serves: rows gate[i], up[i] (H each, i < width), down[h] (width each, h < H);
+// pair p (count of them from first) reads token token[p], is weighted by weight[p] (1 without weights) and writes
+// a[p] (width values from a_offset + p·width).
+template <typename scalar_t, typename acc_t>
 struct Segment {
-  int64_t expert, start, count;
+  const scalar_t *gate, *up, *down;
+  int64_t width, first, count;
+  const int64_t* token;
+  const acc_t* weight;
+  int64_t a_offset;
+  int64_t units_before;  // Σ width of the segments before: the segment's place among all gate/up units
 };
 
 template <typename acc_t>
@@ -131,56 +140,92 @@ acc_t silu(acc_t g) {
   return g / (acc_t(1) + std::exp(-g));
 }
 
+// The segments' units [u0, u1) (one unit: a gate row and an up row of one segment) -> a. A thread's range is
+// contiguous within each segment, so it streams consecutive rows.
+template <typename scalar_t, typename acc_t>
+void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const acc_t* x, int64_t H, acc_t L,
+                   acc_t* a, int64_t u0, int64_t u1, bool avx512) {
+  for (const auto& s : segments) {
+    const int64_t i0 = std::max(u0 - s.units_before, int64_t(0)), i1 = std::min(u1 - s.units_before, s.width);
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t *gate = s.gate + i * H, *up = s.up + i * H;
+      for (int64_t p = s.first; p < s.first + s.count; ++p) {
+        const acc_t* xt = x + s.token[p] * H;
+        const acc_t g = std::min(static_cast<acc_t>(dot(gate, xt, H, avx512, gate + H)), L);
+        const acc_t u = std::min(std::max(static_cast<acc_t>(dot(up, xt, H, avx512, up + H)), -L), L);
+        a[s.a_offset + p * s.width + i] = silu(g) * u * (s.weight ? s.weight[p] : acc_t(1));
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
-void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const int64_t* token_N,
-                      const Tensor& weight_N, const std::vector<Segment>& segments, std::optional<double> limit,
-                      Tensor& y_TH) {
+void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const Tensor& token_N,
+                      const Tensor& weight_N, const std::vector<int64_t>& counts, std::optional<double> limit,
+                      const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
+                      const std::optional<Tensor>& shared_down, Tensor& y_TH) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2), N = weight_N.size(0);
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2);
   const bool avx512 = has_avx512();
   const acc_t L = limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
   // x widened once (T·H elements: small), so that every dot reads one weight row and one acc_t vector.
   const Tensor xw = x_TH.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* x = xw.const_data_ptr<acc_t>();
-  const acc_t* w = weight_N.const_data_ptr<acc_t>();
+  std::vector<Segment<scalar_t, acc_t>> segments;
   const scalar_t* W1 = gate_up.const_data_ptr<scalar_t>();
   const scalar_t* W2 = down.const_data_ptr<scalar_t>();
-  std::vector<acc_t> a_NI(static_cast<size_t>(N * I));
+  int64_t first = 0, units = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] > 0) {
+      const scalar_t* gate = W1 + static_cast<int64_t>(e) * 2 * I * H;
+      segments.push_back({gate, gate + I * H, W2 + static_cast<int64_t>(e) * H * I, I, first, counts[e],
+                          token_N.const_data_ptr<int64_t>(), weight_N.const_data_ptr<acc_t>(), 0, units});
+      units += I;
+    }
+    first += counts[e];
+  }
+  int64_t a_size = first * I;
+  const Tensor every_token = at::arange(T, token_N.options());
+  if (shared_gate) {  // the shared experts: one more GLU, every token, weight 1, its a after the routed pairs'
+    const int64_t Is = shared_gate->size(0);
+    segments.push_back({shared_gate->const_data_ptr<scalar_t>(), shared_up->const_data_ptr<scalar_t>(),
+                        shared_down->const_data_ptr<scalar_t>(), Is, 0, T, every_token.const_data_ptr<int64_t>(),
+                        nullptr, a_size, units});
+    units += Is;
+    a_size += T * Is;
+  }
+  std::vector<acc_t> a(static_cast<size_t>(a_size));
+  const acc_t* x = xw.const_data_ptr<acc_t>();
   // Grains: a thread's share of rows should be large enough to stream (a few KB per expert), and both threads of
   // a small machine busy.
-  at::parallel_for(0, I, 16, [&](int64_t i0, int64_t i1) {
-    for (const Segment& s : segments) {
-      const scalar_t* gate = W1 + s.expert * 2 * I * H;
-      const scalar_t* up = gate + I * H;
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t p = s.start; p < s.start + s.count; ++p) {
-          const acc_t* xt = x + token_N[p] * H;
-          const acc_t g = std::min(static_cast<acc_t>(dot(gate + i * H, xt, H, avx512, gate + (i + 1) * H)), L);
-          const acc_t u = std::min(std::max(static_cast<acc_t>(dot(up + i * H, xt, H, avx512, up + (i + 1) * H)), -L),
-                                   L);
-          a_NI[p * I + i] = silu(g) * u * w[p];
-        }
-      }
-    }
+  at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
+    gate_up_units(segments, x, H, L, a.data(), u0, u1, avx512);
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
   at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
-    for (const Segment& s : segments) {
-      const scalar_t* rows = W2 + s.expert * H * I;
+    for (const auto& s : segments) {
       for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t p = s.start; p < s.start + s.count; ++p)
-          y[token_N[p] * H + h] +=
-              static_cast<acc_t>(dot(rows + h * I, a_NI.data() + p * I, I, avx512, rows + (h + 2) * I));
+        const scalar_t* row = s.down + h * s.width;
+        for (int64_t p = s.first; p < s.first + s.count; ++p)
+          y[s.token[p] * H + h] +=
+              static_cast<acc_t>(dot(row, a.data() + s.a_offset + p * s.width, s.width, avx512, row + 2 * s.width));
       }
     }
   });
-  (void)T;
+}
+
+void check_weights(const Tensor& x, const Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous() &&
+                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              "expert_gemv: ", name, " must be a contiguous (", rows, ", ", cols, ") tensor of x's dtype, got ",
+              w.sizes(), " ", w.scalar_type());
 }
 
 }  // namespace
 
 Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in, const Tensor& token_in,
-                       const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit) {
+                       const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
+                       const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
+                       const std::optional<Tensor>& shared_down) {
   TORCH_CHECK(x_in.device().is_cpu(), "deepseek_moe ext expert_gemv: CPU tensors only, got ", x_in.device());
   TORCH_CHECK(x_in.dim() == 2 && gate_up_in.dim() == 3 && down_in.dim() == 3,
               "expert_gemv: expected x (T, H), gate_up (E, 2I, H), down (E, H, I)");
@@ -195,21 +240,25 @@ Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tenso
   TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == E, "expert_gemv: counts_E must be (E,)");
   const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(weight_in.scalar_type() == acc, "expert_gemv: weight_N must be ", acc);
+  TORCH_CHECK(shared_gate.has_value() == shared_up.has_value() && shared_up.has_value() == shared_down.has_value(),
+              "expert_gemv: pass all three shared-expert weights or none");
+  if (shared_gate) {
+    const int64_t Is = shared_gate->size(0);
+    check_weights(x_in, *shared_gate, "shared_gate", Is, H);
+    check_weights(x_in, *shared_up, "shared_up", Is, H);
+    check_weights(x_in, *shared_down, "shared_down", H, Is);
+  }
   const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
-  const Tensor counts = counts_E.to(at::kCPU, at::kLong).contiguous();
-  std::vector<Segment> segments;
-  int64_t start = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = counts.const_data_ptr<int64_t>()[e];
-    if (n > 0) segments.push_back({e, start, n});
-    start += n;
-  }
-  TORCH_CHECK(start == token_N.size(0), "expert_gemv: counts_E sum to ", start, ", token_N has ", token_N.size(0));
+  const Tensor counts_cpu = counts_E.to(at::kCPU, at::kLong).contiguous();
+  const std::vector<int64_t> counts(counts_cpu.const_data_ptr<int64_t>(), counts_cpu.const_data_ptr<int64_t>() + E);
+  int64_t pairs = 0;
+  for (int64_t n : counts) pairs += n;
+  TORCH_CHECK(pairs == token_N.size(0), "expert_gemv: counts_E sum to ", pairs, ", token_N has ", token_N.size(0));
   Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "expert_gemv", [&] {
-    expert_gemv_impl<scalar_t>(x_TH, gate_up, down, token_N.const_data_ptr<int64_t>(), weight_N, segments, limit,
-                               y_TH);
+    expert_gemv_impl<scalar_t>(x_TH, gate_up, down, token_N, weight_N, counts, limit, shared_gate, shared_up,
+                               shared_down, y_TH);
   });
   return y_TH.to(x_TH.scalar_type());
 }

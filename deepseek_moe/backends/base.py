@@ -39,6 +39,7 @@ class Backend:
     name = "base"
     activations = ACTIVATIONS
     not_batch_invariant: Optional[str] = None  # why it can never compute batch-invariantly, when it cannot
+    fuses_shared = False  # run() takes shared=(gate, up, down) and adds the shared experts in its own pass
 
     def __init__(self, activation: str = "silu"):
         reason = self.activation_reason(activation)
@@ -82,7 +83,8 @@ class Backend:
         """y_TH (T, H) = Σ_k w[t, k] · down_e · GLU(gate_up_e · x_t) over the kept pairs of ``plan``.
 
         x_TH (T, H), gate_up_EJH (E, 2I, H), down_EHI (E, H, I), all one dtype; y in x's dtype, differentiable
-        w.r.t. x, both weights and ``plan.weight_TK``."""
+        w.r.t. x, both weights and ``plan.weight_TK``. An implementation with ``fuses_shared`` also takes
+        ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` and adds the shared experts' GLU of every row of x."""
         raise NotImplementedError
 
     def spec(self) -> str:

@@ -76,7 +76,7 @@ def _register() -> None:
         return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
 
     @torch.library.register_fake(_OPS + "expert_gemv")
-    def _(x, gate_up, down, token, weight, counts, limit):
+    def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
@@ -199,11 +199,15 @@ class ExtBackend(Backend):
         except ext.ExtensionUnavailable:
             pass
 
-    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
+    @property
+    def fuses_shared(self) -> bool:
+        return self.strategy == "decode"
+
+    def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, shared=None):
         if self.strategy == "decode":  # selected for inference only: the op has no backward
             return torch.ops.deepseek_moe.expert_gemv(x_TH, gate_up_EJH, down_EHI, plan.token_N,
                                                       sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E,
-                                                      split_name(self.activation)[1])
+                                                      split_name(self.activation)[1], *(shared or ()))
         if self.strategy == "grouped_mm":
             o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
             return combine(o_NH, plan, weighted=True)
