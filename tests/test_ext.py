@@ -232,6 +232,10 @@ def test_auto_uses_the_extension_for_fp32_on_cpu_only_when_built_ahead_of_time(m
     monkeypatch.setattr(ext, "_prebuilt", lambda: "deepseek_moe/_C.so")
     assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
     assert select("auto", torch.device("cpu"), torch.bfloat16).name == "torch"  # measured for fp32 only
+    # decode steps (inference on <= 16 tokens): the weight-streaming op, fp32 and bf16 (docs/benchmarks.md)
+    for dtype in (torch.float32, torch.bfloat16):
+        impl = select("auto", torch.device("cpu"), dtype, inference=True, decode=True)
+        assert (impl.name, impl.strategy) == ("ext", "decode")
 
 
 def test_ext_layer_compiles_fullgraph():

@@ -43,21 +43,26 @@ namespace {
 using at::Tensor;
 
 // ------------------------------------------------------------------------------------ dot products
-// dot(row, v) of n elements: row in the weights' dtype, v fp32; fp32 result.
+// dots<R>: out[r] = row_r · v for the R rows base + r·stride (n elements each, in the weights' dtype) and one
+// vector v (acc_t). Several rows per call share v's loads and the call's fixed cost (the horizontal sums).
 
 float widen(float v) { return v; }
 float widen(at::BFloat16 v) { return static_cast<float>(v); }
 float widen(at::Half v) { return static_cast<float>(v); }
+double widen(double v) { return v; }
 
-template <typename scalar_t>
-float dot_portable(const scalar_t* row, const float* v, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight partial sums: the compiler vectorises the loop
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += widen(row[j + k]) * v[j + k];
-  float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < n; ++j) sum += widen(row[j]) * v[j];
-  return sum;
+template <int R, typename scalar_t, typename acc_t>
+void dots_portable(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t* out) {
+  for (int r = 0; r < R; ++r) {
+    const scalar_t* row = base + r * stride;
+    acc_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight partial sums: the compiler vectorises the loop
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int k = 0; k < 8; ++k) acc[k] += widen(row[j + k]) * v[j + k];
+    acc_t sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < n; ++j) sum += widen(row[j]) * v[j];
+    out[r] = sum;
+  }
 }
 
 #ifdef DEEPSEEK_MOE_X86
@@ -69,28 +74,34 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));  // bf16 = fp32's high half
 }
 
-// Four independent accumulators of 16 lanes: enough loads in flight to stream at the memory's rate. ``next``: the
-// row the caller reads after this one, fetched into cache meanwhile (a row of H fp32 is one 4 KiB page, and the
-// hardware prefetcher does not cross pages).
-template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) float dot_avx512(const scalar_t* row, const float* v, int64_t n,
+// Two accumulators of 16 lanes per row (2·R independent chains: enough loads in flight to stream at the memory's
+// rate). ``next``: where the caller reads next (same stride), fetched into cache meanwhile: a row of H fp32 is one
+// 4 KiB page, and the hardware prefetcher does not cross pages.
+template <int R, typename scalar_t>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dots_avx512(const scalar_t* base, int64_t stride,
+                                                                     const float* v, int64_t n, float* out,
                                                                      const scalar_t* next) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const __mmask16 all = 0xFFFF;
   constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
   int64_t j = 0;
-  for (; j + 64 <= n; j += 64) {
-    for (int64_t l = 0; l < 64; l += kLine) _mm_prefetch(reinterpret_cast<const char*>(next + j + l), _MM_HINT_T0);
-    a0 = _mm512_fmadd_ps(load16(row + j, all), _mm512_loadu_ps(v + j), a0);
-    a1 = _mm512_fmadd_ps(load16(row + j + 16, all), _mm512_loadu_ps(v + j + 16), a1);
-    a2 = _mm512_fmadd_ps(load16(row + j + 32, all), _mm512_loadu_ps(v + j + 32), a2);
-    a3 = _mm512_fmadd_ps(load16(row + j + 48, all), _mm512_loadu_ps(v + j + 48), a3);
+  for (; j + 32 <= n; j += 32) {
+    const __m512 v0 = _mm512_loadu_ps(v + j), v1 = _mm512_loadu_ps(v + j + 16);
+    for (int r = 0; r < R; ++r) {
+      const scalar_t* row = base + r * stride + j;
+      for (int64_t l = 0; l < 32; l += kLine)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + j + l), _MM_HINT_T0);
+      acc[r][0] = _mm512_fmadd_ps(load16(row, all), v0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(load16(row + 16, all), v1, acc[r][1]);
+    }
   }
   for (; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? all : static_cast<__mmask16>((1u << (n - j)) - 1);
-    a0 = _mm512_fmadd_ps(load16(row + j, m), _mm512_maskz_loadu_ps(m, v + j), a0);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m, v + j);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(load16(base + r * stride + j, m), v0, acc[r][0]);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 #endif
 
@@ -104,21 +115,18 @@ bool has_avx512() {
 #endif
 }
 
-template <typename scalar_t>
-float dot(const scalar_t* row, const float* v, int64_t n, bool avx512, const scalar_t* next) {
+template <int R, typename scalar_t, typename acc_t>
+void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t* out, bool avx512,
+          const scalar_t* next) {
 #ifdef DEEPSEEK_MOE_X86
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
-    if (avx512) return dot_avx512(row, v, n, next);
+  if constexpr (std::is_same_v<acc_t, float> &&
+                (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
+    if (avx512) return dots_avx512<R>(base, stride, v, n, out, next);
   }
 #endif
+  (void)avx512;
   (void)next;
-  return dot_portable(row, v, n);
-}
-
-double dot(const double* row, const double* v, int64_t n, bool, const double*) {
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += row[j] * v[j];
-  return sum;
+  dots_portable<R>(base, stride, v, n, out);
 }
 
 // ------------------------------------------------------------------------------------ the op
@@ -148,11 +156,11 @@ void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const 
   for (const auto& s : segments) {
     const int64_t i0 = std::max(u0 - s.units_before, int64_t(0)), i1 = std::min(u1 - s.units_before, s.width);
     for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t *gate = s.gate + i * H, *up = s.up + i * H;
+      const scalar_t* gate = s.gate + i * H;
       for (int64_t p = s.first; p < s.first + s.count; ++p) {
-        const acc_t* xt = x + s.token[p] * H;
-        const acc_t g = std::min(static_cast<acc_t>(dot(gate, xt, H, avx512, gate + H)), L);
-        const acc_t u = std::min(std::max(static_cast<acc_t>(dot(up, xt, H, avx512, up + H)), -L), L);
+        acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
+        dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, avx512, gate + H);
+        const acc_t g = std::min(gu[0], L), u = std::min(std::max(gu[1], -L), L);
         a[s.a_offset + p * s.width + i] = silu(g) * u * (s.weight ? s.weight[p] : acc_t(1));
       }
     }
@@ -202,12 +210,25 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
   at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
+    constexpr int kRows = 4;  // down rows per call
     for (const auto& s : segments) {
-      for (int64_t h = h0; h < h1; ++h) {
+      int64_t h = h0;
+      for (; h + kRows <= h1; h += kRows) {
+        const scalar_t* rows = s.down + h * s.width;
+        for (int64_t p = s.first; p < s.first + s.count; ++p) {
+          acc_t out[kRows];
+          dots<kRows>(rows, s.width, a.data() + s.a_offset + p * s.width, s.width, out, avx512,
+                      rows + kRows * s.width);
+          for (int r = 0; r < kRows; ++r) y[s.token[p] * H + h + r] += out[r];
+        }
+      }
+      for (; h < h1; ++h) {
         const scalar_t* row = s.down + h * s.width;
-        for (int64_t p = s.first; p < s.first + s.count; ++p)
-          y[s.token[p] * H + h] +=
-              static_cast<acc_t>(dot(row, a.data() + s.a_offset + p * s.width, s.width, avx512, row + 2 * s.width));
+        for (int64_t p = s.first; p < s.first + s.count; ++p) {
+          acc_t out[1];
+          dots<1>(row, s.width, a.data() + s.a_offset + p * s.width, s.width, out, avx512, row + s.width);
+          y[s.token[p] * H + h] += out[0];
+        }
       }
     }
   });
