@@ -2,6 +2,7 @@
 
     python benchmarks/decode_cpu.py                          # fp32, T = 1, 4, 16; H=1024, 64x352 + 2 shared, K=6
     python benchmarks/decode_cpu.py --dtype bfloat16
+    python benchmarks/decode_cpu.py --beside-load        # the same beside another 2-thread PyTorch process
 
 A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
 so each contender here cycles through ``--layers`` copies of its weights (together several times the L3), one
@@ -16,12 +17,16 @@ round by round under inference mode, median of the rounds:
 * ``dense``: a SwiGLU FFN that reads as many bytes: width (shared + distinct routed experts) · I.
 
 The read bandwidth is measured in the same run: the best of several sums over a 1 GiB buffer. Each contender's
-GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth.
+GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth. ``--beside-load``
+times everything while another process runs 2-thread PyTorch GEMMs (a shared machine: a parallel region waits for
+its descheduled threads); the bandwidth is then measured beside it too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -29,6 +34,24 @@ import torch
 import deepseek_moe as dm
 from deepseek_moe.bench.timing import interleaved
 from deepseek_moe.experts import SharedExperts
+
+
+LOAD = ("import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\n"
+        "while True:\n    a @ a")
+
+
+@contextlib.contextmanager
+def beside_load(on: bool):
+    """Another process running 2-thread PyTorch GEMMs for the duration (nothing when not ``on``)."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", LOAD])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def read_bandwidth(repeats: int = 5) -> float:
@@ -71,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=0, help="calls per sample (default: one pass over the copies)")
     p.add_argument("--no-hf", action="store_true", help="leave transformers' block out")
+    p.add_argument("--beside-load", action="store_true", help="time beside another 2-thread PyTorch process")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
@@ -87,36 +111,38 @@ def main(argv=None) -> int:
     for a, b in zip(torch_layers, ours):
         a.load_state_dict(b.state_dict())
     blocks = [] if args.no_hf else hf_blocks(cfg, ours, dtype)
-    bandwidth = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; H={H} {E}x{I} +{Ks} shared "
-          f"K={K}; {n} weight copies of {layer_bytes / 2 ** 20:.0f} MiB cycled; read bandwidth {bandwidth / 1e9:.1f} "
-          f"GB/s (best sum over 1 GiB); {args.rounds} rounds of {calls} calls")
-    print(f"{'T':>3s} {'contender':>14s} {'ms':>8s} {'MB read':>8s} {'GB/s':>6s} {'of bw':>6s} {'x dense':>8s}")
-    for T in (int(t) for t in args.tokens.split(",")):
-        xs = [torch.randn(T, H, dtype=dtype) for _ in range(calls)]
-        with torch.inference_mode():  # the bytes each input's step must read (its distinct experts)
-            distinct = statistics.mean(int(ours[0].route(x)[1].counts_E.count_nonzero()) for x in xs)
-        need = (distinct + Ks) * expert_bytes + E * H * 4
-        dense = [SharedExperts.dense(H, round(distinct + Ks) * I).to(dtype).eval() for _ in range(n)]
-        step = {"i": 0}
+    with beside_load(args.beside_load):
+        bandwidth = read_bandwidth()
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; H={H} {E}x{I} +{Ks} shared "
+              f"K={K}; {n} weight copies of {layer_bytes / 2 ** 20:.0f} MiB cycled; read bandwidth {bandwidth / 1e9:.1f} "
+              f"GB/s (best sum over 1 GiB); {args.rounds} rounds of {calls} calls"
+              f"{'; beside another 2-thread PyTorch process' if args.beside_load else ''}")
+        print(f"{'T':>3s} {'contender':>14s} {'ms':>8s} {'MB read':>8s} {'GB/s':>6s} {'of bw':>6s} {'x dense':>8s}")
+        for T in (int(t) for t in args.tokens.split(",")):
+            xs = [torch.randn(T, H, dtype=dtype) for _ in range(calls)]
+            with torch.inference_mode():  # the bytes each input's step must read (its distinct experts)
+                distinct = statistics.mean(int(ours[0].route(x)[1].counts_E.count_nonzero()) for x in xs)
+            need = (distinct + Ks) * expert_bytes + E * H * 4
+            dense = [SharedExperts.dense(H, round(distinct + Ks) * I).to(dtype).eval() for _ in range(n)]
+            step = {"i": 0}
 
-        def cycling(models, step=step):
-            def call(_):
-                i = step["i"] = step["i"] + 1
-                return models[i % n](xs[i % calls])
-            return call
+            def cycling(models, step=step):
+                def call(_):
+                    i = step["i"] = step["i"] + 1
+                    return models[i % n](xs[i % calls])
+                return call
 
-        fns = {"ext decode": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
-        if blocks:
-            fns["hf grouped_mm"] = cycling([lambda x, b=b: b(x.unsqueeze(0)) for b in blocks])
-        with torch.inference_mode():
-            times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1,
-                                                                     calls=calls).items()}
-        for name, t in times.items():
-            mb = round(distinct + Ks) * expert_bytes if name == "dense" else need
-            print(f"{T:3d} {name:>14s} {t * 1e3:8.3f} {mb / 1e6:8.1f} {mb / t / 1e9:6.1f} {mb / t / bandwidth:6.2f} "
-                  f"{t / times['dense']:7.2f}x", flush=True)
-        del dense
+            fns = {"ext decode": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
+            if blocks:
+                fns["hf grouped_mm"] = cycling([lambda x, b=b: b(x.unsqueeze(0)) for b in blocks])
+            with torch.inference_mode():
+                times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1,
+                                                                         calls=calls).items()}
+            for name, t in times.items():
+                mb = round(distinct + Ks) * expert_bytes if name == "dense" else need
+                print(f"{T:3d} {name:>14s} {t * 1e3:8.3f} {mb / 1e6:8.1f} {mb / t / 1e9:6.1f} {mb / t / bandwidth:6.2f} "
+                      f"{t / times['dense']:7.2f}x", flush=True)
+            del dense
     return 0
 
 

@@ -212,10 +212,10 @@ class Router(nn.Module):
         exclude = None if override is None else override.exclude
         if topk_idx_TK is not None:
             if exclude is not None:
-                source = ("a hash-routed layer's table (hash_vocab_size) picks its experts" if
+                source = ("the expert ids of a hash-routed layer's table (hash_vocab_size)" if
                           cfg.hash_vocab_size is not None else "replayed expert ids")
-                raise ValueError(f"Router: {source}: disabled experts (deepseek_moe.analysis.disabled_experts) cannot "
-                                 f"be combined with it: which one should decide?")
+                raise ValueError(f"Router: {source} cannot be combined with disabled experts "
+                                 f"(deepseek_moe.analysis.disabled_experts): which one should decide?")
         else:
             excluded_TE = None if exclude is None else exclude(
                 scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype))
