@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 from deepseek_moe import hf  # noqa: E402
 from deepseek_moe.testing import assert_close  # noqa: E402
-from test_hf_fidelity import _batch, _model  # noqa: E402
+from test_hf_fidelity import V4, _batch, _model  # noqa: E402
 
-FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v4"]
+FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", V4]
 Auto = transformers.AutoModelForCausalLM
 
 

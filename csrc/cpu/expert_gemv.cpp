@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "expert_inputs.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define DEEPSEEK_MOE_X86 1
@@ -247,20 +249,9 @@ Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tenso
                        const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
                        const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                        const std::optional<Tensor>& shared_down) {
-  TORCH_CHECK(x_in.device().is_cpu(), "deepseek_moe ext expert_gemv: CPU tensors only, got ", x_in.device());
-  TORCH_CHECK(x_in.dim() == 2 && gate_up_in.dim() == 3 && down_in.dim() == 3,
-              "expert_gemv: expected x (T, H), gate_up (E, 2I, H), down (E, H, I)");
-  const int64_t H = x_in.size(1), E = gate_up_in.size(0), I = down_in.size(2);
-  TORCH_CHECK(gate_up_in.size(1) == 2 * I && gate_up_in.size(2) == H && down_in.size(0) == E &&
-                  down_in.size(1) == H,
-              "expert_gemv: weight shapes ", gate_up_in.sizes(), " and ", down_in.sizes(), " do not match H=", H);
-  TORCH_CHECK(gate_up_in.scalar_type() == x_in.scalar_type() && down_in.scalar_type() == x_in.scalar_type(),
-              "expert_gemv: x and the weights must share one dtype");
-  TORCH_CHECK(token_in.scalar_type() == at::kLong && token_in.dim() == 1, "expert_gemv: token_N must be int64 (N,)");
-  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == token_in.size(0), "expert_gemv: weight_N must be (N,)");
-  TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == E, "expert_gemv: counts_E must be (E,)");
-  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(weight_in.scalar_type() == acc, "expert_gemv: weight_N must be ", acc);
+  check_expert_inputs("expert_gemv", x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
+  const int64_t H = x_in.size(1), E = gate_up_in.size(0);
+  const auto acc = at::toOpMathType(x_in.scalar_type());
   TORCH_CHECK(shared_gate.has_value() == shared_up.has_value() && shared_up.has_value() == shared_down.has_value(),
               "expert_gemv: pass all three shared-expert weights or none");
   if (shared_gate) {

@@ -22,6 +22,8 @@
 #include <optional>
 #include <vector>
 
+#include "expert_inputs.h"
+
 namespace deepseek_moe {
 namespace {
 
@@ -127,30 +129,12 @@ void swiglu_backward(const scalar_t* h_nJ, const acc_t* sig_nI, const scalar_t* 
   });
 }
 
-void check_inputs(const Tensor& x_TH, const Tensor& gate_up_EJH, const Tensor& down_EHI, const Tensor& token_N,
-                  const Tensor& weight_N, const Tensor& counts_E) {
-  TORCH_CHECK(x_TH.device().is_cpu(), "deepseek_moe ext segment_mlp: CPU tensors only, got ", x_TH.device());
-  TORCH_CHECK(x_TH.dim() == 2 && gate_up_EJH.dim() == 3 && down_EHI.dim() == 3,
-              "segment_mlp: expected x (T, H), gate_up (E, 2I, H), down (E, H, I)");
-  const int64_t H = x_TH.size(1), E = gate_up_EJH.size(0), I = down_EHI.size(2);
-  TORCH_CHECK(gate_up_EJH.size(1) == 2 * I && gate_up_EJH.size(2) == H && down_EHI.size(0) == E &&
-                  down_EHI.size(1) == H,
-              "segment_mlp: weight shapes ", gate_up_EJH.sizes(), " and ", down_EHI.sizes(), " do not match H=", H);
-  TORCH_CHECK(gate_up_EJH.scalar_type() == x_TH.scalar_type() && down_EHI.scalar_type() == x_TH.scalar_type(),
-              "segment_mlp: x and the weights must share one dtype");
-  TORCH_CHECK(token_N.scalar_type() == at::kLong && token_N.dim() == 1, "segment_mlp: token_N must be int64 (N,)");
-  TORCH_CHECK(weight_N.dim() == 1 && weight_N.size(0) == token_N.size(0), "segment_mlp: weight_N must be (N,)");
-  TORCH_CHECK(weight_N.scalar_type() == at::toOpMathType(x_TH.scalar_type()),
-              "segment_mlp: weight_N must be in the accumulation dtype ", at::toOpMathType(x_TH.scalar_type()));
-  TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == E, "segment_mlp: counts_E must be (E,)");
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> segment_mlp_fused_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
                                                  const Tensor& token_in, const Tensor& weight_in,
                                                  const Tensor& counts_E, std::optional<double> limit) {
-  check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
+  check_expert_inputs("segment_mlp", x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
   const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2), N = token_N.size(0);
@@ -182,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_mlp_fused_backward_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in,
     const Tensor& token_in, const Tensor& weight_in, const Tensor& counts_E, const Tensor& h_in,
     std::optional<double> limit) {
-  check_inputs(x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
+  check_expert_inputs("segment_mlp", x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
   const Tensor grad_y_TH = grad_y_in.contiguous(), x_TH = x_in.contiguous();
   const Tensor gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous(), h_NJ = h_in.contiguous();
