@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from deepseek_moe import hf  # noqa: E402
 from deepseek_moe.testing import assert_close  # noqa: E402
-from test_hf_fidelity import V4, _batch, _model  # noqa: E402
+from test_hf_fidelity import V4, _batch, _model, stock_v4_runs  # noqa: E402
 
 FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", V4]
 Auto = transformers.AutoModelForCausalLM
@@ -44,6 +44,8 @@ def test_round_trips_between_stock_and_converted_classes(family, dtype, tmp_path
     assert len(list((tmp_path / "stock").glob("*.safetensors"))) > 1
     options = dict(dtype=dtype, low_cpu_mem_usage=dtype == torch.bfloat16)
     stock = Auto.from_pretrained(tmp_path / "stock", **options).eval()
+    if family == "deepseek_v4" and not stock_v4_runs(stock, ids):
+        pytest.skip(f"transformers {transformers.__version__}'s own DeepSeek-V4 does not run in {dtype}")
     with torch.no_grad():
         ref = stock(ids).logits.float()
     # bf16: the combine and (for some families) the router round differently from the stock model; a wrong or

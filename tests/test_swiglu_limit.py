@@ -105,7 +105,7 @@ def agree_with_eager(backend, c):
         outs.append([("y", y), ("grad x", x_in.grad)] + [(f"grad {n}", p.grad) for n, p in model.named_parameters()])
     assert layer.backend.name == backend
     fp32 = c["dtype"] == torch.float32
-    tol, gate_tol = (1e-5, 1e-3) if fp32 else (3e-2, 6e-2)
+    tol, gate_tol = (1e-5, 1e-3) if fp32 else (3e-2, 1e-1)
     for (name, a), (_, b) in zip(*outs):
         # The gate's gradient goes through <expert output, grad y> per pair, a dot product over H terms that can
         # cancel to a small value, where the implementations' different summation orders show as a large relative
