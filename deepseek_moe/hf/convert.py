@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from ..forced_routing import default_hash_table
 from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
 from .families import (FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of,
-                       keeps_bias)
+                       keeps_bias, replace_placeholder_table)
 from .keymaps import (_load_from_family_layout, refresh_conversions, register_with_transformers, to_ours,
                       to_stock, with_layer_transforms)
 
@@ -81,18 +80,6 @@ def _load_every_key(layer: DeepSeekMoELayer, state: Dict[str, torch.Tensor], sou
                          f"missing: {result.missing_keys})")
 
 
-def _replace_placeholder_table(layer: DeepSeekMoELayer) -> None:
-    """A hash table of zeros is transformers' placeholder (DeepseekV4HashRouter's, until a checkpoint fills it): it
-    would send every token to expert 0 K times, which no trained table does and the layer refuses. A fresh block's
-    layer gets the layer's own default table instead, as a layer built by ``__init__`` or ``init_weights`` has."""
-    table = getattr(layer.router, "tid2eid", None)
-    if table is None or table.is_meta or layer.config.top_k < 2 or bool(table.any()):
-        return
-    with torch.no_grad():
-        table.copy_(default_hash_table(table.shape[0], layer.config.num_routed_experts, layer.config.top_k,
-                                       table.device))
-
-
 def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     """A :class:`DeepSeekMoELayer` with the same function and the same weights as transformers' MoE ``block``.
 
@@ -127,7 +114,7 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     if not has_bias and moves:
         state["gate.e_score_correction_bias"] = bias
     _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
-    _replace_placeholder_table(layer)
+    replace_placeholder_table(layer)
     layer.hf_family = family
     layer.hf_block_class = type(block)
     layer.hf_config = hf_config if hf_config is not None else _hf_config_of(block)

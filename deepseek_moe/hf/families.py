@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ACTIVATIONS, ConfigError, MoEConfig
+from ..forced_routing import default_hash_table
 from ..glu import activate
 
 
@@ -140,6 +141,18 @@ def _build_deepseek_v4(block_class: type, hf_config, cfg: MoEConfig) -> nn.Modul
         raise ValueError(f"to_hf: hf_config.mlp_layer_types={kinds} has no {kind!r} layer, which a "
                          f"{'hash' if kind == 'hash_moe' else 'top-k'}-routed DeepseekV4SparseMoeBlock needs")
     return block_class(hf_config, kinds.index(kind))
+
+
+def replace_placeholder_table(layer) -> None:
+    """A hash table of zeros is transformers' placeholder (DeepseekV4HashRouter's, until a checkpoint fills it): it
+    would send every token to expert 0 K times, which no trained table does and the layer refuses. A fresh block's
+    layer gets the layer's own default table instead, as a layer built by ``__init__`` or ``init_weights`` has."""
+    table = getattr(layer.router, "tid2eid", None)
+    if table is None or table.is_meta or layer.config.top_k < 2 or bool(table.any()):
+        return
+    with torch.no_grad():
+        table.copy_(default_hash_table(table.shape[0], layer.config.num_routed_experts, layer.config.top_k,
+                                       table.device))
 
 
 def _dbrx(block: nn.Module) -> Dict[str, Any]:
