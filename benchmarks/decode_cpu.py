@@ -3,6 +3,7 @@
     python benchmarks/decode_cpu.py                          # fp32, T = 1, 4, 16; H=1024, 64x352 + 2 shared, K=6
     python benchmarks/decode_cpu.py --dtype bfloat16
     python benchmarks/decode_cpu.py --beside-load        # the same beside another 2-thread PyTorch process
+    python benchmarks/decode_cpu.py --prefill --dtype bfloat16   # T = 512, 2048 against a dense FFN of equal FLOPs
 
 A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
 so each contender here cycles through ``--layers`` copies of its weights (together several times the L3), one
@@ -20,6 +21,9 @@ The read bandwidth is measured in the same run: the best of several sums over a 
 GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth. ``--beside-load``
 times everything while another process runs 2-thread PyTorch GEMMs (a shared machine: a parallel region waits for
 its descheduled threads); the bandwidth is then measured beside it too.
+
+``--prefill`` times forwards of many tokens instead (default T = 512, 2048; compute-bound, so one weight copy),
+each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816).
 """
 from __future__ import annotations
 
@@ -86,6 +90,32 @@ def hf_blocks(cfg: dm.MoEConfig, layers, dtype):
     return blocks
 
 
+def prefill(args) -> int:
+    """Forward (inference) of T tokens, each contender against the dense FFN of equal active FLOPs."""
+    torch.manual_seed(0)
+    dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
+    cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
+                       score_func="sigmoid", norm_topk_prob=True)
+    ext = dm.DeepSeekMoELayer(cfg.replace(backend="ext")).to(dtype).eval()
+    contenders = {"ext": ext, "torch": dm.DeepSeekMoELayer(cfg.replace(backend="torch")).to(dtype).eval(),
+                  "dense": SharedExperts.dense(cfg.hidden_size, cfg.dense_equivalent_width).to(dtype).eval()}
+    contenders["torch"].load_state_dict(ext.state_dict())
+    blocks = [] if args.no_hf else hf_blocks(cfg, [ext], dtype)
+    if blocks:
+        contenders["hf grouped_mm"] = lambda x: blocks[0](x.unsqueeze(0))
+    tokens = args.tokens if args.tokens != "1,4,16" else "512,2048"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, forward under inference mode; "
+          f"dense width {cfg.dense_equivalent_width}; {args.rounds} rounds")
+    for T in (int(t) for t in tokens.split(",")):
+        xs = [torch.randn(T, cfg.hidden_size, dtype=dtype) for _ in range(args.rounds + 1)]
+        fns = {name: (lambda r, m=m: m(xs[r])) for name, m in contenders.items()}
+        with torch.inference_mode():
+            times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu).items()}
+        for name, t in times.items():
+            print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,4,16")
@@ -95,7 +125,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=0, help="calls per sample (default: one pass over the copies)")
     p.add_argument("--no-hf", action="store_true", help="leave transformers' block out")
     p.add_argument("--beside-load", action="store_true", help="time beside another 2-thread PyTorch process")
+    p.add_argument("--prefill", action="store_true", help="many tokens against a dense FFN of equal FLOPs")
     args = p.parse_args(argv)
+    if args.prefill:
+        return prefill(args)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
