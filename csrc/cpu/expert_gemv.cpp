@@ -194,9 +194,10 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
     first += counts[e];
   }
   int64_t a_size = first * I;
-  const Tensor every_token = at::arange(T, token_N.options());
+  Tensor every_token;  // outlives the segments that point into it
   if (shared_gate) {  // the shared experts: one more GLU, every token, weight 1, its a after the routed pairs'
     const int64_t Is = shared_gate->size(0);
+    every_token = at::arange(T, token_N.options());
     segments.push_back({shared_gate->const_data_ptr<scalar_t>(), shared_up->const_data_ptr<scalar_t>(),
                         shared_down->const_data_ptr<scalar_t>(), Is, 0, T, every_token.const_data_ptr<int64_t>(),
                         nullptr, a_size, units});

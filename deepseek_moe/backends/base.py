@@ -46,6 +46,7 @@ class Backend:
         if reason is not None:
             raise ValueError(reason)
         self.activation = activation
+        self.limit = split_name(activation)[1]  # the GLU's clamp (swiglu_limit), None for none
         self.batch_invariant = False
 
     @classmethod

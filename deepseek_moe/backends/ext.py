@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import ext
-from ..glu import acc_dtype, split_name
+from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
 from ..rows import gather_rows
 from .base import Backend
@@ -207,14 +207,14 @@ class ExtBackend(Backend):
         if self.strategy == "decode":  # selected for inference only: the op has no backward
             return torch.ops.deepseek_moe.expert_gemv(x_TH, gate_up_EJH, down_EHI, plan.token_N,
                                                       sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E,
-                                                      split_name(self.activation)[1], *(shared or ()))
+                                                      self.limit, *(shared or ()))
         if self.strategy == "grouped_mm":
             o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
             return combine(o_NH, plan, weighted=True)
         y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(),
                                                            plan.token_N,
                                                            sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
-                                                           plan.counts_E, split_name(self.activation)[1])
+                                                           plan.counts_E, self.limit)
         return y_TH
 
     def plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..glu import acc_dtype, split_name
+from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
 from ..versions import below_floor, installed, parse
 from .base import Backend
@@ -192,5 +192,5 @@ class TritonBackend(Backend):
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         y_TH, _ = triton_expert_mlp(x_TH.contiguous(), gate_up_EJH, down_EHI, plan.token_N, plan.pair_N,
                                     sorted_weights(plan).float(), plan.offsets_E1, plan.top_k,
-                                    self.settings(x_TH.device, x_TH.dtype), split_name(self.activation)[1])
+                                    self.settings(x_TH.device, x_TH.dtype), self.limit)
         return y_TH
