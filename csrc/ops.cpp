@@ -21,6 +21,9 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // the shared experts' (gate (Is, H), up (Is, H), down (H, Is)) in the same pass when given -> y (T, H).
   m.def("expert_gemv(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
         "float? limit, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor");
+  // The same for many tokens (prefill, inference, fp32 or bf16): sorted blocks through brgemm -> y (T, H).
+  m.def("expert_blocks(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
+        "float? limit, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor");
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 import deepseek_moe as dm
 from deepseek_moe import ext
+from deepseek_moe.backends.ext import blocks_supported
 from deepseek_moe.backends import EagerBackend, ExtBackend, TorchBackend, select
 from deepseek_moe.backends import ext as ext_backend
 from deepseek_moe.dispatch import build_plan, combine_rows, expert_capacity
@@ -231,11 +232,16 @@ def test_auto_uses_the_extension_for_fp32_on_cpu_only_when_built_ahead_of_time(m
     assert select("auto", torch.device("cpu"), torch.float32).name == "torch"  # loaded just in time: not chosen
     monkeypatch.setattr(ext, "_prebuilt", lambda: "deepseek_moe/_C.so")
     assert select("auto", torch.device("cpu"), torch.float32).name == "ext"
-    assert select("auto", torch.device("cpu"), torch.bfloat16).name == "torch"  # measured for fp32 only
-    # decode steps (inference on <= 16 tokens): the weight-streaming op, fp32 and bf16 (docs/benchmarks.md)
+    assert select("auto", torch.device("cpu"), torch.bfloat16).name == "torch"  # training: measured for fp32 only
+    # inference: the weight-streaming op for decode steps (<= 16 tokens), the blocks op for more, fp32 and bf16
+    # (docs/benchmarks.md); bf16 blocks only for even sizes (VNNI pairs)
     for dtype in (torch.float32, torch.bfloat16):
         impl = select("auto", torch.device("cpu"), dtype, inference=True, decode=True)
         assert (impl.name, impl.strategy) == ("ext", "decode")
+        if blocks_supported(dtype):
+            impl = select("auto", torch.device("cpu"), dtype, inference=True, sizes=(64, 32))
+            assert (impl.name, impl.strategy) == ("ext", "blocks")
+    assert select("auto", torch.device("cpu"), torch.bfloat16, inference=True, sizes=(64, 33)).name == "torch"
 
 
 def test_ext_layer_compiles_fullgraph():

@@ -32,12 +32,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "expert_inputs.h"
+#include "cpu_features.h"
+#include "expert_segments.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define DEEPSEEK_MOE_X86 1
-#endif
 
 namespace deepseek_moe {
 namespace {
@@ -107,16 +104,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dots_avx512(const scal
 }
 #endif
 
-bool has_avx512() {
-#ifdef DEEPSEEK_MOE_X86
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-#else
-  return false;
-#endif
-}
-
 template <int R, typename scalar_t, typename acc_t>
 void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t* out, bool avx512,
           const scalar_t* next) {
@@ -132,17 +119,10 @@ void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t
 }
 
 // ------------------------------------------------------------------------------------ the op
-// One GLU expert and the pairs it serves: rows gate[i], up[i] (H each, i < width), down[h] (width each, h < H);
-// pair p (count of them from first) reads token token[p], is weighted by weight[p] (1 without weights) and writes
-// a[p] (width values from a_offset + p·width).
-template <typename scalar_t, typename acc_t>
-struct Segment {
-  const scalar_t *gate, *up, *down;
-  int64_t width, first, count;
-  const int64_t* token;
-  const acc_t* weight;
-  int64_t a_offset;
-  int64_t units_before;  // Σ width of the segments before: the segment's place among all gate/up units
+// Where a segment's values of a start (a_offset + p·width for its pair p) and its place among all gate/up units
+// (Σ width of the segments before it).
+struct Placement {
+  int64_t a_offset, units_before;
 };
 
 template <typename acc_t>
@@ -153,17 +133,20 @@ acc_t silu(acc_t g) {
 // The segments' units [u0, u1) (one unit: a gate row and an up row of one segment) -> a. A thread's range is
 // contiguous within each segment, so it streams consecutive rows.
 template <typename scalar_t, typename acc_t>
-void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const acc_t* x, int64_t H, acc_t L,
-                   acc_t* a, int64_t u0, int64_t u1, bool avx512) {
-  for (const auto& s : segments) {
-    const int64_t i0 = std::max(u0 - s.units_before, int64_t(0)), i1 = std::min(u1 - s.units_before, s.width);
+void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const std::vector<Placement>& place,
+                   const acc_t* x, int64_t H, acc_t L, acc_t* a, int64_t u0, int64_t u1, bool avx512) {
+  for (size_t k = 0; k < segments.size(); ++k) {
+    const auto& s = segments[k];
+    const int64_t a_offset = place[k].a_offset;
+    const int64_t i0 = std::max(u0 - place[k].units_before, int64_t(0));
+    const int64_t i1 = std::min(u1 - place[k].units_before, s.width);
     for (int64_t i = i0; i < i1; ++i) {
       const scalar_t* gate = s.gate + i * H;
       for (int64_t p = s.first; p < s.first + s.count; ++p) {
         acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
         dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, avx512, gate + H);
         const acc_t g = std::min(gu[0], L), u = std::min(std::max(gu[1], -L), L);
-        a[s.a_offset + p * s.width + i] = silu(g) * u * (s.weight ? s.weight[p] : acc_t(1));
+        a[a_offset + p * s.width + i] = silu(g) * u * (s.weight ? s.weight[p] : acc_t(1));
       }
     }
   }
@@ -175,52 +158,40 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
                       const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                       const std::optional<Tensor>& shared_down, Tensor& y_TH) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2);
+  const int64_t H = x_TH.size(1);
   const bool avx512 = has_avx512();
   const acc_t L = limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
   // x widened once (T·H elements: small), so that every dot reads one weight row and one acc_t vector.
   const Tensor xw = x_TH.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  std::vector<Segment<scalar_t, acc_t>> segments;
-  const scalar_t* W1 = gate_up.const_data_ptr<scalar_t>();
-  const scalar_t* W2 = down.const_data_ptr<scalar_t>();
-  int64_t first = 0, units = 0;
-  for (size_t e = 0; e < counts.size(); ++e) {
-    if (counts[e] > 0) {
-      const scalar_t* gate = W1 + static_cast<int64_t>(e) * 2 * I * H;
-      segments.push_back({gate, gate + I * H, W2 + static_cast<int64_t>(e) * H * I, I, first, counts[e],
-                          token_N.const_data_ptr<int64_t>(), weight_N.const_data_ptr<acc_t>(), 0, units});
-      units += I;
-    }
-    first += counts[e];
-  }
-  int64_t a_size = first * I;
-  Tensor every_token;  // outlives the segments that point into it
-  if (shared_gate) {  // the shared experts: one more GLU, every token, weight 1, its a after the routed pairs'
-    const int64_t Is = shared_gate->size(0);
-    every_token = at::arange(T, token_N.options());
-    segments.push_back({shared_gate->const_data_ptr<scalar_t>(), shared_up->const_data_ptr<scalar_t>(),
-                        shared_down->const_data_ptr<scalar_t>(), Is, 0, T, every_token.const_data_ptr<int64_t>(),
-                        nullptr, a_size, units});
-    units += Is;
-    a_size += T * Is;
+  const auto built = build_segments<scalar_t, acc_t>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
+                                                     shared_up, shared_down);
+  const auto& segments = built.list;
+  std::vector<Placement> place;  // each segment's a after the segments before it, pair by pair
+  int64_t a_size = 0, units = 0;
+  for (const auto& s : segments) {
+    place.push_back({a_size - s.first * s.width, units});
+    a_size += s.count * s.width;
+    units += s.width;
   }
   std::vector<acc_t> a(static_cast<size_t>(a_size));
   const acc_t* x = xw.const_data_ptr<acc_t>();
   // Grains: a thread's share of rows should be large enough to stream (a few KB per expert), and both threads of
   // a small machine busy.
   at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
-    gate_up_units(segments, x, H, L, a.data(), u0, u1, avx512);
+    gate_up_units(segments, place, x, H, L, a.data(), u0, u1, avx512);
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
   at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
     constexpr int kRows = 4;  // down rows per call
-    for (const auto& s : segments) {
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const auto& s = segments[k];
+      const acc_t* a_s = a.data() + place[k].a_offset;
       int64_t h = h0;
       for (; h + kRows <= h1; h += kRows) {
         const scalar_t* rows = s.down + h * s.width;
         for (int64_t p = s.first; p < s.first + s.count; ++p) {
           acc_t out[kRows];
-          dots<kRows>(rows, s.width, a.data() + s.a_offset + p * s.width, s.width, out, avx512,
+          dots<kRows>(rows, s.width, a_s + p * s.width, s.width, out, avx512,
                       rows + kRows * s.width);
           for (int r = 0; r < kRows; ++r) y[s.token[p] * H + h + r] += out[r];
         }
@@ -229,19 +200,12 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
         const scalar_t* row = s.down + h * s.width;
         for (int64_t p = s.first; p < s.first + s.count; ++p) {
           acc_t out[1];
-          dots<1>(row, s.width, a.data() + s.a_offset + p * s.width, s.width, out, avx512, row + s.width);
+          dots<1>(row, s.width, a_s + p * s.width, s.width, out, avx512, row + s.width);
           y[s.token[p] * H + h] += out[0];
         }
       }
     }
   });
-}
-
-void check_weights(const Tensor& x, const Tensor& w, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous() &&
-                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-              "expert_gemv: ", name, " must be a contiguous (", rows, ", ", cols, ") tensor of x's dtype, got ",
-              w.sizes(), " ", w.scalar_type());
 }
 
 }  // namespace
@@ -250,24 +214,13 @@ Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tenso
                        const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
                        const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                        const std::optional<Tensor>& shared_down) {
-  check_expert_inputs("expert_gemv", x_in, gate_up_in, down_in, token_in, weight_in, counts_E);
-  const int64_t H = x_in.size(1), E = gate_up_in.size(0);
+  const std::vector<int64_t> counts = check_inference_inputs("expert_gemv", x_in, gate_up_in, down_in, token_in,
+                                                              weight_in, counts_E, shared_gate, shared_up,
+                                                              shared_down);
+  const int64_t H = x_in.size(1);
   const auto acc = at::toOpMathType(x_in.scalar_type());
-  TORCH_CHECK(shared_gate.has_value() == shared_up.has_value() && shared_up.has_value() == shared_down.has_value(),
-              "expert_gemv: pass all three shared-expert weights or none");
-  if (shared_gate) {
-    const int64_t Is = shared_gate->size(0);
-    check_weights(x_in, *shared_gate, "shared_gate", Is, H);
-    check_weights(x_in, *shared_up, "shared_up", Is, H);
-    check_weights(x_in, *shared_down, "shared_down", H, Is);
-  }
   const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
   const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
-  const Tensor counts_cpu = counts_E.to(at::kCPU, at::kLong).contiguous();
-  const std::vector<int64_t> counts(counts_cpu.const_data_ptr<int64_t>(), counts_cpu.const_data_ptr<int64_t>() + E);
-  int64_t pairs = 0;
-  for (int64_t n : counts) pairs += n;
-  TORCH_CHECK(pairs == token_N.size(0), "expert_gemv: counts_E sum to ", pairs, ", token_N has ", token_N.size(0));
   Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "expert_gemv", [&] {
     expert_gemv_impl<scalar_t>(x_TH, gate_up, down, token_N, weight_N, counts, limit, shared_gate, shared_up,

@@ -27,6 +27,7 @@ from ..config import BACKENDS
 from .base import Backend
 from .eager import EagerBackend
 from .ext import ExtBackend
+from .ext import blocks_supported as _ext_blocks_supported
 from .grouped import STRATEGIES, TorchBackend
 from .triton import TritonBackend
 
@@ -65,7 +66,8 @@ def _env_backend() -> str:
 
 
 def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activation: str,
-                  batch_invariant: bool = False, decode: bool = False) -> str:
+                  batch_invariant: bool = False, decode: bool = False, inference: bool = False,
+                  sizes: Optional[Tuple[int, int]] = None) -> str:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}")
@@ -76,12 +78,19 @@ def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activatio
     fused_ok = activation == "silu"
     if fused_ok and device.type == "cuda" and TritonBackend(activation).unavailable_reason(device, dtype) is None:
         return "triton"
-    # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32, and its decode strategy
-    # streams the weights of a few tokens' experts in fp32 and bf16 (docs/benchmarks.md).
-    ext_dtypes = (torch.float32, torch.bfloat16) if decode else (torch.float32,)
-    if fused_ok and device.type == "cpu" and dtype in ext_dtypes and _ext.has_prebuilt() and not batch_invariant:
-        return "ext"
+    # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 training, and its inference
+    # ops (decode: the weights of a few tokens' experts streamed once; blocks: brgemm over sorted blocks) faster in
+    # fp32 and bf16 (docs/benchmarks.md).
+    if fused_ok and device.type == "cpu" and _ext.has_prebuilt() and not batch_invariant:
+        if dtype == torch.float32 or (dtype == torch.bfloat16 and (decode or inference and _blocks_bf16(sizes))):
+            return "ext"
     return "torch"
+
+
+def _blocks_bf16(sizes: Optional[Tuple[int, int]]) -> bool:
+    """Whether the extension's blocks op runs bf16 of these sizes here (loading the ahead-of-time build to ask)."""
+    ExtBackend.prepare()
+    return _ext_blocks_supported(torch.bfloat16, sizes)
 
 
 def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str, inference: bool,
@@ -95,7 +104,7 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
                              f"{_TORCH_STRATEGIES}")
         return TorchBackend.for_device(device, dtype, strategy, inference, activation, sizes, batch_invariant)
     if name == "ext":
-        backend = ExtBackend.for_device(device, dtype, activation, decode)
+        backend = ExtBackend.for_device(device, dtype, activation, decode, inference, sizes)
     elif name == "triton":
         backend = TritonBackend.for_device(device, dtype, activation)
     else:
@@ -158,7 +167,7 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     """
     device = torch.device(device)
     decode = decode and inference and device.type == "cpu"
-    resolved = _resolve_name(name, device, dtype, activation, batch_invariant, decode)
+    resolved = _resolve_name(name, device, dtype, activation, batch_invariant, decode, inference, sizes)
     via = " (from DEEPSEEK_MOE_BACKEND)" if name == "auto" and _env_backend() else ""
     reason = _refusal(resolved, activation, batch_invariant)
     if reason is None:

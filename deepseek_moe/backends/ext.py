@@ -6,6 +6,10 @@
 * ``decode`` (CPU, inference on at most ``backends.DECODE_TOKENS`` tokens, chosen at selection): ``expert_gemv``
   streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
   into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
+* ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
+  selection): ``expert_blocks`` runs every expert's pairs in blocks of 16 or 32 tokens through brgemm (AMX for bf16
+  where the CPU has it), the SwiGLU·w in GEMM 1's epilogue, in three parallel regions over all experts
+  (csrc/cpu/expert_blocks.cpp); no backward.
 * ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
   plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
   per token row, fp32, the same order as the reference's combine).
@@ -17,7 +21,7 @@ Legend: T tokens, K slots per token, E experts, N sorted pairs, H hidden size, I
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,7 +35,9 @@ from .grouped import _grouped_mm, cuda_grouped_mm_ok, grouped_mm_experts
 _registered = False
 _register_lock = threading.Lock()
 _OPS = "deepseek_moe::"
-STRATEGIES = ("segments", "decode", "grouped_mm")
+# The inference-only strategies and their ops (same arguments; the shared experts' weights join their pass).
+_INFERENCE_OPS = {"decode": "expert_gemv", "blocks": "expert_blocks"}
+STRATEGIES = ("segments", "decode", "blocks", "grouped_mm")
 
 
 def ensure_loaded() -> None:
@@ -76,6 +82,10 @@ def _register() -> None:
         return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
 
     @torch.library.register_fake(_OPS + "expert_gemv")
+    def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(_OPS + "expert_blocks")
     def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
         return x.new_empty(x.shape)
 
@@ -134,13 +144,26 @@ def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
                         num_dropped=torch.zeros((), dtype=torch.int64, device=device))
 
 
+def blocks_supported(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -> bool:
+    """Whether the loaded extension's ``expert_blocks`` has a micro-kernel for ``dtype`` on this CPU (fp32; bf16
+    where oneDNN packs it: AMX or AVX-512 BF16) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are
+    even (VNNI pairs; None: assumed so)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not ext.is_loaded():
+        return False
+    if dtype == torch.bfloat16 and sizes is not None and any(n % 2 for n in sizes):
+        return False
+    _ensure_loaded_eager()
+    return bool(torch.ops.deepseek_moe.expert_blocks_supported(dtype))
+
+
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension carries its CUDA kernels (an ahead-of-time build with a CUDA torch)."""
     return ext.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(_OPS + "route_plan", "CUDA")
 
 
 class ExtBackend(Backend):
-    """The compiled extension, with ``strategy`` "segments" (CPU) or "grouped_mm" (CUDA) (module docstring). With
+    """The compiled extension, with ``strategy`` "segments", "decode" or "blocks" (CPU; the last two for inference
+    only) or "grouped_mm" (CUDA) (module docstring). With
     capacity or a slot mask the plan comes from :func:`deepseek_moe.plan.build_plan` (the extension sorts dropless
     plans only)."""
 
@@ -156,13 +179,16 @@ class ExtBackend(Backend):
         self.strategy = strategy
 
     @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu",
-                   decode: bool = False) -> "ExtBackend":
-        """On CPU the segment loop, or the weight-streaming decode op when ``decode`` (inference on a few tokens);
-        elsewhere the grouped GEMM with the extension's combine."""
+    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu", decode: bool = False,
+                   inference: bool = False, sizes: Optional[Tuple[int, int]] = None) -> "ExtBackend":
+        """On CPU the weight-streaming decode op when ``decode`` (inference on a few tokens), the sorted-block op
+        for other inference where it has a micro-kernel (:func:`blocks_supported`), else the segment loop (which
+        has a backward); elsewhere the grouped GEMM with the extension's combine."""
         if device.type != "cpu":
             return cls("grouped_mm", activation)
-        return cls("decode" if decode else "segments", activation)
+        if decode:
+            return cls("decode", activation)
+        return cls("blocks" if inference and blocks_supported(dtype, sizes) else "segments", activation)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -187,6 +213,9 @@ class ExtBackend(Backend):
             if not cuda_grouped_mm_ok(device, dtype):
                 return ("the ext backend on CUDA uses PyTorch's grouped GEMM, which runs bf16 on compute capability "
                         f">= 9.0; got {dtype} on {torch.cuda.get_device_name(device)}")
+        if self.strategy == "blocks" and device.type == "cpu" and not blocks_supported(dtype):
+            return (f"the ext backend's blocks strategy runs fp32, and bf16 on a CPU with AMX or AVX-512 BF16; "
+                    f"not {dtype} here")
         if self.strategy == "grouped_mm" and _grouped_mm is None:
             return f"torch {torch.__version__} has no grouped_mm"
         return None
@@ -201,13 +230,13 @@ class ExtBackend(Backend):
 
     @property
     def fuses_shared(self) -> bool:
-        return self.strategy == "decode"
+        return self.strategy in _INFERENCE_OPS
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, shared=None):
-        if self.strategy == "decode":  # selected for inference only: the op has no backward
-            return torch.ops.deepseek_moe.expert_gemv(x_TH, gate_up_EJH, down_EHI, plan.token_N,
-                                                      sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E,
-                                                      self.limit, *(shared or ()))
+        if self.strategy in _INFERENCE_OPS:  # selected for inference only: the ops have no backward
+            op = getattr(torch.ops.deepseek_moe, _INFERENCE_OPS[self.strategy])
+            return op(x_TH, gate_up_EJH, down_EHI, plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
+                      plan.counts_E, self.limit, *(shared or ()))
         if self.strategy == "grouped_mm":
             o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
             return combine(o_NH, plan, weighted=True)

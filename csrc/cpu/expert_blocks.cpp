@@ -1,0 +1,385 @@
+// Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as one wide operand of
+// batch-reduce GEMM micro-kernels (at::native::cpublas::brgemm: oneDNN's, AMX for bf16 where the CPU has it).
+//
+// Calling a BLAS GEMM per expert pays a parallel region, a packing pass and a thread hand-off per expert, and on a
+// shared CPU every region waits for a descheduled thread. Here one call runs three parallel regions over all
+// experts:
+//
+//   1. pack: each expert's tokens of x, transposed into brgemm's B layout (H × Np, Np the pair count rounded up
+//      to 16; for 16-bit dtypes VNNI pairs, [H/2][Np][2]): the gather every MoE does, in the layout the
+//      micro-kernel reads, 16 × 16 words at a time.
+//   2. gate/up: tasks (expert, Ib rows of its gate and up weights), split over the threads by their cost; the
+//      weight rows are the A operand in their public (E, 2I, H) layout (no repacking, nothing cached), g and u come
+//      out as Ib × NC fp32 tiles, and a = act(min(g, L)) · clamp(u, −L, L) · w is computed in the epilogue and
+//      written in the B layout GEMM 2 reads.
+//   3. down: threads split the H output rows; for each expert, Hb rows of its down weights (A, public (E, H, I)
+//      layout) times its a, transposed back 16 × 16 and added into the thread's own columns of y (fp32), experts
+//      in a fixed order, so every y element receives its terms in the same order whatever the thread count.
+//
+// Both GEMMs compute transposed tiles (weight rows × tokens): the weights keep their layout and only activations
+// are rearranged. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
+// micro-kernel reads is 64-byte aligned: unaligned tiles measured half the speed.
+//
+// Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs,
+// Np a segment's pairs rounded up to 16, NC token columns per micro-kernel call, Ib gate/up rows per task,
+// Hb down rows per tile; a "word" is 32 bits: one fp32 element or a VNNI pair of 16-bit elements.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_features.h"
+#include "expert_segments.h"
+
+namespace deepseek_moe {
+namespace {
+
+using at::Tensor;
+namespace cpublas = at::native::cpublas;
+
+constexpr int64_t kIb = 32;   // gate/up rows per task: a 32 × H tile of each stays in L2 across the columns
+constexpr int64_t kHb = 64;   // down rows per tile
+// Pairs per piece (a thread's unit of gate/up work, and the token columns of every micro-kernel call on it): an
+// expert with more, or the shared experts (every token), is split so that the threads' shares even out and a
+// piece's packed x (kPiece × H) stays in L2. One call per piece and row chunk: alternating kernel shapes (a
+// reconfiguration of the AMX tiles each time) measured slower.
+constexpr int64_t kPiece = 256;
+
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
+
+template <typename scalar_t>
+constexpr int64_t per_word() {
+  return static_cast<int64_t>(4 / sizeof(scalar_t));
+}
+
+// ------------------------------------------------------------------------------------ the GLU epilogue
+template <typename acc_t>
+struct Glu {
+  acc_t limit;
+  acc_t operator()(acc_t g, acc_t u) const {
+    g = std::min(g, limit);
+    u = std::min(std::max(u, -limit), limit);
+    return g / (acc_t(1) + std::exp(-g)) * u;
+  }
+};
+
+// Where a tile of a goes: a piece's a in the B layout (row j, token column n at word (j / P)·Np + n, half j % P),
+// the tile's rows from j0.
+template <typename scalar_t>
+struct BTile {
+  scalar_t* a;
+  int64_t Np, j0;
+  void store(int64_t i, int64_t n, float v) const {
+    constexpr int64_t P = per_word<scalar_t>();
+    const int64_t j = j0 + i;
+    a[((j / P) * Np + n) * P + j % P] = static_cast<scalar_t>(v);
+  }
+};
+
+// a from the g and u tiles (jr × nc fp32, row stride nc) and the columns' weights w (0 past the pairs): the
+// portable loop.
+template <typename scalar_t>
+void glu_tile_portable(const float* g, const float* u, const float* w, const Glu<float>& glu, int64_t jr, int64_t nc,
+                       const BTile<scalar_t>& out) {
+  for (int64_t i = 0; i < jr; ++i)
+    for (int64_t n = 0; n < nc; ++n) out.store(i, n, glu(g[i * nc + n], u[i * nc + n]) * w[n]);
+}
+
+// Adds the transposed tile c (hr × nc fp32, row stride nc) into y: column n into y_rows[n][0, hr). The portable
+// loop.
+void add_transposed_portable(const float* c, int64_t hr, int64_t nc, int64_t cols, float* const* y_rows) {
+  for (int64_t n = 0; n < cols; ++n)
+    for (int64_t i = 0; i < hr; ++i) y_rows[n][i] += c[i * nc + n];
+}
+
+#ifdef DEEPSEEK_MOE_X86
+// e^x to about 1 ulp: 2^k · p(r), k = round(x / ln 2), r = x − k·ln 2 in two parts, p the degree-7 Taylor
+// polynomial (|r| <= ln 2 / 2: its remainder is below 6e-9 relative). x is clamped where e^x leaves fp32; the
+// minima and maxima take x second, so a NaN passes through.
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(88.8f), x));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+
+// act(min(g, L)) · clamp(u, −L, L) · w for the 16 lanes at g_at and u_at; NaN in g or u stays NaN.
+__attribute__((target("avx512f"))) inline __m512 glu16(const float* g_at, const float* u_at, __m512 w, __m512 L) {
+  const __m512 g = _mm512_min_ps(L, _mm512_loadu_ps(g_at));
+  const __m512 u = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), L), _mm512_min_ps(L, _mm512_loadu_ps(u_at)));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, sig), u), w);
+}
+
+// fp32 -> bf16 bits in each lane's high half, rounded to nearest even, NaN kept quiet (c10::BFloat16's rule).
+__attribute__((target("avx512f"))) inline __m512i bf16_high(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+// nc a multiple of 16; for 16-bit types jr and j0 even (rows j0 + i and j0 + i + 1 form one VNNI word per token).
+template <typename scalar_t>
+__attribute__((target("avx512f"))) void glu_tile_avx512(const float* g, const float* u, const float* w, float limit,
+                                                        int64_t jr, int64_t nc, const BTile<scalar_t>& out) {
+  const __m512 L = _mm512_set1_ps(limit);
+  for (int64_t n = 0; n < nc; n += 16) {
+    const __m512 wn = _mm512_loadu_ps(w + n);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t i = 0; i < jr; ++i) _mm512_storeu_ps(out.a + (out.j0 + i) * out.Np + n, glu16(g + i * nc + n, u + i * nc + n, wn, L));
+    } else {
+      uint32_t* words = reinterpret_cast<uint32_t*>(out.a);
+      for (int64_t i = 0; i < jr; i += 2)
+        _mm512_storeu_si512(words + ((out.j0 + i) / 2) * out.Np + n,
+                            _mm512_or_si512(_mm512_srli_epi32(bf16_high(glu16(g + i * nc + n, u + i * nc + n, wn, L)), 16),
+                                            bf16_high(glu16(g + (i + 1) * nc + n, u + (i + 1) * nc + n, wn, L))));
+    }
+  }
+}
+
+// r[0..16) := its transpose (16 × 16 words).
+__attribute__((target("avx512f"))) inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // b[4q + j], 128-bit lane l: rows 4q..4q+3 of column 4l + j
+    a[j] = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    a[4 + j] = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    a[8 + j] = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    a[12 + j] = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_i32x4(a[j], a[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(a[j], a[8 + j], 0xDD);
+    r[4 + j] = _mm512_shuffle_i32x4(a[4 + j], a[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(a[4 + j], a[12 + j], 0xDD);
+  }
+}
+
+// dst[k·ld + n] = src[n][k] for 16 rows src[n] (nullptr: zeros) and words k < Hw: the B layout of 16 tokens.
+__attribute__((target("avx512f"))) void pack16_avx512(const uint32_t* const* src, int64_t Hw, uint32_t* dst,
+                                                      int64_t ld) {
+  __m512i r[16];
+  int64_t k = 0;
+  for (; k + 16 <= Hw; k += 16) {
+    for (int n = 0; n < 16; ++n) r[n] = src[n] ? _mm512_loadu_si512(src[n] + k) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (k + i) * ld, r[i]);
+  }
+  for (; k < Hw; ++k)
+    for (int n = 0; n < 16; ++n) dst[k * ld + n] = src[n] ? src[n][k] : 0u;
+}
+
+// add_transposed_portable for hr a multiple of 16 and nc of 16.
+__attribute__((target("avx512f"))) void add_transposed_avx512(const float* c, int64_t hr, int64_t nc, int64_t cols,
+                                                              float* const* y_rows) {
+  __m512i r[16];
+  for (int64_t n0 = 0; n0 < cols; n0 += 16) {
+    for (int64_t i0 = 0; i0 < hr; i0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + (i0 + i) * nc + n0);
+      transpose16(r);
+      for (int64_t n = 0; n < std::min<int64_t>(16, cols - n0); ++n) {
+        float* y = y_rows[n0 + n] + i0;
+        _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), _mm512_castsi512_ps(r[n])));
+      }
+    }
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------ the op
+// Contiguous ranges of tasks with about equal Σ cost, one per thread: the gate/up tasks' costs differ with their
+// experts' pair counts.
+std::vector<int64_t> balanced_ranges(const std::vector<int64_t>& cost, int64_t parts) {
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> bounds{0};
+  int64_t sum = 0, t = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    while (t < static_cast<int64_t>(cost.size()) && (sum + cost[t]) * parts <= total * p) sum += cost[t++];
+    bounds.push_back(t);
+  }
+  bounds.push_back(static_cast<int64_t>(cost.size()));
+  return bounds;
+}
+
+// Pairs [first, first + count) of a segment (at most kPiece of them), padded to Np columns; its a at word ab.
+struct Piece {
+  int64_t segment, first, count, Np, ab;
+};
+
+template <typename scalar_t>
+void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const Tensor& token_N,
+                        const Tensor& weight_N, const std::vector<int64_t>& counts, std::optional<double> limit,
+                        const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
+                        const std::optional<Tensor>& shared_down, Tensor& y_TH) {
+  constexpr int64_t P = per_word<scalar_t>();
+  constexpr bool vnni = P == 2;
+  const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x
+  const bool avx512 = has_avx512();
+  const Glu<float> glu{limit ? static_cast<float>(*limit) : std::numeric_limits<float>::infinity()};
+  const auto built = build_segments<scalar_t, float>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
+                                                     shared_up, shared_down);
+  const auto& segments = built.list;
+  std::vector<Piece> pieces;
+  std::vector<int64_t> cost;
+  int64_t ab_words = 0, max_np = 0;
+  for (int64_t k = 0; k < static_cast<int64_t>(segments.size()); ++k) {
+    const auto& s = segments[k];
+    for (int64_t p = 0; p < s.count; p += kPiece) {
+      const int64_t count = std::min(kPiece, s.count - p), np = round_up(count, 16);
+      pieces.push_back({k, s.first + p, count, np, ab_words});
+      cost.push_back(s.width * np);
+      ab_words += (s.width / P) * np;
+      max_np = std::max(max_np, np);
+    }
+  }
+  const Tensor ab_buffer = at::empty({ab_words}, x_TH.options().dtype(at::kInt));  // ATen's: 64-byte aligned
+  uint32_t* ab = reinterpret_cast<uint32_t*>(ab_buffer.data_ptr<int32_t>());
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(x_TH.const_data_ptr<scalar_t>());
+
+  // 1. gate/up: a thread takes whole pieces (ranges of about equal cost): packs the piece's x in the B layout
+  //    into its own buffer (it stays in L2), then runs every row chunk of the segment's weights over it.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pieces.size()));
+  const std::vector<int64_t> bounds = balanced_ranges(cost, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
+    // The thread's buffers, from ATen's allocator (64-byte aligned, not on a worker thread's small stack).
+    const Tensor xb_buffer = at::empty({Hw * max_np}, x_TH.options().dtype(at::kInt));
+    const Tensor fp32_buffer = at::empty({(2 * kIb + 1) * kPiece}, x_TH.options().dtype(at::kFloat));
+    uint32_t* xb = reinterpret_cast<uint32_t*>(xb_buffer.data_ptr<int32_t>());
+    float *g = fp32_buffer.data_ptr<float>(), *u = g + kIb * kPiece, *w = u + kIb * kPiece;
+    for (int64_t q = bounds[part0]; q < bounds[part1]; ++q) {
+      const Piece& piece = pieces[q];
+      const auto& s = segments[piece.segment];
+      const int64_t np = piece.Np;
+      for (int64_t n0 = 0; n0 < np; n0 += 16) {  // pack 16 token columns at a time
+        const uint32_t* src[16];
+        for (int64_t n = 0; n < 16; ++n)
+          src[n] = n0 + n < piece.count ? x + s.token[piece.first + n0 + n] * Hw : nullptr;
+#ifdef DEEPSEEK_MOE_X86
+        if (avx512) {
+          pack16_avx512(src, Hw, xb + n0, np);
+          continue;
+        }
+#endif
+        for (int64_t k = 0; k < Hw; ++k)
+          for (int64_t n = 0; n < 16; ++n) xb[k * np + n0 + n] = src[n] ? src[n][k] : 0u;
+      }
+      for (int64_t n = 0; n < np; ++n) w[n] = n >= piece.count ? 0.f : s.weight ? s.weight[piece.first + n] : 1.f;
+      const scalar_t* xb_s = reinterpret_cast<const scalar_t*>(xb);
+      scalar_t* ab_piece = reinterpret_cast<scalar_t*>(ab + piece.ab);
+      for (int64_t j0 = 0; j0 < s.width; j0 += kIb) {
+        const int64_t jr = std::min(kIb, s.width - j0);
+        cpublas::brgemm(jr, np, H, H, np, np, false, s.gate + j0 * H, xb_s, g, vnni);
+        cpublas::brgemm(jr, np, H, H, np, np, false, s.up + j0 * H, xb_s, u, vnni);
+        const BTile<scalar_t> out{ab_piece, np, j0};
+#ifdef DEEPSEEK_MOE_X86
+        if (avx512 && jr % 2 == 0) {
+          glu_tile_avx512(g, u, w, glu.limit, jr, np, out);
+          continue;
+        }
+#endif
+        glu_tile_portable(g, u, w, glu, jr, np, out);
+      }
+    }
+    cpublas::brgemm_release(vnni);
+  });
+
+  // 2. down: a thread owns output rows [h0, h1) of y for every piece, pieces in order.
+  float* y = y_TH.mutable_data_ptr<float>();
+  const int64_t h_tiles = (H + kHb - 1) / kHb;
+  const bool transpose_fast = avx512 && H % 16 == 0;
+  at::parallel_for(0, h_tiles, 1, [&](int64_t ht0, int64_t ht1) {
+    const Tensor c_buffer = at::empty({kHb * kPiece}, x_TH.options().dtype(at::kFloat));
+    float* c = c_buffer.data_ptr<float>();
+    float* y_rows[kPiece];
+    for (const Piece& piece : pieces) {
+      const auto& s = segments[piece.segment];
+      const scalar_t* ab_piece = reinterpret_cast<const scalar_t*>(ab + piece.ab);
+      for (int64_t ht = ht0; ht < ht1; ++ht) {
+        const int64_t h = ht * kHb, hr = std::min(kHb, H - h);
+        cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width, ab_piece,
+                        c, vnni);
+        for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = y + s.token[piece.first + n] * H + h;
+#ifdef DEEPSEEK_MOE_X86
+        if (transpose_fast) {
+          add_transposed_avx512(c, hr, piece.Np, piece.count, y_rows);
+          continue;
+        }
+#endif
+        add_transposed_portable(c, hr, piece.Np, piece.count, y_rows);
+      }
+    }
+    cpublas::brgemm_release(vnni);
+  });
+}
+
+}  // namespace
+
+// Whether expert_blocks has a micro-kernel for dtype on this CPU (fp32 always; bf16 where oneDNN packs it: AMX or
+// AVX-512 BF16), rather than brgemm's slow reference loop.
+bool expert_blocks_supported(at::ScalarType dtype) {
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && cpublas::could_pack(at::kBFloat16));
+}
+
+Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in, const Tensor& token_in,
+                         const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
+                         const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
+                         const std::optional<Tensor>& shared_down) {
+  const std::vector<int64_t> counts = check_inference_inputs("expert_blocks", x_in, gate_up_in, down_in, token_in,
+                                                              weight_in, counts_E, shared_gate, shared_up,
+                                                              shared_down);
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "expert_blocks: fp32 or bf16 only, got ", dtype);
+  const int64_t H = x_in.size(1), I = down_in.size(2);
+  TORCH_CHECK(dtype == at::kFloat || (H % 2 == 0 && I % 2 == 0 && (!shared_gate || shared_gate->size(0) % 2 == 0)),
+              "expert_blocks: bf16 needs even hidden sizes (VNNI pairs), got H=", H, ", I=", I);
+  const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
+  const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
+  Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "expert_blocks", [&] {
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)
+      expert_blocks_impl<scalar_t>(x_TH, gate_up, down, token_N, weight_N, counts, limit, shared_gate, shared_up,
+                                   shared_down, y_TH);
+  });
+  return y_TH.to(dtype);
+}
+
+TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
+  m.impl("expert_blocks", &expert_blocks_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
+  m.def("expert_blocks_supported(ScalarType dtype) -> bool", &expert_blocks_supported);
+}
+
+}  // namespace deepseek_moe

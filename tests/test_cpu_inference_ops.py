@@ -1,0 +1,177 @@
+"""The CPU inference implementations of backend "ext": strategy "decode" (csrc/cpu/expert_gemv.cpp), which selection
+picks for inference on at most DECODE_TOKENS tokens on the CPU, and strategy "blocks" (csrc/cpu/expert_blocks.cpp)
+for inference on more. Each equals the truth: every pair's expert computed in float64 from the formulas (fp32 to
+rounding, bf16 within bf16 rounding), and the eager layer with padding, capacity, group-limited sigmoid routing,
+the clamped SwiGLU and experts that receive no token."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import deepseek_moe as dm
+from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, select
+from deepseek_moe.backends.ext import blocks_supported
+from deepseek_moe.plan import build_plan, sorted_weights
+from deepseek_moe.testing import assert_close, make_topk, require_extension
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    require_extension()
+
+
+def needs_blocks(dtype):
+    """bf16 blocks need oneDNN's bf16 micro-kernel (AMX or AVX-512 BF16); the CI machine has it."""
+    if not blocks_supported(dtype):
+        pytest.skip(f"expert_blocks has no {dtype} micro-kernel on this CPU")
+
+
+def by_formula(x, gate_up, down, topk, w, keep, limit):
+    """Σ_k w · down(silu(min(g, L)) · clamp(u, −L, L)) over the kept pairs, in float64, expert by expert; and the
+    scale of its rounding: the same sums over the terms' magnitudes (|down|·(|silu'(g)|·|u|·Σ|gate·x| +
+    |silu(g)|·Σ|up·x| + |a|)·|w|), so that an output whose terms cancel is judged by the size of its terms."""
+    I = down.shape[-1]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    scale = torch.zeros(x.shape, dtype=torch.float64)
+    for e in topk[keep].unique().tolist():
+        t, k = ((topk == e) & keep).nonzero(as_tuple=True)
+        W, xt, wt = gate_up[e].double(), x[t].double(), w[t, k].double()[:, None]
+        h, h_abs = xt @ W.T, xt.abs() @ W.abs().T
+        g, u = h[:, :I], h[:, I:]
+        if limit is not None:
+            g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        gg = g.clone().requires_grad_()
+        silu = F.silu(gg)
+        (slope,) = torch.autograd.grad(silu.sum(), gg)
+        a = silu.detach() * u
+        D = down[e].double()
+        y.index_add_(0, t, wt * (a @ D.T))
+        a_scale = slope.abs() * u.abs() * h_abs[:, :I] + silu.detach().abs() * h_abs[:, I:] + a.abs()
+        scale.index_add_(0, t, wt.abs() * (a_scale @ D.abs().T))
+    return y, scale
+
+
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+@given(T=st.integers(1, 300), E=st.integers(1, 12), K=st.integers(1, 6), H=st.integers(1, 150),
+       I=st.integers(1, 70), empty=st.integers(0, 4), capacity=st.sampled_from([None, 0.5]),
+       limit=st.sampled_from([None, 0.05, 1.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       shared=st.integers(0, 40), seed=st.integers(0, 2 ** 16))
+def test_op_equals_a_float64_loop(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
+    """Widths that are no multiple of the vector length (16) and below it exercise the masked tails and the
+    portable loops; more than 256 pairs of one expert (or of the shared experts) split it into pieces."""
+    if strategy == "decode":
+        T = 1 + T % DECODE_TOKENS
+    else:
+        needs_blocks(dtype)
+        if dtype == torch.bfloat16:  # VNNI pairs: selection picks blocks for even sizes only
+            H, I, shared = H + H % 2, I + I % 2, shared + shared % 2
+    K = min(K, E)
+    empty = min(empty, E - K)
+    g = torch.Generator().manual_seed(seed)
+    topk = make_topk(T, E, K, "random", generator=g, empty_experts=empty)
+    w = torch.rand(T, K, generator=g)
+    cap = None if capacity is None else max(1, int(capacity * T * K / E))
+    plan = build_plan(topk, w, E, cap, w)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype)
+    weights = None
+    if shared:  # the shared experts as one more GLU over every token, weight 1
+        weights = ((torch.randn(shared, H, generator=g) * H ** -0.5).to(dtype),
+                   (torch.randn(shared, H, generator=g) * H ** -0.5).to(dtype),
+                   (torch.randn(H, shared, generator=g) * shared ** -0.5).to(dtype))
+    impl = ExtBackend(strategy, dm.glu.glu_name("silu", limit))
+    with torch.inference_mode():
+        y = impl.run(x, plan, gate_up, down, weights)
+    assert y.dtype == dtype and y.shape == (T, H)
+    truth, scale = by_formula(x, gate_up, down, topk, w, plan.keep_TK, limit)
+    if shared:
+        every = torch.ones(T, 1, dtype=torch.bool)
+        s_truth, s_scale = by_formula(x, torch.cat([weights[0], weights[1]])[None], weights[2][None],
+                                      torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), every, limit)
+        truth, scale = truth + s_truth, scale + s_scale
+    err = (y.double() - truth).abs()
+    # fp32 accumulation over H + I terms: a few hundred fp32 roundings of the terms' scale at most; bf16 adds the
+    # output's own rounding (the inputs are bf16 already, the products exact in fp32), and blocks round a to bf16
+    # between the GEMMs as the eager oracle does (relative 2^-9 of each term).
+    bf16 = dtype == torch.bfloat16
+    bound = 2e-5 * scale + (truth.abs() * 2 ** -8 if bf16 else 0) + 1e-30
+    if bf16 and strategy == "blocks":
+        bound = bound + scale * 2 ** -8
+    assert bool((err <= bound).all()), f"{dtype}: worst error {float((err / bound).max()):.2f} of the bound"
+
+
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid_groups"])
+def test_layer_equals_the_eager_layer_with_padding_capacity_and_clamp(routing, dtype, strategy):
+    if strategy == "blocks":
+        needs_blocks(dtype)
+    fields = dict(hidden_size=96, expert_hidden_size=40, num_routed_experts=16, num_shared_experts=1, top_k=4,
+                  swiglu_limit=1.0, capacity_factor=1.0, initializer_range=0.1)
+    if routing == "sigmoid_groups":
+        fields.update(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True,
+                      routed_scaling_factor=2.5)
+    torch.manual_seed(0)
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").to(dtype).eval()
+    with torch.no_grad():
+        oracle.gate.e_score_correction_bias[:3] = -50.0  # experts 0-2 receive no token
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").to(dtype).eval()
+    layer.load_state_dict(oracle.state_dict())
+    S = 8 if strategy == "decode" else 80
+    x = torch.randn(2, S, 96).to(dtype) * 2
+    mask = torch.zeros(2, S, dtype=torch.bool)
+    mask[1, 5:] = True  # 13 real tokens (a decode step) or 85
+    with torch.inference_mode():
+        y, y_ref = layer(x, padding_mask=mask), oracle(x, padding_mask=mask)
+    impl = [impl for key, impl in layer._impls.items()]
+    assert [i.strategy for i in impl] == [strategy]
+    # The oracle rounds h and a to bf16 between its GEMMs; the ops keep h in fp32.
+    assert_close(y[~mask], y_ref[~mask], 1e-6 if dtype == torch.float32 else 1e-2, f"{routing} {dtype}")
+    assert (y[mask] == 0).all()
+
+
+def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inference_only():
+    cpu = torch.device("cpu")
+    assert select("ext", cpu, torch.float32, inference=True, decode=True).strategy == "decode"
+    assert select("ext", cpu, torch.float32, inference=True).strategy == "blocks"
+    assert select("ext", cpu, torch.float32, decode=True).strategy == "segments"  # a backward follows
+    assert select("ext", cpu, torch.float32).strategy == "segments"
+    assert select("ext", cpu, torch.float64, inference=True).strategy == "segments"  # no fp64 micro-kernel
+    assert select("ext", cpu, torch.bfloat16, inference=True, sizes=(64, 33)).strategy == "segments"  # odd I
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
+                                backend="ext").eval()
+    with torch.no_grad():
+        layer(torch.randn(DECODE_TOKENS, 32))
+        layer(torch.randn(DECODE_TOKENS + 1, 32))
+    layer.train()
+    layer(torch.randn(4, 32)).sum().backward()
+    strategies = {key[3:]: impl.strategy for key, impl in layer._impls.items()}
+    assert strategies == {(True, False, True): "decode", (True, False, False): "blocks",
+                          (False, False, False): "segments"}
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared"])
+def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant, tokens):
+    """The inference ops add the shared experts in their own pass when they are plain; with a sigmoid gate on them
+    (Qwen2-MoE) or LoRA wrappers on their projections they leave them to the layer. Each equals the eager layer."""
+    fields = dict(hidden_size=64, expert_hidden_size=24, num_routed_experts=8, num_shared_experts=2, top_k=2,
+                  shared_expert_gate=variant == "shared_gate", initializer_range=0.1)
+    torch.manual_seed(0)
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    layer.load_state_dict(oracle.state_dict())
+    if variant == "lora_on_shared":
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+        layer, oracle = peft.get_peft_model(layer, config), peft.get_peft_model(oracle, config)
+        oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(tokens, 64)
+    base = layer.get_base_model() if variant == "lora_on_shared" else layer
+    with torch.inference_mode():
+        y, y_ref = layer(x), oracle(x)
+        impl = base._implementation(x.device, x.dtype, tokens)
+        fused = base._fused_shared(impl, x.dtype, None) is not None
+    assert impl.strategy == ("decode" if tokens <= DECODE_TOKENS else "blocks") and fused == (variant == "fused")
+    assert_close(y, y_ref, 1e-6, variant)
