@@ -11,7 +11,8 @@ forward per copy, on a fresh input each call (fresh routing). What a call must r
 experts and every routed expert some token picked (``distinct experts × expert bytes``). Contenders, interleaved
 round by round under inference mode, median of the rounds:
 
-* ``ext decode``: the layer, backend "ext" (the weight-streaming op for T <= 16, ``expert_gemv``);
+* ``ext decode``: the layer, backend "ext" (the weight-streaming op for T <= 16, ``expert_gemv``; with
+  ``--prefill`` the sorted-block op, ``expert_blocks``);
 * ``torch``: the layer, backend "torch";
 * ``hf grouped_mm``: transformers' own DeepSeek-V3 block of the same shape (sigmoid routing without groups),
   ``experts_implementation="grouped_mm"``, when transformers is installed;
@@ -23,7 +24,8 @@ times everything while another process runs 2-thread PyTorch GEMMs (a shared mac
 its descheduled threads); the bandwidth is then measured beside it too.
 
 ``--prefill`` times forwards of many tokens instead (default T = 512, 2048; compute-bound, so one weight copy),
-each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816).
+each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816); with
+``--beside-load`` beside the other process too.
 """
 from __future__ import annotations
 
@@ -105,11 +107,12 @@ def prefill(args) -> int:
         contenders["hf grouped_mm"] = lambda x: blocks[0](x.unsqueeze(0))
     tokens = args.tokens if args.tokens != "1,4,16" else "512,2048"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, forward under inference mode; "
-          f"dense width {cfg.dense_equivalent_width}; {args.rounds} rounds")
+          f"dense width {cfg.dense_equivalent_width}; {args.rounds} rounds"
+          + ("; beside another 2-thread PyTorch process" if args.beside_load else ""))
     for T in (int(t) for t in tokens.split(",")):
         xs = [torch.randn(T, cfg.hidden_size, dtype=dtype) for _ in range(args.rounds + 1)]
         fns = {name: (lambda r, m=m: m(xs[r])) for name, m in contenders.items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), beside_load(args.beside_load):
             times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu).items()}
         for name, t in times.items():
             print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense", flush=True)

@@ -1,28 +1,26 @@
-// Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as one wide operand of
-// batch-reduce GEMM micro-kernels (at::native::cpublas::brgemm: oneDNN's, AMX for bf16 where the CPU has it).
+// Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as the wide operand of batch-reduce
+// GEMM micro-kernels (at::native::cpublas::brgemm: oneDNN's, AMX for bf16 where the CPU has it).
 //
 // Calling a BLAS GEMM per expert pays a parallel region, a packing pass and a thread hand-off per expert, and on a
-// shared CPU every region waits for a descheduled thread. Here one call runs three parallel regions over all
-// experts:
+// shared CPU every region waits for a descheduled thread. Here one call runs two parallel regions over all experts:
 //
-//   1. pack: each expert's tokens of x, transposed into brgemm's B layout (H × Np, Np the pair count rounded up
-//      to 16; for 16-bit dtypes VNNI pairs, [H/2][Np][2]): the gather every MoE does, in the layout the
-//      micro-kernel reads, 16 × 16 words at a time.
-//   2. gate/up: tasks (expert, Ib rows of its gate and up weights), split over the threads by their cost; the
-//      weight rows are the A operand in their public (E, 2I, H) layout (no repacking, nothing cached), g and u come
-//      out as Ib × NC fp32 tiles, and a = act(min(g, L)) · clamp(u, −L, L) · w is computed in the epilogue and
-//      written in the B layout GEMM 2 reads.
-//   3. down: threads split the H output rows; for each expert, Hb rows of its down weights (A, public (E, H, I)
-//      layout) times its a, transposed back 16 × 16 and added into the thread's own columns of y (fp32), experts
-//      in a fixed order, so every y element receives its terms in the same order whatever the thread count.
+//   1. gate/up: a thread takes whole pieces (up to kPiece pairs of one expert; ranges of about equal cost). It packs
+//      the piece's tokens of x into brgemm's B layout in its own buffer (H × Np, Np the pair count rounded up to
+//      16; VNNI pairs [H/2][Np][2] for bf16; 16 × 16 words at a time), then for every chunk of Ib rows of the
+//      expert's gate and up weights (the A operand, in their public (E, 2I, H) layout: no repacking, nothing
+//      cached) gets g and u as Ib × Np fp32 tiles and computes a = act(min(g, L)) · clamp(u, −L, L) · w in the
+//      epilogue, written in the B layout GEMM 2 reads.
+//   2. down: threads split the H output rows; for each piece, Hb rows of the expert's down weights (A, public
+//      (E, H, I) layout) times its a, transposed back 16 × 16 and added into the thread's own columns of y (fp32),
+//      pieces in a fixed order, so every y element receives its terms in the same order whatever the thread count.
 //
 // Both GEMMs compute transposed tiles (weight rows × tokens): the weights keep their layout and only activations
 // are rearranged. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
 // micro-kernel reads is 64-byte aligned: unaligned tiles measured half the speed.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs,
-// Np a segment's pairs rounded up to 16, NC token columns per micro-kernel call, Ib gate/up rows per task,
-// Hb down rows per tile; a "word" is 32 bits: one fp32 element or a VNNI pair of 16-bit elements.
+// Np a piece's pairs rounded up to 16, Ib gate/up rows per call, Hb down rows per tile; a "word" is 32 bits: one
+// fp32 element or a VNNI pair of 16-bit elements.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -48,7 +46,7 @@ namespace {
 using at::Tensor;
 namespace cpublas = at::native::cpublas;
 
-constexpr int64_t kIb = 32;   // gate/up rows per task: a 32 × H tile of each stays in L2 across the columns
+constexpr int64_t kIb = 32;   // gate/up rows per call: a 32 × H tile of each, reused across the piece's columns
 constexpr int64_t kHb = 64;   // down rows per tile
 // Pairs per piece (a thread's unit of gate/up work, and the token columns of every micro-kernel call on it): an
 // expert with more, or the shared experts (every token), is split so that the threads' shares even out and a
