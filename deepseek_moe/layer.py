@@ -175,13 +175,15 @@ class DeepSeekMoELayer(nn.Module):
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
 
     def _fused_shared(self, impl: backends.Backend, dtype: torch.dtype, override) -> Optional[tuple]:
-        """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: it can, the
-        experts see this layer's own tokens (local dispatch), no gate scales the shared output, they are not
-        disabled, and their projections are plain (:meth:`SharedExperts.fusable_weights`)."""
-        if not (impl.fuses_shared and self.shared_experts is not None and self.shared_expert_gate is None
+        """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: the experts
+        see this layer's own tokens (local dispatch), no gate scales the shared output, they are not disabled, their
+        projections are plain (:meth:`SharedExperts.fusable_weights`) and ``impl`` takes them
+        (:meth:`Backend.fuses_shared`)."""
+        if not (self.shared_experts is not None and self.shared_expert_gate is None
                 and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)):
             return None
-        return self.shared_experts.fusable_weights(dtype)
+        weights = self.shared_experts.fusable_weights(dtype)
+        return weights if weights is not None and impl.fuses_shared(weights) else None
 
     def _implementation(self, device: torch.device, dtype: torch.dtype,
                         tokens: Optional[int] = None) -> backends.Backend:

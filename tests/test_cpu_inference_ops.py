@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 import deepseek_moe as dm
 from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, select
 from deepseek_moe.backends.ext import blocks_supported
-from deepseek_moe.plan import build_plan, sorted_weights
+from deepseek_moe.plan import build_plan
 from deepseek_moe.testing import assert_close, make_topk, require_extension
 
 
@@ -21,7 +21,7 @@ def built():
 
 
 def needs_blocks(dtype):
-    """bf16 blocks need oneDNN's bf16 micro-kernel (AMX or AVX-512 BF16); the CI machine has it."""
+    """bf16 blocks need oneDNN's bf16 micro-kernel (AMX); the CI machine has it."""
     if not blocks_supported(dtype):
         pytest.skip(f"expert_blocks has no {dtype} micro-kernel on this CPU")
 
@@ -175,3 +175,62 @@ def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant,
         fused = base._fused_shared(impl, x.dtype, None) is not None
     assert impl.strategy == ("decode" if tokens <= DECODE_TOKENS else "blocks") and fused == (variant == "fused")
     assert_close(y, y_ref, 1e-6, variant)
+
+
+@pytest.mark.parametrize("op", ["expert_gemv", "expert_blocks"])
+def test_ops_refuse_tokens_and_counts_outside_the_batch(op):
+    """The ops index x and y by the plan's tokens: a direct call with a bad one raises instead of reading or writing
+    outside them."""
+    T, E, H, I = 20, 2, 16, 8
+    x, gate_up, down = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    token, weight = torch.arange(T), torch.ones(T)
+    fn = getattr(torch.ops.deepseek_moe, op)
+    fn(x, gate_up, down, token, weight, torch.tensor([T, 0]), None)
+    for bad in (T, -1, 10 ** 8):
+        t = token.clone()
+        t[3] = bad
+        with pytest.raises(RuntimeError, match=r"token_N\[3\] = .* outside \[0, T = 20\)"):
+            fn(x, gate_up, down, t, weight, torch.tensor([T, 0]), None)
+    with pytest.raises(RuntimeError, match="counts_E must be >= 0"):
+        fn(x, gate_up, down, token, weight, torch.tensor([T + 5, -5]), None)
+
+
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+def test_shared_weights_of_any_layout_and_odd_width(strategy):
+    """Shared-expert weights loaded as transposed views (``load_state_dict(assign=True)``) and, in bf16, an odd
+    shared width (the blocks op pairs rows: the layer then adds the shared experts itself) run as eager does."""
+    dtype = torch.bfloat16 if strategy == "blocks" else torch.float32
+    if strategy == "blocks":
+        needs_blocks(dtype)
+    fields = dict(hidden_size=64, expert_hidden_size=32, num_routed_experts=8, num_shared_experts=1,
+                  shared_expert_hidden_size=33, top_k=2, initializer_range=0.1)
+    torch.manual_seed(0)
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").to(dtype).eval()
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").to(dtype).eval()
+    state = {k: (v.mT.contiguous().mT if k.startswith("shared_experts") else v) for k, v in oracle.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    assert not layer.shared_experts.gate_proj.weight.is_contiguous()
+    T = 8 if strategy == "decode" else 40
+    x = torch.randn(T, 64).to(dtype)
+    with torch.inference_mode():
+        y, y_ref = layer(x), oracle(x)
+        impl = layer._implementation(x.device, dtype, T)
+        fused = layer._fused_shared(impl, dtype, None) is not None
+    assert impl.strategy == strategy and fused == (strategy == "decode")
+    assert_close(y, y_ref, 1e-6 if dtype == torch.float32 else 1e-2, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+def test_a_negative_limit_clamps_as_torch_clamp(strategy):
+    """MoEConfig refuses swiglu_limit <= 0; the ops called directly still clamp in torch.clamp's order."""
+    g = torch.Generator().manual_seed(0)
+    T = 4 if strategy == "decode" else 40
+    x, gate_up = torch.randn(T, 32, generator=g), torch.randn(3, 32, 32, generator=g)
+    down = torch.randn(3, 32, 16, generator=g)
+    topk = make_topk(T, 3, 2, "random", generator=g)
+    w = torch.rand(T, 2, generator=g)
+    plan = build_plan(topk, w, 3, None, w)
+    with torch.inference_mode():
+        y = ExtBackend(strategy, "silu@-1.0").run(x, plan, gate_up, down)
+    truth, scale = by_formula(x, gate_up, down, topk, w, plan.keep_TK, -1.0)
+    assert bool(((y.double() - truth).abs() <= 2e-5 * scale + 1e-30).all())

@@ -119,10 +119,11 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// act(min(g, L)) · clamp(u, −L, L) · w for the 16 lanes at g_at and u_at; NaN in g or u stays NaN.
+// act(min(g, L)) · clamp(u, −L, L) · w for the 16 lanes at g_at and u_at, the clamp in torch.clamp's order (max
+// first); NaN in g or u stays NaN (the intrinsics return their second operand when one is NaN).
 __attribute__((target("avx512f"))) inline __m512 glu16(const float* g_at, const float* u_at, __m512 w, __m512 L) {
   const __m512 g = _mm512_min_ps(L, _mm512_loadu_ps(g_at));
-  const __m512 u = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), L), _mm512_min_ps(L, _mm512_loadu_ps(u_at)));
+  const __m512 u = _mm512_min_ps(L, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), L), _mm512_loadu_ps(u_at)));
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, sig), u), w);
@@ -145,13 +146,15 @@ __attribute__((target("avx512f"))) void glu_tile_avx512(const float* g, const fl
   for (int64_t n = 0; n < nc; n += 16) {
     const __m512 wn = _mm512_loadu_ps(w + n);
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (int64_t i = 0; i < jr; ++i) _mm512_storeu_ps(out.a + (out.j0 + i) * out.Np + n, glu16(g + i * nc + n, u + i * nc + n, wn, L));
+      for (int64_t i = 0; i < jr; ++i)
+        _mm512_storeu_ps(out.a + (out.j0 + i) * out.Np + n, glu16(g + i * nc + n, u + i * nc + n, wn, L));
     } else {
       uint32_t* words = reinterpret_cast<uint32_t*>(out.a);
       for (int64_t i = 0; i < jr; i += 2)
         _mm512_storeu_si512(words + ((out.j0 + i) / 2) * out.Np + n,
-                            _mm512_or_si512(_mm512_srli_epi32(bf16_high(glu16(g + i * nc + n, u + i * nc + n, wn, L)), 16),
-                                            bf16_high(glu16(g + (i + 1) * nc + n, u + (i + 1) * nc + n, wn, L))));
+                            _mm512_or_si512(
+                                _mm512_srli_epi32(bf16_high(glu16(g + i * nc + n, u + i * nc + n, wn, L)), 16),
+                                bf16_high(glu16(g + (i + 1) * nc + n, u + (i + 1) * nc + n, wn, L))));
     }
   }
 }
@@ -343,8 +346,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
 
 }  // namespace
 
-// Whether expert_blocks has a micro-kernel for dtype on this CPU (fp32 always; bf16 where oneDNN packs it: AMX or
-// AVX-512 BF16), rather than brgemm's slow reference loop.
+// Whether expert_blocks has a micro-kernel for dtype on this CPU (fp32 always; bf16 where oneDNN packs it, i.e. has
+// a VNNI micro-kernel: AMX), rather than brgemm's slow reference loop.
 bool expert_blocks_supported(at::ScalarType dtype) {
   return dtype == at::kFloat || (dtype == at::kBFloat16 && cpublas::could_pack(at::kBFloat16));
 }
@@ -353,21 +356,19 @@ Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Ten
                          const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
                          const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                          const std::optional<Tensor>& shared_down) {
-  const std::vector<int64_t> counts = check_inference_inputs("expert_blocks", x_in, gate_up_in, down_in, token_in,
-                                                              weight_in, counts_E, shared_gate, shared_up,
-                                                              shared_down);
+  const InferenceInputs in = inference_inputs("expert_blocks", x_in, gate_up_in, down_in, token_in, weight_in,
+                                               counts_E, shared_gate, shared_up, shared_down);
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "expert_blocks: fp32 or bf16 only, got ", dtype);
   const int64_t H = x_in.size(1), I = down_in.size(2);
-  TORCH_CHECK(dtype == at::kFloat || (H % 2 == 0 && I % 2 == 0 && (!shared_gate || shared_gate->size(0) % 2 == 0)),
-              "expert_blocks: bf16 needs even hidden sizes (VNNI pairs), got H=", H, ", I=", I);
-  const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
-  const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
-  Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(at::kFloat));
+  const int64_t Is = shared_gate ? shared_gate->size(0) : 0;
+  TORCH_CHECK(dtype == at::kFloat || (H % 2 == 0 && I % 2 == 0 && Is % 2 == 0),
+              "expert_blocks: bf16 needs even sizes (VNNI pairs), got H=", H, ", I=", I, ", shared width ", Is);
+  Tensor y_TH = at::zeros({x_in.size(0), H}, x_in.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "expert_blocks", [&] {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)
-      expert_blocks_impl<scalar_t>(x_TH, gate_up, down, token_N, weight_N, counts, limit, shared_gate, shared_up,
-                                   shared_down, y_TH);
+      expert_blocks_impl<scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
+                                   in.shared_gate, in.shared_up, in.shared_down, y_TH);
   });
   return y_TH.to(dtype);
 }

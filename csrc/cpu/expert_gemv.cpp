@@ -214,19 +214,15 @@ Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tenso
                        const Tensor& weight_in, const Tensor& counts_E, std::optional<double> limit,
                        const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                        const std::optional<Tensor>& shared_down) {
-  const std::vector<int64_t> counts = check_inference_inputs("expert_gemv", x_in, gate_up_in, down_in, token_in,
-                                                              weight_in, counts_E, shared_gate, shared_up,
-                                                              shared_down);
-  const int64_t H = x_in.size(1);
+  const InferenceInputs in = inference_inputs("expert_gemv", x_in, gate_up_in, down_in, token_in, weight_in,
+                                               counts_E, shared_gate, shared_up, shared_down);
   const auto acc = at::toOpMathType(x_in.scalar_type());
-  const Tensor x_TH = x_in.contiguous(), gate_up = gate_up_in.contiguous(), down = down_in.contiguous();
-  const Tensor token_N = token_in.contiguous(), weight_N = weight_in.contiguous();
-  Tensor y_TH = at::zeros({x_TH.size(0), H}, x_TH.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "expert_gemv", [&] {
-    expert_gemv_impl<scalar_t>(x_TH, gate_up, down, token_N, weight_N, counts, limit, shared_gate, shared_up,
-                               shared_down, y_TH);
+  Tensor y_TH = at::zeros({x_in.size(0), x_in.size(1)}, x_in.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "expert_gemv", [&] {
+    expert_gemv_impl<scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
+                               in.shared_gate, in.shared_up, in.shared_down, y_TH);
   });
-  return y_TH.to(x_TH.scalar_type());
+  return y_TH.to(x_in.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {

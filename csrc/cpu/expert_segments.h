@@ -35,7 +35,8 @@ struct Segments {
 template <typename scalar_t, typename acc_t>
 Segments<scalar_t, acc_t> build_segments(const at::Tensor& x_TH, const at::Tensor& gate_up, const at::Tensor& down,
                                          const at::Tensor& token_N, const at::Tensor& weight_N,
-                                         const std::vector<int64_t>& counts, const std::optional<at::Tensor>& shared_gate,
+                                         const std::vector<int64_t>& counts,
+                                         const std::optional<at::Tensor>& shared_gate,
                                          const std::optional<at::Tensor>& shared_up,
                                          const std::optional<at::Tensor>& shared_down) {
   const int64_t T = x_TH.size(0), H = x_TH.size(1), I = down.size(2);
@@ -60,14 +61,20 @@ Segments<scalar_t, acc_t> build_segments(const at::Tensor& x_TH, const at::Tenso
   return out;
 }
 
-// The checks of an inference op's inputs, routed and shared (all three or none; contiguous, x's dtype), and the
-// routed experts' pair counts on the host.
-inline std::vector<int64_t> check_inference_inputs(const char* op, const at::Tensor& x_TH, const at::Tensor& gate_up,
-                                                   const at::Tensor& down, const at::Tensor& token_N,
-                                                   const at::Tensor& weight_N, const at::Tensor& counts_E,
-                                                   const std::optional<at::Tensor>& shared_gate,
-                                                   const std::optional<at::Tensor>& shared_up,
-                                                   const std::optional<at::Tensor>& shared_down) {
+// An inference op's inputs, checked (routed and shared: all three or none, of x's dtype; every count >= 0 and
+// every token in [0, T), since the ops index x and y by them) and made contiguous, with the routed experts' pair
+// counts on the host.
+struct InferenceInputs {
+  at::Tensor x_TH, gate_up, down, token_N, weight_N;
+  std::vector<int64_t> counts;
+  std::optional<at::Tensor> shared_gate, shared_up, shared_down;
+};
+
+inline InferenceInputs inference_inputs(const char* op, const at::Tensor& x_TH, const at::Tensor& gate_up,
+                                        const at::Tensor& down, const at::Tensor& token_N, const at::Tensor& weight_N,
+                                        const at::Tensor& counts_E, const std::optional<at::Tensor>& shared_gate,
+                                        const std::optional<at::Tensor>& shared_up,
+                                        const std::optional<at::Tensor>& shared_down) {
   check_expert_inputs(op, x_TH, gate_up, down, token_N, weight_N, counts_E);
   const int64_t H = x_TH.size(1), E = gate_up.size(0);
   TORCH_CHECK(shared_gate.has_value() == shared_up.has_value() && shared_up.has_value() == shared_down.has_value(),
@@ -80,18 +87,31 @@ inline std::vector<int64_t> check_inference_inputs(const char* op, const at::Ten
     for (int i = 0; i < 3; ++i) {
       const at::Tensor& w = *expected[i].first;
       const auto [rows, cols] = expected[i].second;
-      TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous() &&
-                      w.scalar_type() == x_TH.scalar_type() && w.device() == x_TH.device(),
-                  op, ": ", names[i], " must be a contiguous (", rows, ", ", cols, ") tensor of x's dtype, got ",
-                  w.sizes(), " ", w.scalar_type());
+      TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.scalar_type() == x_TH.scalar_type() &&
+                      w.device() == x_TH.device(),
+                  op, ": ", names[i], " must be a (", rows, ", ", cols, ") tensor of x's dtype, got ", w.sizes(), " ",
+                  w.scalar_type());
     }
   }
   const at::Tensor counts_cpu = counts_E.to(at::kCPU, at::kLong).contiguous();
   std::vector<int64_t> counts(counts_cpu.const_data_ptr<int64_t>(), counts_cpu.const_data_ptr<int64_t>() + E);
   int64_t pairs = 0;
-  for (int64_t n : counts) pairs += n;
+  for (int64_t n : counts) {
+    TORCH_CHECK(n >= 0, op, ": counts_E must be >= 0, got ", n);
+    pairs += n;
+  }
   TORCH_CHECK(pairs == token_N.size(0), op, ": counts_E sum to ", pairs, ", token_N has ", token_N.size(0));
-  return counts;
+  const at::Tensor token = token_N.contiguous();
+  const int64_t T = x_TH.size(0);
+  const int64_t* t = token.const_data_ptr<int64_t>();
+  for (int64_t p = 0; p < pairs; ++p)
+    TORCH_CHECK(t[p] >= 0 && t[p] < T, op, ": token_N[", p, "] = ", t[p], " is outside [0, T = ", T, ")");
+  auto contiguous = [](const std::optional<at::Tensor>& w) {
+    return w ? std::optional<at::Tensor>(w->contiguous()) : std::nullopt;
+  };
+  return {x_TH.contiguous(),       gate_up.contiguous(),    down.contiguous(),
+          token,                   weight_N.contiguous(),   std::move(counts),
+          contiguous(shared_gate), contiguous(shared_up),   contiguous(shared_down)};
 }
 
 }  // namespace deepseek_moe

@@ -19,7 +19,7 @@ Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows then 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -39,7 +39,6 @@ class Backend:
     name = "base"
     activations = ACTIVATIONS
     not_batch_invariant: Optional[str] = None  # why it can never compute batch-invariantly, when it cannot
-    fuses_shared = False  # run() takes shared=(gate, up, down) and adds the shared experts in its own pass
 
     def __init__(self, activation: str = "silu"):
         reason = self.activation_reason(activation)
@@ -79,12 +78,17 @@ class Backend:
         returns the same plan."""
         return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
 
+    def fuses_shared(self, shared: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+        """Whether :meth:`run` takes ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` of these weights and adds
+        the shared experts in its own pass (the layer then leaves them out)."""
+        return False
+
     def run(self, x_TH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor,
             down_EHI: torch.Tensor) -> torch.Tensor:
         """y_TH (T, H) = Σ_k w[t, k] · down_e · GLU(gate_up_e · x_t) over the kept pairs of ``plan``.
 
         x_TH (T, H), gate_up_EJH (E, 2I, H), down_EHI (E, H, I), all one dtype; y in x's dtype, differentiable
-        w.r.t. x, both weights and ``plan.weight_TK``. An implementation with ``fuses_shared`` also takes
+        w.r.t. x, both weights and ``plan.weight_TK``. An implementation that :meth:`fuses_shared` also takes
         ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` and adds the shared experts' GLU of every row of x."""
         raise NotImplementedError
 

@@ -146,7 +146,7 @@ def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
 
 def blocks_supported(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -> bool:
     """Whether the loaded extension's ``expert_blocks`` has a micro-kernel for ``dtype`` on this CPU (fp32; bf16
-    where oneDNN packs it: AMX or AVX-512 BF16) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are
+    where oneDNN packs it: AMX) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are
     even (VNNI pairs; None: assumed so)."""
     if dtype not in (torch.float32, torch.bfloat16) or not ext.is_loaded():
         return False
@@ -214,7 +214,7 @@ class ExtBackend(Backend):
                 return ("the ext backend on CUDA uses PyTorch's grouped GEMM, which runs bf16 on compute capability "
                         f">= 9.0; got {dtype} on {torch.cuda.get_device_name(device)}")
         if self.strategy == "blocks" and device.type == "cpu" and not blocks_supported(dtype):
-            return (f"the ext backend's blocks strategy runs fp32, and bf16 on a CPU with AMX or AVX-512 BF16; "
+            return (f"the ext backend's blocks strategy runs fp32, and bf16 on a CPU with AMX; "
                     f"not {dtype} here")
         if self.strategy == "grouped_mm" and _grouped_mm is None:
             return f"torch {torch.__version__} has no grouped_mm"
@@ -228,9 +228,11 @@ class ExtBackend(Backend):
         except ext.ExtensionUnavailable:
             pass
 
-    @property
-    def fuses_shared(self) -> bool:
-        return self.strategy in _INFERENCE_OPS
+    def fuses_shared(self, shared) -> bool:
+        """The inference ops do; the blocks op in bf16 only for an even shared width (VNNI pairs)."""
+        if self.strategy not in _INFERENCE_OPS:
+            return False
+        return self.strategy != "blocks" or shared[0].dtype != torch.bfloat16 or shared[0].shape[0] % 2 == 0
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, shared=None):
         if self.strategy in _INFERENCE_OPS:  # selected for inference only: the ops have no backward
