@@ -1,6 +1,6 @@
 """The CPU inference implementations of backend "ext": strategy "decode" (csrc/cpu/expert_gemv.cpp), which selection
-picks for inference on at most DECODE_TOKENS tokens on the CPU, and strategy "blocks" (csrc/cpu/expert_blocks.cpp)
-for inference on more. Each equals the truth: every pair's expert computed in float64 from the formulas (fp32 to
+picks for inference on at most decode_tokens(dtype) tokens on the CPU, and strategy "blocks"
+(csrc/cpu/expert_blocks.cpp) for inference on more. Each equals the truth: every pair's expert computed in float64 from the formulas (fp32 to
 rounding, bf16 within bf16 rounding), and the eager layer with padding, capacity, group-limited sigmoid routing,
 the clamped SwiGLU and experts that receive no token."""
 import pytest
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import deepseek_moe as dm
-from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, select
+from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, decode_tokens, select
 from deepseek_moe.backends.ext import blocks_supported
 from deepseek_moe.plan import build_plan
 from deepseek_moe.testing import assert_close, make_topk, require_extension
@@ -121,11 +121,13 @@ def test_layer_equals_the_eager_layer_with_padding_capacity_and_clamp(routing, d
     S = 8 if strategy == "decode" else 80
     x = torch.randn(2, S, 96).to(dtype) * 2
     mask = torch.zeros(2, S, dtype=torch.bool)
-    mask[1, 5:] = True  # 13 real tokens (a decode step) or 85
+    mask[1, 5:] = True  # 13 real tokens or 85
+    if strategy == "decode":  # as many real tokens as a decode step of this dtype may have, at most 13
+        mask.view(-1)[min(13, decode_tokens(dtype, (96, 40))):] = True
     with torch.inference_mode():
         y, y_ref = layer(x, padding_mask=mask), oracle(x, padding_mask=mask)
-    impl = [impl for key, impl in layer._impls.items()]
-    assert [i.strategy for i in impl] == [strategy]
+        impl = layer._implementation(x.device, dtype, int((~mask).sum()))
+    assert impl.strategy == strategy
     # The oracle rounds h and a to bf16 between its GEMMs; the ops keep h in fp32.
     assert_close(y[~mask], y_ref[~mask], 1e-6 if dtype == torch.float32 else 1e-2, f"{routing} {dtype}")
     assert (y[mask] == 0).all()
@@ -141,9 +143,11 @@ def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inferenc
     assert select("ext", cpu, torch.bfloat16, inference=True, sizes=(64, 33)).strategy == "segments"  # odd I
     layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
                                 backend="ext").eval()
+    limit = decode_tokens(torch.float32)
+    assert limit == 32  # fp32 blocks run here: decoding ends where they overtake the streaming op
     with torch.no_grad():
-        layer(torch.randn(DECODE_TOKENS, 32))
-        layer(torch.randn(DECODE_TOKENS + 1, 32))
+        layer(torch.randn(limit, 32))
+        layer(torch.randn(limit + 1, 32))
     layer.train()
     layer(torch.randn(4, 32)).sum().backward()
     strategies = {key[3:]: impl.strategy for key, impl in layer._impls.items()}
@@ -151,7 +155,7 @@ def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inferenc
                           (False, False, False): "segments"}
 
 
-@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("tokens", [3, 40])  # fp32: a decode step, and more than decode_tokens (32)
 @pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared"])
 def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant, tokens):
     """The inference ops add the shared experts in their own pass when they are plain; with a sigmoid gate on them
@@ -173,7 +177,8 @@ def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant,
         y, y_ref = layer(x), oracle(x)
         impl = base._implementation(x.device, x.dtype, tokens)
         fused = base._fused_shared(impl, x.dtype, None) is not None
-    assert impl.strategy == ("decode" if tokens <= DECODE_TOKENS else "blocks") and fused == (variant == "fused")
+    assert impl.strategy == ("decode" if tokens <= decode_tokens(x.dtype) else "blocks")
+    assert fused == (variant == "fused")
     assert_close(y, y_ref, 1e-6, variant)
 
 

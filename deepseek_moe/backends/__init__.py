@@ -32,11 +32,15 @@ from .grouped import STRATEGIES, TorchBackend
 from .triton import TritonBackend
 
 __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "TorchBackend", "TritonBackend", "select",
-           "selected_spec", "from_spec", "backend_status", "for_experts_implementation"]
+           "selected_spec", "from_spec", "backend_status", "for_experts_implementation", "decode_tokens"]
 
 # Inference on at most this many tokens on the CPU is decoding: the experts' GEMMs are matrix-vector products bound
-# by reading the weights, which the extension's "decode" strategy streams once (csrc/cpu/expert_gemv.cpp).
+# by reading the weights, which the extension's "decode" strategy streams once (csrc/cpu/expert_gemv.cpp); above,
+# the segment loop is faster. Where the "blocks" strategy (brgemm) runs the dtype, decoding ends where blocks
+# overtakes the streaming op instead (cold weights, H = 1024, 64 × 352 + 2 shared, top-6, docs/benchmarks.md):
+# fp32 between 32 and 48 tokens; bf16 at 3 (AMX against the bf16 dot products widened in registers).
 DECODE_TOKENS = 16
+_DECODE_TOKENS_BESIDE_BLOCKS = {torch.float32: 32, torch.bfloat16: 2}
 # The name under which deepseek_moe.hf registers its experts function with transformers.
 TRANSFORMERS_NAME = "deepseek_moe"
 # transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
@@ -158,7 +162,7 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     (device, dtype), experts with the GLU gate ``activation`` and of ``sizes`` (hidden_size, expert_hidden_size)
     when known, for forwards with (``inference=False``) or without a backward, batch-invariant when
     ``batch_invariant`` (the layer asks for it under ``torch.use_deterministic_algorithms(True)``), for decoding
-    when ``decode`` (inference on at most :data:`DECODE_TOKENS` tokens on the CPU: ``ext`` then streams the
+    when ``decode`` (inference on at most :func:`decode_tokens` tokens on the CPU: ``ext`` then streams the
     weights, strategy "decode"; ``auto`` picks it when an ahead-of-time build is installed).
 
     A backend chosen by name (argument or ``DEEPSEEK_MOE_BACKEND``) that needs a build or a load (ext) gets it
@@ -184,20 +188,36 @@ def select(name: str = "auto", device: torch.device = torch.device("cpu"), dtype
     return backend
 
 
+def decode_tokens(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -> int:
+    """The most tokens an inference call on the CPU in ``dtype`` may have to be a decode step: where the loaded
+    extension's blocks op runs (dtype, sizes), the measured crossover with the streaming op, else
+    :data:`DECODE_TOKENS`."""
+    if dtype in _DECODE_TOKENS_BESIDE_BLOCKS and _ext_blocks_supported(dtype, sizes):
+        return _DECODE_TOKENS_BESIDE_BLOCKS[dtype]
+    return DECODE_TOKENS
+
+
 def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype: torch.dtype, activation: str,
              sizes: Tuple[int, int], tokens: Optional[int] = None) -> Backend:
     """:func:`select` for (name, device, dtype, grad mode, whether ``tokens`` is a decode step), kept in ``cache``
     (selection reads the environment and the filesystem, so once per key); under torch.compile a trace-time
-    constant (:func:`selected_spec`), nothing cached."""
+    constant (:func:`selected_spec`), nothing cached. The selection without the decode flag comes first: it loads
+    the extension where it is chosen, and what the extension can run sets where decoding ends
+    (:func:`decode_tokens`), so the first call decides as every later one."""
     batch_invariant = invariant.enabled()
     if torch.compiler.is_compiling():
         return from_spec(selected_spec(name, device, dtype, activation, sizes, batch_invariant))
     inference = not torch.is_grad_enabled()
-    decode = inference and device.type == "cpu" and tokens is not None and tokens <= DECODE_TOKENS
-    key = (name, device, dtype, inference, batch_invariant, decode)
+    key = (name, device, dtype, inference, batch_invariant, False)
     if key not in cache:
         cache[key] = select(name, device, dtype, activation, inference=inference, sizes=sizes,
-                            batch_invariant=batch_invariant, decode=decode)
+                            batch_invariant=batch_invariant)
+    if not (inference and device.type == "cpu" and tokens is not None and tokens <= decode_tokens(dtype, sizes)):
+        return cache[key]
+    key = key[:-1] + (True,)
+    if key not in cache:
+        cache[key] = select(name, device, dtype, activation, inference=inference, sizes=sizes,
+                            batch_invariant=batch_invariant, decode=True)
     return cache[key]
 
 

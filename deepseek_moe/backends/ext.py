@@ -3,7 +3,7 @@
 * ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
   GEMM → add into y; ATen's GEMMs).
-* ``decode`` (CPU, inference on at most ``backends.DECODE_TOKENS`` tokens, chosen at selection): ``expert_gemv``
+* ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection): ``expert_gemv``
   streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
   into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
 * ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
@@ -144,16 +144,22 @@ def route_plan(topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: 
                         num_dropped=torch.zeros((), dtype=torch.int64, device=device))
 
 
+_blocks_kernels: dict = {}  # dtype -> whether the loaded extension's blocks op has a micro-kernel for it here
+
+
 def blocks_supported(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -> bool:
     """Whether the loaded extension's ``expert_blocks`` has a micro-kernel for ``dtype`` on this CPU (fp32; bf16
-    where oneDNN packs it: AMX) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are
-    even (VNNI pairs; None: assumed so)."""
+    where oneDNN packs it: AMX) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are even (VNNI pairs;
+    None: assumed so). False while the extension is not loaded. Asked on every inference forward on the CPU
+    (:func:`deepseek_moe.backends.decode_tokens`), so the op's answer is kept."""
     if dtype not in (torch.float32, torch.bfloat16) or not ext.is_loaded():
         return False
     if dtype == torch.bfloat16 and sizes is not None and any(n % 2 for n in sizes):
         return False
-    _ensure_loaded_eager()
-    return bool(torch.ops.deepseek_moe.expert_blocks_supported(dtype))
+    if dtype not in _blocks_kernels:
+        ensure_loaded()
+        _blocks_kernels[dtype] = bool(torch.ops.deepseek_moe.expert_blocks_supported(dtype))
+    return _blocks_kernels[dtype]
 
 
 def has_cuda_kernels() -> bool:
