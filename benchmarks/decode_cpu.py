@@ -3,6 +3,7 @@
     python benchmarks/decode_cpu.py                          # fp32, T = 1, 4, 16; H=1024, 64x352 + 2 shared, K=6
     python benchmarks/decode_cpu.py --dtype bfloat16
     python benchmarks/decode_cpu.py --beside-load        # the same beside another 2-thread PyTorch process
+    python benchmarks/decode_cpu.py --crossover --tokens 8,12,16   # decode op against blocks op, same layers
     python benchmarks/decode_cpu.py --prefill --dtype bfloat16   # T = 512, 2048 against a dense FFN of equal FLOPs
 
 A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
@@ -22,6 +23,9 @@ The read bandwidth is measured in the same run: the best of several sums over a 
 GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth. ``--beside-load``
 times everything while another process runs 2-thread PyTorch GEMMs (a shared machine: a parallel region waits for
 its descheduled threads); the bandwidth is then measured beside it too.
+
+``--crossover`` times the ext layers with the decode op and with the blocks op at each T (where selection ends
+decoding: ``backends.decode_tokens``).
 
 ``--prefill`` times forwards of many tokens instead (default T = 512, 2048; compute-bound, so one weight copy),
 each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816); with
@@ -58,6 +62,21 @@ def beside_load(on: bool):
     finally:
         proc.kill()
         proc.wait()
+
+
+def forcing(call, dtype, decode_tokens: int):
+    """``call`` with the ext backend's decode steps ending at ``decode_tokens`` tokens (selection's crossover,
+    ``backends._DECODE_TOKENS_BESIDE_BLOCKS``, set for the call and restored)."""
+    table = dm.backends._DECODE_TOKENS_BESIDE_BLOCKS
+
+    def forced(i):
+        saved = table[dtype]
+        table[dtype] = decode_tokens
+        try:
+            return call(i)
+        finally:
+            table[dtype] = saved
+    return forced
 
 
 def read_bandwidth(repeats: int = 5) -> float:
@@ -129,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="leave transformers' block out")
     p.add_argument("--beside-load", action="store_true", help="time beside another 2-thread PyTorch process")
     p.add_argument("--prefill", action="store_true", help="many tokens against a dense FFN of equal FLOPs")
+    p.add_argument("--crossover", action="store_true",
+                   help="the ext layer with the decode op against itself with the blocks op (where decoding ends)")
     args = p.parse_args(argv)
     if args.prefill:
         return prefill(args)
@@ -169,7 +190,10 @@ def main(argv=None) -> int:
                 return call
 
             fns = {"ext decode": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
-            if blocks:
+            if args.crossover:  # the same ext layers with the decode op and with the blocks op at every T
+                fns = {"ext, decode op": forcing(cycling(ours), dtype, 2 ** 31),
+                       "ext, blocks op": forcing(cycling(ours), dtype, 0), "dense": cycling(dense)}
+            elif blocks:
                 fns["hf grouped_mm"] = cycling([lambda x, b=b: b(x.unsqueeze(0)) for b in blocks])
             with torch.inference_mode():
                 times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1,

@@ -37,10 +37,10 @@ __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "Torch
 # Inference on at most this many tokens on the CPU is decoding: the experts' GEMMs are matrix-vector products bound
 # by reading the weights, which the extension's "decode" strategy streams once (csrc/cpu/expert_gemv.cpp); above,
 # the segment loop is faster. Where the "blocks" strategy (brgemm) runs the dtype, decoding ends where blocks
-# overtakes the streaming op instead (cold weights, H = 1024, 64 × 352 + 2 shared, top-6, docs/benchmarks.md):
-# fp32 between 32 and 48 tokens; bf16 at 3 (AMX against the bf16 dot products widened in registers).
+# overtakes the streaming op instead (the layer, cold weights, H = 1024, 64 × 352 + 2 shared, top-6, both in one
+# run, docs/benchmarks.md): fp32 near 32 tokens (within 5% either way there), bf16 between 12 and 16.
 DECODE_TOKENS = 16
-_DECODE_TOKENS_BESIDE_BLOCKS = {torch.float32: 32, torch.bfloat16: 2}
+_DECODE_TOKENS_BESIDE_BLOCKS = {torch.float32: 32, torch.bfloat16: 12}
 # The name under which deepseek_moe.hf registers its experts function with transformers.
 TRANSFORMERS_NAME = "deepseek_moe"
 # transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
