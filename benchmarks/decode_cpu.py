@@ -12,8 +12,8 @@ forward per copy, on a fresh input each call (fresh routing). What a call must r
 experts and every routed expert some token picked (``distinct experts × expert bytes``). Contenders, interleaved
 round by round under inference mode, median of the rounds:
 
-* ``ext decode``: the layer, backend "ext" (the weight-streaming op for T <= 16, ``expert_gemv``; with
-  ``--prefill`` the sorted-block op, ``expert_blocks``);
+* ``ext decode``: the layer, backend "ext" (the weight-streaming op ``expert_gemv`` up to
+  ``backends.decode_tokens(dtype)`` tokens, the sorted-block op ``expert_blocks`` above);
 * ``torch``: the layer, backend "torch";
 * ``hf grouped_mm``: transformers' own DeepSeek-V3 block of the same shape (sigmoid routing without groups),
   ``experts_implementation="grouped_mm"``, when transformers is installed;
