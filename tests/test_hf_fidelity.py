@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")  # CI installs the hf extra; 
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe import hf  # noqa: E402
-from deepseek_moe.testing import assert_close  # noqa: E402
+from deepseek_moe.testing import assert_close, require_extension  # noqa: E402
 
 H, V = 32, 97
 COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
@@ -178,6 +178,24 @@ def test_greedy_generate_with_and_without_cache(family):
     for use_cache in (True, False):
         kw = dict(max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
         assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw)), (family, use_cache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_through_the_cpu_inference_ops(family):
+    """Converted with backend "ext": the 80-token prompt's forward runs the blocks op (brgemm), each decoding step of
+    2 tokens the weight-streaming op; the greedy tokens are the stock model's."""
+    require_extension()
+    stock, ours = _model(family), _model(family)
+    assert hf.replace_moe_blocks(ours, backend="ext") == 2
+    acts = {layer.config.hidden_act for layer in hf.moe_layers(ours).values()}
+    if acts != {"silu"}:
+        pytest.skip(f"the ext backend implements SwiGLU only; this {family} config uses {acts}")
+    stock.eval(), ours.eval()
+    ids = _batch(1, B=2, S=40)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw)), family
+    ran = {impl.strategy for layer in hf.moe_layers(ours).values() for impl in layer._impls.values()}
+    assert ran == {"blocks", "decode"}, ran
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3_groups", "mixtral", "qwen2_moe", "dbrx", V4])
