@@ -3,13 +3,13 @@
 * ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
   GEMM → add into y; ATen's GEMMs).
-* ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection): ``expert_gemv``
-  streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
+* ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection):
+  ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
   into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
 * ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
-  selection): ``expert_blocks`` runs every expert's pairs in blocks of 16 or 32 tokens through brgemm (AMX for bf16
-  where the CPU has it), the SwiGLU·w in GEMM 1's epilogue, in three parallel regions over all experts
-  (csrc/cpu/expert_blocks.cpp); no backward.
+  selection): ``expert_blocks`` runs every expert's pairs (in pieces of up to 256) through brgemm (AMX for bf16),
+  the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's epilogue, in two parallel regions
+  over all experts (csrc/cpu/expert_blocks.cpp); no backward.
 * ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
   plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
   per token row, fp32, the same order as the reference's combine).
