@@ -4,8 +4,8 @@
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
   GEMM → add into y; ATen's GEMMs).
 * ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection):
-  ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then the down rows
-  into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
+  ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then
+  the down rows into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
 * ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
   selection): ``expert_blocks`` runs every expert's pairs (in pieces of up to 256) through brgemm (AMX for bf16),
   the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's epilogue, in two parallel regions
