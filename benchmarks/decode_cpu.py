@@ -12,7 +12,7 @@ forward per copy, on a fresh input each call (fresh routing). What a call must r
 experts and every routed expert some token picked (``distinct experts × expert bytes``). Contenders, interleaved
 round by round under inference mode, median of the rounds:
 
-* ``ext decode``: the layer, backend "ext" (the weight-streaming op ``expert_gemv`` up to
+* ``ext``: the layer, backend "ext" (the weight-streaming op ``expert_gemv`` up to
   ``backends.decode_tokens(dtype)`` tokens, the sorted-block op ``expert_blocks`` above);
 * ``torch``: the layer, backend "torch";
 * ``hf grouped_mm``: transformers' own DeepSeek-V3 block of the same shape (sigmoid routing without groups),
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                     return models[i % n](xs[i % calls])
                 return call
 
-            fns = {"ext decode": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
+            fns = {"ext": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
             if args.crossover:  # the same ext layers with the decode op and with the blocks op at every T
                 fns = {"ext, decode op": forcing(cycling(ours), dtype, 2 ** 31),
                        "ext, blocks op": forcing(cycling(ours), dtype, 0), "dense": cycling(dense)}

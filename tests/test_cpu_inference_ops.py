@@ -1,8 +1,8 @@
 """The CPU inference implementations of backend "ext": strategy "decode" (csrc/cpu/expert_gemv.cpp), which selection
 picks for inference on at most decode_tokens(dtype) tokens on the CPU, and strategy "blocks"
-(csrc/cpu/expert_blocks.cpp) for inference on more. Each equals the truth: every pair's expert computed in float64 from the formulas (fp32 to
-rounding, bf16 within bf16 rounding), and the eager layer with padding, capacity, group-limited sigmoid routing,
-the clamped SwiGLU and experts that receive no token."""
+(csrc/cpu/expert_blocks.cpp) for inference on more. Each equals the truth: every pair's expert computed in float64
+from the formulas (fp32 to rounding, bf16 within bf16 rounding), and the eager layer with padding, capacity,
+group-limited sigmoid routing, the clamped SwiGLU and experts that receive no token."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,3 +239,15 @@ def test_a_negative_limit_clamps_as_torch_clamp(strategy):
         y = ExtBackend(strategy, "silu@-1.0").run(x, plan, gate_up, down)
     truth, scale = by_formula(x, gate_up, down, topk, w, plan.keep_TK, -1.0)
     assert bool(((y.double() - truth).abs() <= 2e-5 * scale + 1e-30).all())
+
+
+@pytest.mark.parametrize("op", ["expert_gemv", "expert_blocks"])
+def test_ops_say_they_have_no_backward(op):
+    """Called directly on tensors that need gradients, the inference ops raise at backward instead of leaving
+    gradients silently unset."""
+    x = torch.randn(20, 16, requires_grad=True)
+    gate_up, down = torch.randn(2, 16, 16), torch.randn(2, 16, 8)
+    y = getattr(torch.ops.deepseek_moe, op)(x, gate_up, down, torch.arange(20), torch.ones(20), torch.tensor([20, 0]),
+                                            None)
+    with pytest.raises(RuntimeError, match="inference only"):
+        y.sum().backward()

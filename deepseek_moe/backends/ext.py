@@ -96,6 +96,15 @@ def _register() -> None:
 
     torch.library.register_autograd(_OPS + "combine", _combine_backward, setup_context=_combine_setup)
     torch.library.register_autograd(_OPS + "segment_mlp_fused", _segment_backward, setup_context=_segment_setup)
+    for op in _INFERENCE_OPS.values():  # called directly on tensors that need gradients: say so at backward
+        torch.library.register_autograd(_OPS + op, _inference_only(op))
+
+
+def _inference_only(op: str):
+    def backward(ctx, grad_y):
+        raise RuntimeError(f"deepseek_moe::{op} computes inference only and has no backward; the layer selects it "
+                           f"only without autograd (strategy 'segments' has one)")
+    return backward
 
 
 def _combine_setup(ctx, inputs, output):
