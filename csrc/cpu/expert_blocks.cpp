@@ -65,16 +65,6 @@ constexpr int64_t per_word() {
 }
 
 // ------------------------------------------------------------------------------------ the GLU epilogue
-template <typename acc_t>
-struct Glu {
-  acc_t limit;
-  acc_t operator()(acc_t g, acc_t u) const {
-    g = std::min(g, limit);
-    u = std::min(std::max(u, -limit), limit);
-    return g / (acc_t(1) + std::exp(-g)) * u;
-  }
-};
-
 // Where a tile of a goes: a piece's a in the B layout (row j, token column n at word (j / P)·Np + n, half j % P),
 // the tile's rows from j0.
 template <typename scalar_t>
@@ -91,10 +81,10 @@ struct BTile {
 // a from the g and u tiles (jr × nc fp32, row stride nc) and the columns' weights w (0 past the pairs): the
 // portable loop.
 template <typename scalar_t>
-void glu_tile_portable(const float* g, const float* u, const float* w, const Glu<float>& glu, int64_t jr, int64_t nc,
+void glu_tile_portable(const float* g, const float* u, const float* w, float limit, int64_t jr, int64_t nc,
                        const BTile<scalar_t>& out) {
   for (int64_t i = 0; i < jr; ++i)
-    for (int64_t n = 0; n < nc; ++n) out.store(i, n, glu(g[i * nc + n], u[i * nc + n]) * w[n]);
+    for (int64_t n = 0; n < nc; ++n) out.store(i, n, clamped_swiglu(g[i * nc + n], u[i * nc + n], limit) * w[n]);
 }
 
 // Adds the transposed tile c (hr × nc fp32, row stride nc) into y: column n into y_rows[n][0, hr). The portable
@@ -197,7 +187,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   constexpr bool vnni = P == 2;
   const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x
   const bool avx512 = has_avx512();
-  const Glu<float> glu{limit ? static_cast<float>(*limit) : std::numeric_limits<float>::infinity()};
+  const float L = glu_limit<float>(limit);
   const auto built = build_segments<scalar_t, float>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
                                                      shared_up, shared_down);
   const auto& segments = built.list;
@@ -255,11 +245,11 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
         const BTile<scalar_t> out{ab_piece, np, j0};
 #ifdef DEEPSEEK_MOE_X86
         if (avx512 && jr % 2 == 0) {
-          glu_tile_avx512(g, u, w, glu.limit, jr, np, out);
+          glu_tile_avx512(g, u, w, L, jr, np, out);
           continue;
         }
 #endif
-        glu_tile_portable(g, u, w, glu, jr, np, out);
+        glu_tile_portable(g, u, w, L, jr, np, out);
       }
     }
     cpublas::brgemm_release(vnni);

@@ -35,7 +35,6 @@
 #include "cpu_features.h"
 #include "expert_segments.h"
 
-
 namespace deepseek_moe {
 namespace {
 
@@ -125,11 +124,6 @@ struct Placement {
   int64_t a_offset, units_before;
 };
 
-template <typename acc_t>
-acc_t silu(acc_t g) {
-  return g / (acc_t(1) + std::exp(-g));
-}
-
 // The segments' units [u0, u1) (one unit: a gate row and an up row of one segment) -> a. A thread's range is
 // contiguous within each segment, so it streams consecutive rows.
 template <typename scalar_t, typename acc_t>
@@ -145,8 +139,7 @@ void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const 
       for (int64_t p = s.first; p < s.first + s.count; ++p) {
         acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
         dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, avx512, gate + H);
-        const acc_t g = std::min(gu[0], L), u = std::min(std::max(gu[1], -L), L);
-        a[a_offset + p * s.width + i] = silu(g) * u * (s.weight ? s.weight[p] : acc_t(1));
+        a[a_offset + p * s.width + i] = clamped_swiglu(gu[0], gu[1], L) * (s.weight ? s.weight[p] : acc_t(1));
       }
     }
   }
@@ -160,7 +153,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t H = x_TH.size(1);
   const bool avx512 = has_avx512();
-  const acc_t L = limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
+  const acc_t L = glu_limit<acc_t>(limit);
   // x widened once (T·H elements: small), so that every dot reads one weight row and one acc_t vector.
   const Tensor xw = x_TH.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const auto built = build_segments<scalar_t, acc_t>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,

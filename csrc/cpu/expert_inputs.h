@@ -1,5 +1,5 @@
-// The checks every CPU experts op makes on its inputs (segment_mlp.cpp, expert_gemv.cpp), with the op's name in
-// each message.
+// The checks every CPU experts op makes on its inputs (segment_mlp.cpp; expert_gemv.cpp and expert_blocks.cpp through
+// expert_segments.h), with the op's name in each message.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, E experts, N sorted (token, slot) pairs.
 #pragma once

@@ -7,13 +7,30 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
 #include "expert_inputs.h"
 
 namespace deepseek_moe {
+
+// The SwiGLU clamp L of a swiglu_limit (+inf without one, which makes the clamps no-ops).
+template <typename acc_t>
+acc_t glu_limit(std::optional<double> limit) {
+  return limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
+}
+
+// silu(min(g, L)) · clamp(u, −L, L), the clamp in torch.clamp's order; a NaN in g or u stays NaN.
+template <typename acc_t>
+acc_t clamped_swiglu(acc_t g, acc_t u, acc_t L) {
+  g = std::min(g, L);
+  u = std::min(std::max(u, -L), L);
+  return g / (acc_t(1) + std::exp(-g)) * u;
+}
 
 // One GLU expert and the pairs it serves: rows gate[i], up[i] (H each, i < width), down[h] (width each, h < H);
 // pair p (count of them from first) reads token token[p] and is weighted by weight[p] (1 without weights).
