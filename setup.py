@@ -78,6 +78,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["deepseek_moe", "deepseek_moe.*"]),
+    package_data={"deepseek_moe.kernels": ["tuned_tiles.json"]},  # the GPU tile sweep's winners
     install_requires=["torch>=2.10", "numpy"],
     extras_require=extras,
     entry_points={"console_scripts": ["deepseek-moe-bench = deepseek_moe.bench.cli:main_exit"]},

@@ -19,6 +19,7 @@ import torch
 
 from .plan import DispatchPlan, build_plan, expert_capacity, segment_ranks, sorted_weights  # noqa: F401 (re-exports)
 from .rows import CombineRows, GatherRows, combine_rows, gather_rows  # noqa: F401 (re-exports)
+from .stages import stage
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -77,5 +78,6 @@ class LocalDispatcher(Dispatcher):
     def __call__(self, x_TH: torch.Tensor, routing: "Routing", run_experts: RunExperts, impl: "Backend",
                  training: bool) -> Tuple[torch.Tensor, Dispatched]:
         """x_TH (T, H) -> (y_TH (T, H) the routed output, :class:`Dispatched`)."""
-        plan = self.plan(routing, impl, training)
+        with stage("plan"):
+            plan = self.plan(routing, impl, training)
         return run_experts(x_TH, plan), Dispatched(plan, plan.num_dropped)

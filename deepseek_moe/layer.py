@@ -22,6 +22,7 @@ from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
 from .forced_routing import forced_topk, hashed_topk
 from .router import LogitsProbe, Router, Routing
+from .stages import stage
 
 
 class DeepSeekMoELayer(nn.Module):
@@ -149,7 +150,8 @@ class DeepSeekMoELayer(nn.Module):
                 forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
             else:
                 forced_TK = hashed_topk(self.router.tid2eid, input_ids, x, padding_A, self.config, who)
-        routing = self.gate(routed_TH, override, forced_TK)
+        with stage("router"):
+            routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
         shared = self._fused_shared(impl, dtype, override)
@@ -157,12 +159,13 @@ class DeepSeekMoELayer(nn.Module):
                                            lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
                                            self.training)
         if shared is None and self.shared_experts is not None and (override is None or override.shared):
-            shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
-            if gate is not None:
-                check_invariant_projections((gate,), self.training)
-                sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
-                shared_TH = shared_TH * sigmoid(gate(x_TH))
-            y_TH = y_TH + shared_TH
+            with stage("shared_experts"):
+                shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
+                if gate is not None:
+                    check_invariant_projections((gate,), self.training)
+                    sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
+                    shared_TH = shared_TH * sigmoid(gate(x_TH))
+                y_TH = y_TH + shared_TH
         self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
                                x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))

@@ -34,6 +34,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                             swiglu_limit=10.0, aux_loss_alpha=0.0, seq_balance_alpha=0.0001, bias_update_speed=0.001),
     "mixtral-8x7b": dict(hidden_size=4096, expert_hidden_size=14336, num_routed_experts=8, num_shared_experts=0,
                          top_k=2, score_func="softmax", norm_topk_prob=True, aux_loss_alpha=0.04),
+    # Qwen3-30B-A3B's MoE layers (its config.json: moe_intermediate_size 768, 128 experts, 8 per token, normalised,
+    # router_aux_loss_coef 0.001, i.e. 0.008 here).
+    "qwen3-30b-a3b": dict(hidden_size=2048, expert_hidden_size=768, num_routed_experts=128, num_shared_experts=0,
+                          top_k=8, score_func="softmax", norm_topk_prob=True, aux_loss_alpha=0.008),
     "qwen2-moe": dict(hidden_size=2048, expert_hidden_size=1408, num_routed_experts=60, num_shared_experts=4,
                       top_k=4, score_func="softmax", norm_topk_prob=False, shared_expert_gate=True,
                       aux_loss_alpha=0.004),

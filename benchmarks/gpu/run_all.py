@@ -1,151 +1,231 @@
-"""One script for a CUDA machine (issue 5): check the triton backend against the torch backend, then time them.
+"""The one program for a CUDA machine: build, check, test, tune, time and profile in a single call.
 
-    python benchmarks/gpu/run_all.py                      # bf16, DeepSeekMoE-16B layer, T = 4096, 16384, 65536
-    python benchmarks/gpu/run_all.py --smoke              # tiny sizes; also runs on CPU with TRITON_INTERPRET=1
+    python benchmarks/gpu/run_all.py --out-dir $OUT                  # bf16, three shapes, T = 4096, 16384, 65536
+    python benchmarks/gpu/run_all.py --out-dir $OUT --budget 420     # the matrix trimmed to fit 7 minutes
+    TRITON_INTERPRET=1 python benchmarks/gpu/run_all.py --smoke      # the whole program on CPU at toy sizes
 
-Shape: H = 2048, 64 routed experts of I = 1408 + 2 shared, top-6. Contenders, forward and forward+backward:
-our layer with ``backend="triton"``, with ``backend="torch"`` (``torch._grouped_mm``; the segment loop where
-that is unavailable), a dense SwiGLU FFN with the same active FLOPs (the practical ceiling), and megablocks'
-dMoE when it imports. Prints ms, TFLOP/s and the ratio to dense; writes JSON to benchmarks/results/.
+Steps, each printed with its time; everything lands in ``<out-dir>/gpu_run.json`` (and the tile table in
+``<out-dir>/tuned_tiles.json``):
+
+1. **build**: the extension (csrc/, CUDA half on a GPU): its build time, or why it failed.
+2. **check**: every backend that runs here (triton, torch, ext) against the eager layer in float64 on the same
+   weights and tokens, output and every gradient; each must be within 2x the error of the eager layer run in the
+   same dtype (the reference twin) against that float64 truth (plus 1e-3 of slack for fp32 sums).
+3. **tests**: ``pytest -m gpu`` (skipped with ``--smoke``: the CPU suite runs those files' CPU twins).
+4. **tune** (``--no-tune`` skips it): the tile sweep of :mod:`deepseek_moe.kernels.tuning` per shape; the winners
+   go to the package's table (so step 5 runs them) and to the out-dir copy to commit. ``--smoke`` sweeps its first
+   shape in the interpreter and writes only the out-dir copy.
+5. **time**: per shape, T and mode (fwd, fwd+bwd), interleaved: our triton, torch and ext backends, the dense FFN
+   of equal active FLOPs, transformers' own block with ``experts_implementation="grouped_mm"`` (DeepSeek-V3's for a
+   shape with shared experts, Mixtral's otherwise), megablocks' dMoE and sonic-moe when they import (else the
+   reason is recorded); ms, TFLOP/s, x dense, and each contender's peak memory above what it held before.
+6. **profile**: the per-stage split (``deepseek_moe.stages``) of the triton and torch backends at each shape's
+   middle T, forward and backward.
+
+``--budget`` (seconds, default 450) trims: a (shape, T) cell whose estimated time (the last cell's, scaled by
+T) would pass the deadline is skipped and listed; the tests get at most a quarter of the budget.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 import deepseek_moe as dm
-from deepseek_moe.bench.timing import interleaved, run_once
+from deepseek_moe.bench.contenders import hf_contender
+from deepseek_moe.bench.profile import profile_stages
+from deepseek_moe.bench.timing import interleaved, peak_memory, run_once
 from deepseek_moe.experts import SharedExperts
-from deepseek_moe.testing import assert_close
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import megablocks_dmoe, sonic_moe  # noqa: E402  (this folder's helper)
+from shapes import SHAPES, SMOKE_SHAPES, oracle_check  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
-def _megablocks(cfg: dm.MoEConfig, dtype: torch.dtype, device: torch.device):
-    """megablocks' dMoE at the same shape, or (None, reason)."""
+class Log:
+    """Step timing and the JSON record."""
+
+    def __init__(self, budget: float):
+        self.begin, self.deadline, self.record = time.perf_counter(), time.perf_counter() + budget, {"steps": {}}
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def step(self, name: str, result) -> None:
+        self.record["steps"][name] = result
+        print(f"[{time.perf_counter() - self.begin:6.1f} s] {name}: {json.dumps(result)[:400]}", flush=True)
+
+
+def build_extension() -> Dict[str, object]:
+    begin = time.perf_counter()
     try:
-        from megablocks.layers.arguments import Arguments
-        from megablocks.layers.dmoe import dMoE
-    except Exception as err:  # an ImportError, or its compiled ops failing to load
-        return None, f"megablocks does not import ({type(err).__name__}: {err})"
-    args = Arguments(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.expert_hidden_size,
-                     moe_num_experts=cfg.num_routed_experts, moe_top_k=cfg.top_k, mlp_type="glu",
-                     mlp_impl="grouped", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                     device=device)
-    layer = dMoE(args)
-
-    class _Tokens(torch.nn.Module):  # dMoE wants (S, B, H) and returns (y, bias)
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x):
-            return self.layer(x.unsqueeze(1))[0].squeeze(1)
-
-    return _Tokens(), None
+        from deepseek_moe import ext
+        ext.load()
+        return {"built": True, "seconds": round(time.perf_counter() - begin, 1)}
+    except Exception as err:  # a compiler or toolkit problem: the ext contender is then left out, saying why
+        return {"built": False, "reason": f"{type(err).__name__}: {str(err)[-300:]}"}
 
 
-def _check(cfg: dm.MoEConfig, dtype: torch.dtype, device: torch.device, tokens: int) -> float:
-    """Triton vs torch backend on one batch: output and every gradient. Returns the worst relative RMS."""
-    from deepseek_moe.testing import rel_rms
-
-    fast = dm.DeepSeekMoELayer(cfg.replace(backend="triton")).to(device, dtype)
-    ref = dm.DeepSeekMoELayer(cfg.replace(backend="torch")).to(device, dtype)
-    ref.load_state_dict(fast.state_dict())
-    x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
-    results = []
-    for layer in (fast, ref):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.float().square().mean().backward()
-        results.append([y, xi.grad] + [p.grad for p in layer.parameters()])
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(*results)):
-        assert_close(a, b, TOL[dtype], f"check tensor {i}")
-        worst = max(worst, rel_rms(a, b))
-    return worst
+def run_tests(seconds: float) -> Dict[str, object]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_triton.py", "tests/test_ext.py"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(seconds, 10))
+        return {"command": " ".join(cmd[2:]), "exit": done.returncode, "tail": done.stdout[-600:]}
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd[2:]), "exit": None, "tail": f"stopped after {seconds:.0f} s (budget)"}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def tune(shape: dict, T: int, dtype, device, interpret: bool, seconds: float, out_dir: Optional[Path],
+         package: bool) -> Dict[str, object]:
+    from deepseek_moe.kernels import heuristics
+    from deepseek_moe.kernels.tuning import sweep
+
+    cfg = shape["config"]
+    H, I = cfg.hidden_size, cfg.expert_hidden_size
+    result = sweep(T, H, I, cfg.num_routed_experts, cfg.top_k, dtype, device, interpret, budget_s=seconds)
+    arch = heuristics.cuda_arch(device) if device.type == "cuda" else "interpreter"
+    key = heuristics.table_key(arch, dtype, (H, I))
+    measured = {"device": str(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tokens": T,
+                "shape": shape["name"], **result.measured()}
+    for path in ([out_dir / "tuned_tiles.json"] if out_dir else []) + ([heuristics.TABLE_PATH] if package else []):
+        heuristics.write_table(path, key, result.best, measured)
+    return {"key": key, "best": {k: list(v.__dict__.values()) for k, v in result.best.items()},
+            "skipped": result.skipped}
+
+
+def contenders(cfg: dm.MoEConfig, names: List[str], dtype, device, notes: Dict[str, str]) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for name in names:
+        try:
+            out[name] = dm.DeepSeekMoELayer(cfg.replace(backend=name))
+            out[name].backend  # noqa: B018  (selection: raises BackendUnavailable with the reason)
+        except Exception as err:
+            out.pop(name, None)
+            notes[name] = f"{type(err).__name__}: {err}"
+    width = cfg.dense_equivalent_width
+    out[f"dense-{width}"] = SharedExperts.dense(cfg.hidden_size, width)
+    peer = hf_contender("peer", "b", cfg, "grouped_mm")
+    try:
+        if peer is None:
+            raise ValueError("no transformers block has this layout")
+        out[f"{peer.name} grouped_mm"] = peer.build(next(iter(out.values())) if names else None)
+    except Exception as err:
+        notes["hf grouped_mm"] = f"{type(err).__name__}: {str(err)[:200]}"
+    for label, make in (("megablocks dMoE", megablocks_dmoe), ("sonic-moe", sonic_moe)):
+        module, reason = make(cfg, dtype, device)
+        if module is None:
+            notes[label] = reason
+        else:
+            out[label] = module
+    for module in out.values():
+        module.to(device, dtype)
+    return out
+
+
+def time_shape(shape: dict, tokens: List[int], dtype, device, repeats: int, log: Log, ours: List[str],
+               profile_calls: int) -> dict:
+    cfg, notes, rows, skipped = shape["config"], {}, [], []
+    modules = contenders(cfg, ours, dtype, device, notes)
+    dense = f"dense-{cfg.dense_equivalent_width}"
+    last = None  # (seconds, T) of the previous cell
+    for T in tokens:
+        estimate = 0.0 if last is None else last[0] * T / last[1]
+        if estimate > log.left():
+            skipped.append({"tokens": T, "reason": f"budget: ~{estimate:.0f} s needed, {log.left():.0f} s left"})
+            continue
+        begin = time.perf_counter()
+        x = torch.randn(T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        for mode in ("fwd", "fwdbwd"):
+            for m in modules.values():
+                m.train(mode == "fwdbwd")  # fwd: inference (eval, under inference mode)
+            flops = cfg.flops_per_token * T * (3 if mode == "fwdbwd" else 1)
+            fns = {name: (lambda r, m=m: run_once(m, x, mode)) for name, m in modules.items()}
+            times = {k: statistics.median(v) for k, v in interleaved(fns, repeats, device, 1).items()}
+            for name, sec in times.items():
+                rows.append({"tokens": T, "mode": mode, "contender": name, "ms": sec * 1e3,
+                             "tflops": flops / sec / 1e12, "x_dense": sec / times[dense],
+                             "peak_bytes": peak_memory(lambda: run_once(modules[name], x, mode), device)
+                             if device.type == "cuda" else None})
+        last = (time.perf_counter() - begin, T)
+    middle = tokens[len(tokens) // 2]
+    stages = {}
+    for name in [n for n in ("triton", "torch") if n in modules]:
+        x = torch.randn(middle, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        stages[name] = {mode: profile_stages(modules[name], x, mode, profile_calls) for mode in ("fwd", "fwdbwd")}
+    return {"rows": rows, "not_run": notes, "skipped": skipped, "stages_tokens": middle, "stages": stages}
+
+
+def print_rows(name: str, result: dict) -> None:
+    print(f"== {name}")
+    for peer, why in result["not_run"].items():
+        print(f"   not run: {peer}: {why}")
+    for r in result["rows"]:
+        mem = "" if r["peak_bytes"] is None else f" {r['peak_bytes'] / 2 ** 30:6.2f} GiB"
+        print(f"{r['tokens']:6d} {r['mode']:7s} {r['contender']:28s} {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
+              f"{r['x_dense']:6.2f}x dense{mem}")
+    for s in result["skipped"]:
+        print(f"   skipped T={s['tokens']}: {s['reason']}")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="4096,16384,65536")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and T (CPU interpreter or a quick GPU check)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_<device>.json; "
-                                               "--smoke writes none unless given)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole program")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True, help="run the tile sweep")
+    p.add_argument("--smoke", action="store_true", help="toy sizes; on CPU with TRITON_INTERPRET=1")
+    p.add_argument("--out-dir", default=None, help="where gpu_run.json and tuned_tiles.json go")
     args = p.parse_args(argv)
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
-        print("run_all.py: no CUDA device; use --smoke (with TRITON_INTERPRET=1) for a CPU check", file=sys.stderr)
+        print("run_all.py: no CUDA device; use --smoke (with TRITON_INTERPRET=1) for a CPU run", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype]
-    if args.smoke:
-        cfg = dm.MoEConfig(hidden_size=64, expert_hidden_size=32, num_routed_experts=8, num_shared_experts=2,
-                           top_k=3)
-        tokens = [int(t) for t in "16,48".split(",")]
-        args.repeats, args.warmup = 2, 1
-    else:
-        cfg = dm.MoEConfig(hidden_size=2048, expert_hidden_size=1408, num_routed_experts=64, num_shared_experts=2,
-                           top_k=6)
-        tokens = [int(t) for t in args.tokens.split(",")]
+    dtype, log = DTYPES[args.dtype], Log(args.budget)
+    shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in args.shapes.split(",")}
+    tokens = [16, 32] if args.smoke else [int(t) for t in args.tokens.split(",")]
+    repeats = 1 if args.smoke else args.repeats
+    out_dir = Path(args.out_dir) if args.out_dir else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; H={cfg.hidden_size} "
-          f"E={cfg.num_routed_experts}x{cfg.expert_hidden_size} +{cfg.num_shared_experts} shared K={cfg.top_k}")
-
-    worst = _check(cfg, dtype, device, min(tokens[0], 2048))
-    print(f"correctness: triton vs torch backend, output and all gradients, worst relative RMS {worst:.2e} (ok)")
-
-    width = cfg.dense_equivalent_width
-    contenders: Dict[str, torch.nn.Module] = {
-        "triton": dm.DeepSeekMoELayer(cfg.replace(backend="triton")),
-        "torch": dm.DeepSeekMoELayer(cfg.replace(backend="torch")),
-        f"dense-{width}": SharedExperts.dense(cfg.hidden_size, width),
-    }
-    mb, reason = _megablocks(cfg, dtype, device)
-    if mb is not None:
-        contenders["megablocks dMoE"] = mb
-    else:
-        print(f"megablocks: not run: {reason}")
-    for m in contenders.values():
-        m.to(device, dtype)
-
-    rows = []
-    for T in tokens:
-        x = torch.randn(T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
-        for mode in ("fwd", "fwdbwd"):
-            flops = cfg.flops_per_token * T * (3 if mode == "fwdbwd" else 1)
-            fns = {cname: (lambda r, m=m: run_once(m, x, mode)) for cname, m in contenders.items()}
-            times = {k: statistics.median(v) for k, v in interleaved(fns, args.repeats, device, args.warmup).items()}
-            dense = times[f"dense-{width}"]
-            for cname, sec in times.items():
-                rows.append({"tokens": T, "mode": mode, "contender": cname, "ms": sec * 1e3,
-                             "tflops": flops / sec / 1e12, "x_dense": sec / dense,
-                             "x_torch": sec / times["torch"]})
-
-    print(f"{'T':>6s} {'mode':7s} {'contender':16s} {'ms':>9s} {'TFLOP/s':>8s} {'× dense':>8s} {'× torch':>8s}")
-    for r in rows:
-        print(f"{r['tokens']:6d} {r['mode']:7s} {r['contender']:16s} {r['ms']:9.2f} {r['tflops']:8.1f} "
-              f"{r['x_dense']:8.2f} {r['x_torch']:8.2f}")
-    out = args.out or (None if args.smoke else os.path.join("benchmarks", "results", "gpu_cuda.json"))
-    if out is None:
-        return 0
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "dtype": args.dtype, "config": cfg.__dict__,
-                   "date": time.strftime("%Y-%m-%d"), "correctness_worst_rel_rms": worst, "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
-    return 0
+    log.record.update(device=name, torch=torch.__version__, dtype=args.dtype, date=time.strftime("%Y-%m-%d"),
+                      command=" ".join(sys.argv))
+    print(f"device: {name}; torch {torch.__version__}; {args.dtype}; budget {args.budget:.0f} s", flush=True)
+    ours = ["triton", "torch", "ext"]
+    log.step("build", build_extension())
+    first = next(iter(shapes.values()))
+    log.step("check", oracle_check(first["config"], ours, dtype, device, min(tokens[0], 1024)))
+    log.step("tests", {"skipped": "--smoke"} if args.smoke else run_tests(log.left() / 4))
+    if args.tune is not False:  # the smoke run tunes its first shape in the interpreter (the plumbing)
+        for shape in list(shapes.values())[:1] if args.smoke else shapes.values():
+            share = log.left() / (2 * len(shapes))
+            log.step(f"tune {shape['name']}", tune(shape, tokens[len(tokens) // 2], dtype, device,
+                                                    device.type == "cpu", share, out_dir, not args.smoke))
+    results = {}
+    for i, (key, shape) in enumerate(shapes.items()):
+        cells = tokens[:1] if args.smoke and i else tokens  # smoke: one T past the first shape (under a minute)
+        results[key] = time_shape(shape, cells, dtype, device, repeats, log, ours, 1 if args.smoke else 3)
+        print_rows(shape["name"], results[key])
+    log.step("time", {k: {"rows": len(v["rows"]), "skipped": len(v["skipped"])} for k, v in results.items()})
+    log.record["shapes"] = {k: {"config": {n: getattr(s["config"], n) for n in ("hidden_size", "expert_hidden_size",
+                                                                              "num_routed_experts", "top_k",
+                                                                              "num_shared_experts", "score_func")},
+                                **results[k]} for k, s in shapes.items()}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "gpu_run.json").write_text(json.dumps(log.record, indent=1, default=str))
+        print(f"wrote {out_dir / 'gpu_run.json'}")
+    failed = [b for b, r in log.record["steps"]["check"].items() if isinstance(r, dict) and r.get("ok") is False]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
     if name == "ext":
         backend = ExtBackend.for_device(device, dtype, activation, decode, inference, sizes)
     elif name == "triton":
-        backend = TritonBackend.for_device(device, dtype, activation)
+        backend = TritonBackend.for_device(device, dtype, activation, sizes)
     else:
         backend = _CLASSES[name](activation)
     backend.batch_invariant = batch_invariant

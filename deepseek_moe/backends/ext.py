@@ -28,7 +28,7 @@ import torch
 from .. import ext
 from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
-from ..rows import gather_rows
+from ..stages import stage
 from .base import Backend
 from .grouped import _grouped_mm, cuda_grouped_mm_ok, grouped_mm_experts
 
@@ -250,17 +250,17 @@ class ExtBackend(Backend):
         return self.strategy != "blocks" or shared[0].dtype != torch.bfloat16 or shared[0].shape[0] % 2 == 0
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI, shared=None):
-        if self.strategy in _INFERENCE_OPS:  # selected for inference only: the ops have no backward
-            op = getattr(torch.ops.deepseek_moe, _INFERENCE_OPS[self.strategy])
-            return op(x_TH, gate_up_EJH, down_EHI, plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
-                      plan.counts_E, self.limit, *(shared or ()))
         if self.strategy == "grouped_mm":
-            o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
-            return combine(o_NH, plan, weighted=True)
-        y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(),
-                                                           plan.token_N,
-                                                           sorted_weights(plan).to(acc_dtype(x_TH.dtype)),
-                                                           plan.counts_E, self.limit)
+            return grouped_mm_experts(x_TH, plan, gate_up_EJH, down_EHI, self.activation, combine)
+        weight_N = sorted_weights(plan).to(acc_dtype(x_TH.dtype))
+        with stage("experts"):
+            if self.strategy in _INFERENCE_OPS:  # selected for inference only: the ops have no backward
+                op = getattr(torch.ops.deepseek_moe, _INFERENCE_OPS[self.strategy])
+                return op(x_TH, gate_up_EJH, down_EHI, plan.token_N, weight_N, plan.counts_E, self.limit,
+                          *(shared or ()))
+            y_TH, _ = torch.ops.deepseek_moe.segment_mlp_fused(x_TH, gate_up_EJH.contiguous(),
+                                                               down_EHI.contiguous(), plan.token_N, weight_N,
+                                                               plan.counts_E, self.limit)
         return y_TH
 
     def plan(self, topk_idx_TK, weight_TK, num_experts, capacity=None, affinity_TK=None, keep_TK=None):

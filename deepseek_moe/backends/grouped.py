@@ -22,6 +22,7 @@ from .. import invariant
 from ..glu import acc_dtype, glu, glu_backward
 from ..plan import DispatchPlan, segment_ranks, sorted_weights
 from ..rows import combine_rows, gather_rows
+from ..stages import stage
 from .base import Backend
 
 STRATEGIES = ("segments", "grouped_mm")
@@ -198,13 +199,20 @@ def align_segments(token_N: torch.Tensor, weight_N: torch.Tensor, counts_E: torc
     return token_M, weight_M, padded_E
 
 
-def grouped_mm_experts(x_NH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
-                       activation: str = "silu") -> torch.Tensor:
-    """o_NH = down_e · GLU(gate_up_e · x_n) for the expert-sorted rows x_NH (N, H), as two grouped GEMMs (shapes
-    checked at selection: :func:`grouped_mm_shape_reason`)."""
+def grouped_mm_experts(x_TH: torch.Tensor, plan: DispatchPlan, gate_up_EJH: torch.Tensor, down_EHI: torch.Tensor,
+                       activation: str = "silu", combine=combine_rows) -> torch.Tensor:
+    """y_TH = Σ_k w · down_e · GLU(gate_up_e · x_t) (T, H): the plan's rows gathered in expert order, two grouped
+    GEMMs (shapes checked at selection: :func:`grouped_mm_shape_reason`), then ``combine`` (o_NH, plan,
+    weighted=True) -> y_TH (:func:`~deepseek_moe.rows.combine_rows` or the extension's), each a profiler stage."""
+    with stage("permute"):
+        x_NH = gather_rows(x_TH, plan)
     offs_E = plan.offsets_E1[1:].to(torch.int32)
-    h_NJ = _grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E)
-    return _grouped_mm(glu(h_NJ, activation).to(x_NH.dtype), down_EHI.transpose(1, 2), offs=offs_E)
+    with stage("gemm1_glu"):
+        a_NI = glu(_grouped_mm(x_NH, gate_up_EJH.transpose(1, 2), offs=offs_E), activation).to(x_NH.dtype)
+    with stage("gemm2"):
+        o_NH = _grouped_mm(a_NI, down_EHI.transpose(1, 2), offs=offs_E)
+    with stage("combine"):
+        return combine(o_NH, plan, weighted=True)
 
 
 class TorchBackend(Backend):
@@ -256,17 +264,17 @@ class TorchBackend(Backend):
 
     def run(self, x_TH, plan: DispatchPlan, gate_up_EJH, down_EHI):
         if self.strategy == "grouped_mm":
-            o_NH = grouped_mm_experts(gather_rows(x_TH, plan), plan, gate_up_EJH, down_EHI, self.activation)
-            return combine_rows(o_NH, plan, weighted=True)
+            return grouped_mm_experts(x_TH, plan, gate_up_EJH, down_EHI, self.activation)
         token, weight, counts = plan.token_N, sorted_weights(plan).to(acc_dtype(x_TH.dtype)), plan.counts_E
         if self.pad_multiple > 1:
             token, weight, counts = align_segments(token, weight, counts, self.pad_multiple)
         row_tile = self.pad_multiple if self.batch_invariant else 0
-        if self.inference:
-            return _segment_forward(x_TH, gate_up_EJH, down_EHI, token, weight, counts, self.activation,
-                                    False, row_tile)[0]
-        y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
-                              self.activation, row_tile)
+        with stage("experts"):
+            if self.inference:
+                return _segment_forward(x_TH, gate_up_EJH, down_EHI, token, weight, counts, self.activation,
+                                        False, row_tile)[0]
+            y_TH, _ = segment_mlp(x_TH, gate_up_EJH.contiguous(), down_EHI.contiguous(), token, weight, counts,
+                                  self.activation, row_tile)
         return y_TH
 
     def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:

@@ -21,6 +21,7 @@ import torch
 
 from ..glu import acc_dtype
 from ..plan import DispatchPlan, sorted_weights
+from ..stages import stage
 from ..versions import below_floor, installed, parse
 from .base import Backend
 
@@ -57,11 +58,14 @@ def triton_expert_mlp(x_TH: torch.Tensor, gate_up_EJH: torch.Tensor, down_EHI: t
     k = _launchers()
     interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
-    h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1, tiles["gate_up"], interpret,
-                                  limit)
-    o_PH = k.grouped_gemm_scatter(a_NI, down_EHI.transpose(1, 2), pair_N, T * top_k, offsets_E1,
-                                  pair_N.numel() < T * top_k, tiles["down"], interpret)
-    return _sum_k(o_PH, top_k, x_TH.dtype), h_NJ
+    with stage("gemm1_glu"):  # the gather runs in this GEMM's loads
+        h_NJ, a_NI = k.gate_up_swiglu(x_TH, token_N, weight_N, gate_up_EJH, offsets_E1, tiles["gate_up"],
+                                      interpret, limit)
+    with stage("gemm2"):
+        o_PH = k.grouped_gemm_scatter(a_NI, down_EHI.transpose(1, 2), pair_N, T * top_k, offsets_E1,
+                                      pair_N.numel() < T * top_k, tiles["down"], interpret)
+    with stage("combine"):
+        return _sum_k(o_PH, top_k, x_TH.dtype), h_NJ
 
 
 @triton_expert_mlp.register_fake
@@ -80,15 +84,18 @@ def triton_expert_mlp_backward(grad_y_TH: torch.Tensor, x_TH: torch.Tensor, gate
     interpret, tiles = _tiles(settings)
     T = x_TH.shape[0]
     grad_y_TH = grad_y_TH.contiguous()
-    grad_h_NJ, a_NI, grad_w_N = k.down_swiglu_backward(grad_y_TH, token_N, down_EHI, h_NJ, weight_N, offsets_E1,
-                                                       tiles["down_bwd"], interpret, limit)
-    grad_down = k.expert_weight_grad(grad_y_TH, token_N, a_NI, None, offsets_E1, down_EHI.dtype, tiles["wgrad"],
-                                     interpret)
-    grad_gate_up = k.expert_weight_grad(grad_h_NJ, None, x_TH, token_N, offsets_E1, gate_up_EJH.dtype,
-                                        tiles["wgrad"], interpret)
-    gx_PH = k.grouped_gemm_scatter(grad_h_NJ, gate_up_EJH, pair_N, T * top_k, offsets_E1,
-                                   pair_N.numel() < T * top_k, tiles["dgrad"], interpret)
-    return _sum_k(gx_PH, top_k, x_TH.dtype), grad_gate_up, grad_down, grad_w_N.to(weight_N.dtype)
+    with stage("gemm2"):  # the combine's backward (the gather of grad_y) runs in these kernels' loads
+        grad_h_NJ, a_NI, grad_w_N = k.down_swiglu_backward(grad_y_TH, token_N, down_EHI, h_NJ, weight_N,
+                                                           offsets_E1, tiles["down_bwd"], interpret, limit)
+        grad_down = k.expert_weight_grad(grad_y_TH, token_N, a_NI, None, offsets_E1, down_EHI.dtype,
+                                         tiles["wgrad"], interpret)
+    with stage("gemm1_glu"):
+        grad_gate_up = k.expert_weight_grad(grad_h_NJ, None, x_TH, token_N, offsets_E1, gate_up_EJH.dtype,
+                                            tiles["wgrad"], interpret)
+        gx_PH = k.grouped_gemm_scatter(grad_h_NJ, gate_up_EJH, pair_N, T * top_k, offsets_E1,
+                                       pair_N.numel() < T * top_k, tiles["dgrad"], interpret)
+    with stage("permute"):  # the gather's backward: the K rows of each token summed
+        return _sum_k(gx_PH, top_k, x_TH.dtype), grad_gate_up, grad_down, grad_w_N.to(weight_N.dtype)
 
 
 @triton_expert_mlp_backward.register_fake
@@ -136,22 +143,27 @@ class TritonBackend(Backend):
     GEMM's rows and a K-way sum; the backward mirrors it (see docs/kernels.md).
 
     Tiles and interpreter mode (tile overrides of :func:`deepseek_moe.kernels.force_tiles` and
-    ``DEEPSEEK_MOE_TRITON_TILES``, the GPU's compute capability, ``TRITON_INTERPRET``) are resolved when
-    :meth:`for_device` selects it, or, for an instance built without ``settings``, on its first run on a
-    (device, dtype), and kept: a launch reads neither the environment nor the device."""
+    ``DEEPSEEK_MOE_TRITON_TILES``, the tuning table's entry for the experts' sizes, the GPU's compute capability,
+    ``TRITON_INTERPRET``) are resolved when :meth:`for_device` selects it, or, for an instance built without
+    ``settings``, on its first run on a (device, dtype), and kept: a launch reads neither the environment nor the
+    device."""
 
     name = "triton"
     activations = ("silu",)  # SiLU (clamped or not) is fused into the GEMM epilogues
 
-    def __init__(self, activation: str = "silu", settings: Optional[List[int]] = None):
+    def __init__(self, activation: str = "silu", settings: Optional[List[int]] = None,
+                 sizes: Optional[Tuple[int, int]] = None):
         super().__init__(activation)
         self.fixed_settings = settings
+        self.sizes = sizes  # the experts' (H, I), for the tuning table's entry
         self._settings: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
 
     @classmethod
-    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu") -> "TritonBackend":
-        """The implementation with its settings resolved for (device, dtype) now (nothing is resolved later)."""
-        backend = cls(activation)
+    def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu",
+                   sizes: Optional[Tuple[int, int]] = None) -> "TritonBackend":
+        """The implementation with its settings resolved for (device, dtype) and experts of ``sizes`` (H, I) now
+        (nothing is resolved later)."""
+        backend = cls(activation, sizes=sizes)
         if backend.unavailable_reason(device, dtype) is None:
             backend.fixed_settings = backend.settings(device, dtype)
         return backend
@@ -180,7 +192,7 @@ class TritonBackend(Backend):
         if key not in self._settings:
             from ..kernels.heuristics import KINDS, tile_config
 
-            tiles = [tile_config(kind, dtype, device) for kind in KINDS]
+            tiles = [tile_config(kind, dtype, device, self.sizes) for kind in KINDS]
             self._settings[key] = [int(interpreting())] + [v for t in tiles for v in
                                                            (t.block_m, t.block_c, t.block_r, t.num_warps,
                                                             t.num_stages)]

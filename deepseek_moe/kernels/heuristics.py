@@ -1,8 +1,11 @@
 """Tile sizes for the grouped-MLP kernels, per kernel kind, problem shape, dtype and GPU architecture.
 
-``tile_config`` picks a :class:`TileConfig`; :func:`force_tiles` (a context manager, used by the tests) and the
-env var ``DEEPSEEK_MOE_TRITON_TILES="BM,BC,BR[,warps,stages]"`` override it. The GPU choices are starting
-points sized for Hopper-class shared memory; see docs/kernels.md for how they were chosen and what is measured.
+``tile_config`` picks a :class:`TileConfig`: :func:`force_tiles` (a context manager, used by the tests) or the
+env var ``DEEPSEEK_MOE_TRITON_TILES="BM,BC,BR[,warps,stages]"`` when set; else, on a GPU, the winner that an
+autotune sweep (:mod:`deepseek_moe.kernels.tuning`, run by ``benchmarks/gpu/run_all.py``) recorded in the table
+``tuned_tiles.json`` next to this file for (architecture, dtype, shape class); else the heuristic below, starting
+points sized for Hopper-class shared memory (docs/kernels.md says how they were chosen and what is measured).
+The table is read once per process, at selection, never per launch.
 
 Kinds: "gate_up" (dims: H reduced, I produced), "down" (H produced, I reduced), "dgrad" (H produced, 2I
 reduced), "down_bwd" (H reduced, I produced), "wgrad" (the per-expert weight gradients).
@@ -10,13 +13,18 @@ reduced), "down_bwd" (H reduced, I produced), "wgrad" (the per-expert weight gra
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import math
 import os
-from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 KINDS = ("gate_up", "down", "dgrad", "down_bwd", "wgrad")
+TABLE_PATH = Path(__file__).with_name("tuned_tiles.json")
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,68 @@ def _from_env() -> Optional[TileConfig]:
                          f"with powers of two >= 16 ({err})") from None
 
 
-def tile_config(kind: str, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """The tiles for kernel ``kind`` with ``dtype`` operands on ``device``: a forced or environment override, else
-    the heuristic (reads the environment and the GPU's compute capability: call it when selecting, not per
-    launch)."""
+def shape_class(sizes: Tuple[int, int]) -> str:
+    """The tuning table's shape class of experts with (hidden size H, expert hidden size I): both rounded up to a
+    power of two ("H2048-I2048" for DeepSeekMoE-16B's 2048 × 1408), so that nearby shapes share a tuned entry."""
+    H, I = (1 << max(0, math.ceil(math.log2(max(v, 1)))) for v in sizes)
+    return f"H{H}-I{I}"
+
+
+def table_key(arch: str, dtype: torch.dtype, sizes: Tuple[int, int]) -> str:
+    """The tuning table's key: "<arch>/<dtype>/<shape class>", e.g. "sm90/bfloat16/H2048-I2048"."""
+    return f"{arch}/{str(dtype).removeprefix('torch.')}/{shape_class(sizes)}"
+
+
+def cuda_arch(device: torch.device) -> str:
+    """"sm<major><minor>" of a CUDA device (sm90: H100 and H200)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def read_table(path: Path) -> Dict[str, Dict[str, TileConfig]]:
+    """{key: {kind: TileConfig}} from a tuning table (JSON ``{"entries": {key: {kind: {block_m, ...}}}}``); {} for a
+    missing file. Raises ValueError naming the file for one that is not such a table."""
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        return {key: {kind: TileConfig(**tiles) for kind, tiles in kinds.items() if kind in KINDS}
+                for key, kinds in entries.items()}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a tile tuning table ({type(err).__name__}: {err}); delete it or rerun "
+                         f"the sweep (benchmarks/gpu/run_all.py --tune)") from None
+
+
+def write_table(path: Path, key: str, tiles: Dict[str, TileConfig], measured: Dict[str, object]) -> None:
+    """Record the sweep's winners ``tiles`` for ``key`` in the table at ``path`` (other keys kept), with what
+    they were measured on (``measured``: device, torch, triton, date, shape, timings)."""
+    table = json.loads(path.read_text()) if path.exists() else {"entries": {}, "measured": {}}
+    table["entries"][key] = {kind: asdict(cfg) for kind, cfg in tiles.items()}
+    table.setdefault("measured", {})[key] = measured
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _package_table.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _package_table() -> Dict[str, Dict[str, TileConfig]]:
+    return read_table(TABLE_PATH)
+
+
+def tuned_tile_config(kind: str, dtype: torch.dtype, arch: str, sizes: Optional[Tuple[int, int]]
+                      ) -> Optional[TileConfig]:
+    """The tuning table's tiles for ``kind`` on ``arch`` with ``dtype`` and experts of ``sizes`` (H, I), or None
+    when the table has no entry (or ``sizes`` is unknown)."""
+    if sizes is None:
+        return None
+    return _package_table().get(table_key(arch, dtype, sizes), {}).get(kind)
+
+
+def tile_config(kind: str, dtype: torch.dtype, device: torch.device,
+                sizes: Optional[Tuple[int, int]] = None) -> TileConfig:
+    """The tiles for kernel ``kind`` with ``dtype`` operands on ``device`` for experts of ``sizes`` (H, I) when
+    known: a forced or environment override, else the tuning table's entry, else the heuristic (reads the
+    environment, the table and the GPU's compute capability: call it when selecting, not per launch). Raises
+    ValueError for an unknown kind or a malformed override or table."""
     if kind not in KINDS:
         raise ValueError(f"tile_config: unknown kernel kind {kind!r}; expected one of {KINDS}")
     forced = _forced or _from_env()
@@ -75,6 +141,9 @@ def tile_config(kind: str, dtype: torch.dtype, device: torch.device) -> TileConf
     if device.type != "cuda":
         # The interpreter runs each program as NumPy code: fewer, larger tiles interpret fastest.
         return TileConfig(32, 32, 32)
+    tuned = tuned_tile_config(kind, dtype, cuda_arch(device), sizes)
+    if tuned is not None:
+        return tuned
     return gpu_tile_config(kind, dtype, torch.cuda.get_device_capability(device)[0])
 
 
