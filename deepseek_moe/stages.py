@@ -22,6 +22,7 @@ import torch
 STAGES = ("router", "plan", "permute", "gemm1_glu", "gemm2", "combine", "experts", "shared_experts")
 PREFIX = "deepseek_moe/"
 _BACKWARD = "autograd::engine::evaluate_function"
+_NO_RANGE = contextlib.nullcontext()  # reusable: one for every call outside a profiler
 
 
 def stage(name: str):
@@ -31,7 +32,7 @@ def stage(name: str):
         raise ValueError(f"stage: unknown stage {name!r}; expected one of {STAGES}")
     if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
         return torch.profiler.record_function(PREFIX + name)
-    return contextlib.nullcontext()
+    return _NO_RANGE
 
 
 def _ancestors(event):

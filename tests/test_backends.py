@@ -169,7 +169,7 @@ def test_one_expert_top1_equals_dense_swiglu():
 def test_registry_reasons_and_env(monkeypatch):
     status = backend_status()
     assert status["eager"] is None and status["torch"] is None
-    assert "not part of this release" in status["megablocks"]
+    assert "pins torch>=2.7.0,<2.7.1" in status["megablocks"]
     with pytest.raises(dm.BackendUnavailable, match="megablocks"):
         select("megablocks")
     with pytest.raises(ValueError, match="backend='nope'"):

@@ -58,7 +58,8 @@ _CLASSES = {"eager": EagerBackend, "torch": TorchBackend, "triton": TritonBacken
 _TORCH_STRATEGIES = ("auto",) + STRATEGIES
 # Contract names whose implementations are not part of this release: selecting one says so plainly.
 _NOT_IN_RELEASE = {
-    "megablocks": "the megablocks adapter is not part of this release; use backend='torch'",
+    "megablocks": ("no megablocks backend in this release: megablocks 0.10.0 (its newest) pins torch>=2.7.0,<2.7.1, "
+                   "below this package's torch>=2.10; use backend='triton' or 'torch'"),
 }
 
 
