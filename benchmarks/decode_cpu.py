@@ -4,6 +4,7 @@
     python benchmarks/decode_cpu.py --dtype bfloat16
     python benchmarks/decode_cpu.py --beside-load        # the same beside another 2-thread PyTorch process
     python benchmarks/decode_cpu.py --crossover --tokens 8,12,16   # decode op against blocks op, same layers
+    python benchmarks/decode_cpu.py --compile            # also the ext layers under torch.compile(fullgraph=True)
     python benchmarks/decode_cpu.py --prefill --dtype bfloat16   # T = 512, 2048 against a dense FFN of equal FLOPs
 
 A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
@@ -13,7 +14,9 @@ experts and every routed expert some token picked (``distinct experts × expert 
 round by round under inference mode, median of the rounds:
 
 * ``ext``: the layer, backend "ext" (the weight-streaming op ``expert_gemv`` up to
-  ``backends.decode_tokens(dtype)`` tokens, the sorted-block op ``expert_blocks`` above);
+  ``backends.decode_tokens(dtype)`` tokens, the sorted-block op ``expert_blocks`` above); with ``--compile`` also
+  ``ext, compiled``: the same layers under ``torch.compile(fullgraph=True)`` (the same ops; the router, plan and
+  bookkeeping around them compiled: less Python per step);
 * ``torch``: the layer, backend "torch";
 * ``hf grouped_mm``: transformers' own DeepSeek-V3 block of the same shape (sigmoid routing without groups),
   ``experts_implementation="grouped_mm"``, when transformers is installed;
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="leave transformers' block out")
     p.add_argument("--beside-load", action="store_true", help="time beside another 2-thread PyTorch process")
     p.add_argument("--prefill", action="store_true", help="many tokens against a dense FFN of equal FLOPs")
+    p.add_argument("--compile", action="store_true", help="also the ext layers under torch.compile")
     p.add_argument("--crossover", action="store_true",
                    help="the ext layer with the decode op against itself with the blocks op (where decoding ends)")
     args = p.parse_args(argv)
@@ -190,6 +194,12 @@ def main(argv=None) -> int:
                 return call
 
             fns = {"ext": cycling(ours), "torch": cycling(torch_layers), "dense": cycling(dense)}
+            if args.compile:
+                compiled = [torch.compile(layer, fullgraph=True) for layer in ours]
+                with torch.inference_mode():
+                    for layer in compiled:  # compile every copy before timing
+                        layer(xs[0])
+                fns["ext, compiled"] = cycling(compiled)
             if args.crossover:  # the same ext layers with the decode op and with the blocks op at every T
                 fns = {"ext, decode op": forcing(cycling(ours), dtype, 2 ** 31),
                        "ext, blocks op": forcing(cycling(ours), dtype, 0), "dense": cycling(dense)}

@@ -30,7 +30,8 @@ def stage(name: str):
     Raises ValueError for an unknown name."""
     if name not in STAGES:
         raise ValueError(f"stage: unknown stage {name!r}; expected one of {STAGES}")
-    if torch.autograd.profiler._is_profiler_enabled and not torch.compiler.is_compiling():
+    # Compiling first: a traced read of the profiler flag would guard the graph on it (a recompile per profile).
+    if not torch.compiler.is_compiling() and torch.autograd.profiler._is_profiler_enabled:
         return torch.profiler.record_function(PREFIX + name)
     return _NO_RANGE
 

@@ -155,6 +155,31 @@ def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inferenc
                           (False, False, False): "segments"}
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
+    """torch.compile of an inference forward selects at trace time as eager mode does: the decode op for a decode
+    step, the blocks op above (a recompile, guarded on the token count when it is symbolic), the segment loop with
+    autograd; each equals the eager layer."""
+    torch._dynamo.reset()
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1,
+                                top_k=2, backend="ext").eval()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    limit = decode_tokens(torch.float32)
+    for tokens, op in ((1, "expert_gemv"), (limit, "expert_gemv"), (limit + 8, "expert_blocks")):
+        x = torch.randn(tokens, 32)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = compiled(x)
+        ran = {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
+        assert f"deepseek_moe::{op}" in ran, (tokens, ran)
+        with torch.no_grad():
+            assert_close(got, layer(x), 1e-6, f"{tokens} tokens")
+    x = torch.randn(3, 32, requires_grad=True)
+    layer.train()
+    with torch.profiler.profile() as prof:
+        torch.compile(layer, fullgraph=True)(x).sum().backward()
+    assert "deepseek_moe::segment_mlp_fused" in {e.name for e in prof.events()}
+
+
 @pytest.mark.parametrize("tokens", [3, 40])  # fp32: a decode step, and more than decode_tokens (32)
 @pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared"])
 def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant, tokens):

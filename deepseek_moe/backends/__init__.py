@@ -202,13 +202,19 @@ def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype
              sizes: Tuple[int, int], tokens: Optional[int] = None) -> Backend:
     """:func:`select` for (name, device, dtype, grad mode, whether ``tokens`` is a decode step), kept in ``cache``
     (selection reads the environment and the filesystem, so once per key); under torch.compile a trace-time
-    constant (:func:`selected_spec`), nothing cached. The selection without the decode flag comes first: it loads
+    constant (:func:`selected_spec`), nothing cached: a graph traced without autograd gets the inference
+    implementation as in eager mode, and with ``tokens`` symbolic the decode decision becomes a guard on it
+    (crossing :func:`decode_tokens` recompiles). The selection without the decode flag comes first: it loads
     the extension where it is chosen, and what the extension can run sets where decoding ends
     (:func:`decode_tokens`), so the first call decides as every later one."""
     batch_invariant = invariant.enabled()
-    if torch.compiler.is_compiling():
-        return from_spec(selected_spec(name, device, dtype, activation, sizes, batch_invariant))
     inference = not torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        spec = selected_spec(name, device, dtype, activation, sizes, batch_invariant, inference)
+        if (inference and device.type == "cpu" and tokens is not None
+                and tokens <= _decode_limit(spec, dtype, sizes)):
+            spec = selected_spec(name, device, dtype, activation, sizes, batch_invariant, inference, True)
+        return from_spec(spec)
     key = (name, device, dtype, inference, batch_invariant, False)
     if key not in cache:
         cache[key] = select(name, device, dtype, activation, inference=inference, sizes=sizes,
@@ -223,16 +229,29 @@ def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype
 
 
 def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activation: str = "silu",
-                  sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False) -> str:
-    """:func:`select`'s implementation (with a backward) as a string for :func:`from_spec`. Under torch.compile it
-    runs once, at trace time, and its result is a constant of the graph: it reads the environment and the
-    filesystem, which dynamo cannot trace."""
-    return select(name, device, dtype, activation, sizes=sizes, batch_invariant=batch_invariant).spec()
+                  sizes: Optional[Tuple[int, int]] = None, batch_invariant: bool = False, inference: bool = False,
+                  decode: bool = False) -> str:
+    """:func:`select`'s implementation for a graph traced by torch.compile, as a string for :func:`from_spec`: the
+    inference form where it traces (:meth:`Backend.traces`), else the one with a backward. It runs once, at trace
+    time, and its result is a constant of the graph: it reads the environment and the filesystem, which dynamo
+    cannot trace."""
+    backend = select(name, device, dtype, activation, inference=inference, sizes=sizes,
+                     batch_invariant=batch_invariant, decode=decode)
+    if inference and not backend.traces():
+        backend = select(name, device, dtype, activation, sizes=sizes, batch_invariant=batch_invariant)
+    return backend.spec()
+
+
+def _decode_limit(spec: str, dtype: torch.dtype, sizes: Optional[Tuple[int, int]]) -> int:
+    """:func:`decode_tokens` at trace time, once the implementation ``spec`` is selected (its selection loads the
+    extension, which decides where decoding ends): a constant of the graph."""
+    return decode_tokens(dtype, sizes)
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.6 s, and triton with it) when
 # the package is imported; the fullgraph compile tests fail loudly should a torch release change the marker.
 selected_spec._dynamo_marked_constant = True
+_decode_limit._dynamo_marked_constant = True
 
 
 def from_spec(spec: str) -> Backend:

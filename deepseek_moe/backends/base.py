@@ -92,6 +92,11 @@ class Backend:
         ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` and adds the shared experts' GLU of every row of x."""
         raise NotImplementedError
 
+    def traces(self) -> bool:
+        """Whether torch.compile can trace :meth:`run` into one graph (custom ops with fake implementations, no
+        data-dependent Python); selection under torch.compile falls back to the form with a backward otherwise."""
+        return True
+
     def spec(self) -> str:
         """This configured implementation as a string for :func:`deepseek_moe.backends.from_spec`."""
         return f"{self.name}:{self.activation}:{int(self.batch_invariant)}"

@@ -277,6 +277,10 @@ class TorchBackend(Backend):
                                   self.activation, row_tile)
         return y_TH
 
+    def traces(self) -> bool:
+        # Inference runs the segment loop in Python over data-dependent counts: not one graph.
+        return not (self.inference and self.strategy == "segments")
+
     def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if self.strategy == "grouped_mm":
             return ("PyTorch's grouped_mm blocks a group's rows by the group's size, so a token's result depends on "
