@@ -5,6 +5,7 @@
     python benchmarks/decode_cpu.py --beside-load        # the same beside another 2-thread PyTorch process
     python benchmarks/decode_cpu.py --crossover --tokens 8,12,16   # decode op against blocks op, same layers
     python benchmarks/decode_cpu.py --compile            # also the ext layers under torch.compile(fullgraph=True)
+    python benchmarks/decode_cpu.py --split --tokens 1   # where a step's time goes: the op, + router, + plan, layer
     python benchmarks/decode_cpu.py --prefill --dtype bfloat16   # T = 512, 2048 against a dense FFN of equal FLOPs
 
 A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
@@ -141,6 +142,50 @@ def prefill(args) -> int:
     return 0
 
 
+def split(args) -> int:
+    """Where a decode step's time goes: the ext layer against its own pieces on the same cold weights, each piece
+    adding one stage (the op on a plan made beforehand; + the gate GEMM; + the rest of the router's choice; + the
+    plan), and the dense FFN of the same bytes."""
+    torch.manual_seed(0)
+    dtype, cpu, T = getattr(torch, args.dtype), torch.device("cpu"), int(args.tokens.split(",")[0])
+    cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
+                       score_func="sigmoid", norm_topk_prob=True, backend="ext")
+    n = args.layers or 12
+    layers = [dm.DeepSeekMoELayer(cfg).to(dtype).eval() for _ in range(n)]
+    xs = [torch.randn(T, cfg.hidden_size, dtype=dtype) for _ in range(n + 1)]  # n + 1: fresh routing each round
+    dense = [SharedExperts.dense(cfg.hidden_size, (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden_size)
+             .to(dtype).eval() for _ in range(n)]
+    with torch.inference_mode():
+        impl = layers[0]._implementation(cpu, dtype, T)
+        plans = {(i, j): layers[i].route(xs[j])[1] for i in range(n) for j in range(n + 1)}
+    select, step = impl.selector(cfg), {"i": 0}
+
+    def piece(stages: int):
+        def call(_):
+            i = step["i"] = step["i"] + 1
+            layer, x, key = layers[i % n], xs[i % (n + 1)], (i % n, i % (n + 1))
+            if stages == 4:
+                return layer(x)
+            if stages == 1:
+                torch.nn.functional.linear(x.float(), layer.router.weight)
+            routing = layer.gate(x, None, None, select) if stages >= 2 else None
+            plan = layer.dispatcher.plan(routing, impl, False) if stages >= 3 else plans[key]
+            return layer.experts(x, plan, impl, layer._fused_shared(impl, dtype, None))
+        return call
+
+    def dense_call(_):
+        i = step["i"] = step["i"] + 1
+        return dense[i % n](xs[i % (n + 1)])
+    fns = {"op alone": piece(0), "+ gate GEMM": piece(1), "+ choice": piece(2), "+ plan": piece(3),
+           "layer": piece(4), "dense": dense_call}
+    with torch.inference_mode():
+        times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=2, calls=n).items()}
+    print(f"torch {torch.__version__}, {args.dtype}, T={T}, {impl}; {n} layers cycled, cold weights")
+    for name, t in times.items():
+        print(f"{name:>12s} {t * 1e3:8.3f} ms {t / times['dense']:6.2f}x dense", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,4,16")
@@ -152,11 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--beside-load", action="store_true", help="time beside another 2-thread PyTorch process")
     p.add_argument("--prefill", action="store_true", help="many tokens against a dense FFN of equal FLOPs")
     p.add_argument("--compile", action="store_true", help="also the ext layers under torch.compile")
+    p.add_argument("--split", action="store_true", help="the ext layer against its pieces (first --tokens value)")
     p.add_argument("--crossover", action="store_true",
                    help="the ext layer with the decode op against itself with the blocks op (where decoding ends)")
     args = p.parse_args(argv)
     if args.prefill:
         return prefill(args)
+    if args.split:
+        return split(args)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,

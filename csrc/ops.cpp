@@ -24,6 +24,11 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // The same for many tokens (prefill, inference, fp32 or bf16): sorted blocks through brgemm -> y (T, H).
   m.def("expert_blocks(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
         "float? limit, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor");
+  // The router's choice after its gate GEMM, for inference: logits (T, E) fp32, bias (E,) fp32 -> scores (T, E),
+  // experts (T, K) int64 best first, gate weights (T, K); score_func 0 softmax, 1 sigmoid, 2 sqrt-softplus;
+  // group_score 0 max, 1 top-2 sum.
+  m.def("route_topk(Tensor logits, Tensor bias, int score_func, int top_k, int num_groups, int topk_groups, "
+        "int group_score, bool norm, float scale) -> (Tensor, Tensor, Tensor)");
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");

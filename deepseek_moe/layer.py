@@ -150,10 +150,13 @@ class DeepSeekMoELayer(nn.Module):
                 forced_TK = forced_topk(topk_idx, x, padding_A, self.config, who)
             else:
                 forced_TK = hashed_topk(self.router.tid2eid, input_ids, x, padding_A, self.config, who)
-        with stage("router"):
-            routing = self.gate(routed_TH, override, forced_TK)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
+        with stage("router"):
+            if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
+                routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
+            else:
+                routing = self.gate(routed_TH, override, forced_TK)
         shared = self._fused_shared(impl, dtype, override)
         y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
                                            lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,

@@ -5,7 +5,7 @@ Legend: T tokens, H hidden size, E routed experts, K experts per token, G expert
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -190,12 +190,15 @@ class Router(nn.Module):
                                       error_msgs)
 
     def forward(self, x_TH: torch.Tensor, override: Optional[RoutingOverride] = None,
-                topk_idx_TK: Optional[torch.Tensor] = None) -> Routing:
+                topk_idx_TK: Optional[torch.Tensor] = None, select: Optional[Callable] = None) -> Routing:
         """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`. ``override``: experts the tokens may not
         pick (:class:`~deepseek_moe.override.RoutingOverride`). ``topk_idx_TK``: int64 (T, K) experts to use
         instead of choosing (replayed or hashed ids, :mod:`deepseek_moe.forced_routing`); the weights are then the
         scores gathered there, normalised and scaled as for chosen ones, so the router still gets its gradient.
-        Raises ValueError for forced ids together with an override that excludes experts."""
+        ``select``: an experts implementation's faster form of the steps after the gate GEMM
+        (:meth:`~deepseek_moe.backends.Backend.selector`; the layer passes it without autograd), used when neither
+        ``override`` nor ``topk_idx_TK`` is given. Raises ValueError for forced ids together with an override that
+        excludes experts."""
         cfg = self.cfg
         # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
         gate_dtype = torch.promote_types(x_TH.dtype, torch.float32)
@@ -203,6 +206,11 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
             linear = invariant.linear if batch_invariant else F.linear
             logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
+        if select is not None and override is None and topk_idx_TK is None:
+            chosen = select(logits_TE, self.e_score_correction_bias)
+            if chosen is not None:
+                scores_TE, topk_idx_TK, weight_TK = chosen
+                return Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE)
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)  # row by row: already batch-invariant
         elif cfg.score_func == "sigmoid":

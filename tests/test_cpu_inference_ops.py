@@ -155,6 +155,60 @@ def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inferenc
                           (False, False, False): "segments"}
 
 
+@given(T=st.integers(0, 70), E_per_group=st.sampled_from([4, 8]), groups=st.sampled_from([(1, 1), (4, 1), (4, 2), (8, 3)]),
+       K=st.integers(1, 4), score=st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"]),
+       group_score=st.sampled_from(["max", "top2_sum"]), norm=st.booleans(), scale=st.sampled_from([1.0, 2.5]),
+       seed=st.integers(0, 2 ** 16))
+def test_route_topk_equals_the_router(T, E_per_group, groups, K, score, group_score, norm, scale, seed):
+    """The extension's choice after the gate GEMM (route_topk) against the Python router on the same logits: the
+    same experts in the same order, scores and weights to fp32 rounding; biases large enough to change the choice."""
+    G, kept = groups
+    E = G * E_per_group
+    K = min(K, kept * E_per_group)
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=8, num_routed_experts=E, top_k=K, score_func=score,
+                       num_groups=G, topk_groups=kept, group_score=group_score, norm_topk_prob=norm,
+                       routed_scaling_factor=scale, backend="ext")
+    torch.manual_seed(seed)
+    router = dm.DeepSeekMoELayer(cfg).eval().router
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.e_score_correction_bias.normal_(0, 0.3)
+        x = torch.randn(T, 16)
+        select = select_ext(cfg)
+        want, got = router(x), router(x, select=select)
+    assert torch.equal(got.topk_idx_TK, want.topk_idx_TK)
+    torch.testing.assert_close(got.scores_TE, want.scores_TE, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got.topk_weight_TK, want.topk_weight_TK, rtol=2e-6, atol=1e-7)
+
+
+def select_ext(cfg):
+    select = ExtBackend("decode").selector(cfg)
+    assert select is not None
+    return select
+
+
+def test_the_layer_routes_through_route_topk_only_where_it_applies():
+    cfg = dm.MoEConfig(hidden_size=32, expert_hidden_size=16, num_routed_experts=16, top_k=2, num_groups=4,
+                       topk_groups=2, score_func="sigmoid", norm_topk_prob=True, backend="ext")
+    layer = dm.DeepSeekMoELayer(cfg).eval()
+    x = torch.randn(5, 32)
+
+    def ops(fn):
+        with torch.profiler.profile() as prof:
+            fn()
+        return {e.name for e in prof.events()}
+    with torch.no_grad():
+        assert "deepseek_moe::route_topk" in ops(lambda: layer(x))
+        assert "deepseek_moe::route_topk" not in ops(lambda: layer(x, topk_idx=torch.zeros(5, 2, dtype=torch.long)
+                                                                   + torch.tensor([0, 1])))
+        assert ExtBackend("segments").selector(cfg) is None  # a backward may follow: the router's own ops
+        assert ExtBackend("decode").selector(cfg.replace(num_devices=4, max_devices_per_token=2)) is None
+        assert select_ext(cfg)(torch.randn(2, 16, dtype=torch.float64), torch.zeros(16)) is None  # fp64 logits
+        nan = torch.full((1, 16), float("nan"))
+        assert select_ext(cfg)(nan, torch.zeros(16))[1].shape == (1, 2)  # NaN logits: a choice, not a crash
+    assert "deepseek_moe::route_topk" not in ops(lambda: layer(x))  # with autograd
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
     """torch.compile of an inference forward selects at trace time as eager mode does: the decode op for a decode
@@ -170,7 +224,7 @@ def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
         with torch.no_grad(), torch.profiler.profile() as prof:
             got = compiled(x)
         ran = {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
-        assert f"deepseek_moe::{op}" in ran, (tokens, ran)
+        assert {f"deepseek_moe::{op}", "deepseek_moe::route_topk"} <= ran, (tokens, ran)
         with torch.no_grad():
             assert_close(got, layer(x), 1e-6, f"{tokens} tokens")
     x = torch.randn(3, 32, requires_grad=True)

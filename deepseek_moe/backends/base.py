@@ -19,7 +19,7 @@ Legend: T tokens, H hidden size, I expert hidden size, J = 2·I (gate rows then 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -77,6 +77,13 @@ class Backend:
         """The planner: :func:`deepseek_moe.plan.build_plan`; an implementation with a faster sort overrides it and
         returns the same plan."""
         return build_plan(topk_idx_TK, weight_TK, num_experts, capacity, affinity_TK, keep_TK)
+
+    def selector(self, cfg) -> Optional[Callable]:
+        """A faster form of the router's choice for config ``cfg`` (:class:`~deepseek_moe.MoEConfig`), or None:
+        ``select(logits_TE fp32, bias_E) -> (scores_TE, topk_idx_TK, weight_TK)`` as
+        :class:`~deepseek_moe.router.Router` computes them from the logits (or None where it cannot, e.g. another
+        dtype: the router then computes them itself). Used by the layer without autograd only."""
+        return None
 
     def fuses_shared(self, shared: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
         """Whether :meth:`run` takes ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` of these weights and adds

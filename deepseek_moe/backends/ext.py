@@ -37,6 +37,9 @@ _register_lock = threading.Lock()
 _OPS = "deepseek_moe::"
 # The inference-only strategies and their ops (same arguments; the shared experts' weights join their pass).
 _INFERENCE_OPS = {"decode": "expert_gemv", "blocks": "expert_blocks"}
+# route_topk's codes (csrc/cpu/route_topk.cpp).
+_SCORE_FUNCS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+_GROUP_SCORES = {"max": 0, "top2_sum": 1}
 STRATEGIES = ("segments", "decode", "blocks", "grouped_mm")
 
 
@@ -88,6 +91,12 @@ def _register() -> None:
     @torch.library.register_fake(_OPS + "expert_blocks")
     def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake(_OPS + "route_topk")
+    def _(logits, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale):
+        T = logits.shape[0]
+        return logits.new_empty(logits.shape), logits.new_empty(T, top_k, dtype=torch.int64), \
+            logits.new_empty(T, top_k)
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
     def _(grad_y, x, gate_up, down, token, weight, counts, h, limit):
@@ -242,6 +251,21 @@ class ExtBackend(Backend):
             ensure_loaded()
         except ext.ExtensionUnavailable:
             pass
+
+    def selector(self, cfg):
+        """The extension's ``route_topk`` for the inference strategies (decode and blocks), for every score function,
+        with or without groups (max or top-2 sum), when no device limit applies; None otherwise."""
+        if self.strategy not in _INFERENCE_OPS or cfg.score_func not in _SCORE_FUNCS or (
+                cfg.max_devices_per_token is not None and cfg.max_devices_per_token < cfg.num_devices):
+            return None
+        args = (_SCORE_FUNCS[cfg.score_func], cfg.top_k, cfg.num_groups, cfg.topk_groups,
+                _GROUP_SCORES[cfg.group_score], cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+
+        def select(logits_TE: torch.Tensor, bias_E: torch.Tensor):
+            if logits_TE.dtype != torch.float32 or bias_E.dtype != torch.float32:
+                return None
+            return torch.ops.deepseek_moe.route_topk(logits_TE, bias_E, *args)
+        return select
 
     def fuses_shared(self, shared) -> bool:
         """The inference ops do; the blocks op in bf16 only for an even shared width (VNNI pairs)."""
