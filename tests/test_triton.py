@@ -134,6 +134,28 @@ def test_kernels_compile_for_gpu_targets():
     assert all("shared=" in line for line in lines)
 
 
+def test_tuning_candidates_compile_for_hopper():
+    """Every tile the autotune sweep tries on a GPU compiles for sm_90 in bf16 and fits its shared memory, so the
+    device run spends no time on a candidate that cannot launch."""
+    import subprocess
+    import sys
+
+    from deepseek_moe.kernels.tuning import candidates
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "deepseek_moe.kernels.compile_check", "--capability", "90",
+                           "--dtype", "bfloat16", "--candidates"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = {tuple(line.split()[2:3] + line.split()[-5:-2]) for line in done.stdout.splitlines()}
+    for kind, kernel in (("gate_up", "_gate_up_swiglu_kernel"), ("down_bwd", "_down_swiglu_bwd_kernel"),
+                         ("wgrad", "_expert_weight_grad_kernel"), ("down", "_grouped_gemm_scatter_kernel"),
+                         ("dgrad", "_grouped_gemm_scatter_kernel")):
+        for t in candidates(kind, torch.bfloat16, 9, False):
+            assert (kernel, f"{t.block_m}x{t.block_c}x{t.block_r}", f"warps={t.num_warps}",
+                    f"stages={t.num_stages}") in compiled, (kind, t)
+
+
 def _layer_pair(**fields):
     cfg = dm.MoEConfig(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1,
                        top_k=2, num_groups=4, topk_groups=2, score_func="sigmoid", **fields)
