@@ -182,10 +182,11 @@ class DeepSeekMoELayer(nn.Module):
 
     def _fused_shared(self, impl: backends.Backend, dtype: torch.dtype, override) -> Optional[tuple]:
         """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: the experts
-        see this layer's own tokens (local dispatch), no gate scales the shared output, they are not disabled, their
-        projections are plain (:meth:`SharedExperts.fusable_weights`) and ``impl`` takes them
-        (:meth:`Backend.fuses_shared`)."""
-        if not (self.shared_experts is not None and self.shared_expert_gate is None
+        see this layer's own tokens (local dispatch, no router jitter: that scales the routed experts' input only),
+        no gate scales the shared output, they are not disabled, their projections are plain
+        (:meth:`SharedExperts.fusable_weights`) and ``impl`` takes them (:meth:`Backend.fuses_shared`)."""
+        jitter = self.training and self.config.router_jitter_noise > 0
+        if not (self.shared_experts is not None and self.shared_expert_gate is None and not jitter
                 and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)):
             return None
         weights = self.shared_experts.fusable_weights(dtype)

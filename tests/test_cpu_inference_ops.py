@@ -181,6 +181,43 @@ def test_route_topk_equals_the_router(T, E_per_group, groups, K, score, group_sc
     torch.testing.assert_close(got.topk_weight_TK, want.topk_weight_TK, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("inputs", ["zero gate", "few levels", "saturated sigmoid", "a NaN token"])
+@pytest.mark.parametrize("E,G,kept,K,group_score", [(16, 1, 1, 4, "max"), (64, 8, 3, 6, "top2_sum"),
+                                                    (64, 4, 2, 6, "max"), (384, 1, 1, 6, "max")])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_route_topk_breaks_ties_as_the_router(inputs, E, G, kept, K, group_score, score):
+    """Equal scores (a zero-initialised gate, a saturated sigmoid, logits on a few levels, NaN) pick the same
+    experts in the same order as torch.topk in the Python router, so a layer computes one function with or without
+    autograd (both top-k algorithms of torch's CPU kernel: selection for K·64 > E, partial sort for E = 384)."""
+    cfg = dm.MoEConfig(hidden_size=8, expert_hidden_size=4, num_routed_experts=E, top_k=K, score_func=score,
+                       num_groups=G, topk_groups=kept, group_score=group_score, norm_topk_prob=True, backend="ext")
+    router = dm.DeepSeekMoELayer(cfg).eval().router
+    x = torch.randint(-1, 2, (40, 8)).float()
+    with torch.no_grad():
+        if inputs == "zero gate":
+            router.weight.zero_()
+        elif inputs == "few levels":
+            router.weight.copy_(torch.randint(-2, 3, router.weight.shape).float())
+            router.e_score_correction_bias.copy_(torch.randint(0, 2, (E,)).float() * 0.5)
+        elif inputs == "saturated sigmoid":
+            router.weight.normal_(0, 30)
+        else:
+            x[3] = float("nan")
+        want, got = router(x), router(x, select=select_ext(cfg))
+    assert torch.equal(got.topk_idx_TK, want.topk_idx_TK)
+    torch.testing.assert_close(got.topk_weight_TK, want.topk_weight_TK, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_a_saturated_router_gives_one_function_with_and_without_autograd():
+    cfg = dm.MoEConfig(hidden_size=64, expert_hidden_size=32, num_routed_experts=16, top_k=4, score_func="sigmoid",
+                       norm_topk_prob=True, backend="ext")
+    layer = dm.DeepSeekMoELayer(cfg).eval()
+    x = 100 * torch.randn(8, 64)  # logits far above 17: sigmoid(l) == 1.0 for many experts
+    with torch.no_grad():
+        inference = layer(x)
+    assert_close(inference, layer(x).detach(), 1e-6, "no_grad against autograd")
+
+
 def select_ext(cfg):
     select = ExtBackend("decode").selector(cfg)
     assert select is not None
@@ -235,15 +272,18 @@ def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
 
 
 @pytest.mark.parametrize("tokens", [3, 40])  # fp32: a decode step, and more than decode_tokens (32)
-@pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared"])
+@pytest.mark.parametrize("variant", ["fused", "shared_gate", "lora_on_shared", "jitter"])
 def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant, tokens):
     """The inference ops add the shared experts in their own pass when they are plain; with a sigmoid gate on them
-    (Qwen2-MoE) or LoRA wrappers on their projections they leave them to the layer. Each equals the eager layer."""
+    (Qwen2-MoE), LoRA wrappers on their projections, or router jitter (a training forward without autograd: the
+    routed experts see the jittered tokens, the shared experts the tokens themselves) they leave them to the layer.
+    Each equals the eager layer."""
     fields = dict(hidden_size=64, expert_hidden_size=24, num_routed_experts=8, num_shared_experts=2, top_k=2,
-                  shared_expert_gate=variant == "shared_gate", initializer_range=0.1)
+                  shared_expert_gate=variant == "shared_gate", initializer_range=0.1,
+                  router_jitter_noise=0.1 if variant == "jitter" else 0.0)
     torch.manual_seed(0)
-    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
-    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").train(variant == "jitter")
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").train(variant == "jitter")
     layer.load_state_dict(oracle.state_dict())
     if variant == "lora_on_shared":
         peft = pytest.importorskip("peft")
@@ -253,7 +293,10 @@ def test_shared_experts_join_the_op_only_when_that_is_the_same_function(variant,
     x = torch.randn(tokens, 64)
     base = layer.get_base_model() if variant == "lora_on_shared" else layer
     with torch.inference_mode():
-        y, y_ref = layer(x), oracle(x)
+        torch.manual_seed(1)
+        y = layer(x)
+        torch.manual_seed(1)  # the same jitter draw
+        y_ref = oracle(x)
         impl = base._implementation(x.device, x.dtype, tokens)
         fused = base._fused_shared(impl, x.dtype, None) is not None
     assert impl.strategy == ("decode" if tokens <= decode_tokens(x.dtype) else "blocks")

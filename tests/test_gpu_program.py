@@ -54,9 +54,30 @@ def test_stage_split_of_a_training_step_and_no_cost_without_a_profiler():
     for key in ("router/fwd", "plan/fwd", "experts/fwd", "shared_experts/fwd", "experts/bwd", "router/bwd",
                 "shared_experts/bwd"):
         assert split.get(key, 0) > 0, (key, split)
+    assert layer.training  # restored
+    with pytest.raises(ValueError, match="mode"):
+        profile_stages(layer, x, "bwd")
     assert isinstance(stage("router"), contextlib.nullcontext)  # outside a profiler: nothing entered
     with pytest.raises(ValueError, match="unknown stage"):
         stage("gemm3")
+
+
+def test_the_device_run_fails_for_what_it_must_not_hide():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    try:
+        from run_all import failed_steps
+    finally:
+        sys.path.pop(0)
+    good = {"check": {"triton": {"ok": True}, "torch": {"ok": True}, "ext": {"not_run": "no nvcc"}},
+            "tests": {"exit": 0, "tail": ""}}
+    assert failed_steps(good, torch.device("cuda")) == []
+    off = {**good, "check": {**good["check"], "torch": {"ok": False, "worst": 0.3}}}
+    assert len(failed_steps(off, torch.device("cpu"))) == 1
+    missing = {**good, "check": {**good["check"], "triton": {"not_run": "BackendUnavailable: ..."}}}
+    assert failed_steps(missing, torch.device("cpu")) == []  # CPU: the interpreter may be off
+    assert len(failed_steps(missing, torch.device("cuda"))) == 1
+    for exit_code in (1, None):  # failed, or stopped by the budget
+        assert len(failed_steps({**good, "tests": {"exit": exit_code, "tail": "x"}}, torch.device("cuda"))) == 1
 
 
 def test_tuning_table_round_trip_and_lookup(tmp_path, monkeypatch):
@@ -76,9 +97,15 @@ def test_tuning_table_round_trip_and_lookup(tmp_path, monkeypatch):
         assert heuristics.tuned_tile_config("gate_up", torch.bfloat16, "sm90", None) is None
     finally:
         heuristics._package_table.cache_clear()
-    path.write_text("{\"entries\": {\"k\": {\"down\": {\"block_m\": 3}}}}")
-    with pytest.raises(ValueError, match="not a tile tuning table"):
-        heuristics.read_table(path)
+    for bad in ('{"entries": {"k": {"down": {"block_m": 3}}}}', '{"entries": []}', '{"entries": {"k": null}}',
+                '{"entries": {"k": {"gate_upp": {"block_m": 16, "block_c": 16, "block_r": 16}}}}',
+                '{"entries": {"k": {"down": {"block_m": 16, "block_c": 16, "block_r": 16, "num_warps": 3}}}}',
+                "{}", "not json"):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="not a tile tuning table"):
+            heuristics.read_table(path)
+        with pytest.raises(ValueError, match="not a tile tuning table"):  # never overwritten by a sweep
+            heuristics.write_table(path, key, best, {})
 
 
 def test_shipped_tuning_table_reads():

@@ -53,10 +53,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 class Log:
-    """Step timing and the JSON record."""
+    """Step timing and the JSON record, written after every step (a later failure keeps what was measured), and
+    the rate of the last timed cell (seconds per active FLOP) that the budget's estimates scale."""
 
-    def __init__(self, budget: float):
+    def __init__(self, budget: float, out_dir: Optional[Path]):
         self.begin, self.deadline, self.record = time.perf_counter(), time.perf_counter() + budget, {"steps": {}}
+        self.out_dir, self.rate = out_dir, None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -64,6 +68,11 @@ class Log:
     def step(self, name: str, result) -> None:
         self.record["steps"][name] = result
         print(f"[{time.perf_counter() - self.begin:6.1f} s] {name}: {json.dumps(result)[:400]}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.out_dir is not None:
+            (self.out_dir / "gpu_run.json").write_text(json.dumps(self.record, indent=1, default=str))
 
 
 def build_extension(device: torch.device) -> Dict[str, object]:
@@ -140,9 +149,10 @@ def time_shape(shape: dict, tokens: List[int], dtype, device, repeats: int, log:
     cfg, notes, rows, skipped = shape["config"], {}, [], []
     modules = contenders(cfg, ours, dtype, device, notes)
     dense = f"dense-{cfg.dense_equivalent_width}"
-    last = None  # (seconds, T) of the previous cell
     for T in tokens:
-        estimate = 0.0 if last is None else last[0] * T / last[1]
+        # The last cell's seconds per FLOP (this shape's or the previous one's; its first cell includes compiles,
+        # so this errs long), scaled to this cell's FLOPs.
+        estimate = 0.0 if log.rate is None else log.rate * cfg.flops_per_token * T
         if estimate > log.left():
             skipped.append({"tokens": T, "reason": f"budget: ~{estimate:.0f} s needed, {log.left():.0f} s left"})
             continue
@@ -159,13 +169,15 @@ def time_shape(shape: dict, tokens: List[int], dtype, device, repeats: int, log:
                              "tflops": flops / sec / 1e12, "x_dense": sec / times[dense],
                              "peak_bytes": peak_memory(lambda: run_once(modules[name], x, mode), device)
                              if device.type == "cuda" else None})
-        last = (time.perf_counter() - begin, T)
+        log.rate = (time.perf_counter() - begin) / (cfg.flops_per_token * T)
     timed = sorted({r["tokens"] for r in rows})
     middle = timed[len(timed) // 2] if timed else None
     stages = {}
     for name in [n for n in ("triton", "torch") if n in modules and middle is not None]:
-        if log.left() < 20:
-            stages[name] = {"skipped": f"budget: {log.left():.0f} s left"}
+        # A profile: (calls + 1) forwards and training steps of one contender, about a cell's share.
+        estimate = log.rate * cfg.flops_per_token * middle * (profile_calls + 1) / max(len(modules), 1)
+        if estimate > log.left():
+            stages[name] = {"skipped": f"budget: ~{estimate:.0f} s needed, {log.left():.0f} s left"}
             continue
         x = torch.randn(middle, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
         stages[name] = {mode: profile_stages(modules[name], x, mode, profile_calls) for mode in ("fwd", "fwdbwd")}
@@ -199,11 +211,11 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("run_all.py: no CUDA device; use --smoke (with TRITON_INTERPRET=1) for a CPU run", file=sys.stderr)
         return 2
-    dtype, log = DTYPES[args.dtype], Log(args.budget)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    dtype, log = DTYPES[args.dtype], Log(args.budget, out_dir)
     shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in args.shapes.split(",")}
     tokens = [16, 32] if args.smoke else [int(t) for t in args.tokens.split(",")]
     repeats = 1 if args.smoke else args.repeats
-    out_dir = Path(args.out_dir) if args.out_dir else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     log.record.update(device=name, torch=torch.__version__, dtype=args.dtype, date=time.strftime("%Y-%m-%d"),
                       command=" ".join(sys.argv))
@@ -218,22 +230,33 @@ def main(argv=None) -> int:
             share = log.left() / (2 * len(shapes))
             log.step(f"tune {shape['name']}", tune(shape, tokens[len(tokens) // 2], dtype, device,
                                                     device.type == "cpu", share, out_dir, not args.smoke))
-    results = {}
+    log.record["shapes"] = {}
+    fields = ("hidden_size", "expert_hidden_size", "num_routed_experts", "top_k", "num_shared_experts", "score_func")
     for i, (key, shape) in enumerate(shapes.items()):
         cells = tokens[:1] if args.smoke and i else tokens  # smoke: one T past the first shape (under a minute)
-        results[key] = time_shape(shape, cells, dtype, device, repeats, log, ours, 1 if args.smoke else 3)
-        print_rows(shape["name"], results[key])
-    log.step("time", {k: {"rows": len(v["rows"]), "skipped": len(v["skipped"])} for k, v in results.items()})
-    log.record["shapes"] = {k: {"config": {n: getattr(s["config"], n) for n in ("hidden_size", "expert_hidden_size",
-                                                                              "num_routed_experts", "top_k",
-                                                                              "num_shared_experts", "score_func")},
-                                **results[k]} for k, s in shapes.items()}
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "gpu_run.json").write_text(json.dumps(log.record, indent=1, default=str))
-        print(f"wrote {out_dir / 'gpu_run.json'}")
-    failed = [b for b, r in log.record["steps"]["check"].items() if isinstance(r, dict) and r.get("ok") is False]
-    return 1 if failed else 0
+        result = time_shape(shape, cells, dtype, device, repeats, log, ours, 1 if args.smoke else 3)
+        print_rows(shape["name"], result)
+        log.record["shapes"][key] = {"config": {n: getattr(shape["config"], n) for n in fields}, **result}
+        log.save()
+    log.step("time", {k: {"rows": len(v["rows"]), "skipped": len(v["skipped"])}
+                      for k, v in log.record["shapes"].items()})
+    failures = failed_steps(log.record["steps"], device)
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def failed_steps(steps: Dict[str, object], device: torch.device) -> List[str]:
+    """What makes the run fail: a backend off the float64 truth; on a GPU, triton or torch not running at all (the
+    extension may fail to build there: its step says why); GPU tests that failed or did not finish."""
+    failures = [f"check {b}: {r}" for b, r in steps["check"].items() if isinstance(r, dict) and r.get("ok") is False]
+    if device.type == "cuda":
+        failures += [f"check {b}: {steps['check'][b]['not_run']}" for b in ("triton", "torch")
+                     if "not_run" in steps["check"].get(b, {})]
+    tests = steps.get("tests", {})
+    if "exit" in tests and tests["exit"] != 0:
+        failures.append(f"tests: exit {tests['exit']}: {tests['tail'][-300:]}")
+    return failures
 
 
 if __name__ == "__main__":

@@ -25,18 +25,23 @@ SMOKE_SHAPES = {key: {"name": f"{s['name'].split(':')[0]} at toy size",
 
 
 def _outputs(layer, x, ids, grad_out) -> List[torch.Tensor]:
-    """[output, grad of x, grad of every parameter] of one forward and backward with the experts ``ids``."""
+    """[output, grad of x, grad of every parameter] of one forward and backward with the experts ``ids``, then the
+    output of an inference forward (eval, no autograd: the implementations' inference paths)."""
     x = x.detach().clone().requires_grad_()
     y = layer(x, topk_idx=ids)
     (y.to(grad_out.dtype) * grad_out).sum().backward()
-    return [y, x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
+    with torch.no_grad():
+        inference = layer.eval()(x.detach(), topk_idx=ids)
+    layer.train()
+    return [y, x.grad] + [p.grad for _, p in sorted(layer.named_parameters())] + [inference]
 
 
 def oracle_check(cfg: dm.MoEConfig, names: List[str], dtype, device, T: int) -> Dict[str, object]:
     """Each backend in ``names`` against the eager layer in float64 on the same (dtype-rounded) weights, tokens and
     experts (ids from the eager router, passed to every layer: a near-tie rounded differently would otherwise pick
     another expert): output, input gradient and every parameter's gradient. ok when each relative RMS error is at
-    most 2x the eager layer's in ``dtype`` (plus 1e-3). A backend that cannot run here is listed with the reason."""
+    most 2x the eager layer's in ``dtype`` (plus 1e-3); the same for an inference forward's output. A backend that
+    cannot run here is listed with the reason."""
     torch.manual_seed(0)
     base = dm.DeepSeekMoELayer(cfg.replace(backend="eager")).to(device, dtype)
     truth = copy.deepcopy(base).double()

@@ -8,8 +8,11 @@
 //   choice = scores + bias (DeepSeek-V3 §2.1.2: the bias steers the choice, never the weights);
 //   with G groups, only the topk_groups groups of highest score (their max, or the sum of their top 2) stay
 //   (DeepSeek-V2 §2.2.2, V3's node-limited routing);
-//   the top_k experts of those, best first (ties: the lower index);
+//   the top_k experts of those, best first;
 //   weight = the scores there, divided by their sum (+1e-20) when norm, times scale.
+// Every top-k here is torch.topk's own CPU algorithm (ATen's TopKImpl.h: the same selection and sort over (value,
+// index) pairs, NaN above every number), so equal scores (a saturated sigmoid, a zero-initialised gate) pick the
+// same experts in the same order as the Python router: the layer computes one function with or without autograd.
 //
 // Legend: T tokens, E experts, K experts per token, G groups, M = E / G experts per group.
 
@@ -48,17 +51,24 @@ void scores_of(const float* logits, int64_t E, int64_t score_func, float* scores
   }
 }
 
-// a ranks above b as in torch.topk: NaN above every number.
-bool above(float a, float b) {
-  return std::isnan(a) ? !std::isnan(b) : a > b;
+using Entry = std::pair<float, int64_t>;
+
+// torch.topk's order (largest first): NaN above every number.
+bool above(const Entry& x, const Entry& y) {
+  return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
 }
 
-// The index of the largest of v[0, n) not yet taken (ties: the lower index); the caller leaves one to take.
-int64_t best_left(const float* v, int64_t n, const std::vector<char>& taken) {
-  int64_t best = -1;
-  for (int64_t i = 0; i < n; ++i)
-    if (!taken[i] && (best < 0 || above(v[i], v[best]))) best = i;
-  return best;
+// The indices of the k largest of v[0, n), best first, into out: ATen's topk_impl_loop (largest, sorted) step by
+// step, so that ties resolve as torch.topk resolves them. queue: scratch of n entries.
+void topk_as_torch(const float* v, int64_t n, int64_t k, std::vector<Entry>& queue, int64_t* out) {
+  for (int64_t j = 0; j < n; ++j) queue[j] = {v[j], j};
+  if (k * 64 <= n) {
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.begin() + n, above);
+  } else {
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.begin() + n, above);
+    std::sort(queue.begin(), queue.begin() + k - 1, above);
+  }
+  for (int64_t j = 0; j < k; ++j) out[j] = queue[j].second;
 }
 
 Tensor check_logits(const Tensor& logits, const Tensor& bias) {
@@ -78,8 +88,11 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
   TORCH_CHECK(score_func >= kSoftmax && score_func <= kSqrtSoftplus, "route_topk: unknown score_func ", score_func);
   TORCH_CHECK(G >= 1 && E % G == 0 && topk_groups >= 1 && topk_groups <= G,
               "route_topk: ", G, " groups of ", E, " experts, keeping ", topk_groups, ", is not a grouping");
-  TORCH_CHECK(top_k >= 1 && top_k <= topk_groups * (E / G),
+  TORCH_CHECK(group_score == kMax || group_score == kTop2Sum, "route_topk: unknown group_score ", group_score);
+  TORCH_CHECK(top_k >= 1, "route_topk: top_k=", top_k, " must be at least 1");
+  TORCH_CHECK(top_k <= topk_groups * (E / G),
               "route_topk: top_k=", top_k, " exceeds the ", topk_groups * (E / G), " experts of the kept groups");
+  TORCH_CHECK(group_score == kMax || G == 1 || E / G >= 2, "route_topk: a top-2 group score needs 2 experts a group");
   const int64_t M = E / G;
   Tensor scores = at::empty({T, E}, logits.options());
   Tensor idx = at::empty({T, top_k}, logits.options().dtype(at::kLong));
@@ -91,7 +104,9 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
   float* w = weight.mutable_data_ptr<float>();
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     std::vector<float> choice(E), group(G);
-    std::vector<char> taken(std::max(E, G));
+    std::vector<Entry> queue(std::max(E, G));
+    std::vector<int64_t> kept(topk_groups);
+    std::vector<char> keep(G);
     for (int64_t t = t0; t < t1; ++t) {
       float* s = sc + t * E;
       scores_of(lg + t * E, E, score_func, s);
@@ -99,32 +114,28 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
       if (G > 1) {
         for (int64_t g = 0; g < G; ++g) {
           const float* c = choice.data() + g * M;
-          float first = -std::numeric_limits<float>::infinity(), second = first;
-          for (int64_t m = 0; m < M; ++m) {
-            if (above(c[m], first)) {
-              second = first;
-              first = c[m];
-            } else if (above(c[m], second)) {
-              second = c[m];
-            }
+          if (group_score == kMax) {  // amax: NaN wins
+            float top = c[0];
+            for (int64_t m = 1; m < M; ++m)
+              if (std::isnan(c[m]) || c[m] > top) top = std::isnan(top) ? top : c[m];
+            group[g] = top;
+          } else {  // the sum of the two largest, as topk(2).values.sum()
+            int64_t two[2];
+            topk_as_torch(c, M, 2, queue, two);
+            group[g] = c[two[0]] + c[two[1]];
           }
-          group[g] = group_score == kMax || M < 2 ? first : first + second;
         }
-        std::fill(taken.begin(), taken.end(), 0);
-        for (int64_t k = 0; k < topk_groups; ++k) taken[best_left(group.data(), G, taken)] = 1;
+        topk_as_torch(group.data(), G, topk_groups, queue, kept.data());
+        std::fill(keep.begin(), keep.end(), 0);
+        for (int64_t g : kept) keep[g] = 1;
         for (int64_t g = 0; g < G; ++g)
-          if (!taken[g])
+          if (!keep[g])
             std::fill(choice.begin() + g * M, choice.begin() + (g + 1) * M,
                       -std::numeric_limits<float>::infinity());
       }
-      std::fill(taken.begin(), taken.end(), 0);
+      topk_as_torch(choice.data(), E, top_k, queue, id + t * top_k);
       float total = 0.f;
-      for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t e = best_left(choice.data(), E, taken);
-        taken[e] = 1;
-        id[t * top_k + k] = e;
-        total += (w[t * top_k + k] = s[e]);
-      }
+      for (int64_t k = 0; k < top_k; ++k) total += (w[t * top_k + k] = s[id[t * top_k + k]]);
       for (int64_t k = 0; k < top_k; ++k) {
         float v = w[t * top_k + k];
         if (norm) v = v / (total + 1e-20f);

@@ -258,6 +258,7 @@ class ExtBackend(Backend):
         if self.strategy not in _INFERENCE_OPS or cfg.score_func not in _SCORE_FUNCS or (
                 cfg.max_devices_per_token is not None and cfg.max_devices_per_token < cfg.num_devices):
             return None
+        _ensure_loaded_eager()
         args = (_SCORE_FUNCS[cfg.score_func], cfg.top_k, cfg.num_groups, cfg.topk_groups,
                 _GROUP_SCORES[cfg.group_score], cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
 

@@ -42,8 +42,12 @@ class TileConfig:
     def __post_init__(self):
         for name in ("block_m", "block_c", "block_r"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"TileConfig: {name}={v} must be a power of two >= 16")
+            if type(v) is not int or v < 16 or v & (v - 1):
+                raise ValueError(f"TileConfig: {name}={v!r} must be a power of two >= 16")
+        if type(self.num_warps) is not int or self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"TileConfig: num_warps={self.num_warps!r} must be a power of two from 1 to 32")
+        if type(self.num_stages) is not int or self.num_stages < 1:
+            raise ValueError(f"TileConfig: num_stages={self.num_stages!r} must be a positive integer")
 
 
 _forced: Optional[TileConfig] = None
@@ -96,20 +100,27 @@ def read_table(path: Path) -> Dict[str, Dict[str, TileConfig]]:
         return {}
     try:
         entries = json.loads(path.read_text())["entries"]
-        return {key: {kind: TileConfig(**tiles) for kind, tiles in kinds.items() if kind in KINDS}
-                for key, kinds in entries.items()}
-    except (ValueError, KeyError, TypeError) as err:
+        table = {key: {kind: TileConfig(**tiles) for kind, tiles in kinds.items()} for key, kinds in entries.items()}
+        unknown = sorted({kind for kinds in table.values() for kind in kinds} - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown kernel kinds {unknown}; expected some of {KINDS}")
+        return table
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path} is not a tile tuning table ({type(err).__name__}: {err}); delete it or rerun "
-                         f"the sweep (benchmarks/gpu/run_all.py --tune)") from None
+                         f"the sweep (benchmarks/gpu/run_all.py)") from None
 
 
 def write_table(path: Path, key: str, tiles: Dict[str, TileConfig], measured: Dict[str, object]) -> None:
     """Record the sweep's winners ``tiles`` for ``key`` in the table at ``path`` (other keys kept), with what
     they were measured on (``measured``: device, torch, triton, date, shape, timings)."""
-    table = json.loads(path.read_text()) if path.exists() else {"entries": {}, "measured": {}}
+    read_table(path)  # ValueError naming the file if one is there and is not a table
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table = {"entries": dict(table.get("entries", {})), "measured": dict(table.get("measured") or {})}
     table["entries"][key] = {kind: asdict(cfg) for kind, cfg in tiles.items()}
-    table.setdefault("measured", {})[key] = measured
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    table["measured"][key] = measured
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(staged, path)  # whole or not at all: selection reads this file
     _package_table.cache_clear()
 
 
