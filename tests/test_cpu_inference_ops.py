@@ -59,6 +59,22 @@ def by_formula(x, gate_up, down, topk, w, keep, limit):
 def test_op_equals_a_float64_loop(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
     """Widths that are no multiple of the vector length (16) and below it exercise the masked tails and the
     portable loops; more than 256 pairs of one expert (or of the shared experts) split it into pieces."""
+    check_against_formula(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed)
+
+
+@pytest.mark.parametrize("T", [5, 24, 40, 300, 700])  # token columns 16, 32 + 16, and pieces of 256 pairs
+@pytest.mark.parametrize("H,I,shared", [(64, 32, 0), (128, 64, 64), (32, 96, 32)])
+def test_blocks_op_on_amx_tiles_equals_a_float64_loop(T, H, I, shared):
+    """bf16 with H a multiple of 32 and every width of 32: GEMM 1 runs on the op's own AMX loop (where the CPU has
+    AMX), 32 weight rows and 32 + 16 token columns at a time; pieces of one expert and the shared experts."""
+    needs_blocks(torch.bfloat16)
+    for seed, limit in ((0, None), (1, 0.05)):
+        check_against_formula("blocks", T, 6, 2, H, I, 1, None, limit, torch.bfloat16, shared, seed)
+
+
+def check_against_formula(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
+    """The op's output on random tokens, routing and weights against :func:`by_formula`'s float64 truth, within a
+    bound from the terms' magnitudes."""
     if strategy == "decode":
         T = 1 + T % DECODE_TOKENS
     else:

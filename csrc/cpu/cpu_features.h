@@ -3,8 +3,14 @@
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define DEEPSEEK_MOE_X86 1
+#endif
+#if defined(DEEPSEEK_MOE_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define DEEPSEEK_MOE_AMX 1
 #endif
 
 namespace deepseek_moe {
@@ -14,6 +20,21 @@ inline bool has_avx512() {
 #ifdef DEEPSEEK_MOE_X86
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// AMX tiles with bf16 dot products, and the OS's leave to use them in this process (Linux grants the tile data
+// on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+inline bool has_amx_bf16() {
+#ifdef DEEPSEEK_MOE_AMX
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
   return yes;
 #else
   return false;
