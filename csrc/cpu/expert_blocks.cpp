@@ -1,5 +1,6 @@
-// Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as the wide operand of batch-reduce
-// GEMM micro-kernels (at::native::cpublas::brgemm: oneDNN's, AMX for bf16 where the CPU has it).
+// Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as the wide operand of GEMM
+// micro-kernels: in bf16 on AMX our own loop (amx_rows32, below) where every chunk is whole, else oneDNN's
+// (at::native::cpublas::brgemm).
 //
 // Calling a BLAS GEMM per expert pays a parallel region, a packing pass and a thread hand-off per expert, and on a
 // shared CPU every region waits for a descheduled thread. Here one call runs two parallel regions over all experts:
@@ -15,7 +16,8 @@
 //      pieces in a fixed order, so every y element receives its terms in the same order whatever the thread count.
 //
 // Both GEMMs compute transposed tiles (weight rows × tokens): the weights keep their layout and only activations
-// are rearranged. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
+// are rearranged. At prefill sizes every expert is active, so a call streams all routed weights; brgemm computes a
+// chunk only after its rows arrive, the AMX loop fetches the next chunk meanwhile, so stream and arithmetic overlap. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
 // micro-kernel reads is 64-byte aligned: unaligned tiles measured half the speed.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs,

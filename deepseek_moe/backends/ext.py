@@ -7,9 +7,12 @@
   ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then
   the down rows into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
 * ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
-  selection): ``expert_blocks`` runs every expert's pairs (in pieces of up to 256) through brgemm (AMX for bf16),
-  the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's epilogue, in two parallel regions
-  over all experts (csrc/cpu/expert_blocks.cpp); no backward.
+  selection): ``expert_blocks`` runs every expert's pairs (in pieces of up to 256) through GEMM micro-kernels (in
+  bf16 its own AMX loop that fetches the next weight rows while it computes, where H and the widths are multiples
+  of 32; brgemm otherwise), the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's
+  epilogue, in two parallel regions over all experts (csrc/cpu/expert_blocks.cpp); no backward.
+* ``decode`` and ``blocks`` also offer the router's choice after its gate GEMM as one op (``route_topk``,
+  :meth:`ExtBackend.selector`).
 * ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
   plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
   per token row, fp32, the same order as the reference's combine).
