@@ -169,52 +169,52 @@ __attribute__((target("amx-tile"))) void amx_release() {
   _tile_release();
 }
 
+// Token columns [n0, n0 + 32) (kWide: 2 × 2 tiles of 16 × 16) or [n0, n0 + 16) (2 × 1) of c = W × xb: tiles 0-3
+// accumulate, 4-5 hold A (16 weight rows each), 6-7 B; each step along H also fetches `per` more lines of pf.
+template <bool kWide>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_columns(const at::BFloat16* W, int64_t H,
+                                                                     const at::BFloat16* xb, int64_t Np,
+                                                                     int64_t n0, float* c, const char* pf,
+                                                                     int64_t per, int64_t lines, int64_t& fetched) {
+  const int64_t sa = H * 2, sb = Np * 4, sc = Np * 4;
+  _tile_zero(0);
+  _tile_zero(2);
+  if constexpr (kWide) {
+    _tile_zero(1);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < H; k += 32) {
+    _tile_loadd(4, W + k, sa);
+    _tile_loadd(5, W + 16 * H + k, sa);
+    _tile_loadd(6, xb + k * Np + n0 * 2, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kWide) {
+      _tile_loadd(7, xb + k * Np + (n0 + 16) * 2, sb);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    for (int64_t i = 0; i < per && fetched < lines; ++i, ++fetched) _mm_prefetch(pf + fetched * 64, _MM_HINT_T1);
+  }
+  _tile_stored(0, c + n0, sc);
+  _tile_stored(2, c + 16 * Np + n0, sc);
+  if constexpr (kWide) {
+    _tile_stored(1, c + n0 + 16, sc);
+    _tile_stored(3, c + 16 * Np + n0 + 16, sc);
+  }
+}
+
 // c (32 × Np fp32, row stride Np) = W (32 rows of H bf16) × xb (the B layout [H/2][Np][2]), Np a multiple of 16 and
-// H of 32: tiles 0-3 accumulate 2 × 2 blocks of 16 × 16, 4-5 hold A, 6-7 B. With next, its 32 rows go to L2 spread
-// over the steps.
+// H of 32. With next, its 32 rows go to L2, a few lines per step, spread over the steps.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_rows32(const at::BFloat16* W, int64_t H,
                                                              const at::BFloat16* xb, int64_t Np, float* c,
                                                              const at::BFloat16* next) {
-  const int64_t sa = H * 2, sb = Np * 4, sc = Np * 4, lines = 32 * H * 2 / 64;
-  const int64_t steps = (Np + 31) / 32 * (H / 32), per = next ? (lines + steps - 1) / steps : 0;
+  const int64_t lines = 32 * H * 2 / 64, steps = (Np + 31) / 32 * (H / 32);
+  const int64_t per = next ? (lines + steps - 1) / steps : 0;
   const char* pf = reinterpret_cast<const char*>(next);
-  int64_t fetched = 0;
-  int64_t n0 = 0;
-  for (; n0 + 32 <= Np; n0 += 32) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < H; k += 32) {
-      _tile_loadd(4, W + k, sa);
-      _tile_loadd(5, W + 16 * H + k, sa);
-      _tile_loadd(6, xb + k * Np + n0 * 2, sb);
-      _tile_loadd(7, xb + k * Np + (n0 + 16) * 2, sb);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-      for (int64_t i = 0; i < per && fetched < lines; ++i, ++fetched) _mm_prefetch(pf + fetched * 64, _MM_HINT_T1);
-    }
-    _tile_stored(0, c + n0, sc);
-    _tile_stored(1, c + n0 + 16, sc);
-    _tile_stored(2, c + 16 * Np + n0, sc);
-    _tile_stored(3, c + 16 * Np + n0 + 16, sc);
-  }
-  if (n0 < Np) {  // the last 16 columns
-    _tile_zero(0);
-    _tile_zero(2);
-    for (int64_t k = 0; k < H; k += 32) {
-      _tile_loadd(4, W + k, sa);
-      _tile_loadd(5, W + 16 * H + k, sa);
-      _tile_loadd(6, xb + k * Np + n0 * 2, sb);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
-      for (int64_t i = 0; i < per && fetched < lines; ++i, ++fetched) _mm_prefetch(pf + fetched * 64, _MM_HINT_T1);
-    }
-    _tile_stored(0, c + n0, sc);
-    _tile_stored(2, c + 16 * Np + n0, sc);
-  }
+  int64_t fetched = 0, n0 = 0;
+  for (; n0 + 32 <= Np; n0 += 32) amx_columns<true>(W, H, xb, Np, n0, c, pf, per, lines, fetched);
+  if (n0 < Np) amx_columns<false>(W, H, xb, Np, n0, c, pf, per, lines, fetched);
 }
 #endif
 
