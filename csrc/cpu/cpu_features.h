@@ -7,7 +7,9 @@
 #include <immintrin.h>
 #define DEEPSEEK_MOE_X86 1
 #endif
-#if defined(DEEPSEEK_MOE_X86) && defined(__linux__)
+// AMX intrinsics need GCC 11 or clang 12; the tile data needs Linux's permission call.
+#if defined(DEEPSEEK_MOE_X86) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #include <sys/syscall.h>
 #include <unistd.h>
 #define DEEPSEEK_MOE_AMX 1
