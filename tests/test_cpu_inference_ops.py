@@ -72,6 +72,29 @@ def test_blocks_op_on_amx_tiles_equals_a_float64_loop(T, H, I, shared):
         check_against_formula("blocks", T, 6, 2, H, I, 1, None, limit, torch.bfloat16, shared, seed)
 
 
+@pytest.mark.parametrize("dtype,H,I", [(torch.bfloat16, 64, 32), (torch.bfloat16, 66, 34), (torch.float32, 40, 24)])
+def test_blocks_op_is_bitwise_the_same_on_one_thread_and_two(dtype, H, I):
+    """Each piece is computed whole by one thread and every y element receives its terms in a fixed order, so the
+    thread count changes no bit (AMX loop, brgemm, fp32)."""
+    needs_blocks(dtype)
+    torch.manual_seed(0)
+    T, E, K = 300, 6, 2
+    plan = build_plan(make_topk(T, E, K, "random"), torch.rand(T, K), E)
+    x = torch.randn(T, H).to(dtype)
+    gate_up, down = (torch.randn(E, 2 * I, H) / 8).to(dtype), (torch.randn(E, H, I) / 8).to(dtype)
+    shared = tuple((torch.randn(*shape) / 8).to(dtype) for shape in ((32, H), (32, H), (H, 32)))
+    impl, threads = ExtBackend("blocks"), torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outputs.append(impl.run(x, plan, gate_up, down, shared))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def check_against_formula(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
     """The op's output on random tokens, routing and weights against :func:`by_formula`'s float64 truth, within a
     bound from the terms' magnitudes."""
