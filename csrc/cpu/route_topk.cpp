@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
           if (group_score == kMax) {  // amax: NaN wins
             float top = c[0];
             for (int64_t m = 1; m < M; ++m)
-              if (std::isnan(c[m]) || c[m] > top) top = std::isnan(top) ? top : c[m];
+              if (!std::isnan(top) && (std::isnan(c[m]) || c[m] > top)) top = c[m];
             group[g] = top;
           } else {  // the sum of the two largest, as topk(2).values.sum()
             int64_t two[2];

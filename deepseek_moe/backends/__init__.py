@@ -212,7 +212,7 @@ def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype
     if torch.compiler.is_compiling():
         spec = selected_spec(name, device, dtype, activation, sizes, batch_invariant, inference)
         if (inference and device.type == "cpu" and tokens is not None
-                and tokens <= _decode_limit(spec, dtype, sizes)):
+                and tokens <= _decode_limit(dtype, sizes)):
             spec = selected_spec(name, device, dtype, activation, sizes, batch_invariant, inference, True)
         return from_spec(spec)
     key = (name, device, dtype, inference, batch_invariant, False)
@@ -242,9 +242,9 @@ def selected_spec(name: str, device: torch.device, dtype: torch.dtype, activatio
     return backend.spec()
 
 
-def _decode_limit(spec: str, dtype: torch.dtype, sizes: Optional[Tuple[int, int]]) -> int:
-    """:func:`decode_tokens` at trace time, once the implementation ``spec`` is selected (its selection loads the
-    extension, which decides where decoding ends): a constant of the graph."""
+def _decode_limit(dtype: torch.dtype, sizes: Optional[Tuple[int, int]]) -> int:
+    """:func:`decode_tokens` at trace time, a constant of the graph; called after the selection without the decode
+    flag, which loads the extension that decides where decoding ends."""
     return decode_tokens(dtype, sizes)
 
 
