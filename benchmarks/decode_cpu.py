@@ -144,8 +144,9 @@ def prefill(args) -> int:
 
 def split(args) -> int:
     """Where a decode step's time goes: the ext layer against its own pieces on the same cold weights, each piece
-    adding one stage (the op on a plan made beforehand; + the gate GEMM; + the rest of the router's choice; + the
-    plan), and the dense FFN of the same bytes."""
+    adding one stage called on its own (the experts op on a plan made beforehand; + the gate GEMM; + the rest of
+    the router's choice; + the plan), the one op that does all of them (``fused_moe``, what the layer calls) without
+    the layer around it, and the dense FFN of the same bytes."""
     torch.manual_seed(0)
     dtype, cpu, T = getattr(torch, args.dtype), torch.device("cpu"), int(args.tokens.split(",")[0])
     cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
@@ -159,6 +160,9 @@ def split(args) -> int:
         impl = layers[0]._implementation(cpu, dtype, T)
         plans = {(i, j): layers[i].route(xs[j])[1] for i in range(n) for j in range(n + 1)}
     select, step = impl.selector(cfg), {"i": 0}
+    fused = impl.fused_step(cfg)
+    operands = [(m.router.weight, m.router.e_score_correction_bias, m.experts.gate_up_proj, m.experts.down_proj,
+                 m._fused_shared(impl, dtype, None)) for m in layers]
 
     def piece(stages: int):
         def call(_):
@@ -173,11 +177,15 @@ def split(args) -> int:
             return layer.experts(x, plan, impl, layer._fused_shared(impl, dtype, None))
         return call
 
+    def fused_call(_):
+        i = step["i"] = step["i"] + 1
+        return fused(xs[i % (n + 1)], *operands[i % n])
+
     def dense_call(_):
         i = step["i"] = step["i"] + 1
         return dense[i % n](xs[i % (n + 1)])
     fns = {"op alone": piece(0), "+ gate GEMM": piece(1), "+ choice": piece(2), "+ plan": piece(3),
-           "layer": piece(4), "dense": dense_call}
+           "fused op": fused_call, "layer": piece(4), "dense": dense_call}
     with torch.inference_mode():
         times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=2, calls=n).items()}
     print(f"torch {torch.__version__}, {args.dtype}, T={T}, {impl}; {n} layers cycled, cold weights")

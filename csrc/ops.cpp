@@ -29,6 +29,14 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // group_score 0 max, 1 top-2 sum.
   m.def("route_topk(Tensor logits, Tensor bias, int score_func, int top_k, int num_groups, int topk_groups, "
         "int group_score, bool norm, float scale) -> (Tensor, Tensor, Tensor)");
+  // A layer's routed step for inference in one call: logits = x·router_weightᵀ in fp32 (ATen's linear, the Python
+  // router's GEMM), route_topk's choice, route_plan, then expert_blocks (blocks) or expert_gemv (otherwise) with
+  // the shared experts when given -> y (T, H), logits (T, E), scores (T, E), experts (T, K), gate weights (T, K),
+  // counts (E,).
+  m.def("fused_moe(Tensor x, Tensor router_weight, Tensor bias, int score_func, int top_k, int num_groups, "
+        "int topk_groups, int group_score, bool norm, float scale, Tensor gate_up, Tensor down, float? limit, "
+        "bool blocks, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");

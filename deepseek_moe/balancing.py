@@ -117,20 +117,22 @@ class LoadState:
             new.__dict__[key] = copy.deepcopy(value.detach() if key == "aux_loss" else value, memo)
         return new
 
-    def record(self, cfg: MoEConfig, routing, plan, num_dropped: torch.Tensor, training: bool, num_sequences: int,
-               seq_T: Optional[torch.Tensor], group: Optional[object]) -> None:
-        """Take one forward's load (``plan``: the router's dispatch plan) and, in training, count it toward the bias
+    def record(self, cfg: MoEConfig, routing, counts_E: torch.Tensor, routed_counts_E: torch.Tensor,
+               num_dropped: torch.Tensor, training: bool, num_sequences: int, seq_T: Optional[torch.Tensor],
+               group: Optional[object]) -> None:
+        """Take one forward's load (``counts_E``: the pairs each expert processed, ``routed_counts_E``: those the
+        router sent it, before capacity; ``num_dropped`` int64 0-dim) and, in training, count it toward the bias
         step and compute the aux loss of ``routing`` (see :func:`deepseek_moe.losses.aux_loss_from_routing`)."""
-        self.on(plan.counts_E.device)
-        self.tokens_per_expert = plan.counts_E.detach()
+        self.on(counts_E.device)
+        self.tokens_per_expert = counts_E.detach()
         self.num_dropped = num_dropped
         if not training:
-            self.aux_loss = torch.zeros((), device=plan.counts_E.device)
+            self.aux_loss = torch.zeros((), device=counts_E.device)
             return
-        count_load(self.load_since_update, plan.routed_counts_E.detach())
+        count_load(self.load_since_update, routed_counts_E.detach())
         global_counts_E = None
         if cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "global_batch":
-            global_counts_E = count_load(self.balance_window, all_reduce_load(plan.routed_counts_E, group))
+            global_counts_E = count_load(self.balance_window, all_reduce_load(routed_counts_E, group))
         self.aux_loss = aux_loss_from_routing(cfg, routing.scores_TE, routing.logits_TE, routing.topk_idx_TK,
                                               num_sequences, seq_T, global_counts_E)
         if (cfg.has_aux_loss and not torch.is_grad_enabled() and not torch.compiler.is_compiling()

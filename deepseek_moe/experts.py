@@ -225,10 +225,13 @@ class SharedExperts(nn.Module):
         """(gate (Is, H), up (Is, H), down (H, Is)) for an experts implementation that computes these shared
         experts in its own pass (``Backend.fuses_shared``), or None where that would compute another function:
         a projection wrapped or replaced (PEFT's LoRA), or weights not in the compute ``dtype`` (autocast)."""
-        projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if any(type(p) is not _Projection or p.weight.dtype != dtype for p in projections):
-            return None
-        return tuple(p.weight for p in projections)
+        weights = []
+        for projection in (self.gate_proj, self.up_proj, self.down_proj):  # a loop: asked on every inference call
+            weight = projection.weight if type(projection) is _Projection else None
+            if weight is None or weight.dtype != dtype:
+                return None
+            weights.append(weight)
+        return tuple(weights)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H), in x's dtype (as transformers' dense MLPs compute it). Raises TypeError when x's

@@ -16,7 +16,8 @@ from . import backends, invariant
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import InvariantLinear, RoutedExperts, SharedExperts, check_invariant_projections, compute_dtype
+from .experts import (InvariantLinear, RoutedExperts, SharedExperts, check_dtype, check_invariant_projections,
+                      compute_dtype)
 from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
@@ -152,15 +153,21 @@ class DeepSeekMoELayer(nn.Module):
                 forced_TK = hashed_topk(self.router.tid2eid, input_ids, x, padding_A, self.config, who)
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
-        with stage("router"):
-            if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
-                routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
-            else:
-                routing = self.gate(routed_TH, override, forced_TK)
         shared = self._fused_shared(impl, dtype, override)
-        y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
-                                           lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
-                                           self.training)
+        fused = self._fused_step(x_TH, impl, shared, override, forced_TK)
+        if fused is not None:  # the implementation ran router -> dispatch -> experts -> combine as one op
+            y_TH, routing, counts_E = fused
+            load = (counts_E, counts_E, counts_E.new_zeros(()))
+        else:
+            with stage("router"):
+                if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
+                    routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
+                else:
+                    routing = self.gate(routed_TH, override, forced_TK)
+            y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
+                                               lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
+                                               self.training)
+            load = (dispatched.plan.counts_E, dispatched.plan.routed_counts_E, dispatched.num_dropped)
         if shared is None and self.shared_experts is not None and (override is None or override.shared):
             with stage("shared_experts"):
                 shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
@@ -169,8 +176,8 @@ class DeepSeekMoELayer(nn.Module):
                     sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
                     shared_TH = shared_TH * sigmoid(gate(x_TH))
                 y_TH = y_TH + shared_TH
-        self.load_state.record(self.config, routing, dispatched.plan, dispatched.num_dropped, self.training,
-                               x.shape[0] if x.dim() == 3 else 1, seq_T, self.balance_group)
+        self.load_state.record(self.config, routing, *load, self.training, x.shape[0] if x.dim() == 3 else 1, seq_T,
+                               self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
         if tape is not None and tape.active:
             recorded = (unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], self.config.top_k) \
@@ -179,6 +186,29 @@ class DeepSeekMoELayer(nn.Module):
         y_AH = unpack(y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
+
+    def _fused_step(self, x_TH: torch.Tensor, impl: backends.Backend, shared: Optional[tuple], override,
+                    forced_TK: Optional[torch.Tensor]) -> "Optional[tuple[torch.Tensor, Routing, torch.Tensor]]":
+        """(y_TH, routing, counts_E) from ``impl``'s one-op inference step (:meth:`Backend.fused_step`: gate GEMM,
+        choice, plan, experts, ``shared``, combine) where the pipeline would compute exactly that: eval without
+        autograd, no autocast, local dispatch, the router and experts unwrapped (a PEFT wrapper changes what they
+        compute), no override and no forced ids. Else None: the pipeline runs stage by stage."""
+        if (self.training or torch.is_grad_enabled() or override is not None or forced_TK is not None
+                or self.gate is not self.router or self.experts is not self.routed_experts
+                or not isinstance(self.dispatcher, LocalDispatcher) or torch.is_autocast_enabled(x_TH.device.type)):
+            return None
+        step = impl.fused_step(self.config)
+        if step is None:
+            return None
+        experts, router = self.experts, self.gate
+        check_dtype(x_TH, experts.gate_up_proj)
+        with stage("experts"):
+            out = step(x_TH, router.weight, router.e_score_correction_bias, experts.gate_up_proj, experts.down_proj,
+                       shared)
+        if out is None:
+            return None
+        y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E = out
+        return y_TH, Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE), counts_E
 
     def _fused_shared(self, impl: backends.Backend, dtype: torch.dtype, override) -> Optional[tuple]:
         """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: the experts

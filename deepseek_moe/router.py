@@ -4,6 +4,7 @@ Legend: T tokens, H hidden size, E routed experts, K experts per token, G expert
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,6 +17,8 @@ from .config import MoEConfig
 from .forced_routing import default_hash_table
 from .losses import all_reduce_load, load_stats
 from .override import RoutingOverride
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable
 
 
 @dataclass
@@ -203,7 +206,9 @@ class Router(nn.Module):
         # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
         gate_dtype = torch.promote_types(x_TH.dtype, torch.float32)
         batch_invariant = invariant.enabled()  # torch.use_deterministic_algorithms(True): see deepseek_moe.invariant
-        with torch.autocast(device_type=x_TH.device.type, enabled=False):
+        device = x_TH.device.type
+        # The context only under autocast: entering it costs microseconds of every decode step.
+        with torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) else _NO_CONTEXT:
             linear = invariant.linear if batch_invariant else F.linear
             logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
         if select is not None and override is None and topk_idx_TK is None:

@@ -285,6 +285,97 @@ def test_the_layer_routes_through_route_topk_only_where_it_applies():
     assert "deepseek_moe::route_topk" not in ops(lambda: layer(x))  # with autograd
 
 
+def ran_ops(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
+
+
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["softmax", "sigmoid_groups_top2", "sqrtsoftplus_clamped", "shared_gate"])
+def test_the_fused_step_is_the_pipeline_bit_for_bit(variant, dtype, strategy, monkeypatch):
+    """fused_moe (gate GEMM, choice, plan, experts and combine in one op) against the same layer with the stages
+    called one by one (the implementation offering no fused step): the same output bits, padding rows zero, and
+    the same routing seen from outside: the logits a hook observes, tokens_per_expert and the recorded ids."""
+    if strategy == "blocks":
+        needs_blocks(dtype)
+    fields = dict(hidden_size=64, expert_hidden_size=32, num_routed_experts=16, num_shared_experts=2, top_k=4,
+                  initializer_range=0.1, backend="ext")
+    fields.update({"softmax": {}, "shared_gate": dict(shared_expert_gate=True),
+                   "sigmoid_groups_top2": dict(score_func="sigmoid", num_groups=4, topk_groups=2,
+                                               group_score="top2_sum", norm_topk_prob=True, routed_scaling_factor=2.5),
+                   "sqrtsoftplus_clamped": dict(score_func="sqrtsoftplus", norm_topk_prob=True, swiglu_limit=0.5),
+                   }[variant])
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(**fields).to(dtype).eval()
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.normal_()
+    S = 3 if strategy == "decode" else 60
+    x = torch.randn(2, S, 64).to(dtype)
+    mask = torch.zeros(2, S, dtype=torch.bool)
+    mask[1, 1:] = True
+    seen = []
+    layer.logits_probe.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+
+    def forward():
+        with torch.inference_mode(), dm.record_routing(layer) as routes:
+            y = layer(x, padding_mask=mask)
+        return y, layer.tokens_per_expert.clone(), routes[""][0]
+    (y, load, ids), fused_ran = ran_ops(forward)
+    monkeypatch.setattr(ExtBackend, "fused_step", lambda self, cfg: None)
+    (y_ref, load_ref, ids_ref), staged_ran = ran_ops(forward)
+    op = "deepseek_moe::" + ("expert_gemv" if strategy == "decode" else "expert_blocks")
+    assert {"deepseek_moe::fused_moe", op} <= fused_ran
+    assert "deepseek_moe::fused_moe" not in staged_ran and op in staged_ran
+    assert torch.equal(y, y_ref) and (y[mask] == 0).all()
+    assert torch.equal(seen[0], seen[1]) and torch.equal(load, load_ref) and torch.equal(ids, ids_ref)
+    assert int(load.sum()) == int((~mask).sum()) * layer.config.top_k
+
+
+def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
+    """Not with autograd, in training, with an override, replayed ids, a PEFT wrapper on the experts, under
+    autocast, or with an fp64 router (the step declines: route_topk is fp32); each then equals the eager layer."""
+    fields = dict(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1, top_k=2,
+                  initializer_range=0.1)
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
+    oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 32)
+    fused = "deepseek_moe::fused_moe"
+
+    def check(name, call, ref_call=None, expect_fused=False):
+        got, ran = ran_ops(lambda: call(layer))
+        assert (fused in ran) == expect_fused, name
+        assert_close(got, (ref_call or call)(oracle), 1e-5, name)
+    with torch.no_grad():
+        check("eval", lambda m: m(x), expect_fused=True)
+        ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+        check("replayed ids", lambda m: m(x, topk_idx=ids))
+        with dm.analysis.disabled_experts(layer, [0]), dm.analysis.disabled_experts(oracle, [0]):
+            check("override", lambda m: m(x))
+        layer.train(), oracle.train()
+        check("training", lambda m: m(x))
+        layer.eval(), oracle.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, ran = ran_ops(lambda: layer(x))
+            assert fused not in ran
+    check("autograd", lambda m: m(x))
+    double = dm.DeepSeekMoELayer(**fields, backend="ext").double().eval()
+    with torch.no_grad():
+        _, ran = ran_ops(lambda: double(x.double()))
+    assert fused not in ran
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, target_parameters=["experts.gate_up_proj"], init_lora_weights=False)
+    wrapped, wrapped_oracle = peft.get_peft_model(layer, config), peft.get_peft_model(oracle, config)
+    wrapped_oracle.load_state_dict(wrapped.state_dict())
+    with torch.no_grad():
+        got, ran = ran_ops(lambda: wrapped(x))
+        assert fused not in ran
+        assert_close(got, wrapped_oracle(x), 1e-5, "LoRA on the experts")
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
     """torch.compile of an inference forward selects at trace time as eager mode does: the decode op for a decode

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include "inference_ops.h"
+
 namespace deepseek_moe {
 namespace {
 

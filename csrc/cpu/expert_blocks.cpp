@@ -42,6 +42,7 @@
 #include "avx512_math.h"
 #include "cpu_features.h"
 #include "expert_segments.h"
+#include "inference_ops.h"
 
 namespace deepseek_moe {
 namespace {

@@ -34,6 +34,7 @@
 
 #include "cpu_features.h"
 #include "expert_segments.h"
+#include "inference_ops.h"
 
 namespace deepseek_moe {
 namespace {

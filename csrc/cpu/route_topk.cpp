@@ -26,6 +26,8 @@
 #include <limits>
 #include <vector>
 
+#include "inference_ops.h"
+
 namespace deepseek_moe {
 namespace {
 
@@ -78,6 +80,8 @@ Tensor check_logits(const Tensor& logits, const Tensor& bias) {
               "route_topk: bias must be (E,) float32 with E = ", logits.size(1));
   return logits.contiguous();
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const Tensor& bias_in, int64_t score_func,
                                                   int64_t top_k, int64_t num_groups, int64_t topk_groups,
@@ -145,8 +149,6 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
   });
   return {scores, idx, weight};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("route_topk", &route_topk_cpu);

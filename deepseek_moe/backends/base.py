@@ -85,6 +85,15 @@ class Backend:
         dtype: the router then computes them itself). Used by the layer without autograd only."""
         return None
 
+    def fused_step(self, cfg) -> Optional[Callable]:
+        """The layer's whole routed step for inference as one call, or None: ``step(x_TH, router_weight_EH, bias_E,
+        gate_up_EJH, down_EHI, shared) -> (y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E)`` as the
+        router (gate GEMM in fp32, its choice), a dropless plan and :meth:`run` (with ``shared`` as there) compute
+        them, or None where it cannot (e.g. a router weight not in fp32). The layer calls it only where that
+        pipeline would run unchanged: no autograd, eval, local dispatch, the router and experts unwrapped, no
+        override or forced ids, no autocast."""
+        return None
+
     def fuses_shared(self, shared: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
         """Whether :meth:`run` takes ``shared=(gate (Is, H), up (Is, H), down (H, Is))`` of these weights and adds
         the shared experts in its own pass (the layer then leaves them out)."""

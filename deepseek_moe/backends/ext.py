@@ -12,7 +12,9 @@
   of 32; brgemm otherwise), the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's
   epilogue, in two parallel regions over all experts (csrc/cpu/expert_blocks.cpp); no backward.
 * ``decode`` and ``blocks`` also offer the router's choice after its gate GEMM as one op (``route_topk``,
-  :meth:`ExtBackend.selector`).
+  :meth:`ExtBackend.selector`), and the layer's whole routed step as one op (``fused_moe``: gate GEMM, route_topk,
+  the plan, their experts op with the shared experts, :meth:`ExtBackend.fused_step`), which the layer calls where
+  its pipeline would compute the same, stage by stage (:meth:`Backend.fused_step`).
 * ``grouped_mm`` (CUDA, with the CUDA build of the extension and PyTorch's grouped GEMM): the extension's radix-sort
   plan, the reference's gather, PyTorch's grouped GEMMs, and the extension's CUDA weighted ``combine`` (one pass
   per token row, fp32, the same order as the reference's combine).
@@ -101,6 +103,14 @@ def _register() -> None:
         return logits.new_empty(logits.shape), logits.new_empty(T, top_k, dtype=torch.int64), \
             logits.new_empty(T, top_k)
 
+    @torch.library.register_fake(_OPS + "fused_moe")
+    def _(x, router_weight, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale, gate_up, down,
+          limit, blocks, shared_gate=None, shared_up=None, shared_down=None):
+        (T, H), E = x.shape, router_weight.shape[0]
+        new = x.new_empty
+        return (new(T, H), new(T, E, dtype=torch.float32), new(T, E, dtype=torch.float32),
+                new(T, top_k, dtype=torch.int64), new(T, top_k, dtype=torch.float32), new(E, dtype=torch.int64))
+
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
     def _(grad_y, x, gate_up, down, token, weight, counts, h, limit):
         return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape), \
@@ -108,7 +118,8 @@ def _register() -> None:
 
     torch.library.register_autograd(_OPS + "combine", _combine_backward, setup_context=_combine_setup)
     torch.library.register_autograd(_OPS + "segment_mlp_fused", _segment_backward, setup_context=_segment_setup)
-    for op in _INFERENCE_OPS.values():  # called directly on tensors that need gradients: say so at backward
+    # Called directly on tensors that need gradients: say so at backward.
+    for op in (*_INFERENCE_OPS.values(), "fused_moe"):
         torch.library.register_autograd(_OPS + op, _inference_only(op))
 
 
@@ -255,21 +266,42 @@ class ExtBackend(Backend):
         except ext.ExtensionUnavailable:
             pass
 
-    def selector(self, cfg):
-        """The extension's ``route_topk`` for the inference strategies (decode and blocks), for every score function,
-        with or without groups (max or top-2 sum), when no device limit applies; None otherwise."""
+    def _route_args(self, cfg) -> Optional[tuple]:
+        """route_topk's routing arguments for ``cfg`` under the inference strategies (decode and blocks): every score
+        function, with or without groups (max or top-2 sum), when no device limit applies; None otherwise."""
         if self.strategy not in _INFERENCE_OPS or cfg.score_func not in _SCORE_FUNCS or (
                 cfg.max_devices_per_token is not None and cfg.max_devices_per_token < cfg.num_devices):
             return None
         _ensure_loaded_eager()
-        args = (_SCORE_FUNCS[cfg.score_func], cfg.top_k, cfg.num_groups, cfg.topk_groups,
+        return (_SCORE_FUNCS[cfg.score_func], cfg.top_k, cfg.num_groups, cfg.topk_groups,
                 _GROUP_SCORES[cfg.group_score], cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+
+    def selector(self, cfg):
+        """The extension's ``route_topk`` where :meth:`_route_args` allows it."""
+        args = self._route_args(cfg)
+        if args is None:
+            return None
 
         def select(logits_TE: torch.Tensor, bias_E: torch.Tensor):
             if logits_TE.dtype != torch.float32 or bias_E.dtype != torch.float32:
                 return None
             return torch.ops.deepseek_moe.route_topk(logits_TE, bias_E, *args)
         return select
+
+    def fused_step(self, cfg):
+        """The extension's ``fused_moe`` (gate GEMM, route_topk, route_plan and this strategy's op in one call)
+        where :meth:`_route_args` allows it, for a router weight and bias in fp32."""
+        args = self._route_args(cfg)
+        if args is None:
+            return None
+        blocks = self.strategy == "blocks"
+
+        def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
+            if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32:
+                return None
+            return torch.ops.deepseek_moe.fused_moe(x_TH, router_weight_EH, bias_E, *args, gate_up_EJH, down_EHI,
+                                                    self.limit, blocks, *(shared or ()))
+        return step
 
     def fuses_shared(self, shared) -> bool:
         """The inference ops do; the blocks op in bf16 only for an even shared width (VNNI pairs)."""
