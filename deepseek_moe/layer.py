@@ -193,18 +193,18 @@ class DeepSeekMoELayer(nn.Module):
         choice, plan, experts, ``shared``, combine) where the pipeline would compute exactly that: eval without
         autograd, no autocast, local dispatch, the router and experts unwrapped (a PEFT wrapper changes what they
         compute), no override and no forced ids. Else None: the pipeline runs stage by stage."""
+        router, experts = self.gate, self.experts
         if (self.training or torch.is_grad_enabled() or override is not None or forced_TK is not None
-                or self.gate is not self.router or self.experts is not self.routed_experts
+                or not isinstance(router, Router) or not isinstance(experts, RoutedExperts)
                 or not isinstance(self.dispatcher, LocalDispatcher) or torch.is_autocast_enabled(x_TH.device.type)):
             return None
         step = impl.fused_step(self.config)
         if step is None:
             return None
-        experts, router = self.experts, self.gate
-        check_dtype(x_TH, experts.gate_up_proj)
+        gate_up_EJH = experts.gate_up_proj
+        check_dtype(x_TH, gate_up_EJH)
         with stage("experts"):
-            out = step(x_TH, router.weight, router.e_score_correction_bias, experts.gate_up_proj, experts.down_proj,
-                       shared)
+            out = step(x_TH, router.weight, router.e_score_correction_bias, gate_up_EJH, experts.down_proj, shared)
         if out is None:
             return None
         y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E = out

@@ -215,6 +215,7 @@ class ExtBackend(Backend):
         if strategy not in STRATEGIES:
             raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         self.strategy = strategy
+        self._step = (None, None)  # (config, fused_step(config)) of the last call
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu", decode: bool = False,
@@ -291,16 +292,19 @@ class ExtBackend(Backend):
     def fused_step(self, cfg):
         """The extension's ``fused_moe`` (gate GEMM, route_topk, route_plan and this strategy's op in one call)
         where :meth:`_route_args` allows it, for a router weight and bias in fp32."""
+        if self._step[0] is cfg:  # asked on every inference call: built once per config
+            return self._step[1]
         args = self._route_args(cfg)
-        if args is None:
-            return None
-        blocks = self.strategy == "blocks"
+        step = None
+        if args is not None:
+            op, blocks = torch.ops.deepseek_moe.fused_moe, self.strategy == "blocks"
 
-        def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
-            if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32:
-                return None
-            return torch.ops.deepseek_moe.fused_moe(x_TH, router_weight_EH, bias_E, *args, gate_up_EJH, down_EHI,
-                                                    self.limit, blocks, *(shared or ()))
+            def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
+                if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32:
+                    return None
+                return op(x_TH, router_weight_EH, bias_E, *args, gate_up_EJH, down_EHI, self.limit, blocks,
+                          *(shared or ()))
+        self._step = (cfg, step)
         return step
 
     def fuses_shared(self, shared) -> bool:
