@@ -64,6 +64,7 @@ class LoadState:
         self.num_dropped = torch.zeros((), dtype=torch.int64, device="cpu")
         self.aux_loss = torch.zeros((), device="cpu")
         self.warned_no_grad = False
+        self._zeros: Dict[torch.dtype, torch.Tensor] = {}  # the eval forwards' aux_loss and num_dropped
 
     # Fresh counters are made outside inference_mode even when asked for inside it: an inference tensor cannot be
     # updated in place (count_load, update_bias) by a later training step.
@@ -118,18 +119,20 @@ class LoadState:
         return new
 
     def record(self, cfg: MoEConfig, routing, counts_E: torch.Tensor, routed_counts_E: torch.Tensor,
-               num_dropped: torch.Tensor, training: bool, num_sequences: int, seq_T: Optional[torch.Tensor],
-               group: Optional[object]) -> None:
-        """Take one forward's load (``counts_E``: the pairs each expert processed, ``routed_counts_E``: those the
-        router sent it, before capacity; ``num_dropped`` int64 0-dim) and, in training, count it toward the bias
-        step and compute the aux loss of ``routing`` (see :func:`deepseek_moe.losses.aux_loss_from_routing`)."""
-        self.on(counts_E.device)
-        self.tokens_per_expert = counts_E.detach()
-        self.num_dropped = num_dropped
+               num_dropped: Optional[torch.Tensor], training: bool, num_sequences: int,
+               seq_T: Optional[torch.Tensor], group: Optional[object]) -> None:
+        """Take one forward's load (``counts_E`` int64: the pairs each expert processed, ``routed_counts_E``: those
+        the router sent it, before capacity; ``num_dropped`` int64 0-dim, None for none) and, in training, count it
+        toward the bias step and compute the aux loss of ``routing`` (see
+        :func:`deepseek_moe.losses.aux_loss_from_routing`)."""
+        device = counts_E.device
+        self.on(device)
+        self.tokens_per_expert = counts_E
+        self.num_dropped = self._zero(device, torch.int64) if num_dropped is None else num_dropped
         if not training:
-            self.aux_loss = torch.zeros((), device=counts_E.device)
+            self.aux_loss = self._zero(device, torch.float32)
             return
-        count_load(self.load_since_update, routed_counts_E.detach())
+        count_load(self.load_since_update, routed_counts_E)
         global_counts_E = None
         if cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "global_batch":
             global_counts_E = count_load(self.balance_window, all_reduce_load(routed_counts_E, group))
@@ -142,6 +145,17 @@ class LoadState:
                           "activation checkpointing, which runs the forward without autograd): its aux_loss has no "
                           "gradient, so the balance losses will not train the router. Checkpoint with "
                           "use_reentrant=False, or call layer.eval() for forwards you do not train on.", stacklevel=4)
+
+    def _zero(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A 0-dim zero, the same tensor for every eval forward on ``device`` (an allocation costs tens of
+        microseconds of a cold decode step); a fresh one while torch.compile traces."""
+        if torch.compiler.is_compiling():
+            return torch.zeros((), dtype=dtype, device=device)
+        zero = self._zeros.get(dtype)
+        if zero is None or zero.device != device:
+            with torch.inference_mode(False):  # usable by any later step, as the counters
+                zero = self._zeros[dtype] = torch.zeros((), dtype=dtype, device=device)
+        return zero
 
     def stats(self) -> Dict[str, float]:
         """num_dropped, max_vio and cv of the last forward's load (syncs the device)."""

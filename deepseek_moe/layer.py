@@ -157,7 +157,7 @@ class DeepSeekMoELayer(nn.Module):
         fused = self._fused_step(x_TH, impl, shared, override, forced_TK)
         if fused is not None:  # the implementation ran router -> dispatch -> experts -> combine as one op
             y_TH, routing, counts_E = fused
-            load = (counts_E, counts_E, counts_E.new_zeros(()))
+            load = (counts_E, counts_E, None)
         else:
             with stage("router"):
                 if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
@@ -183,7 +183,7 @@ class DeepSeekMoELayer(nn.Module):
             recorded = (unpack(routing.topk_idx_TK + 1) - 1).view(*x.shape[:-1], self.config.top_k) \
                 if tape.recorded else None
             tape.finish(x, recorded, self.training, replaying)
-        y_AH = unpack(y_TH.to(x.dtype))
+        y_AH = unpack(y_TH if y_TH.dtype == x.dtype else y_TH.to(x.dtype))
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
 

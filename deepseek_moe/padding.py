@@ -118,7 +118,7 @@ def pack(x: torch.Tensor, mask: Optional[torch.Tensor]
     puts rows of the real tokens back at their positions among all A = x.numel() / H, zeros at padding: (A, D).
     """
     H = x.shape[-1]
-    x_AH = x.reshape(-1, H)
+    x_AH = x if x.dim() == 2 else x.reshape(-1, H)
     if mask is None:
         return x_AH, None, lambda t_TD: t_TD
     A = x_AH.shape[0]
