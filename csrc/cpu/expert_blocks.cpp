@@ -5,19 +5,21 @@
 // Calling a BLAS GEMM per expert pays a parallel region, a packing pass and a thread hand-off per expert, and on a
 // shared CPU every region waits for a descheduled thread. Here one call runs two parallel regions over all experts:
 //
-//   1. gate/up: a thread takes whole pieces (up to kPiece pairs of one expert; ranges of about equal cost). It packs
-//      the piece's tokens of x into brgemm's B layout in its own buffer (H × Np, Np the pair count rounded up to
-//      16; VNNI pairs [H/2][Np][2] for bf16; 16 × 16 words at a time), then for every chunk of Ib rows of the
-//      expert's gate and up weights (the A operand, in their public (E, 2I, H) layout: no repacking, nothing
-//      cached) gets g and u as Ib × Np fp32 tiles and computes a = act(min(g, L)) · clamp(u, −L, L) · w in the
-//      epilogue, written in the B layout GEMM 2 reads.
+//   1. gate/up: threads claim whole pieces (up to kPiece pairs of one expert), costliest first, until none is left
+//      (a thread that a shared CPU deschedules leaves its share to the other). A thread packs the piece's tokens of
+//      x into brgemm's B layout in its own buffer (H × Np, Np the pair count rounded up to 16; VNNI pairs
+//      [H/2][Np][2] for bf16; 16 × 16 words at a time), then for every chunk of Ib rows of the expert's gate and
+//      up weights (the A operand, in their public (E, 2I, H) layout: no repacking, nothing cached) gets g and u as
+//      Ib × Np fp32 tiles and computes a = act(min(g, L)) · clamp(u, −L, L) · w in the epilogue, written in the B
+//      layout GEMM 2 reads.
 //   2. down: threads split the H output rows; for each piece, Hb rows of the expert's down weights (A, public
 //      (E, H, I) layout) times its a, transposed back 16 × 16 and added into the thread's own columns of y (fp32),
 //      pieces in a fixed order, so every y element receives its terms in the same order whatever the thread count.
 //
 // Both GEMMs compute transposed tiles (weight rows × tokens): the weights keep their layout and only activations
 // are rearranged. At prefill sizes every expert is active, so a call streams all routed weights; brgemm computes a
-// chunk only after its rows arrive, the AMX loop fetches the next chunk meanwhile, so stream and arithmetic overlap. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
+// chunk only after its rows arrive, the AMX loop fetches the next chunk meanwhile, so stream and arithmetic
+// overlap. The shared experts are one more segment (every token, weight 1) when given. Every buffer the
 // micro-kernel reads is 64-byte aligned: unaligned tiles measured half the speed.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs,
@@ -31,10 +33,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -237,21 +241,6 @@ __attribute__((target("avx512f"))) void add_transposed_avx512(const float* c, in
 #endif
 
 // ------------------------------------------------------------------------------------ the op
-// Contiguous ranges of tasks with about equal Σ cost, one per thread: the gate/up tasks' costs differ with their
-// experts' pair counts.
-std::vector<int64_t> balanced_ranges(const std::vector<int64_t>& cost, int64_t parts) {
-  int64_t total = 0;
-  for (int64_t c : cost) total += c;
-  std::vector<int64_t> bounds{0};
-  int64_t sum = 0, t = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    while (t < static_cast<int64_t>(cost.size()) && (sum + cost[t]) * parts <= total * p) sum += cost[t++];
-    bounds.push_back(t);
-  }
-  bounds.push_back(static_cast<int64_t>(cost.size()));
-  return bounds;
-}
-
 // Pairs [first, first + count) of a segment (at most kPiece of them), padded to Np columns; its a at word ab.
 struct Piece {
   int64_t segment, first, count, Np, ab;
@@ -296,11 +285,16 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   uint32_t* ab = reinterpret_cast<uint32_t*>(ab_buffer.data_ptr<int32_t>());
   const uint32_t* x = reinterpret_cast<const uint32_t*>(x_TH.const_data_ptr<scalar_t>());
 
-  // 1. gate/up: a thread takes whole pieces (ranges of about equal cost): packs the piece's x in the B layout
-  //    into its own buffer (it stays in L2), then runs every row chunk of the segment's weights over it.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pieces.size()));
-  const std::vector<int64_t> bounds = balanced_ranges(cost, parts);
-  at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
+  // 1. gate/up: threads claim whole pieces, costliest first, until none is left (a thread that a shared CPU
+  //    deschedules leaves its share to the other): each packs the piece's x in the B layout into its own buffer
+  //    (it stays in L2), then runs every row chunk of the segment's weights over it.
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cost[i] > cost[j]; });
+  const int64_t n_pieces = static_cast<int64_t>(pieces.size());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_pieces));
+  std::atomic<int64_t> claimed{0};
+  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
     // The thread's buffers, from ATen's allocator (64-byte aligned, not on a worker thread's small stack).
     const Tensor xb_buffer = at::empty({Hw * max_np}, x_TH.options().dtype(at::kInt));
     const Tensor fp32_buffer = at::empty({(2 * kIb + 1) * kPiece}, x_TH.options().dtype(at::kFloat));
@@ -312,7 +306,11 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
       amx_configure();
     }
 #endif
-    for (int64_t q = bounds[part0]; q < bounds[part1]; ++q) {
+    for (int64_t i = claimed++; i < n_pieces; i = claimed++) {
+      const int64_t q = order[i];
+      // The piece this thread likely takes next (claims alternate between the threads): its rows are fetched
+      // while the last chunk of this one computes.
+      const int64_t q_next = i + parts < n_pieces ? order[i + parts] : -1;
       const Piece& piece = pieces[q];
       const auto& s = segments[piece.segment];
       const int64_t np = piece.Np;
@@ -339,8 +337,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           if (amx) {  // the gate chunk, then the up chunk, each fetching the one computed after it
             const bool last = j0 + kIb >= s.width;
             const scalar_t* after = !last ? s.gate + (j0 + kIb) * H
-                                    : q + 1 < bounds[part1] ? segments[pieces[q + 1].segment].gate
-                                                             : nullptr;
+                                    : q_next >= 0 ? segments[pieces[q_next].segment].gate : nullptr;
             amx_rows32(s.gate + j0 * H, H, xb_s, np, g, s.up + j0 * H);
             amx_rows32(s.up + j0 * H, H, xb_s, np, u, after);
           }
@@ -372,11 +369,17 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
     cpublas::brgemm_release(vnni);
   });
 
-  // 2. down: a thread owns output rows [h0, h1) of y for every piece, pieces in order.
+  // 2. down: threads claim groups of Hb-row tiles of y until none is left; for its group a thread runs every
+  //    piece, in order, so each y element receives its terms in one order whatever the thread count. Groups of
+  //    about a quarter of a thread's share: a piece's a, read again for every group, stays in L2 across a
+  //    group's tiles.
   float* y = y_TH.mutable_data_ptr<float>();
   const int64_t h_tiles = (H + kHb - 1) / kHb;
+  const int64_t group_tiles = std::max<int64_t>(1, h_tiles / (4 * at::get_num_threads()));
+  const int64_t groups = (h_tiles + group_tiles - 1) / group_tiles;
   const bool transpose_fast = avx512 && H % 16 == 0;
-  at::parallel_for(0, h_tiles, 1, [&](int64_t ht0, int64_t ht1) {
+  std::atomic<int64_t> claimed_group{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), groups), 1, [&](int64_t, int64_t) {
     const Tensor c_buffer = at::empty({kHb * kPiece}, x_TH.options().dtype(at::kFloat));
     float* c = c_buffer.data_ptr<float>();
     float* y_rows[kPiece];
@@ -386,40 +389,43 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
       amx_configure();
     }
 #endif
-    for (size_t q = 0; q < pieces.size(); ++q) {
-      const Piece& piece = pieces[q];
-      const auto& s = segments[piece.segment];
-      const scalar_t* ab_piece = reinterpret_cast<const scalar_t*>(ab + piece.ab);
-      for (int64_t ht = ht0; ht < ht1; ++ht) {
-        const int64_t h = ht * kHb, hr = std::min(kHb, H - h);
+    for (int64_t group = claimed_group++; group < groups; group = claimed_group++) {
+      const int64_t ht0 = group * group_tiles, ht1 = std::min(h_tiles, ht0 + group_tiles);
+      for (size_t q = 0; q < pieces.size(); ++q) {
+        const Piece& piece = pieces[q];
+        const auto& s = segments[piece.segment];
+        const scalar_t* ab_piece = reinterpret_cast<const scalar_t*>(ab + piece.ab);
+        for (int64_t ht = ht0; ht < ht1; ++ht) {
+          const int64_t h = ht * kHb, hr = std::min(kHb, H - h);
 #ifdef DEEPSEEK_MOE_AMX
-        if constexpr (vnni) {
-          if (amx) {  // 32 down rows at a time (H is a multiple of 32), each fetching the 32 computed after it
-            for (int64_t r = 0; r < hr; r += 32) {
-              const scalar_t* after = r + 32 < hr ? s.down + (h + r + 32) * s.width
-                                      : ht + 1 < ht1 ? s.down + (h + kHb) * s.width
-                                      : q + 1 < pieces.size() ? segments[pieces[q + 1].segment].down +
-                                                                    ht0 * kHb * segments[pieces[q + 1].segment].width
-                                                              : nullptr;
-              amx_rows32(s.down + (h + r) * s.width, s.width, ab_piece, piece.Np, c + r * piece.Np, after);
+          if constexpr (vnni) {
+            if (amx) {  // 32 down rows at a time (H is a multiple of 32), each fetching the 32 computed after it
+              for (int64_t r = 0; r < hr; r += 32) {
+                const auto* next = q + 1 < pieces.size() ? &segments[pieces[q + 1].segment] : nullptr;
+                const scalar_t* after = r + 32 < hr ? s.down + (h + r + 32) * s.width
+                                        : ht + 1 < ht1 ? s.down + (h + kHb) * s.width
+                                        : next ? next->down + ht0 * kHb * next->width
+                                               : nullptr;
+                amx_rows32(s.down + (h + r) * s.width, s.width, ab_piece, piece.Np, c + r * piece.Np, after);
+              }
             }
           }
-        }
-        if (!amx)
-          cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width,
-                          ab_piece, c, vnni);
+          if (!amx)
+            cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width,
+                            ab_piece, c, vnni);
 #else
-        cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width, ab_piece,
-                        c, vnni);
+          cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width, ab_piece,
+                          c, vnni);
 #endif
-        for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = y + s.token[piece.first + n] * H + h;
+          for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = y + s.token[piece.first + n] * H + h;
 #ifdef DEEPSEEK_MOE_X86
-        if (transpose_fast) {
-          add_transposed_avx512(c, hr, piece.Np, piece.count, y_rows);
-          continue;
-        }
+          if (transpose_fast) {
+            add_transposed_avx512(c, hr, piece.Np, piece.count, y_rows);
+            continue;
+          }
 #endif
-        add_transposed_portable(c, hr, piece.Np, piece.count, y_rows);
+          add_transposed_portable(c, hr, piece.Np, piece.count, y_rows);
+        }
       }
     }
 #ifdef DEEPSEEK_MOE_AMX
