@@ -379,8 +379,8 @@ def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
     """torch.compile of an inference forward selects at trace time as eager mode does: the decode op for a decode
-    step, the blocks op above (a recompile, guarded on the token count when it is symbolic), the segment loop with
-    autograd; each equals the eager layer."""
+    step, the blocks op above (a recompile, guarded on the token count when it is symbolic), both inside the fused
+    step, the segment loop with autograd; each equals the eager layer."""
     torch._dynamo.reset()
     layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1,
                                 top_k=2, backend="ext").eval()
@@ -391,7 +391,7 @@ def test_a_compiled_inference_forward_runs_the_inference_ops(dynamic):
         with torch.no_grad(), torch.profiler.profile() as prof:
             got = compiled(x)
         ran = {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
-        assert {f"deepseek_moe::{op}", "deepseek_moe::route_topk"} <= ran, (tokens, ran)
+        assert {f"deepseek_moe::{op}", "deepseek_moe::route_topk", "deepseek_moe::fused_moe"} <= ran, (tokens, ran)
         with torch.no_grad():
             assert_close(got, layer(x), 1e-6, f"{tokens} tokens")
     x = torch.randn(3, 32, requires_grad=True)
