@@ -61,10 +61,31 @@ class LoadState:
         self.tokens_per_expert = torch.zeros(E, dtype=torch.int64, device="cpu")
         self.load_since_update = torch.zeros(E, dtype=torch.int64, device="cpu")
         self.balance_window = torch.zeros(E, dtype=torch.int64, device="cpu")
-        self.num_dropped = torch.zeros((), dtype=torch.int64, device="cpu")
-        self.aux_loss = torch.zeros((), device="cpu")
+        # None stands for zero, read as a fresh zero: an eval forward allocates nothing for them (tens of
+        # microseconds of a cold decode step), and no caller holds a tensor that a later forward returns again.
+        self._num_dropped: Optional[torch.Tensor] = None
+        self._aux_loss: Optional[torch.Tensor] = None
         self.warned_no_grad = False
-        self._zeros: Dict[torch.dtype, torch.Tensor] = {}  # the eval forwards' aux_loss and num_dropped
+
+    @property
+    def num_dropped(self) -> torch.Tensor:
+        dropped = self._num_dropped
+        if dropped is None:
+            return torch.zeros((), dtype=torch.int64, device=self.tokens_per_expert.device)
+        return dropped
+
+    @num_dropped.setter
+    def num_dropped(self, value: Optional[torch.Tensor]) -> None:
+        self._num_dropped = value
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        loss = self._aux_loss
+        return torch.zeros((), device=self.tokens_per_expert.device) if loss is None else loss
+
+    @aux_loss.setter
+    def aux_loss(self, value: Optional[torch.Tensor]) -> None:
+        self._aux_loss = value
 
     # Fresh counters are made outside inference_mode even when asked for inside it: an inference tensor cannot be
     # updated in place (count_load, update_bias) by a later training step.
@@ -115,7 +136,8 @@ class LoadState:
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value.detach() if key == "aux_loss" else value, memo)
+            new.__dict__[key] = copy.deepcopy(value.detach() if key == "_aux_loss" and value is not None else value,
+                                              memo)
         return new
 
     def record(self, cfg: MoEConfig, routing, counts_E: torch.Tensor, routed_counts_E: torch.Tensor,
@@ -128,9 +150,9 @@ class LoadState:
         device = counts_E.device
         self.on(device)
         self.tokens_per_expert = counts_E
-        self.num_dropped = self._zero(device, torch.int64) if num_dropped is None else num_dropped
+        self.num_dropped = num_dropped
         if not training:
-            self.aux_loss = self._zero(device, torch.float32)
+            self.aux_loss = None
             return
         count_load(self.load_since_update, routed_counts_E)
         global_counts_E = None
@@ -145,17 +167,6 @@ class LoadState:
                           "activation checkpointing, which runs the forward without autograd): its aux_loss has no "
                           "gradient, so the balance losses will not train the router. Checkpoint with "
                           "use_reentrant=False, or call layer.eval() for forwards you do not train on.", stacklevel=4)
-
-    def _zero(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A 0-dim zero, the same tensor for every eval forward on ``device`` (an allocation costs tens of
-        microseconds of a cold decode step); a fresh one while torch.compile traces."""
-        if torch.compiler.is_compiling():
-            return torch.zeros((), dtype=dtype, device=device)
-        zero = self._zeros.get(dtype)
-        if zero is None or zero.device != device:
-            with torch.inference_mode(False):  # usable by any later step, as the counters
-                zero = self._zeros[dtype] = torch.zeros((), dtype=dtype, device=device)
-        return zero
 
     def stats(self) -> Dict[str, float]:
         """num_dropped, max_vio and cv of the last forward's load (syncs the device)."""

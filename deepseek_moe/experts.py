@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks  # the global hooks' registries
 
 from . import invariant
 from .backends import Backend
@@ -149,6 +150,27 @@ class RoutedExperts(nn.Module):
                                       error_msgs)
 
 
+def called_plainly(module: nn.Module, cls: type) -> bool:
+    """Whether calling ``module`` is calling ``cls.forward`` and nothing else: its class keeps that forward (a
+    parametrization's subclass does, a user's override does not) and no forward hook runs around it, its own or a
+    global one (FSDP2 gathers its parameters in one; ``analysis.routing_statistics`` counts through one). Only then
+    may an implementation's fused op stand in for the call."""
+    return (type(module).forward is cls.forward and not (module._forward_pre_hooks or module._forward_hooks)
+            and not (_module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks))
+
+
+def runs_routed_experts_only(module: nn.Module) -> bool:
+    """Whether calling ``module`` (a layer's ``experts``) computes :meth:`RoutedExperts.forward` and nothing on top:
+    a :class:`RoutedExperts` :func:`called_plainly`, possibly inside PEFT ``ParamWrapper``s without hooks (they
+    substitute a weight and run the module). Only then may the shared experts join its output."""
+    while not isinstance(module, RoutedExperts):
+        if not (hasattr(module, "parameter_name") and hasattr(module, "get_base_layer")
+                and called_plainly(module, type(module))):
+            return False
+        module = module.get_base_layer()
+    return called_plainly(module, RoutedExperts)
+
+
 class InvariantLinear(nn.Linear):
     """A bias-free nn.Linear that computes batch-invariantly under ``torch.use_deterministic_algorithms(True)``
     (:func:`deepseek_moe.invariant.linear`); the shared experts' projections and the shared-expert gate."""
@@ -224,10 +246,14 @@ class SharedExperts(nn.Module):
     def fusable_weights(self, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(gate (Is, H), up (Is, H), down (H, Is)) for an experts implementation that computes these shared
         experts in its own pass (``Backend.fuses_shared``), or None where that would compute another function:
-        a projection wrapped or replaced (PEFT's LoRA), or weights not in the compute ``dtype`` (autocast)."""
+        a projection wrapped or replaced (PEFT's LoRA), a hook on these modules (:func:`called_plainly`), or
+        weights not in the compute ``dtype`` (autocast)."""
+        if not called_plainly(self, SharedExperts):
+            return None
         weights = []
         for projection in (self.gate_proj, self.up_proj, self.down_proj):  # a loop: asked on every inference call
-            weight = projection.weight if type(projection) is _Projection else None
+            plain = type(projection) is _Projection and called_plainly(projection, _Projection)
+            weight = projection.weight if plain else None
             if weight is None or weight.dtype != dtype:
                 return None
             weights.append(weight)

@@ -16,8 +16,8 @@ from . import backends, invariant
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import (InvariantLinear, RoutedExperts, SharedExperts, check_dtype, check_invariant_projections,
-                      compute_dtype)
+from .experts import (InvariantLinear, RoutedExperts, SharedExperts, called_plainly, check_dtype,
+                      check_invariant_projections, compute_dtype, runs_routed_experts_only)
 from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
 from .padding import active_input_ids, active_padding_mask, check_input, check_padding_mask, pack
@@ -191,12 +191,13 @@ class DeepSeekMoELayer(nn.Module):
                     forced_TK: Optional[torch.Tensor]) -> "Optional[tuple[torch.Tensor, Routing, torch.Tensor]]":
         """(y_TH, routing, counts_E) from ``impl``'s one-op inference step (:meth:`Backend.fused_step`: gate GEMM,
         choice, plan, experts, ``shared``, combine) where the pipeline would compute exactly that: eval without
-        autograd, no autocast, local dispatch, the router and experts unwrapped (a PEFT wrapper changes what they
-        compute), no override and no forced ids. Else None: the pipeline runs stage by stage."""
+        autograd, no autocast, local dispatch, the router and experts called plainly (no PEFT wrapper, no subclass
+        forward, no hook: :func:`~deepseek_moe.experts.called_plainly`), no override and no forced ids. Else None:
+        the pipeline runs stage by stage."""
         router, experts = self.gate, self.experts
         if (self.training or torch.is_grad_enabled() or override is not None or forced_TK is not None
-                or not isinstance(router, Router) or not isinstance(experts, RoutedExperts)
-                or not isinstance(self.dispatcher, LocalDispatcher) or torch.is_autocast_enabled(x_TH.device.type)):
+                or type(self.dispatcher) is not LocalDispatcher or torch.is_autocast_enabled(x_TH.device.type)
+                or not (called_plainly(router, Router) and called_plainly(experts, RoutedExperts))):
             return None
         step = impl.fused_step(self.config)
         if step is None:
@@ -214,10 +215,13 @@ class DeepSeekMoELayer(nn.Module):
         """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: the experts
         see this layer's own tokens (local dispatch, no router jitter: that scales the routed experts' input only),
         no gate scales the shared output, they are not disabled, their projections are plain
-        (:meth:`SharedExperts.fusable_weights`) and ``impl`` takes them (:meth:`Backend.fuses_shared`)."""
+        (:meth:`SharedExperts.fusable_weights`), the routed experts' call adds nothing to their output that the
+        shared experts' would then share (:func:`~deepseek_moe.experts.runs_routed_experts_only`) and ``impl``
+        takes them (:meth:`Backend.fuses_shared`)."""
         jitter = self.training and self.config.router_jitter_noise > 0
         if not (self.shared_experts is not None and self.shared_expert_gate is None and not jitter
-                and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)):
+                and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)
+                and runs_routed_experts_only(self.experts)):
             return None
         weights = self.shared_experts.fusable_weights(dtype)
         return weights if weights is not None and impl.fuses_shared(weights) else None

@@ -335,7 +335,8 @@ def test_the_fused_step_is_the_pipeline_bit_for_bit(variant, dtype, strategy, mo
 
 def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
     """Not with autograd, in training, with an override, replayed ids, a PEFT wrapper on the experts, under
-    autocast, or with an fp64 router (the step declines: route_topk is fp32); each then equals the eager layer."""
+    autocast, with an fp64 router or fp64 tokens beside an fp32 router (the step's gate GEMM is fp32); each then
+    equals the eager layer."""
     fields = dict(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1, top_k=2,
                   initializer_range=0.1)
     torch.manual_seed(0)
@@ -366,6 +367,16 @@ def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
     with torch.no_grad():
         _, ran = ran_ops(lambda: double(x.double()))
     assert fused not in ran
+    x64 = x.double()
+    mixed = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    mixed.experts.double(), mixed.shared_experts.double()  # a gate kept in fp32 beside fp64 experts
+    mixed_oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
+    mixed_oracle.load_state_dict(mixed.state_dict())
+    mixed_oracle.experts.double(), mixed_oracle.shared_experts.double()
+    with torch.no_grad():  # the router's gate then runs in fp64, not in the op's fp32
+        got, ran = ran_ops(lambda: mixed(x64))
+        assert fused not in ran
+        assert_close(got, mixed_oracle(x64), 1e-12, "fp64 tokens, fp32 router")
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=2, target_parameters=["experts.gate_up_proj"], init_lora_weights=False)
     wrapped, wrapped_oracle = peft.get_peft_model(layer, config), peft.get_peft_model(oracle, config)
@@ -374,6 +385,79 @@ def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
         got, ran = ran_ops(lambda: wrapped(x))
         assert fused not in ran
         assert_close(got, wrapped_oracle(x), 1e-5, "LoRA on the experts")
+
+
+class DoubledExperts(dm.experts.RoutedExperts):
+    def forward(self, *args, **kwargs):
+        return 2 * super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("what", ["hook on gate", "pre-hook on experts", "hook on shared", "global hook",
+                                  "routing_statistics", "subclass"])
+def test_the_fused_step_stands_in_only_for_modules_called_plainly(what):
+    """A hook on the router, the experts or the shared experts (also a global one: FSDP2 gathers parameters in
+    one, routing_statistics counts in one) runs, and a subclass's forward is called (on the routed experts alone,
+    not on the shared experts' output as well): the modules are then called stage by stage, and the layer equals
+    the eager layer doing the same."""
+    fields = dict(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1, top_k=2,
+                  initializer_range=0.1)
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
+    oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 32)
+    calls = []
+    handles = []
+    for m in (layer, oracle):
+        if what == "subclass":
+            doubled = DoubledExperts(m.config)
+            doubled.load_state_dict(m.experts.state_dict())
+            m.experts = doubled
+        elif what != "routing_statistics" and what != "global hook":
+            module = {"hook on gate": m.gate, "pre-hook on experts": m.experts,
+                      "hook on shared": m.shared_experts}[what]
+            if what == "pre-hook on experts":
+                handles.append(module.register_forward_pre_hook(lambda mod, args: calls.append(what)))
+            else:
+                handles.append(module.register_forward_hook(lambda mod, args, out: calls.append(what)))
+    if what == "global hook":
+        handles.append(torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: calls.append(type(mod).__name__)))
+    try:
+        if what == "routing_statistics":
+            stats = {}
+            for name, m in (("ext", layer), ("eager", oracle)):
+                stats[name] = dm.analysis.routing_statistics(m, [x[None]])[""]
+            assert stats["ext"].tokens == 5 and torch.equal(stats["ext"].load_E, stats["eager"].load_E)
+            return
+        with torch.no_grad():
+            got, ran = ran_ops(lambda: layer(x))
+            calls_ext = list(calls)
+            assert_close(got, oracle(x), 1e-5, what)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A hook on the shared experts keeps only them out of the op: they are called, the routed step is fused.
+    assert ("deepseek_moe::fused_moe" in ran) == (what == "hook on shared")
+    if what == "global hook":
+        assert {"Router", "RoutedExperts", "SharedExperts"} <= set(calls_ext)
+    elif what != "subclass":
+        assert calls_ext == [what]
+
+
+def test_an_eval_forwards_aux_loss_and_num_dropped_are_its_own():
+    """They are zero after an eval forward and belong to the caller: adding into one in place changes no later
+    forward's (the layer allocates them only when read)."""
+    layer = dm.DeepSeekMoELayer(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, top_k=2,
+                                backend="ext").eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 32))
+        first, dropped = layer.aux_loss, layer.load_state.num_dropped
+        first += 3.0
+        dropped += 5
+        layer(torch.randn(3, 32))
+    assert float(layer.aux_loss) == 0.0 and layer.last_stats["num_dropped"] == 0
+    assert layer.aux_loss.dtype == torch.float32 and layer.load_state.num_dropped.dtype == torch.int64
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
