@@ -293,21 +293,20 @@ class ExtBackend(Backend):
         """The extension's ``fused_moe`` (gate GEMM, route_topk, route_plan and this strategy's op in one call)
         where :meth:`_route_args` allows it, for a router weight and bias in fp32 and x in a dtype of at most 32
         bits (the router's gate GEMM is then fp32)."""
-        if self._step[0] is cfg:  # asked on every inference call: built once per config
-            return self._step[1]
-        args = self._route_args(cfg)
-        step = None
-        if args is not None:
-            op, blocks = torch.ops.deepseek_moe.fused_moe, self.strategy == "blocks"
+        if self._step[0] is not cfg:  # asked on every inference call: built once per config
+            args = self._route_args(cfg)
+            self._step = (cfg, None if args is None else self._fused_op(args))
+        return self._step[1]
 
-            def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
-                # The router's gate runs in promote(x, fp32): the op's fp32 gate GEMM only where that is fp32.
-                if (router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32
-                        or x_TH.dtype == torch.float64):
-                    return None
-                return op(x_TH, router_weight_EH, bias_E, *args, gate_up_EJH, down_EHI, self.limit, blocks,
-                          *(shared or ()))
-        self._step = (cfg, step)
+    def _fused_op(self, route_args: tuple):
+        op, blocks = torch.ops.deepseek_moe.fused_moe, self.strategy == "blocks"
+
+        def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
+            # The router's gate runs in promote(x, fp32): the op's fp32 gate GEMM only where that is fp32.
+            if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32 or x_TH.dtype == torch.float64:
+                return None
+            return op(x_TH, router_weight_EH, bias_E, *route_args, gate_up_EJH, down_EHI, self.limit, blocks,
+                      *(shared or ()))
         return step
 
     def fuses_shared(self, shared) -> bool:
