@@ -333,16 +333,22 @@ def test_the_fused_step_is_the_pipeline_bit_for_bit(variant, dtype, strategy, mo
     assert int(load.sum()) == int((~mask).sum()) * layer.config.top_k
 
 
-def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
-    """Not with autograd, in training, with an override, replayed ids, a PEFT wrapper on the experts, under
-    autocast, with an fp64 router or fp64 tokens beside an fp32 router (the step's gate GEMM is fp32); each then
-    equals the eager layer."""
+def ext_and_eager():
+    """A small eval layer with backend "ext" and its eager twin with the same weights, and their fields."""
     fields = dict(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1, top_k=2,
                   initializer_range=0.1)
     torch.manual_seed(0)
     layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
     oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
     oracle.load_state_dict(layer.state_dict())
+    return fields, layer, oracle
+
+
+def test_the_fused_step_runs_only_where_the_pipeline_would_compute_the_same():
+    """Not with autograd, in training, with an override, replayed ids, a PEFT wrapper on the experts, under
+    autocast, with an fp64 router or fp64 tokens beside an fp32 router (the step's gate GEMM is fp32); each then
+    equals the eager layer."""
+    fields, layer, oracle = ext_and_eager()
     x = torch.randn(4, 32)
     fused = "deepseek_moe::fused_moe"
 
@@ -399,12 +405,7 @@ def test_the_fused_step_stands_in_only_for_modules_called_plainly(what):
     one, routing_statistics counts in one) runs, and a subclass's forward is called (on the routed experts alone,
     not on the shared experts' output as well): the modules are then called stage by stage, and the layer equals
     the eager layer doing the same."""
-    fields = dict(hidden_size=32, expert_hidden_size=16, num_routed_experts=8, num_shared_experts=1, top_k=2,
-                  initializer_range=0.1)
-    torch.manual_seed(0)
-    layer = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
-    oracle = dm.DeepSeekMoELayer(**fields, backend="eager").eval()
-    oracle.load_state_dict(layer.state_dict())
+    fields, layer, oracle = ext_and_eager()
     x = torch.randn(5, 32)
     calls = []
     handles = []
