@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_hooks  # the global hooks' registries
+from torch.nn.modules import module as _nn_module
 
 from . import invariant
 from .backends import Backend
@@ -88,8 +88,9 @@ class RoutedExperts(nn.Module):
                 shared: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """y_TH (T, H) = Σ_k w[t, k] · expert_k(x_t) over the pairs of ``plan``: ``impl.run`` with these weights in
         x's dtype (the compute dtype: the weights' dtype unless autocast chose it, :func:`check_dtype`). The
-        weights are read here and only here, so a wrapper that substitutes them (PEFT's LoRA on
-        ``gate_up_proj``/``down_proj``) changes what every implementation computes. ``shared``: the shared
+        weights are read here, so a wrapper that substitutes them (PEFT's LoRA on ``gate_up_proj``/``down_proj``)
+        changes what every implementation computes; the one other reader is the layer's fused inference step, only
+        for a module :func:`called_plainly` (no wrapper, hook or overriding subclass). ``shared``: the shared
         experts' weights (:meth:`SharedExperts.fusable_weights`) for an implementation that adds them in its pass."""
         check_dtype(x_TH, self.gate_up_proj)
         gate_up_EJH, down_EHI = self.gate_up_proj.to(x_TH.dtype), self.down_proj.to(x_TH.dtype)
@@ -150,13 +151,20 @@ class RoutedExperts(nn.Module):
                                       error_msgs)
 
 
+# The registries of global forward hooks (``register_module_forward_[pre_]hook``): torch.nn.modules.module's private
+# dicts, updated in place; a torch without them has none to check (tests/test_cpu_inference_ops.py registers one).
+_GLOBAL_FORWARD_HOOKS = tuple(getattr(_nn_module, name) for name in ("_global_forward_pre_hooks",
+                                                                      "_global_forward_hooks")
+                              if isinstance(getattr(_nn_module, name, None), dict))
+
+
 def called_plainly(module: nn.Module, cls: type) -> bool:
     """Whether calling ``module`` is calling ``cls.forward`` and nothing else: its class keeps that forward (a
     parametrization's subclass does, a user's override does not) and no forward hook runs around it, its own or a
     global one (FSDP2 gathers its parameters in one; ``analysis.routing_statistics`` counts through one). Only then
     may an implementation's fused op stand in for the call."""
     return (type(module).forward is cls.forward and not (module._forward_pre_hooks or module._forward_hooks)
-            and not (_module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks))
+            and not any(_GLOBAL_FORWARD_HOOKS))
 
 
 def runs_routed_experts_only(module: nn.Module) -> bool:
