@@ -2,11 +2,11 @@
 // (route_topk), the plan (route_plan's stable counting sort), and the routed and shared experts with the weighted
 // combine (expert_gemv for a decode step, expert_blocks for more tokens).
 //
-// A cold fp32 decode step streams its 35 MB of experts in about 1.5 ms; the Python between the five ops it took as
-// separate calls (the router's module, the plan's dataclass, the experts' module and their wrappers), itself cold
-// in the caches after the weights went through them, cost a further 0.1-0.15 ms (docs/benchmarks.md). The gate
-// GEMM is ATen's linear on the same operands as the Python router's, so the logits, and every choice made from
-// them, are the same bits with or without autograd.
+// A cold fp32 decode step streams its 35 MB of experts in about 1.6 ms; the stages as separate calls (the router's
+// module, the plan's dataclass, the experts' module and their wrappers), their Python and ATen code cold in the
+// caches after the weights went through them, took 0.18-0.24 ms more than this one call (docs/benchmarks.md). The
+// gate GEMM is ATen's linear on the same operands as the Python router's, so the logits, and every choice made
+// from them, are the same bits with or without autograd.
 //
 // Legend: T tokens, K experts per token, E experts, N = T·K sorted pairs, H hidden size.
 
