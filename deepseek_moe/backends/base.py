@@ -90,8 +90,9 @@ class Backend:
         gate_up_EJH, down_EHI, shared) -> (y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E)`` as the
         router (gate GEMM in fp32, its choice), a dropless plan and :meth:`run` (with ``shared`` as there) compute
         them, or None where it cannot (e.g. a router weight not in fp32). The layer calls it only where that
-        pipeline would run unchanged: no autograd, eval, local dispatch, the router and experts unwrapped, no
-        override or forced ids, no autocast."""
+        pipeline would run unchanged: no autograd, eval, local dispatch, the router and experts called plainly
+        (:func:`deepseek_moe.experts.called_plainly`: no wrapper, hook or overriding subclass), no override or
+        forced ids, no autocast."""
         return None
 
     def fuses_shared(self, shared: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
