@@ -31,8 +31,8 @@ TORCH_LIBRARY(deepseek_moe, m) {
         "int group_score, bool norm, float scale) -> (Tensor, Tensor, Tensor)");
   // A layer's routed step for inference in one call: logits = x·router_weightᵀ in fp32 (ATen's linear, the Python
   // router's GEMM), route_topk's choice, route_plan, then expert_blocks (blocks) or expert_gemv (otherwise) with
-  // the shared experts when given -> y (T, H), logits (T, E), scores (T, E), experts (T, K), gate weights (T, K),
-  // counts (E,).
+  // the shared experts when given. x (..., H), its T = numel / H rows the tokens -> y (x's shape), logits (T, E),
+  // scores (T, E), experts (T, K), gate weights (T, K), counts (E,).
   m.def("fused_moe(Tensor x, Tensor router_weight, Tensor bias, int score_func, int top_k, int num_groups, "
         "int topk_groups, int group_score, bool norm, float scale, Tensor gate_up, Tensor down, float? limit, "
         "bool blocks, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) "

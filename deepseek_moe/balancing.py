@@ -147,13 +147,12 @@ class LoadState:
         the router sent it, before capacity; ``num_dropped`` int64 0-dim, None for none) and, in training, count it
         toward the bias step and compute the aux loss of ``routing`` (see
         :func:`deepseek_moe.losses.aux_loss_from_routing`)."""
-        device = counts_E.device
-        self.on(device)
+        if not training:
+            self.record_inference(counts_E, num_dropped)
+            return
+        self.on(counts_E.device)
         self.tokens_per_expert = counts_E
         self.num_dropped = num_dropped
-        if not training:
-            self.aux_loss = None
-            return
         count_load(self.load_since_update, routed_counts_E)
         global_counts_E = None
         if cfg.aux_loss_alpha > 0 and cfg.resolved_balance_scope == "global_batch":
@@ -167,6 +166,11 @@ class LoadState:
                           "activation checkpointing, which runs the forward without autograd): its aux_loss has no "
                           "gradient, so the balance losses will not train the router. Checkpoint with "
                           "use_reentrant=False, or call layer.eval() for forwards you do not train on.", stacklevel=4)
+
+    def record_inference(self, counts_E: torch.Tensor, num_dropped: Optional[torch.Tensor] = None) -> None:
+        """Take an eval forward's load: ``counts_E`` becomes ``tokens_per_expert``; no loss, nothing counted toward
+        a bias step."""
+        self.tokens_per_expert, self._num_dropped, self._aux_loss = counts_E, num_dropped, None
 
     def stats(self) -> Dict[str, float]:
         """num_dropped, max_vio and cv of the last forward's load (syncs the device)."""

@@ -16,7 +16,7 @@ from . import backends, invariant
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import (InvariantLinear, RoutedExperts, SharedExperts, called_plainly, check_dtype,
+from .experts import (InvariantLinear, RoutedExperts, SharedExperts, called_plainly,
                       check_invariant_projections, compute_dtype, runs_routed_experts_only)
 from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
@@ -123,6 +123,11 @@ class DeepSeekMoELayer(nn.Module):
         x not floating, of the wrong last dimension, on the meta device, a bad mask, and in training x not (B, S,
         H) when a balance loss is per sequence (``seq_aux``, ``balance_scope="sequence"``, ``seq_balance_alpha``).
         """
+        if not (self.training or padding_mask is not None or topk_idx is not None or input_ids is not None
+                or torch.is_grad_enabled()):
+            y = self._inference_step(x)
+            if y is not None:
+                return y
         check_input(x, self.config, self.training, self.router.weight.device)
         from_context = padding_mask is None
         padding_mask = active_padding_mask() if from_context else padding_mask
@@ -154,29 +159,18 @@ class DeepSeekMoELayer(nn.Module):
         dtype = compute_dtype(x_TH)
         impl = self._implementation(x_TH.device, dtype, x_TH.shape[0])
         shared = self._fused_shared(impl, dtype, override)
-        fused = self._fused_step(x_TH, impl, shared, override, forced_TK)
-        if fused is not None:  # the implementation ran router -> dispatch -> experts -> combine as one op
-            y_TH, routing, counts_E = fused
-            load = (counts_E, counts_E, None)
-        else:
-            with stage("router"):
-                if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
-                    routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
-                else:
-                    routing = self.gate(routed_TH, override, forced_TK)
-            y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
-                                               lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
-                                               self.training)
-            load = (dispatched.plan.counts_E, dispatched.plan.routed_counts_E, dispatched.num_dropped)
+        with stage("router"):
+            if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
+                routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
+            else:
+                routing = self.gate(routed_TH, override, forced_TK)
+        y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,
+                                           lambda x_in, plan: self.experts(x_in, plan, impl, shared), impl,
+                                           self.training)
         if shared is None and self.shared_experts is not None and (override is None or override.shared):
-            with stage("shared_experts"):
-                shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
-                if gate is not None:
-                    check_invariant_projections((gate,), self.training)
-                    sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
-                    shared_TH = shared_TH * sigmoid(gate(x_TH))
-                y_TH = y_TH + shared_TH
-        self.load_state.record(self.config, routing, *load, self.training, x.shape[0] if x.dim() == 3 else 1, seq_T,
+            y_TH = y_TH + self._shared_output(x_TH)
+        self.load_state.record(self.config, routing, dispatched.plan.counts_E, dispatched.plan.routed_counts_E,
+                               dispatched.num_dropped, self.training, x.shape[0] if x.dim() == 3 else 1, seq_T,
                                self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))
         if tape is not None and tape.active:
@@ -187,29 +181,65 @@ class DeepSeekMoELayer(nn.Module):
         # A fresh tensor, not a view: FSDP2 and autograd hooks expect a module to return its own output.
         return y_AH.reshape(x.shape).clone() if y_AH.shape != x.shape else y_AH
 
-    def _fused_step(self, x_TH: torch.Tensor, impl: backends.Backend, shared: Optional[tuple], override,
-                    forced_TK: Optional[torch.Tensor]) -> "Optional[tuple[torch.Tensor, Routing, torch.Tensor]]":
-        """(y_TH, routing, counts_E) from ``impl``'s one-op inference step (:meth:`Backend.fused_step`: gate GEMM,
-        choice, plan, experts, ``shared``, combine) where the pipeline would compute exactly that: eval without
-        autograd, no autocast, local dispatch, the router and experts called plainly (no PEFT wrapper, no subclass
-        forward, no hook: :func:`~deepseek_moe.experts.called_plainly`), no override and no forced ids. Else None:
-        the pipeline runs stage by stage."""
-        router, experts = self.gate, self.experts
-        if (self.training or torch.is_grad_enabled() or override is not None or forced_TK is not None
-                or type(self.dispatcher) is not LocalDispatcher or torch.is_autocast_enabled(x_TH.device.type)
-                or not (called_plainly(router, Router) and called_plainly(experts, RoutedExperts))):
+    def _inference_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole layer's output for x (..., H) from the implementation's one op (:meth:`Backend.fused_step`:
+        gate GEMM, choice, plan, routed experts, shared experts where they fuse, combine) where the pipeline would
+        compute exactly that: the caller's eval forward without autograd and without mask, ids or override
+        arguments; here no padding or token-id block, no replay, local dispatch, no autocast, x in the experts'
+        dtype and device, the router and experts called plainly (no PEFT wrapper, no subclass forward, no hook:
+        :func:`~deepseek_moe.experts.called_plainly`). Else None: the pipeline runs stage by stage. Routing stays
+        visible: the logits probe's hooks, ``tokens_per_expert`` and a :func:`deepseek_moe.record_routing` block
+        see what the pipeline would show them.
+
+        This is a decode step's whole Python (a cold decode step pays several times a hot step's cost for every
+        line and attribute read after its weights streamed through the caches), so it reads children and
+        parameters from the module dicts: ``nn.Module.__getattr__`` is reached only after a failed lookup."""
+        cfg, tape, modules = self.config, self.route_tape, self._modules
+        if (self.routing_override is not None or cfg.hash_vocab_size is not None or active_padding_mask() is not None
+                or (tape is not None and (tape.replay is not None or tape.closed))
+                or type(self.dispatcher) is not LocalDispatcher or not isinstance(x, torch.Tensor)):
             return None
-        step = impl.fused_step(self.config)
+        router, experts = modules["gate"], modules["experts"]
+        if not (called_plainly(router, Router) and called_plainly(experts, RoutedExperts)):
+            return None
+        gate_up_EJH, down_EHI = experts._parameters.get("gate_up_proj"), experts._parameters.get("down_proj")
+        weight_EH, bias_E = router._parameters.get("weight"), router._buffers.get("e_score_correction_bias")
+        if (gate_up_EJH is None or down_EHI is None or weight_EH is None or bias_E is None  # e.g. parametrized
+                or x.dtype != gate_up_EJH.dtype or x.device != gate_up_EJH.device or x.is_meta or x.dim() < 1
+                or x.shape[-1] != cfg.hidden_size or torch.is_autocast_enabled(x.device.type)):
+            return None
+        impl = self._implementation(x.device, x.dtype, x.numel() // cfg.hidden_size)
+        step = impl.fused_step(cfg)
         if step is None:
             return None
-        gate_up_EJH = experts.gate_up_proj
-        check_dtype(x_TH, gate_up_EJH)
+        shared_experts, shared = modules.get("shared_experts"), None
+        if shared_experts is not None and modules.get("shared_expert_gate") is None:
+            shared = shared_experts.fusable_weights(x.dtype)
+            shared = shared if shared is not None and impl.fuses_shared(shared) else None
         with stage("experts"):
-            out = step(x_TH, router.weight, router.e_score_correction_bias, gate_up_EJH, experts.down_proj, shared)
+            out = step(x, weight_EH, bias_E, gate_up_EJH, down_EHI, shared)
         if out is None:
             return None
-        y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E = out
-        return y_TH, Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE), counts_E
+        y, logits_AE, _, topk_idx_AK, _, counts_E = out
+        if shared is None and shared_experts is not None:
+            y = y + self._shared_output(x)
+        self.load_state.record_inference(counts_E)
+        probe = modules["logits_probe"]
+        if not called_plainly(probe, LogitsProbe):  # hooks observe the logits
+            probe(logits_AE)
+        if tape is not None and tape.active:
+            tape.finish(x, topk_idx_AK.view(*x.shape[:-1], cfg.top_k) if tape.recorded else None, False, False)
+        return y
+
+    def _shared_output(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output for x_TH, scaled by the shared expert gate where there is one."""
+        with stage("shared_experts"):
+            shared_TH, gate = self.shared_experts(x_TH), self.shared_expert_gate
+            if gate is not None:
+                check_invariant_projections((gate,), self.training)
+                sigmoid = invariant.sigmoid if invariant.enabled() else torch.sigmoid
+                shared_TH = shared_TH * sigmoid(gate(x_TH))
+        return shared_TH
 
     def _fused_shared(self, impl: backends.Backend, dtype: torch.dtype, override) -> Optional[tuple]:
         """The shared experts' weights when ``impl`` computes them in its pass over the routed experts: the experts

@@ -8,6 +8,10 @@
 // gate GEMM is ATen's linear on the same operands as the Python router's, so the logits, and every choice made
 // from them, are the same bits with or without autograd.
 //
+// x may carry leading dimensions (..., H), as a layer's input does: the tokens are its rows (T = x.numel() / H)
+// and y comes back in x's shape, so the caller reshapes nothing (each call it saves is tens of microseconds in a
+// cold decode step).
+//
 // Legend: T tokens, K experts per token, E experts, N = T·K sorted pairs, H hidden size.
 
 #include <ATen/ATen.h>
@@ -27,11 +31,12 @@ namespace {
 using at::Tensor;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_moe_cpu(
-    const Tensor& x, const Tensor& router_weight, const Tensor& bias, int64_t score_func, int64_t top_k,
+    const Tensor& x_in, const Tensor& router_weight, const Tensor& bias, int64_t score_func, int64_t top_k,
     int64_t num_groups, int64_t topk_groups, int64_t group_score, bool norm, double scale, const Tensor& gate_up,
     const Tensor& down, std::optional<double> limit, bool blocks, const std::optional<Tensor>& shared_gate,
     const std::optional<Tensor>& shared_up, const std::optional<Tensor>& shared_down) {
-  TORCH_CHECK(x.dim() == 2, "fused_moe: x must be (T, H), got ", x.sizes());
+  TORCH_CHECK(x_in.dim() >= 1, "fused_moe: x must be (..., H), got a 0-dim tensor");
+  const Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(router_weight.scalar_type() == at::kFloat && router_weight.dim() == 2 &&
                   router_weight.size(1) == x.size(1) && router_weight.size(0) == gate_up.size(0),
               "fused_moe: router_weight must be (E, H) float32 with E = ", gate_up.size(0), " and H = ", x.size(1),
@@ -52,6 +57,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_moe_cpu(
   RECORD_FUNCTION(blocks ? "deepseek_moe::expert_blocks" : "deepseek_moe::expert_gemv", std::vector<c10::IValue>());
   const auto experts = blocks ? &expert_blocks_cpu : &expert_gemv_cpu;
   Tensor y = experts(x, gate_up, down, token, weight_N, counts, limit, shared_gate, shared_up, shared_down);
+  if (x_in.dim() != 2) {
+    y = at::_unsafe_view(y, x_in.sizes());  // y is this op's own: no view of it escapes
+  }
   return {y, logits, scores, topk_idx, topk_weight, counts};
 }
 

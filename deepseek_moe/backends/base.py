@@ -86,13 +86,13 @@ class Backend:
         return None
 
     def fused_step(self, cfg) -> Optional[Callable]:
-        """The layer's whole routed step for inference as one call, or None: ``step(x_TH, router_weight_EH, bias_E,
-        gate_up_EJH, down_EHI, shared) -> (y_TH, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E)`` as the
-        router (gate GEMM in fp32, its choice), a dropless plan and :meth:`run` (with ``shared`` as there) compute
-        them, or None where it cannot (e.g. a router weight not in fp32). The layer calls it only where that
-        pipeline would run unchanged: no autograd, eval, local dispatch, the router and experts called plainly
-        (:func:`deepseek_moe.experts.called_plainly`: no wrapper, hook or overriding subclass), no override or
-        forced ids, no autocast."""
+        """The layer's whole routed step for inference as one call, or None: ``step(x, router_weight_EH, bias_E,
+        gate_up_EJH, down_EHI, shared) -> (y, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E)`` for x
+        (..., H) (its rows the T tokens; y in x's shape) as the router (gate GEMM in fp32, its choice), a dropless
+        plan and :meth:`run` (with ``shared`` as there) compute them, or None where it cannot (e.g. a router weight
+        not in fp32). The layer calls it only where that pipeline would run unchanged
+        (:meth:`~deepseek_moe.DeepSeekMoELayer._inference_step`: no autograd, eval, no padding, local dispatch, the
+        router and experts called plainly, no override or forced ids, no autocast)."""
         return None
 
     def fuses_shared(self, shared: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:

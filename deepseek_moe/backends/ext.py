@@ -106,9 +106,9 @@ def _register() -> None:
     @torch.library.register_fake(_OPS + "fused_moe")
     def _(x, router_weight, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale, gate_up, down,
           limit, blocks, shared_gate=None, shared_up=None, shared_down=None):
-        (T, H), E = x.shape, router_weight.shape[0]
+        T, E = x.numel() // x.shape[-1], router_weight.shape[0]
         new = x.new_empty
-        return (new(T, H), new(T, E, dtype=torch.float32), new(T, E, dtype=torch.float32),
+        return (new(x.shape), new(T, E, dtype=torch.float32), new(T, E, dtype=torch.float32),
                 new(T, top_k, dtype=torch.int64), new(T, top_k, dtype=torch.float32), new(E, dtype=torch.int64))
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
@@ -299,13 +299,13 @@ class ExtBackend(Backend):
         return self._step[1]
 
     def _fused_op(self, route_args: tuple):
-        op, blocks = torch.ops.deepseek_moe.fused_moe, self.strategy == "blocks"
+        op, blocks = torch.ops.deepseek_moe.fused_moe.default, self.strategy == "blocks"
 
-        def step(x_TH, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
+        def step(x, router_weight_EH, bias_E, gate_up_EJH, down_EHI, shared=None):
             # The router's gate runs in promote(x, fp32): the op's fp32 gate GEMM only where that is fp32.
-            if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32 or x_TH.dtype == torch.float64:
+            if router_weight_EH.dtype != torch.float32 or bias_E.dtype != torch.float32 or x.dtype == torch.float64:
                 return None
-            return op(x_TH, router_weight_EH, bias_E, *route_args, gate_up_EJH, down_EHI, self.limit, blocks,
+            return op(x, router_weight_EH, bias_E, *route_args, gate_up_EJH, down_EHI, self.limit, blocks,
                       *(shared or ()))
         return step
 
