@@ -160,11 +160,12 @@ _GLOBAL_FORWARD_HOOKS = tuple(getattr(_nn_module, name) for name in ("_global_fo
 
 def called_plainly(module: nn.Module, cls: type) -> bool:
     """Whether calling ``module`` is calling ``cls.forward`` and nothing else: its class keeps that forward (a
-    parametrization's subclass does, a user's override does not) and no forward hook runs around it, its own or a
+    parametrization's subclass does, a user's override does not), no ``forward`` is set on the instance
+    (accelerate's hooks, which bring offloaded weights in, are) and no forward hook runs around it, its own or a
     global one (FSDP2 gathers its parameters in one; ``analysis.routing_statistics`` counts through one). Only then
     may an implementation's fused op stand in for the call."""
-    return (type(module).forward is cls.forward and not (module._forward_pre_hooks or module._forward_hooks)
-            and not any(_GLOBAL_FORWARD_HOOKS))
+    return (type(module).forward is cls.forward and "forward" not in module.__dict__
+            and not (module._forward_pre_hooks or module._forward_hooks) and not any(_GLOBAL_FORWARD_HOOKS))
 
 
 def runs_routed_experts_only(module: nn.Module) -> bool:

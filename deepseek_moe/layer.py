@@ -186,8 +186,8 @@ class DeepSeekMoELayer(nn.Module):
         gate GEMM, choice, plan, routed experts, shared experts where they fuse, combine) where the pipeline would
         compute exactly that: the caller's eval forward without autograd and without mask, ids or override
         arguments; here no padding or token-id block, no replay, local dispatch, no autocast, x in the experts'
-        dtype and device, the router and experts called plainly (no PEFT wrapper, no subclass forward, no hook:
-        :func:`~deepseek_moe.experts.called_plainly`). Else None: the pipeline runs stage by stage. Routing stays
+        dtype and on the device of the router and the experts, the router and experts called plainly (no PEFT
+        wrapper, no subclass or instance forward, no hook: :func:`~deepseek_moe.experts.called_plainly`). Else None: the pipeline runs stage by stage. Routing stays
         visible: the logits probe's hooks, ``tokens_per_expert`` and a :func:`deepseek_moe.record_routing` block
         see what the pipeline would show them.
 
@@ -196,7 +196,7 @@ class DeepSeekMoELayer(nn.Module):
         parameters from the module dicts: ``nn.Module.__getattr__`` is reached only after a failed lookup."""
         cfg, tape, modules = self.config, self.route_tape, self._modules
         if (self.routing_override is not None or cfg.hash_vocab_size is not None or active_padding_mask() is not None
-                or (tape is not None and (tape.replay is not None or tape.closed))
+                or (tape is not None and tape.replay is not None)
                 or type(self.dispatcher) is not LocalDispatcher or not isinstance(x, torch.Tensor)):
             return None
         router, experts = modules["gate"], modules["experts"]
@@ -204,17 +204,21 @@ class DeepSeekMoELayer(nn.Module):
             return None
         gate_up_EJH, down_EHI = experts._parameters.get("gate_up_proj"), experts._parameters.get("down_proj")
         weight_EH, bias_E = router._parameters.get("weight"), router._buffers.get("e_score_correction_bias")
-        if (gate_up_EJH is None or down_EHI is None or weight_EH is None or bias_E is None  # e.g. parametrized
-                or x.dtype != gate_up_EJH.dtype or x.device != gate_up_EJH.device or x.is_meta or x.dim() < 1
-                or x.shape[-1] != cfg.hidden_size or torch.is_autocast_enabled(x.device.type)):
+        if gate_up_EJH is None or down_EHI is None or weight_EH is None or bias_E is None:  # e.g. parametrized
             return None
-        impl = self._implementation(x.device, x.dtype, x.numel() // cfg.hidden_size)
+        # Elsewhere the pipeline raises, or says which weight is on another device (offloaded, meta).
+        device, dtype = x.device, x.dtype
+        if (dtype != gate_up_EJH.dtype or dtype != down_EHI.dtype or x.dim() < 1 or x.shape[-1] != cfg.hidden_size
+                or device != weight_EH.device or device != bias_E.device or device != gate_up_EJH.device
+                or device != down_EHI.device or x.is_meta or torch.is_autocast_enabled(device.type)):
+            return None
+        impl = self._implementation(device, dtype, x.numel() // cfg.hidden_size)
         step = impl.fused_step(cfg)
         if step is None:
             return None
         shared_experts, shared = modules.get("shared_experts"), None
         if shared_experts is not None and modules.get("shared_expert_gate") is None:
-            shared = shared_experts.fusable_weights(x.dtype)
+            shared = shared_experts.fusable_weights(dtype)
             shared = shared if shared is not None and impl.fuses_shared(shared) else None
         with stage("experts"):
             out = step(x, weight_EH, bias_E, gate_up_EJH, down_EHI, shared)

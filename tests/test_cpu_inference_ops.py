@@ -402,12 +402,14 @@ class DoubledExperts(dm.experts.RoutedExperts):
 
 
 @pytest.mark.parametrize("what", ["hook on gate", "pre-hook on experts", "hook on shared", "global hook",
-                                  "routing_statistics", "subclass"])
+                                  "routing_statistics", "subclass", "forward set on experts",
+                                  "forward set on shared", "forward set on the probe"])
 def test_the_fused_step_stands_in_only_for_modules_called_plainly(what):
     """A hook on the router, the experts or the shared experts (also a global one: FSDP2 gathers parameters in
-    one, routing_statistics counts in one) runs, and a subclass's forward is called (on the routed experts alone,
-    not on the shared experts' output as well): the modules are then called stage by stage, and the layer equals
-    the eager layer doing the same."""
+    one, routing_statistics counts in one) runs, and a subclass's forward or one set on the instance (accelerate's
+    hooks, which bring offloaded weights in) is called (on the routed experts alone, not on the shared experts'
+    output as well): the modules are then called stage by stage, and the layer equals the eager layer doing the
+    same. The logits probe only observes: with a forward of its own the routed step stays one op."""
     fields, layer, oracle = ext_and_eager()
     x = torch.randn(5, 32)
     calls = []
@@ -417,6 +419,15 @@ def test_the_fused_step_stands_in_only_for_modules_called_plainly(what):
             doubled = DoubledExperts(m.config)
             doubled.load_state_dict(m.experts.state_dict())
             m.experts = doubled
+        elif what.startswith("forward set on"):
+            module = {"forward set on experts": m.experts, "forward set on shared": m.shared_experts,
+                      "forward set on the probe": m.logits_probe}[what]
+
+            def counted(*args, _forward=module.forward, **kwargs):
+                calls.append(what)
+                out = _forward(*args, **kwargs)
+                return out if what.endswith("probe") else 2 * out
+            module.forward = counted
         elif what != "routing_statistics" and what != "global hook":
             module = {"hook on gate": m.gate, "pre-hook on experts": m.experts,
                       "hook on shared": m.shared_experts}[what]
@@ -442,11 +453,55 @@ def test_the_fused_step_stands_in_only_for_modules_called_plainly(what):
         for handle in handles:
             handle.remove()
     # A hook on the shared experts keeps only them out of the op: they are called, the routed step is fused.
-    assert ("deepseek_moe::fused_moe" in ran) == (what == "hook on shared")
+    assert ("deepseek_moe::fused_moe" in ran) == (what in ("hook on shared", "forward set on shared",
+                                                           "forward set on the probe"))
     if what == "global hook":
         assert {"Router", "RoutedExperts", "SharedExperts"} <= set(calls_ext)
     elif what != "subclass":
         assert calls_ext == [what]
+
+
+def test_the_fused_step_declines_weights_on_another_device_or_in_another_dtype():
+    """A router on the meta device raises the pipeline's ValueError; routed weights there raise RuntimeError naming
+    the devices (the op's fake kernel would return empty tensors on x's device), also stage by stage; a down_proj
+    in another dtype than gate_up_proj (the pipeline casts both to x's) runs stage by stage and equals the eager
+    layer."""
+    fields, layer, oracle = ext_and_eager()
+    x = torch.randn(2, 3, 32)
+    for m in (layer, oracle):
+        m.experts.down_proj = torch.nn.Parameter(m.experts.down_proj.detach().to(torch.bfloat16))
+    with torch.no_grad():
+        got, ran = ran_ops(lambda: layer(x))
+        assert "deepseek_moe::fused_moe" not in ran
+        assert_close(got, oracle(x), 1e-5, "down_proj in bf16")
+        meta_gate = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+        meta_gate.gate.to("meta")
+        with pytest.raises(ValueError, match="meta"):
+            meta_gate(x)
+        for fused in (True, False):
+            meta_down = dm.DeepSeekMoELayer(**fields, backend="ext").eval()
+            meta_down.experts.down_proj = torch.nn.Parameter(torch.empty_like(meta_down.experts.down_proj,
+                                                                              device="meta"))
+            with pytest.raises(RuntimeError, match="different devices"):
+                meta_down(x) if fused else meta_down(x, padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_the_fused_step_runs_after_a_replay_block_left_a_forward_unfinished():
+    """A replay block whose training forward had no backward keeps what a late checkpointed re-run would need; an
+    eval forward is never such a re-run, so it still runs as one op."""
+    fields, layer, oracle = ext_and_eager()
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad(), dm.record_routing(layer) as routes:
+        layer(x)
+    layer.train()
+    with dm.replay_routing(layer, routes):
+        layer(x)
+    layer.eval()
+    assert layer.route_tape.closed
+    with torch.no_grad():
+        got, ran = ran_ops(lambda: layer(x))
+    assert "deepseek_moe::fused_moe" in ran
+    assert_close(got, oracle(x), 1e-5, "after the replay block")
 
 
 def test_an_eval_forwards_aux_loss_and_num_dropped_are_its_own():

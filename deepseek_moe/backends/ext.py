@@ -68,6 +68,15 @@ def _ensure_loaded_eager() -> None:
         ensure_loaded()
 
 
+def _one_device(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """The fake kernels also run for real tensors when one of them is on the meta device, and would return empty
+    tensors on the others' device: raise RuntimeError naming the devices instead (ATen's ops refuse such a mix)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"deepseek_moe::{op}: its tensors are on different devices ({sorted(map(str, devices))}); "
+                           f"move the layer's weights and its input to one device")
+
+
 def _register() -> None:
     @torch.library.register_fake(_OPS + "route_plan")
     def _(topk_idx, num_experts):
@@ -77,28 +86,34 @@ def _register() -> None:
 
     @torch.library.register_fake(_OPS + "combine")
     def _(o, slot, weight):
+        _one_device("combine", o, slot, weight)
         return o.new_empty(slot.shape[0], o.shape[1])
 
     @torch.library.register_fake(_OPS + "combine_backward")
     def _(grad_y, o, slot, weight):
+        _one_device("combine_backward", grad_y, o, slot, weight)
         acc = acc_dtype(o.dtype)
         return o.new_empty(o.shape), (o.new_empty(slot.shape, dtype=acc) if weight is not None
                                       else o.new_empty(0, dtype=acc))
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused")
     def _(x, gate_up, down, token, weight, counts, limit):
+        _one_device("segment_mlp_fused", x, gate_up, down, token, weight, counts)
         return x.new_empty(x.shape), x.new_empty(token.shape[0], gate_up.shape[1])
 
     @torch.library.register_fake(_OPS + "expert_gemv")
     def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
+        _one_device("expert_gemv", x, gate_up, down, token, weight, counts, shared_gate, shared_up, shared_down)
         return x.new_empty(x.shape)
 
     @torch.library.register_fake(_OPS + "expert_blocks")
     def _(x, gate_up, down, token, weight, counts, limit, shared_gate=None, shared_up=None, shared_down=None):
+        _one_device("expert_blocks", x, gate_up, down, token, weight, counts, shared_gate, shared_up, shared_down)
         return x.new_empty(x.shape)
 
     @torch.library.register_fake(_OPS + "route_topk")
     def _(logits, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale):
+        _one_device("route_topk", logits, bias)
         T = logits.shape[0]
         return logits.new_empty(logits.shape), logits.new_empty(T, top_k, dtype=torch.int64), \
             logits.new_empty(T, top_k)
@@ -106,6 +121,7 @@ def _register() -> None:
     @torch.library.register_fake(_OPS + "fused_moe")
     def _(x, router_weight, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale, gate_up, down,
           limit, blocks, shared_gate=None, shared_up=None, shared_down=None):
+        _one_device("fused_moe", x, router_weight, bias, gate_up, down, shared_gate, shared_up, shared_down)
         T, E = x.numel() // x.shape[-1], router_weight.shape[0]
         new = x.new_empty
         return (new(x.shape), new(T, E, dtype=torch.float32), new(T, E, dtype=torch.float32),
@@ -113,6 +129,7 @@ def _register() -> None:
 
     @torch.library.register_fake(_OPS + "segment_mlp_fused_backward")
     def _(grad_y, x, gate_up, down, token, weight, counts, h, limit):
+        _one_device("segment_mlp_fused_backward", grad_y, x, gate_up, down, token, weight, counts, h)
         return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape), \
             weight.new_empty(weight.shape)
 
