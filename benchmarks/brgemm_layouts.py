@@ -2,7 +2,7 @@
 blocks op's operand layout (weight rows as the A operand, in their public layout) or SGLang's (weights packed once
 as the B operand), and a hand-written AMX loop that prefetches the next chunk of weight rows while it computes.
 
-    python benchmarks/brgemm_layouts.py            # 64 experts x 704 x 1024 bf16 gate/up weights, 16/48/192 tokens
+    python benchmarks/brgemm_layouts.py            # 64 experts x 704 x 1024 bf16 gate/up weights, 16/32/48/192 tokens
 
 GEMM 1 alone, both threads splitting the experts, the weights cold (8 copies of 92 MB cycled, so nothing stays in
 the caches between two visits of a copy); for each expert and each chunk of 32 weight rows (or 32 packed columns)

@@ -8,7 +8,7 @@
     python benchmarks/decode_cpu.py --split --tokens 1   # where a step's time goes: the op, + router, + plan, layer
     python benchmarks/decode_cpu.py --prefill --dtype bfloat16   # T = 512, 2048 against a dense FFN of equal FLOPs
 
-A decode step reads every layer's weights once and nothing stays in the 32 MiB L3 between two visits of a layer,
+A decode step reads every layer's weights once and nothing stays in the L3 (32-300 MiB) between two visits of a layer,
 so each contender here cycles through ``--layers`` copies of its weights (together several times the L3), one
 forward per copy, on a fresh input each call (fresh routing). What a call must read: the router, the shared
 experts and every routed expert some token picked (``distinct experts × expert bytes``). Contenders, interleaved

@@ -187,9 +187,9 @@ class DeepSeekMoELayer(nn.Module):
         compute exactly that: the caller's eval forward without autograd and without mask, ids or override
         arguments; here no padding or token-id block, no replay, local dispatch, no autocast, x in the experts'
         dtype and on the device of the router and the experts, the router and experts called plainly (no PEFT
-        wrapper, no subclass or instance forward, no hook: :func:`~deepseek_moe.experts.called_plainly`). Else None: the pipeline runs stage by stage. Routing stays
-        visible: the logits probe's hooks, ``tokens_per_expert`` and a :func:`deepseek_moe.record_routing` block
-        see what the pipeline would show them.
+        wrapper, no subclass or instance forward, no hook: :func:`~deepseek_moe.experts.called_plainly`). Else
+        None: the pipeline runs stage by stage. Routing stays visible: the logits probe's hooks,
+        ``tokens_per_expert`` and a :func:`deepseek_moe.record_routing` block see what the pipeline would show them.
 
         This is a decode step's whole Python (a cold decode step pays several times a hot step's cost for every
         line and attribute read after its weights streamed through the caches), so it reads children and

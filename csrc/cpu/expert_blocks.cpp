@@ -240,7 +240,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_half_columns(const 
 // c (32 × Np fp32, row stride Np) = W (32 rows of H bf16) × xb (the B layout [H/2][Np][2]), Np a multiple of 16 and
 // H of 32. With next, its 32 rows go to L2, a few lines per step, spread over the steps. Up to 48 columns (a
 // fine-grained expert's share of a few hundred tokens) each 16-row half runs once over all its columns, 1 × 3 tiles
-// (benchmarks/brgemm_layouts.py: 10-40% faster than 2 × 2 there, slower from 64 on); more in 2 × 2 tiles. Every c
+// (benchmarks/brgemm_layouts.py: 7-40% faster cold than 2 × 2 there, slower from 64 on); more in 2 × 2 tiles. Every c
 // element is the same sum in the same order either way: the same bits.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_rows32(const at::BFloat16* W, int64_t H,
                                                              const at::BFloat16* xb, int64_t Np, float* c,
