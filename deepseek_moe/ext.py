@@ -13,6 +13,7 @@ ATen's allocator.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -46,6 +47,22 @@ def sources(cuda: bool = False) -> List[str]:
     return files
 
 
+def headers() -> List[str]:
+    """The extension's headers (csrc/**/*.h) from a source checkout; [] if absent."""
+    root = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
+    return sorted(glob.glob(os.path.join(root, "**", "*.h"), recursive=True))
+
+
+def _headers_digest() -> str:
+    """A digest of the headers' contents. torch's just-in-time builder rebuilds when the sources or the build
+    arguments change, not the headers they include: the digest goes into the arguments as a define."""
+    digest = hashlib.sha1()
+    for path in headers():
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def is_loaded() -> bool:
     """Whether the extension's ops are registered in this process."""
     return _loaded
@@ -71,7 +88,7 @@ def has_cached_build() -> bool:
         with open(os.path.join(folder, "build.ninja")) as f:
             ninja = f.read()
         built = os.path.getmtime(os.path.join(folder, _JIT_NAME + ".so"))
-        newest = max(os.path.getmtime(p) for p in srcs + [os.path.join(folder, "build.ninja")])
+        newest = max(os.path.getmtime(p) for p in srcs + headers() + [os.path.join(folder, "build.ninja")])
     except (ImportError, OSError, ValueError):  # no cache, no sources (max of nothing), or a torch without it
         return False
     return all(src in ninja for src in srcs) and built >= newest
@@ -162,6 +179,6 @@ def _jit_build(verbose: bool) -> None:
         cache = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
         print(f"deepseek_moe: building the compiled extension just in time from csrc/ (~30 s, once; cached under "
               f"{cache})", file=sys.stderr, flush=True)
-    cpp_load(name=_JIT_NAME, sources=srcs, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             is_python_module=False,
+    flags = ["-O3", "-fopenmp", f"-DDEEPSEEK_MOE_HEADERS={_headers_digest()}"]
+    cpp_load(name=_JIT_NAME, sources=srcs, extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
              verbose=verbose)

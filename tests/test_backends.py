@@ -415,6 +415,29 @@ def test_ext_status_is_true_for_each_kind_of_installation(monkeypatch):
     assert select("auto", cpu, fp32).name == "ext"
 
 
+def test_just_in_time_build_rebuilds_when_a_header_changes(monkeypatch, tmp_path):
+    """torch's builder compares the sources and the build arguments only: the headers' digest is a define among
+    the arguments, so editing a header (an AMX micro-kernel lives in one) rebuilds."""
+    from deepseek_moe import ext
+    import torch.utils.cpp_extension as cpp
+
+    header = tmp_path / "kernel.h"
+    header.write_text("inline int f() { return 1; }\n")
+    flags = []
+    monkeypatch.setattr(ext, "headers", lambda: [str(header)])
+    monkeypatch.setattr(ext, "sources", lambda cuda=False: ["csrc/ops.cpp"])
+    monkeypatch.setattr(ext, "_missing_tool", lambda: None)
+    monkeypatch.setattr(ext, "has_cached_build", lambda: True)
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: flags.append(kwargs["extra_cflags"]))
+    ext._jit_build(verbose=False)
+    ext._jit_build(verbose=False)
+    header.write_text("inline int f() { return 2; }\n")
+    ext._jit_build(verbose=False)
+    defines = [[f for f in each if f.startswith("-DDEEPSEEK_MOE_HEADERS=")] for each in flags]
+    assert all(len(d) == 1 for d in defines)
+    assert defines[0] == defines[1] != defines[2]
+
+
 def test_just_in_time_build_says_so_on_one_line(monkeypatch, capsys):
     from deepseek_moe import ext
     import torch.utils.cpp_extension as cpp

@@ -359,7 +359,7 @@ def test_jit_build_cache_is_recognised(monkeypatch, tmp_path):
     (folder / "build.ninja").write_text("".join(f"build x.o: compile {src}\n" for src in srcs))
     so = folder / "deepseek_moe_ext.so"
     so.write_bytes(b"")
-    newest = max(os.path.getmtime(p) for p in srcs + [str(folder / "build.ninja")])
+    newest = max(os.path.getmtime(p) for p in srcs + contenders.ext.headers() + [str(folder / "build.ninja")])
     os.utime(so, (newest + 10, newest + 10))
     assert contenders.ext.has_cached_build()
     os.utime(so, (newest - 10, newest - 10))  # older than a source: ninja would compile
