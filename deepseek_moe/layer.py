@@ -184,8 +184,8 @@ class DeepSeekMoELayer(nn.Module):
     def _inference_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The whole layer's output for x (..., H) from the implementation's one op (:meth:`Backend.fused_step`:
         gate GEMM, choice, plan, routed experts, shared experts where they fuse, combine) where the pipeline would
-        compute exactly that: the caller's eval forward without autograd and without mask, ids or override
-        arguments; here no padding or token-id block, no replay, local dispatch, no autocast, x in the experts'
+        compute exactly that: the caller's eval forward without autograd and without mask or ids arguments; here
+        no routing override, no padding block, no replay, local dispatch, no autocast, x in the experts'
         dtype and on the device of the router and the experts, the router and experts called plainly (no PEFT
         wrapper, no subclass or instance forward, no hook: :func:`~deepseek_moe.experts.called_plainly`). Else
         None: the pipeline runs stage by stage. Routing stays visible: the logits probe's hooks,
