@@ -32,7 +32,8 @@ its descheduled threads); the bandwidth is then measured beside it too.
 decoding: ``backends.decode_tokens``).
 
 ``--prefill`` times forwards of many tokens instead (default T = 512, 2048; compute-bound, so one weight copy),
-each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816); with
+each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816), with the active
+TFLOP/s each reaches (this shared host's dense FFN ran at 0.6-1.6 TFLOP/s in bf16 from run to run); with
 ``--beside-load`` beside the other process too.
 """
 from __future__ import annotations
@@ -137,8 +138,10 @@ def prefill(args) -> int:
         fns = {name: (lambda r, m=m: m(xs[r])) for name, m in contenders.items()}
         with torch.inference_mode(), beside_load(args.beside_load):
             times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu).items()}
+        flops = 6 * T * cfg.hidden_size * cfg.dense_equivalent_width  # the active FLOPs every contender computes
         for name, t in times.items():
-            print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense", flush=True)
+            print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense "
+                  f"{flops / t / 1e12:5.2f} TFLOP/s", flush=True)
     return 0
 
 
