@@ -216,10 +216,8 @@ class DeepSeekMoELayer(nn.Module):
         step = impl.fused_step(cfg)
         if step is None:
             return None
-        shared_experts, shared = modules.get("shared_experts"), None
-        if shared_experts is not None and modules.get("shared_expert_gate") is None:
-            shared = shared_experts.fusable_weights(dtype)
-            shared = shared if shared is not None and impl.fuses_shared(shared) else None
+        shared_experts = modules.get("shared_experts")
+        shared = _fusable_shared(shared_experts, modules.get("shared_expert_gate"), impl, dtype)
         with stage("experts"):
             out = step(x, weight_EH, bias_E, gate_up_EJH, down_EHI, shared)
         if out is None:
@@ -253,12 +251,10 @@ class DeepSeekMoELayer(nn.Module):
         shared experts' would then share (:func:`~deepseek_moe.experts.runs_routed_experts_only`) and ``impl``
         takes them (:meth:`Backend.fuses_shared`)."""
         jitter = self.training and self.config.router_jitter_noise > 0
-        if not (self.shared_experts is not None and self.shared_expert_gate is None and not jitter
-                and (override is None or override.shared) and isinstance(self.dispatcher, LocalDispatcher)
-                and runs_routed_experts_only(self.experts)):
+        if not (self.shared_experts is not None and not jitter and (override is None or override.shared)
+                and isinstance(self.dispatcher, LocalDispatcher) and runs_routed_experts_only(self.experts)):
             return None
-        weights = self.shared_experts.fusable_weights(dtype)
-        return weights if weights is not None and impl.fuses_shared(weights) else None
+        return _fusable_shared(self.shared_experts, self.shared_expert_gate, impl, dtype)
 
     def _implementation(self, device: torch.device, dtype: torch.dtype,
                         tokens: Optional[int] = None) -> backends.Backend:
@@ -339,6 +335,17 @@ class DeepSeekMoELayer(nn.Module):
             backend = f"{c.backend} (unavailable: {err})"
         return (f"hidden_size={c.hidden_size}, routed={c.num_routed_experts}x{c.expert_hidden_size} top{c.top_k}, "
                 f"shared={c.num_shared_experts}, score={c.score_func}, act={c.hidden_act}, backend={backend}")
+
+
+def _fusable_shared(shared_experts: Optional[SharedExperts], shared_expert_gate: Optional[nn.Module],
+                    impl: backends.Backend, dtype: torch.dtype) -> Optional[tuple]:
+    """The shared experts' weights for ``impl`` to compute in its pass (:meth:`Backend.fuses_shared`), or None: no
+    shared experts, a gate scaling their output, projections that are not plain
+    (:meth:`SharedExperts.fusable_weights`)."""
+    if shared_experts is None or shared_expert_gate is not None:
+        return None
+    weights = shared_experts.fusable_weights(dtype)
+    return weights if weights is not None and impl.fuses_shared(weights) else None
 
 
 def _unwrapped(module: nn.Module, cls: type) -> nn.Module:
