@@ -95,6 +95,32 @@ def test_blocks_op_is_bitwise_the_same_on_one_thread_and_two(dtype, H, I):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("T,H,I", [(40, 32, 32), (40, 34, 34), (300, 96, 64)])
+def test_blocks_op_rounds_its_fp32_sums_to_bf16_once_to_nearest_even(T, H, I):
+    """A bf16 output of the blocks op is its fp32 sum rounded once, to nearest, ties to even (as torch's ``.to``),
+    on the AMX loop (H, I multiples of 32) and brgemm (34). Gate/up rows 0 and 1 are equal, so every token's
+    activations a0 = a1 (bf16: 8 significant bits); down row h holds 1 and c_h in columns 0 and 1, so y_h =
+    a0 · (1 + c_h) exactly in fp32 (c_h has at most 3), with y_0 = a0. The c_h put the sums above, below and on
+    the midpoint between two bf16 numbers, where truncating or rounding away would differ."""
+    needs_blocks(torch.bfloat16)
+    strategy = "blocks"
+    torch.manual_seed(0)
+    gate_up = torch.randn(1, 2 * I, H) / 4
+    gate_up[0, 1], gate_up[0, I + 1] = gate_up[0, 0], gate_up[0, I]
+    fractions = [0.0, 3 * 2 ** -9, 2 ** -8, 2 ** -7, 3 * 2 ** -8, 5 * 2 ** -10, -3 * 2 ** -9, -(2 ** -8)]
+    c = torch.tensor([fractions[h % len(fractions)] for h in range(H)])
+    down = torch.zeros(1, H, I)
+    down[0, :, 0], down[0, :, 1] = 1.0, c
+    x = torch.randn(T, H).bfloat16()
+    plan = build_plan(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), 1)
+    with torch.inference_mode():
+        y = ExtBackend(strategy).run(x, plan, gate_up.bfloat16(), down.bfloat16(), None)
+    a0 = y[:, :1].double()
+    assert (a0 != 0).all()
+    expected = (a0 * (1 + c.double())).float().bfloat16()  # exact in fp32, rounded by torch
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 def check_against_formula(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
     """The op's output on random tokens, routing and weights against :func:`by_formula`'s float64 truth, within a
     bound from the terms' magnitudes."""

@@ -12,9 +12,12 @@
 //      up weights (the A operand, in their public (E, 2I, H) layout: no repacking, nothing cached) gets g and u as
 //      Ib × Np fp32 tiles and computes a = act(min(g, L)) · clamp(u, −L, L) · w in the epilogue, written in the B
 //      layout GEMM 2 reads.
-//   2. down: threads split the H output rows; for each piece, Hb rows of the expert's down weights (A, public
-//      (E, H, I) layout) times its a, transposed back 16 × 16 and added into the thread's own columns of y (fp32),
+//   2. down: threads split the H output rows into groups; for each piece, Hb rows of the expert's down weights (A,
+//      public (E, H, I) layout) times its a, transposed back 16 × 16 and added into the group's columns of y,
 //      pieces in a fixed order, so every y element receives its terms in the same order whatever the thread count.
+//      A thread sums a group in its own fp32 buffer (every token's row of the group's columns, contiguous) and then
+//      writes it to y in the output dtype: no T × H fp32 buffer, no pass to zero it or to convert it, and the rows
+//      it adds into are the group's width apart, not H (4 KiB at H = 1024 put every token's row in one L1 set).
 //
 // Both GEMMs compute transposed tiles (weight rows × tokens): the weights keep their layout and only activations
 // are rearranged. At prefill sizes every expert is active, so a call streams all routed weights; brgemm computes a
@@ -148,6 +151,15 @@ __attribute__((target("avx512f"))) void pack16_avx512(const uint32_t* const* src
     for (int n = 0; n < 16; ++n) dst[k * ld + n] = src[n] ? src[n][k] : 0u;
 }
 
+// dst[0, n) = src[0, n) rounded to bf16 (c10::BFloat16's rule, bf16_high).
+__attribute__((target("avx512f"))) void to_bf16_avx512(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(_mm512_loadu_ps(src + i)), 16)));
+  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+}
+
 // add_transposed_portable for hr a multiple of 16 and nc of 16.
 __attribute__((target("avx512f"))) void add_transposed_avx512(const float* c, int64_t hr, int64_t nc, int64_t cols,
                                                               float* const* y_rows) {
@@ -175,7 +187,7 @@ template <typename scalar_t>
 void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const Tensor& token_N,
                         const Tensor& weight_N, const std::vector<int64_t>& counts, std::optional<double> limit,
                         const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
-                        const std::optional<Tensor>& shared_down, Tensor& y_TH) {
+                        const std::optional<Tensor>& shared_down, const Tensor& y_TH) {
   constexpr int64_t P = per_word<scalar_t>();
   constexpr bool vnni = P == 2;
   const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x
@@ -298,7 +310,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   //    piece, in order, so each y element receives its terms in one order whatever the thread count. Groups of
   //    about a quarter of a thread's share: a piece's a, read again for every group, stays in L2 across a
   //    group's tiles.
-  float* y = y_TH.mutable_data_ptr<float>();
+  scalar_t* y = y_TH.mutable_data_ptr<scalar_t>();
+  const int64_t T = x_TH.size(0);
   const int64_t h_tiles = (H + kHb - 1) / kHb;
   const int64_t group_tiles = std::max<int64_t>(1, h_tiles / (4 * at::get_num_threads()));
   const int64_t groups = (h_tiles + group_tiles - 1) / group_tiles;
@@ -306,7 +319,9 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   std::atomic<int64_t> claimed_group{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), groups), 1, [&](int64_t, int64_t) {
     const Tensor c_buffer = at::empty({kHb * kPiece}, x_TH.options().dtype(at::kFloat));
+    const Tensor sum_buffer = at::empty({T * group_tiles * kHb}, x_TH.options().dtype(at::kFloat));
     float* c = c_buffer.data_ptr<float>();
+    float* sum = sum_buffer.data_ptr<float>();  // the group's y in fp32: row t at t · width
     float* y_rows[kPiece];
 #ifdef DEEPSEEK_MOE_AMX
     if (amx) {
@@ -316,6 +331,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
 #endif
     for (int64_t group = claimed_group++; group < groups; group = claimed_group++) {
       const int64_t ht0 = group * group_tiles, ht1 = std::min(h_tiles, ht0 + group_tiles);
+      const int64_t h0 = ht0 * kHb, width = std::min(H, ht1 * kHb) - h0;
+      std::fill_n(sum, T * width, 0.f);
       for (size_t q = 0; q < pieces.size(); ++q) {
         const Piece& piece = pieces[q];
         const auto& s = segments[piece.segment];
@@ -342,7 +359,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width, ab_piece,
                           c, vnni);
 #endif
-          for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = y + s.token[piece.first + n] * H + h;
+          for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = sum + s.token[piece.first + n] * width + h - h0;
 #ifdef DEEPSEEK_MOE_X86
           if (transpose_fast) {
             add_transposed_avx512(c, hr, piece.Np, piece.count, y_rows);
@@ -351,6 +368,23 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
 #endif
           add_transposed_portable(c, hr, piece.Np, piece.count, y_rows);
         }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* row = sum + t * width;
+        scalar_t* out = y + t * H + h0;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          std::copy_n(row, width, out);
+          continue;
+        }
+#ifdef DEEPSEEK_MOE_X86
+        if constexpr (vnni) {
+          if (avx512) {
+            to_bf16_avx512(row, width, out);
+            continue;
+          }
+        }
+#endif
+        for (int64_t i = 0; i < width; ++i) out[i] = static_cast<scalar_t>(row[i]);
       }
     }
 #ifdef DEEPSEEK_MOE_AMX
@@ -383,13 +417,13 @@ Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Ten
   const int64_t Is = shared_gate ? shared_gate->size(0) : 0;
   TORCH_CHECK(dtype == at::kFloat || (H % 2 == 0 && I % 2 == 0 && Is % 2 == 0),
               "expert_blocks: bf16 needs even sizes (VNNI pairs), got H=", H, ", I=", I, ", shared width ", Is);
-  Tensor y_TH = at::zeros({x_in.size(0), H}, x_in.options().dtype(at::kFloat));
+  const Tensor y_TH = at::empty({x_in.size(0), H}, x_in.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "expert_blocks", [&] {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)
       expert_blocks_impl<scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
                                    in.shared_gate, in.shared_up, in.shared_down, y_TH);
   });
-  return y_TH.to(dtype);
+  return y_TH;
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
