@@ -33,8 +33,9 @@ decoding: ``backends.decode_tokens``).
 
 ``--prefill`` times forwards of many tokens instead (default T = 512, 2048; compute-bound, so one weight copy),
 each contender against a dense SwiGLU FFN of equal active FLOPs (width shared + K routed, 2816), with the active
-TFLOP/s each reaches (this shared host's dense FFN ran at 0.6-1.6 TFLOP/s in bf16 from run to run); with
-``--beside-load`` beside the other process too.
+TFLOP/s each reaches; with ``--beside-load`` beside the other process too. A hot GEMM interleaved with them
+(``PROBE``, oneDNN, its operands in the caches) gives the rate the cores had in the same rounds: on this shared
+host it moved 2-3x from minute to minute in bf16, and every contender's rate with it.
 """
 from __future__ import annotations
 
@@ -116,8 +117,12 @@ def hf_blocks(cfg: dm.MoEConfig, layers, dtype):
     return blocks
 
 
+PROBE = (2048, 1024, 1024)  # M, K, N of the hot GEMM (bf16: 6 MiB of operands, in the caches after the first call)
+
+
 def prefill(args) -> int:
-    """Forward (inference) of T tokens, each contender against the dense FFN of equal active FLOPs."""
+    """Forward (inference) of T tokens, each contender against the dense FFN of equal active FLOPs, and the rate of
+    a hot GEMM interleaved with them (what the cores could do in those rounds)."""
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     cfg = dm.MoEConfig(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
@@ -129,6 +134,9 @@ def prefill(args) -> int:
     blocks = [] if args.no_hf else hf_blocks(cfg, [ext], dtype)
     if blocks:
         contenders["hf grouped_mm"] = lambda x: blocks[0](x.unsqueeze(0))
+    M, K, N = PROBE
+    a, b = torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+    repeats = 2  # a sample of a few ms, as the contenders' are
     tokens = args.tokens if args.tokens != "1,4,16" else "512,2048"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, forward under inference mode; "
           f"dense width {cfg.dense_equivalent_width}; {args.rounds} rounds"
@@ -136,12 +144,15 @@ def prefill(args) -> int:
     for T in (int(t) for t in tokens.split(",")):
         xs = [torch.randn(T, cfg.hidden_size, dtype=dtype) for _ in range(args.rounds + 1)]
         fns = {name: (lambda r, m=m: m(xs[r])) for name, m in contenders.items()}
+        fns["probe"] = lambda r: [torch.mm(a, b) for _ in range(repeats)]
         with torch.inference_mode(), beside_load(args.beside_load):
             times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu).items()}
+        hot = repeats * 2 * M * K * N / times.pop("probe")
         flops = 6 * T * cfg.hidden_size * cfg.dense_equivalent_width  # the active FLOPs every contender computes
         for name, t in times.items():
             print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense "
-                  f"{flops / t / 1e12:5.2f} TFLOP/s", flush=True)
+                  f"{flops / t / 1e12:5.2f} TFLOP/s {flops / t / hot:5.2f} of hot", flush=True)
+        print(f"T={T:5d} hot {M}x{K}x{N} GEMM in the same rounds: {hot / 1e12:.2f} TFLOP/s", flush=True)
     return 0
 
 

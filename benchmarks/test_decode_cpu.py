@@ -42,6 +42,8 @@ def test_split_prints_each_piece_and_the_layer(capsys):
 
 def test_prefill_prints_ratios_and_rates(capsys):
     assert decode_cpu.main(["--prefill", "--tokens", "16", "--rounds", "1", "--dtype", "bfloat16", "--no-hf"]) == 0
-    found = rows(capsys.readouterr().out, "T=")
+    out = capsys.readouterr().out
+    found = [row for row in rows(out, "T=") if row[2] != "hot"]
     assert {row[2] for row in found} == {"ext", "torch", "dense"}
-    assert all(row[-1] == "TFLOP/s" and float(row[-2]) > 0 for row in found)
+    assert all(row[-4] == "TFLOP/s" and float(row[-5]) > 0 and float(row[-3]) > 0 and row[-1] == "hot" for row in found)
+    assert float(out.split("GEMM in the same rounds:")[1].split()[0]) > 0
