@@ -2,10 +2,12 @@
 
     git worktree add /tmp/base <revision>
     python benchmarks/before_after_cpu.py --base /tmp/base        # this checkout ("after") against /tmp/base
+    python benchmarks/before_after_cpu.py --base /tmp/base --prefill   # only the ext layers' bf16 prefill
 
-The older revision's package is copied under another name (``deepseek_moe_before``, its custom-op namespace
-renamed with it) so both load into this process; every contender of a measure is timed interleaved, round by
-round (the package's own timing loop), so drift of a shared machine reaches all alike. Measures, fp32 on CPU:
+The older revision's package and its csrc/ are copied under another name (``deepseek_moe_before``, its custom-op
+namespace and extension renamed with it) so both load into this process; every contender of a measure is timed
+interleaved, round by round (the package's own timing loop), so drift of a shared machine reaches all alike.
+Measures, fp32 on CPU:
 
 * layer / dense: the layer's forward+backward (T = 4096, H = 1024, 64 routed experts of 352 + 2 shared, top-6) over
   a dense SwiGLU FFN of equal active FLOPs (width 2816);
@@ -13,10 +15,14 @@ round (the package's own timing loop), so drift of a shared machine reaches all 
   (``deepseek-moe-bench``'s default pair at F = 1408), forward+backward at T = 4096;
 * decode: T = 1 under inference mode over a dense FFN of the same weight bytes, each call on the next of 8 layers
   (their weights together far exceed the L3 cache, as in a model's decode step).
+
+and, where both revisions' extensions build: bf16 prefill (inference) at T = 512 and 2048 of the ext layers (H =
+1024, 64 x 352 + 2 shared, top-6) over the dense FFN of equal active FLOPs (``--prefill``: this measure alone).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import shutil
@@ -39,9 +45,11 @@ def load_before(base: str, into: str):
     target = os.path.join(into, "deepseek_moe_before")
     shutil.copytree(os.path.join(base, "deepseek_moe"), target,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    for folder, _, files in os.walk(target):
+    if os.path.isdir(os.path.join(base, "csrc")):  # the extension's sources, next to the package as in a checkout
+        shutil.copytree(os.path.join(base, "csrc"), os.path.join(into, "csrc"))
+    for folder, _, files in itertools.chain(os.walk(target), os.walk(os.path.join(into, "csrc"))):
         for name in files:
-            if name.endswith(".py"):
+            if name.endswith((".py", ".cpp", ".h", ".cu", ".cuh")):
                 path = os.path.join(folder, name)
                 with open(path) as f:
                     text = f.read()
@@ -65,10 +73,38 @@ def medians(fns: dict, rounds: int, **kw) -> dict:
     return {k: statistics.median(v) for k, v in interleaved(fns, rounds, torch.device("cpu"), **kw).items()}
 
 
+def prefill_rows(before, rounds: int) -> list:
+    """bf16 prefill of the ext layers, after and before, over the dense FFN of equal active FLOPs; [] (said why)
+    where either revision's extension does not build."""
+    try:
+        for package in (after, before):
+            importlib.import_module(package.__name__ + ".ext").load()
+    except Exception as e:  # noqa: BLE001 -- a measure that cannot run is reported, not fatal
+        print(f"bf16 prefill left out: an extension did not load ({type(e).__name__}: {e})", flush=True)
+        return []
+    cfg = dict(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
+               score_func="sigmoid", norm_topk_prob=True)
+    new = after.DeepSeekMoELayer(**cfg, backend="ext").to(torch.bfloat16).eval()
+    old = before.DeepSeekMoELayer(**cfg, backend="ext").to(torch.bfloat16).eval()
+    old.load_state_dict(new.state_dict())
+    dense = SharedExperts.dense(1024, new.config.dense_equivalent_width).to(torch.bfloat16).eval()
+    rows = []
+    for T in (512, 2048):
+        xs = [torch.randn(T, 1024, dtype=torch.bfloat16) for _ in range(rounds + 1)]
+        with torch.inference_mode():
+            if not torch.equal(new(xs[0]), old(xs[0])):
+                print(f"note: at T = {T} the two revisions' outputs differ", flush=True)
+            t = medians({name: (lambda r, m=m: m(xs[r])) for name, m in
+                         (("after", new), ("before", old), ("dense", dense))}, rounds)
+        rows.append((f"bf16 prefill T={T}, ext layer / dense FFN", t["before"] / t["dense"], t["after"] / t["dense"]))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a checkout of the revision to compare against")
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--prefill", action="store_true", help="only the ext layers' bf16 prefill")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     H, T = 1024, 4096
@@ -76,13 +112,16 @@ def main(argv=None) -> int:
         before = load_before(os.path.abspath(args.base), tmp)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds; "
               f"before = {args.base}, after = {HERE}", flush=True)
+        rows = prefill_rows(before, args.rounds)
+        if args.prefill:
+            return report(rows)
         x = torch.randn(1, T, H, requires_grad=True)
         step = lambda m: (lambda r: run_once(m, x, "fwdbwd"))  # noqa: E731
         new, old = pair(before, dict(hidden_size=H, expert_hidden_size=352, num_routed_experts=64,
                                      num_shared_experts=2, top_k=6))
         t = medians({"after": step(new), "before": step(old), "dense": step(SharedExperts.dense(H, 2816))},
                     args.rounds, warmup=1)
-        rows = [("fp32 fwd+bwd T=4096, layer / dense FFN", t["before"] / t["dense"], t["after"] / t["dense"])]
+        rows.append(("fp32 fwd+bwd T=4096, layer / dense FFN", t["before"] / t["dense"], t["after"] / t["dense"]))
         fine = pair(before, dict(hidden_size=H, expert_hidden_size=176, num_routed_experts=64, num_shared_experts=2,
                                  top_k=14))
         coarse = pair(before, dict(hidden_size=H, expert_hidden_size=1408, num_routed_experts=8,
@@ -106,6 +145,10 @@ def main(argv=None) -> int:
             t = medians(fns, 15, warmup=2, calls=16)
         rows.append(("decode T=1 fp32, layer / dense of equal bytes", t["before"] / t["dense"],
                      t["after"] / t["dense"]))
+    return report(rows)
+
+
+def report(rows) -> int:
     print(f"\n{'ratio':48s} {'before':>7s} {'after':>7s} {'after/before':>13s}")
     for name, b, a in rows:
         print(f"{name:48s} {b:7.3f} {a:7.3f} {a / b:13.3f}")
