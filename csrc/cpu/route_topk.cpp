@@ -60,9 +60,32 @@ bool above(const Entry& x, const Entry& y) {
   return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
 }
 
-// The indices of the k largest of v[0, n), best first, into out: ATen's topk_impl_loop (largest, sorted) step by
-// step, so that ties resolve as torch.topk resolves them. queue: scratch of n entries.
+// The indices of the k largest of v[0, n), best first, into out, where the k + 1 largest are distinct numbers (no
+// NaN): then the top k and their order are the same whatever the selection, and one pass keeping them sorted (a
+// comparison per value once they are full) does it. false where a tie or a NaN could decide, and out untouched.
+// kept: scratch of n entries.
+bool topk_distinct(const float* v, int64_t n, int64_t k, std::vector<Entry>& kept, int64_t* out) {
+  const int64_t m = std::min(k + 1, n);
+  int64_t size = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = v[j];
+    if (std::isnan(x)) return false;
+    if (size == m && !(x > kept[m - 1].first)) continue;
+    int64_t at = size < m ? size++ : m - 1;
+    for (; at > 0 && x > kept[at - 1].first; --at) kept[at] = kept[at - 1];
+    kept[at] = {x, j};
+  }
+  for (int64_t i = 1; i < size; ++i)
+    if (kept[i].first == kept[i - 1].first) return false;
+  for (int64_t i = 0; i < k; ++i) out[i] = kept[i].second;
+  return true;
+}
+
+// The indices of the k largest of v[0, n), best first, into out: where ties or NaN could decide, ATen's
+// topk_impl_loop (largest, sorted) step by step, so that they resolve as torch.topk resolves them. queue: scratch
+// of n entries.
 void topk_as_torch(const float* v, int64_t n, int64_t k, std::vector<Entry>& queue, int64_t* out) {
+  if (topk_distinct(v, n, k, queue, out)) return;
   for (int64_t j = 0; j < n; ++j) queue[j] = {v[j], j};
   if (k * 64 <= n) {
     std::partial_sort(queue.begin(), queue.begin() + k, queue.begin() + n, above);
