@@ -3,6 +3,7 @@ blocks op's operand layout (weight rows as the A operand, in their public layout
 as the B operand), and a hand-written AMX loop that prefetches the next chunk of weight rows while it computes.
 
     python benchmarks/brgemm_layouts.py            # 64 experts x 704 x 1024 bf16 gate/up weights, 16/32/48/192 tokens
+    python benchmarks/brgemm_layouts.py --peak     # the tiles' own rate now: no memory traffic, both threads
 
 GEMM 1 alone, both threads splitting the experts, the weights cold (8 copies of 92 MB cycled, so nothing stays in
 the caches between two visits of a copy); for each expert and each chunk of 32 weight rows (or 32 packed columns)
@@ -20,6 +21,10 @@ one call over all its token columns. Contenders, interleaved per token count:
 
 Times are per copy, the best of three passes; GB/s is the weight bytes over that time. A C++ snippet compiled just
 in time with torch.utils.cpp_extension (~40 s the first time); the CPU needs AMX.
+
+``--peak`` prints, for ten consecutive samples of 0.5 s, what each thread's tiles compute with no memory traffic
+(four independent 16 x 16 x 32 bf16 dot products on tiles already loaded, over and over): the physical ceiling of
+every AMX loop here, and on a shared host a measure of how much of the cores the neighbours leave.
 """
 from __future__ import annotations
 
@@ -155,6 +160,35 @@ double gemm1(std::vector<at::Tensor> copies, at::Tensor x, int64_t Np, int64_t h
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / copies.size();
 }
 
+// FLOP/s of each of two threads running four independent tile dot products on loaded tiles for `seconds`.
+__attribute__((target("amx-tile,amx-bf16")))
+std::vector<double> peak(double seconds) {
+  syscall(SYS_arch_prctl, 0x1023, 18);
+  std::vector<double> rate(2, 0.0);
+  at::parallel_for(0, 2, 1, [&](int64_t p0, int64_t p1) {
+    alignas(64) static thread_local uint16_t tile[16 * 32];
+    for (int i = 0; i < 16 * 32; ++i) tile[i] = 0x3f80 + (i % 7);  // ~1.0 in bf16
+    configure_tiles();
+    _tile_loadd(4, tile, 64); _tile_loadd(5, tile, 64); _tile_loadd(6, tile, 64); _tile_loadd(7, tile, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    int64_t steps = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    double elapsed = 0.0;
+    while (elapsed < seconds) {
+      for (int i = 0; i < 1000; ++i) {
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }
+      steps += 1000;
+      elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    alignas(64) float sink[256];
+    _tile_stored(0, sink, 64);
+    release_tiles();
+    for (int64_t p = p0; p < p1; ++p) rate[p] = steps * 4 * 2.0 * 16 * 16 * 32 / elapsed;
+  });
+  return rate;
+}
+
 // The AMX loop against brgemm on one chunk: the largest absolute difference.
 double check(at::Tensor w, at::Tensor x, int64_t Np) {
   syscall(SYS_arch_prctl, 0x1023, 18);
@@ -181,10 +215,18 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="16,32,48,192",
                    help="token columns per expert (comma list, multiples of 16; the halves loop only up to 48)")
     p.add_argument("--copies", type=int, default=8)
+    p.add_argument("--peak", action="store_true", help="only the tiles' rate with no memory traffic, 10 samples")
     args = p.parse_args(argv)
-    mod = load_inline("deepseek_moe_brgemm_layouts", cpp_sources=SOURCE, functions=["gemm1", "check"],
+    mod = load_inline("deepseek_moe_brgemm_layouts", cpp_sources=SOURCE, functions=["gemm1", "check", "peak"],
                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
     torch.set_num_threads(2)
+    if args.peak:
+        print(f"torch {torch.__version__}; AMX bf16 tiles on loaded operands, TFLOP/s per thread, 0.5 s samples")
+        for i in range(10):
+            rates = mod.peak(0.5)
+            print(f"sample {i}: " + " + ".join(f"{r / 1e12:.2f}" for r in rates) + f" = {sum(rates) / 1e12:.2f}",
+                  flush=True)
+        return 0
     E, J, H = 64, 704, 1024
     diff = mod.check(torch.randn(32, H).bfloat16(), torch.randn(48 * H).bfloat16(), 48)
     if diff != 0.0:
