@@ -226,7 +226,8 @@ def test_selection_picks_decode_for_a_few_tokens_and_blocks_for_more_in_inferenc
        seed=st.integers(0, 2 ** 16))
 def test_route_topk_equals_the_router(T, E_per_group, groups, K, score, group_score, norm, scale, seed):
     """The extension's choice after the gate GEMM (route_topk) against the Python router on the same logits: the
-    same experts in the same order, scores and weights to fp32 rounding; biases large enough to change the choice."""
+    same experts in the same order, the same scores, weights to fp32 rounding; biases large enough to change the
+    choice."""
     G, kept = groups
     E = G * E_per_group
     K = min(K, kept * E_per_group)
@@ -242,8 +243,29 @@ def test_route_topk_equals_the_router(T, E_per_group, groups, K, score, group_sc
         select = select_ext(cfg)
         want, got = router(x), router(x, select=select)
     assert torch.equal(got.topk_idx_TK, want.topk_idx_TK)
-    torch.testing.assert_close(got.scores_TE, want.scores_TE, rtol=2e-6, atol=1e-7)
+    assert torch.equal(got.scores_TE, want.scores_TE)
     torch.testing.assert_close(got.topk_weight_TK, want.topk_weight_TK, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("score,first,second", [
+    ("sqrtsoftplus", -103.3, -129.4),  # ATen's vectorised softplus flushes both to 0: a tie; a scalar exp did not
+    ("softmax", 0.00023544751456938684, 0.00023539556423202157),  # equal in ATen's softmax; a scalar exp: 1 ulp apart
+    ("sigmoid", 1e-3, 1e-3 + 2e-10)])
+def test_route_topk_scores_are_the_routers_bits(score, first, second):
+    """route_topk's scores are the Python router's bits (the same ATen ops on the same logits), so two experts
+    whose scores are equal, or an ulp apart, in one are so in the other, and both pick them in the same order."""
+    E, T = 16, 3
+    cfg = dm.MoEConfig(hidden_size=E, expert_hidden_size=2, num_routed_experts=E, num_shared_experts=0, top_k=E,
+                       score_func=score, backend="ext")
+    router = dm.DeepSeekMoELayer(cfg).eval().router
+    torch.manual_seed(0)
+    logits = torch.randn(T, E) * 4
+    logits[:, 0], logits[:, 1] = first, second
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))  # logits = x
+        want, got = router(logits), router(logits, select=select_ext(cfg))
+    assert torch.equal(got.scores_TE, want.scores_TE)
+    assert torch.equal(got.topk_idx_TK, want.topk_idx_TK)
 
 
 @pytest.mark.parametrize("inputs", ["zero gate", "few levels", "saturated sigmoid", "a NaN token"])

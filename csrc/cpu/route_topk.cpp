@@ -10,9 +10,11 @@
 //   (DeepSeek-V2 §2.2.2, V3's node-limited routing);
 //   the top_k experts of those, best first;
 //   weight = the scores there, divided by their sum (+1e-20) when norm, times scale.
-// Every top-k here is torch.topk's own CPU algorithm (ATen's TopKImpl.h: the same selection and sort over (value,
-// index) pairs, NaN above every number), so equal scores (a saturated sigmoid, a zero-initialised gate) pick the
-// same experts in the same order as the Python router: the layer computes one function with or without autograd.
+// The scores come from the ATen ops the Python router calls (softmax, sigmoid, softplus then sqrt) on the same
+// logits, so they are its bits, and every top-k here is torch.topk's own CPU algorithm (ATen's TopKImpl.h: the
+// same selection and sort over (value, index) pairs, NaN above every number), so equal scores (a saturated
+// sigmoid, a zero-initialised gate) and scores an ulp apart pick the same experts in the same order as the Python
+// router: the layer computes one function with or without autograd.
 //
 // Legend: T tokens, E experts, K experts per token, G groups, M = E / G experts per group.
 
@@ -36,21 +38,12 @@ using at::Tensor;
 enum ScoreFunc : int64_t { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
 enum GroupScore : int64_t { kMax = 0, kTop2Sum = 1 };
 
-void scores_of(const float* logits, int64_t E, int64_t score_func, float* scores) {
-  if (score_func == kSoftmax) {
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t e = 0; e < E; ++e) top = std::max(top, logits[e]);
-    float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(logits[e] - top));
-    for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
-  } else if (score_func == kSigmoid) {
-    for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-logits[e]));
-  } else {
-    for (int64_t e = 0; e < E; ++e) {
-      const float x = logits[e];
-      scores[e] = std::sqrt(x > 20.f ? x : std::log1p(std::exp(x)));
-    }
-  }
+// The router's scores of (T, E) logits, by the ATen ops router.py calls: its bits (a scalar exp of our own rounded
+// differently by an ulp now and then, and kept subnormals that ATen's vectorised softplus flushes to zero).
+Tensor scores_of(const Tensor& logits, int64_t score_func) {
+  if (score_func == kSoftmax) return at::softmax(logits, -1);
+  if (score_func == kSigmoid) return at::sigmoid(logits);
+  return at::sqrt(at::softplus(logits));
 }
 
 using Entry = std::pair<float, int64_t>;
@@ -121,12 +114,11 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
               "route_topk: top_k=", top_k, " exceeds the ", topk_groups * (E / G), " experts of the kept groups");
   TORCH_CHECK(group_score == kMax || G == 1 || E / G >= 2, "route_topk: a top-2 group score needs 2 experts a group");
   const int64_t M = E / G;
-  Tensor scores = at::empty({T, E}, logits.options());
+  const Tensor scores = scores_of(logits, score_func).contiguous();
   Tensor idx = at::empty({T, top_k}, logits.options().dtype(at::kLong));
   Tensor weight = at::empty({T, top_k}, logits.options());
-  const float* lg = logits.const_data_ptr<float>();
   const float* b = bias.const_data_ptr<float>();
-  float* sc = scores.mutable_data_ptr<float>();
+  const float* sc = scores.const_data_ptr<float>();
   int64_t* id = idx.mutable_data_ptr<int64_t>();
   float* w = weight.mutable_data_ptr<float>();
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
@@ -135,8 +127,7 @@ std::tuple<Tensor, Tensor, Tensor> route_topk_cpu(const Tensor& logits_in, const
     std::vector<int64_t> kept(topk_groups);
     std::vector<char> keep(G);
     for (int64_t t = t0; t < t1; ++t) {
-      float* s = sc + t * E;
-      scores_of(lg + t * E, E, score_func, s);
+      const float* s = sc + t * E;
       for (int64_t e = 0; e < E; ++e) choice[e] = s[e] + b[e];
       if (G > 1) {
         for (int64_t g = 0; g < G; ++g) {
