@@ -121,6 +121,29 @@ def test_blocks_op_rounds_its_fp32_sums_to_bf16_once_to_nearest_even(T, H, I):
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
 
 
+@pytest.mark.parametrize("strategy", ["decode", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,I", [(0, 4), (4, 0), (32, 0)])
+def test_ops_with_empty_experts_or_hidden_size(strategy, dtype, H, I):
+    """Experts of width 0 add nothing and the shared experts still do; H = 0 gives (T, 0). (brgemm refuses an empty
+    product: the blocks op raised std::bad_alloc here.)"""
+    if strategy == "blocks":
+        needs_blocks(dtype)
+    torch.manual_seed(0)
+    T, E, S = 5, 3, 2
+    plan = build_plan(torch.randint(0, E, (T, 2)), torch.rand(T, 2), E)
+    x = torch.randn(T, H).to(dtype)
+    gate, up, down = (torch.randn(*shape).to(dtype) for shape in ((S, H), (S, H), (H, S)))
+    with torch.inference_mode():
+        y = ExtBackend(strategy).run(x, plan, torch.randn(E, 2 * I, H).to(dtype), torch.randn(E, H, I).to(dtype),
+                                     (gate, up, down))
+    xd = x.double()
+    want = (F.silu(xd @ gate.double().T) * (xd @ up.double().T)) @ down.double().T
+    assert y.shape == (T, H) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+
+
 def check_against_formula(strategy, T, E, K, H, I, empty, capacity, limit, dtype, shared, seed):
     """The op's output on random tokens, routing and weights against :func:`by_formula`'s float64 truth, within a
     bound from the terms' magnitudes."""

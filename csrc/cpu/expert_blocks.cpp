@@ -204,6 +204,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   int64_t ab_words = 0, max_np = 0;
   for (int64_t k = 0; k < static_cast<int64_t>(segments.size()); ++k) {
     const auto& s = segments[k];
+    if (s.width == 0) continue;  // adds nothing (and brgemm refuses an empty product)
     for (int64_t p = 0; p < s.count; p += kPiece) {
       const int64_t count = std::min(kPiece, s.count - p), np = round_up(count, 16);
       pieces.push_back({k, s.first + p, count, np, ab_words});
@@ -423,6 +424,7 @@ Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Ten
   TORCH_CHECK(dtype == at::kFloat || (H % 2 == 0 && I % 2 == 0 && Is % 2 == 0),
               "expert_blocks: bf16 needs even sizes (VNNI pairs), got H=", H, ", I=", I, ", shared width ", Is);
   const Tensor y_TH = at::empty({x_in.size(0), H}, x_in.options());
+  if (H == 0) return y_TH;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "expert_blocks", [&] {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)
       expert_blocks_impl<scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
