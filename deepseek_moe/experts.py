@@ -168,6 +168,17 @@ def called_plainly(module: nn.Module, cls: type) -> bool:
             and not (module._forward_pre_hooks or module._forward_hooks) and not any(_GLOBAL_FORWARD_HOOKS))
 
 
+def accelerate_offload_device(module: nn.Module) -> Optional[torch.device]:
+    """The execution device of an accelerate hook that offloads ``module``'s weights (``cpu_offload``,
+    ``disk_offload``, a ``device_map`` with "cpu" or "disk" entries: the weights sit on 'meta' between calls and the
+    hook brings them in for each call), or None where no such hook is attached."""
+    hook = getattr(module, "_hf_hook", None)
+    for each in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        if getattr(each, "offload", False) and getattr(each, "execution_device", None) is not None:
+            return torch.device(each.execution_device)
+    return None
+
+
 def runs_routed_experts_only(module: nn.Module) -> bool:
     """Whether calling ``module`` (a layer's ``experts``) computes :meth:`RoutedExperts.forward` and nothing on top:
     a :class:`RoutedExperts` :func:`called_plainly`, possibly inside PEFT ``ParamWrapper``s without hooks (they

@@ -16,7 +16,7 @@ from . import backends, invariant
 from .balancing import LoadState, calibrate_bias
 from .config import MoEConfig
 from .dispatch import Dispatcher, DispatchPlan, LocalDispatcher
-from .experts import (InvariantLinear, RoutedExperts, SharedExperts, called_plainly,
+from .experts import (InvariantLinear, RoutedExperts, SharedExperts, accelerate_offload_device, called_plainly,
                       check_invariant_projections, compute_dtype, runs_routed_experts_only)
 from .glu import glu_name
 from .override import RecomputeGuard, RouteTape, RoutingOverride
@@ -128,7 +128,7 @@ class DeepSeekMoELayer(nn.Module):
             y = self._inference_step(x)
             if y is not None:
                 return y
-        check_input(x, self.config, self.training, self.router.weight.device)
+        check_input(x, self.config, self.training, self._device())
         from_context = padding_mask is None
         padding_mask = active_padding_mask() if from_context else padding_mask
         override, tape = self.routing_override, self.route_tape
@@ -269,6 +269,17 @@ class DeepSeekMoELayer(nn.Module):
         return backends.selected(self._impls, name, device, dtype, glu_name(cfg.hidden_act, cfg.swiglu_limit),
                                  (cfg.hidden_size, cfg.expert_hidden_size), tokens)
 
+    def _device(self) -> torch.device:
+        """The device the layer computes on: its router weight's, or for weights that accelerate offloads (on
+        'meta' between calls, brought in by its hooks when the modules are called) that hook's execution device."""
+        weight = self.router.weight
+        if weight.device.type == "meta":
+            for module in (self.gate, self.router):
+                device = accelerate_offload_device(module)
+                if device is not None:
+                    return device
+        return weight.device
+
     @property
     def router(self) -> Router:
         """The :class:`~deepseek_moe.router.Router`, also where ``gate`` is a wrapper around it (PEFT's LoRA on
@@ -322,7 +333,7 @@ class DeepSeekMoELayer(nn.Module):
         if self.config.hash_vocab_size is not None:
             raise ValueError("DeepSeekMoELayer.calibrate_bias: the layer is hash-routed (hash_vocab_size="
                              f"{self.config.hash_vocab_size}): its table picks the experts, no bias changes its load")
-        check_input(x, self.config, False, self.router.weight.device)
+        check_input(x, self.config, False, self._device())
         mask = active_padding_mask() if padding_mask is None else padding_mask
         return calibrate_bias(self.router, x, None if mask is None else check_padding_mask(mask, x), iterations, group,
                               route=self.gate)

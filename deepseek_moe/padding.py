@@ -79,8 +79,9 @@ def check_input(x: torch.Tensor, config, training: bool, device: torch.device) -
     if x.device.type == "meta" or device.type == "meta":
         # Routing decides data-dependent shapes (how many rows each expert gets): there is no meta kernel.
         raise ValueError(f"DeepSeekMoELayer: x is on device {x.device} and the layer's parameters on {device}; the "
-                         f"layer runs on a real device (a layer built on 'meta' needs layer.to_empty(device=...) and "
-                         f"layer.reset_parameters() first)")
+                         f"layer runs on a real device. A layer built on 'meta' needs its weights first: "
+                         f"layer.load_state_dict(state, assign=True), or layer.to_empty(device=...) then "
+                         f"layer.reset_parameters() for a fresh initialisation")
     per_sequence_loss = ((config.aux_loss_alpha > 0 and config.resolved_balance_scope == "sequence")
                          or config.seq_balance_alpha > 0)
     if training and per_sequence_loss and x.dim() != 3:

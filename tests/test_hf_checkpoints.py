@@ -157,3 +157,33 @@ def test_converted_dbrx_and_qwen2_save_the_stock_layout_and_pickle(how, tmp_path
         assert not info["missing_keys"] and not info["unexpected_keys"], (family, info)
         with torch.no_grad():
             assert_close(back.eval()(ids).logits, ref, 1e-5, f"{family} {how}")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_a_converted_model_runs_with_its_weights_offloaded_by_accelerate(family, tmp_path):
+    """accelerate keeps offloaded weights on 'meta' between calls and brings them in as each module is called:
+    converted at construction inside from_pretrained with a disk-offloading device_map, and converted then
+    offloaded by cpu_offload, the model computes and generates what the stock model does. A stock model loaded
+    offloaded cannot be converted afterwards (its blocks hold no weights): ValueError naming the way that works,
+    before any block is replaced."""
+    accelerate = pytest.importorskip("accelerate")
+    ids = _batch(1)
+    stock = _model(family).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    with torch.no_grad():
+        want = stock(ids).logits
+    tokens = stock.generate(ids, max_new_tokens=4, do_sample=False)
+    disk = dict(device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload"))
+    offloaded = _converted(tmp_path / "stock", **disk).eval()
+    assert any(p.device.type == "meta" for layer in hf.moe_layers(offloaded).values() for p in layer.parameters())
+    converted_then_offloaded = _model(family).eval()
+    assert hf.replace_moe_blocks(converted_then_offloaded) == 2
+    accelerate.cpu_offload(converted_then_offloaded, execution_device=torch.device("cpu"))
+    for what, model in (("disk offload", offloaded), ("cpu_offload", converted_then_offloaded)):
+        with torch.no_grad():
+            assert_close(model(ids).logits, want, 1e-5, what)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens), what
+    stock_offloaded = Auto.from_pretrained(tmp_path / "stock", **disk)
+    with pytest.raises(ValueError, match="offloaded by accelerate.*converted_at_construction"):
+        hf.replace_moe_blocks(stock_offloaded)
+    assert not hf.moe_layers(stock_offloaded)

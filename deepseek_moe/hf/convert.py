@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
+from ..experts import accelerate_offload_device
 from ..model import adopt_init, replace_modules
 from ..layer import DeepSeekMoELayer
 from .families import (FAMILIES, SUPPORTED_BLOCKS, _hf_config_of, _router_weight, config_from_hf, family_of,
@@ -72,6 +73,17 @@ def _copy_init_flags(block: nn.Module, layer: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ convert
+def _check_not_offloaded(block: nn.Module, where: str) -> None:
+    """ValueError where accelerate offloads ``block``'s weights: they live in its hooks' weight maps, not in the
+    block, and a layer converted from it would hold none of them."""
+    if any(accelerate_offload_device(m) is not None for m in block.modules()):
+        raise ValueError(f"{where}: the {type(block).__name__}'s weights are offloaded by accelerate (a device_map "
+                         f"with 'cpu' or 'disk' entries, cpu_offload or disk_offload), so the block does not hold "
+                         f"them and a layer converted from it would lose them. Convert while loading instead: "
+                         f"`with deepseek_moe.hf.converted_at_construction(): "
+                         f"AutoModelForCausalLM.from_pretrained(path, device_map=...)`, or convert before offloading")
+
+
 def _load_every_key(layer: DeepSeekMoELayer, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``layer``; ValueError (starting with ``source``) when a key is left over on either side."""
     result = layer.load_state_dict(state, strict=False)
@@ -92,12 +104,14 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     not for DBRX, whose experts do not take it). A meta-device block gives a meta-device layer.
 
     Raises TypeError for an unsupported block and ValueError naming the config field of a configuration the
-    layer cannot reproduce, or the checkpoint keys it cannot map. Example::
+    layer cannot reproduce, or the checkpoint keys it cannot map, or for a block whose weights accelerate
+    offloads (convert while loading: :func:`converted_at_construction`). Example::
 
         layer = dm.hf.from_hf(model.model.layers[3].mlp)
     """
     family = family_of(block)
     cfg = config_from_hf(block, hf_config, **overrides)
+    _check_not_offloaded(block, "from_hf")
     router_weight = _router_weight(block)
     expert_param = next(block.experts.parameters())
     with torch.device("meta"):
@@ -170,13 +184,15 @@ def replace_moe_blocks(model: nn.Module, **overrides) -> int:
 
     The model computes the same function afterwards (in training too), returns the same ``router_logits``,
     ``aux_loss`` and ``loss``, and ``model.init_weights()`` initialises the new layers. Returns the number of
-    blocks replaced.
+    blocks replaced. Raises as :func:`from_hf`, before any block is replaced (a model whose MoE blocks accelerate
+    offloads: convert it while loading, :func:`converted_at_construction`).
     """
     config = getattr(model, "config", None)
     match = lambda name, m: type(m).__name__ in SUPPORTED_BLOCKS  # noqa: E731
-    for module in model.modules():  # every block is checked before the first one is replaced
-        if match("", module):
+    for name, module in model.named_modules():  # every block is checked before the first one is replaced
+        if match(name, module):
             config_from_hf(module, _hf_config_of(module) or config, **overrides)
+            _check_not_offloaded(module, f"replace_moe_blocks ({name})")
     count = len(replace_modules(model, match, lambda name, m: from_hf(m, hf_config=_hf_config_of(m) or config,
                                                                **overrides)))
     if count:
