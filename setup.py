@@ -60,7 +60,7 @@ with open("README.md", encoding="utf-8") as f:
 extras = {
     "test": ["pytest>=8", "hypothesis>=6.100"],
     "triton": ["triton>=3.6"],
-    "hf": ["transformers>=5.19", "accelerate>=1.0"],
+    "hf": ["transformers>=5.19", "accelerate>=1.3"],
     # LoRA on the fused experts: PEFT >= 0.20 reads transformers 5's (E, out, in) expert layout (docs/versions.md).
     "peft": ["peft>=0.20"],
     "bench": ["rich>=13", "matplotlib>=3.8"],
