@@ -112,10 +112,35 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(torch.exp(-x) + 1)
 
 
+class _Sqrt(torch.autograd.Function):
+    """√u with the gradient g / (2√u) (torch's, bit for bit) where u > 0 and 0 where u = 0, where torch's is ∞ and
+    becomes NaN once multiplied by u's own zero gradient."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> torch.Tensor:
+        root = u.sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad / (2 * root), torch.zeros_like(grad))
+
+
+def sqrt_of_softplus(softplus_x: torch.Tensor) -> torch.Tensor:
+    """√ of a softplus output (DeepSeek-V4's affinity √softplus(x)), with a finite gradient everywhere: softplus
+    underflows to exactly 0 below x ≈ −104 in fp32 (−745 in fp64), where the true derivative e^(x/2)/2 is below
+    the dtype's smallest number, so 0 is its value there; torch's sqrt would give NaN for the whole router
+    gradient. The same forward bits as ``softplus_x.sqrt()``."""
+    return _Sqrt.apply(softplus_x)
+
+
 def sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
     """√softplus(x) (DeepSeek-V4's affinity), softplus as ATen's (threshold 20: x itself above), the same bits at
-    every position. The clamp keeps exp finite where the threshold applies, so the gradient there is not NaN."""
-    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20)))).sqrt()
+    every position. The clamp keeps exp finite where the threshold applies, so the gradient there is not NaN;
+    :func:`sqrt_of_softplus` keeps it finite where softplus underflows to 0."""
+    return sqrt_of_softplus(torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20)))))
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)

@@ -221,7 +221,8 @@ class Router(nn.Module):
         elif cfg.score_func == "sigmoid":
             scores_TE = invariant.sigmoid(logits_TE) if batch_invariant else logits_TE.sigmoid()
         else:  # sqrtsoftplus, DeepSeek-V4
-            scores_TE = invariant.sqrt_softplus(logits_TE) if batch_invariant else F.softplus(logits_TE).sqrt()
+            scores_TE = (invariant.sqrt_softplus(logits_TE) if batch_invariant
+                         else invariant.sqrt_of_softplus(F.softplus(logits_TE)))
         exclude = None if override is None else override.exclude
         if topk_idx_TK is not None:
             if exclude is not None:

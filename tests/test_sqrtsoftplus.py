@@ -73,6 +73,27 @@ def test_sqrt_softplus_is_bitwise_batch_invariant_and_keeps_large_logits_finite(
     assert torch.isfinite(train.gate.weight.grad).all()
 
 
+@pytest.mark.parametrize("invariant", [False, True])
+def test_a_logit_where_softplus_underflows_gives_the_float64_router_gradient(invariant):
+    """Below x ≈ −104 softplus is exactly 0 in fp32 and torch's √ has an infinite derivative there: the router's
+    whole weight gradient came out NaN (even for an expert no token picked). The float64 formula's gradient is
+    finite, and its entries for that expert (e^(x/2)/2 ≈ 1e-26 of the others) are 0 in fp32."""
+    torch.manual_seed(0)
+    layer = make_layer(aux_loss_alpha=0.0, z_loss_coef=0.0)
+    x = torch.randn(6, H)
+    with torch.no_grad():
+        layer.gate.weight[E - 1] = -200.0 * x[0] / x[0].square().sum()  # token 0's logit for the last expert: −200
+    context = deterministic_algorithms() if invariant else torch.enable_grad()
+    with context:
+        y = layer(x)
+        assert layer.gate(x).logits_TE[0, E - 1].item() == pytest.approx(-200.0, abs=1e-3)
+        y.square().sum().backward()
+    want, _, _, W = by_formula(layer, x)
+    want.square().sum().backward()
+    assert torch.isfinite(layer.gate.weight.grad).all()
+    assert_close(layer.gate.weight.grad, W.grad, 1e-5, "router gradient")
+
+
 def test_the_score_function_is_validated():
     with pytest.raises(dm.ConfigError, match="score_func"):
         make_layer(score_func="softplus")
