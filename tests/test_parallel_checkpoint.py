@@ -94,3 +94,37 @@ def test_dcp_of_expert_parallel_under_fsdp2_loads_unsharded(tmp_path):
     reference = _model(0).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+def _lora_worker(rank, world):
+    import pytest
+    from peft import LoraConfig, get_peft_model
+
+    from deepseek_moe.parallel import gather_expert_state_dict
+    torch.manual_seed(0)
+    layer = shard_experts(dm.DeepSeekMoELayer(CFG))
+    shared_only = get_peft_model(shard_experts(dm.DeepSeekMoELayer(CFG)),
+                                 LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    assert "DTensor" in type(checkpoint_state_dict(shared_only)["base_model.model.experts.gate_up_proj"]).__name__
+    model = get_peft_model(layer, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                             target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    with torch.no_grad():
+        want = model(_tokens())
+    for helper in (lambda: checkpoint_state_dict(model), lambda: gather_expert_state_dict(layer)):
+        with pytest.raises(NotImplementedError, match="lora_A.*merge_and_unload"):
+            helper()
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert_close(merged(_tokens()), want, 1e-5, f"rank {rank}: merged")
+    full = gather_expert_state_dict(merged)
+    assert full["experts.gate_up_proj"].shape[0] == CFG.num_routed_experts
+    assert "DTensor" in type(checkpoint_state_dict(merged)["experts.gate_up_proj"]).__name__
+
+
+def test_adapters_on_sharded_experts_are_refused_by_the_checkpoint_helpers_until_merged():
+    """Each rank's LoRA factors on its experts cover only those: one tensor per key (what both helpers write) would
+    keep one rank's copy. NotImplementedError naming the factors and the ways out; merged, both helpers work; a
+    LoRA on the shared experts only (replicated) is no obstacle."""
+    import pytest
+    pytest.importorskip("peft")
+    spawn_gloo(_lora_worker, 2)

@@ -68,10 +68,12 @@ def checkpoint_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     ``torch.distributed.checkpoint.save`` / ``load`` on every rank (collective when a layer is sharded).
 
     Raises NotImplementedError for expert weights placed otherwise than by ``shard_experts`` (and FSDP2 over one
-    mesh dimension covering, with the expert-parallel group, the whole world)."""
+    mesh dimension covering, with the expert-parallel group, the whole world), and for adapters on the sharded
+    experts (PEFT's LoRA factors: each rank's cover its own experts)."""
     from torch.distributed.tensor import DTensor
 
     from ..layer import DeepSeekMoELayer
+    from .expert_parallel import refuse_expert_adapters
 
     state = model.state_dict()
     key_of: Dict[int, str] = {}
@@ -82,9 +84,10 @@ def checkpoint_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for layer in model.modules():
         if not isinstance(layer, DeepSeekMoELayer) or layer.expert_parallel is None:
             continue
+        refuse_expert_adapters(layer, "checkpoint_state_dict")
         group = layer.expert_parallel.group
         for name in _EXPERT_WEIGHTS:
-            param = getattr(layer.experts, name)
+            param = getattr(layer.routed_experts, name)
             local, mesh, placements = _placement(group, param)
             key: Optional[str] = key_of.get(local.data_ptr())
             if key is None:

@@ -194,13 +194,29 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     return layer
 
 
+def refuse_expert_adapters(layer, where: str) -> None:
+    """NotImplementedError where parameters other than the routed experts' own weights sit on an expert-parallel
+    layer's experts (PEFT's LoRA factors): each rank's cover its own experts only, and saved or gathered as one full
+    tensor per key they would keep one rank's copy."""
+    own = {id(p) for p in layer.routed_experts.parameters(recurse=False)}
+    extra = [name for name, p in layer.experts.named_parameters() if id(p) not in own]
+    if extra:
+        raise NotImplementedError(
+            f"{where}: the routed experts of this expert-parallel layer carry {extra} (adapters such as PEFT's "
+            f"LoRA); each rank's cover only its own experts, so one tensor per key would keep one rank's copy. "
+            f"Merge them into the experts first (peft's merge_and_unload), or save each rank's adapter state in a "
+            f"file of its own (peft's get_peft_model_state_dict on every rank)")
+
+
 def gather_expert_state_dict(layer) -> Dict[str, torch.Tensor]:
     """The full (unsharded) state_dict of an expert-parallel layer, on every rank (an all-gather of the expert
-    shards; collective: call it on all ranks)."""
+    shards; collective: call it on all ranks). Raises NotImplementedError for adapters on the sharded experts
+    (:func:`refuse_expert_adapters`)."""
     ep: Optional[AllToAllDispatcher] = getattr(layer, "expert_parallel", None)
     state = layer.state_dict()
     if ep is None:
         return state
+    refuse_expert_adapters(layer, "gather_expert_state_dict")
     for name in ("gate_up_proj", "down_proj"):
         key = next(k for k in state if k.endswith("experts." + name))
         shard = state[key].contiguous()
