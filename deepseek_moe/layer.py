@@ -7,6 +7,7 @@ Legend: T tokens routed (the real, unpadded ones), H hidden size, E routed exper
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -268,6 +269,16 @@ class DeepSeekMoELayer(nn.Module):
                                                        cfg.backend)
         return backends.selected(self._impls, name, device, dtype, glu_name(cfg.hidden_act, cfg.swiglu_limit),
                                  (cfg.hidden_size, cfg.expert_hidden_size), tokens)
+
+    def __deepcopy__(self, memo):
+        """A deep copy (an EMA or best-model snapshot) sharing ``balance_group``: a process group is a communicator,
+        not state, and cannot be copied (the expert-parallel dispatcher shares its group likewise)."""
+        if self.balance_group is not None:
+            memo[id(self.balance_group)] = self.balance_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def _device(self) -> torch.device:
         """The device the layer computes on: its router weight's, or for weights that accelerate offloads (on

@@ -145,3 +145,22 @@ def _calibrate_worker(rank, world):
 
 def test_calibrate_bias_sums_the_load_over_ranks_and_every_rank_gets_the_same_bias():
     spawn_gloo(_calibrate_worker, 2)
+
+
+def _deepcopy_worker(rank, world):
+    import copy
+    torch.manual_seed(0)
+    layer = shard_experts(dm.DeepSeekMoELayer(_config(world, None)))
+    layer.balance_group = layer.dispatcher.group
+    x = torch.randn(12, H, generator=torch.Generator().manual_seed(rank))
+    y = layer(x)
+    snapshot = copy.deepcopy(layer)  # an EMA / best-model copy mid-training
+    assert snapshot.dispatcher.group is layer.dispatcher.group and snapshot.balance_group is layer.balance_group
+    assert snapshot.routed_experts.gate_up_proj.data_ptr() != layer.routed_experts.gate_up_proj.data_ptr()
+    assert torch.equal(snapshot(x), y)
+
+
+def test_a_deep_copy_of_an_expert_parallel_layer_shares_its_process_groups():
+    """copy.deepcopy raised TypeError (a ProcessGroup cannot be pickled): the copy now shares the groups and
+    holds its own weights, computing the same outputs."""
+    spawn_gloo(_deepcopy_worker, 2)

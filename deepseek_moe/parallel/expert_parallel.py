@@ -22,6 +22,7 @@ received, P pairs received, H hidden size, W ranks, L = E / W local experts.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -67,6 +68,15 @@ class AllToAllDispatcher(Dispatcher):
         # Rows of the last forward's dispatch: tokens, rows_sent, rows_sent_remote, row_bytes, pairs_received,
         # pairs_processed.
         self.last_exchange: Dict[str, int] = {}
+
+    def __deepcopy__(self, memo):
+        """A copy that talks to the same ranks: the process group is shared, not copied (it cannot be), so a
+        deep copy of the layer (an EMA or best-model snapshot) works."""
+        memo[id(self.group)] = self.group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def __call__(self, x_TH: torch.Tensor, routing, run_experts, impl, training: bool
                  ) -> Tuple[torch.Tensor, Dispatched]:
