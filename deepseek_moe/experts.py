@@ -81,8 +81,20 @@ class RoutedExperts(nn.Module):
         self.grad_scale = grad_scale
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up_proj, std=self.cfg.initializer_range)
-        nn.init.normal_(self.down_proj, std=self.cfg.initializer_range)
+        """Every weight from N(0, initializer_range²). A shard of experts [first, first + local) of E (expert
+        parallelism) draws every expert in turn and keeps its own: ranks hold distinct experts (drawing only their
+        own gave every rank the same ones), and on the CPU, where an expert's element count is a multiple of 16
+        (``normal_`` fills 16 values at a time), exactly those an unsharded layer initialised from the same
+        generator state holds, as a layer built on 'meta', sharded and then initialised should."""
+        E, local, std = self.cfg.num_routed_experts, self.gate_up_proj.shape[0], self.cfg.initializer_range
+        for param in (self.gate_up_proj, self.down_proj):
+            if local == E:
+                nn.init.normal_(param, std=std)
+                continue
+            scratch = torch.empty_like(param[0])
+            for e in range(E):
+                own = self.first_expert <= e < self.first_expert + local
+                nn.init.normal_(param[e - self.first_expert] if own else scratch, std=std)
 
     def forward(self, x_TH: torch.Tensor, plan: DispatchPlan, impl: Backend,
                 shared: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:

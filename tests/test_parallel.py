@@ -164,3 +164,26 @@ def test_a_deep_copy_of_an_expert_parallel_layer_shares_its_process_groups():
     """copy.deepcopy raised TypeError (a ProcessGroup cannot be pickled): the copy now shares the groups and
     holds its own weights, computing the same outputs."""
     spawn_gloo(_deepcopy_worker, 2)
+
+
+def _meta_worker(rank, world):
+    cfg = _config(world, None)
+    torch.manual_seed(0)
+    built = shard_experts(dm.DeepSeekMoELayer(cfg))
+    with torch.device("meta"):
+        layer = dm.DeepSeekMoELayer(cfg)
+    shard_experts(layer).to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    for key, value in built.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), f"rank {rank}: {key}"
+    shards = [torch.empty_like(layer.routed_experts.gate_up_proj) for _ in range(world)]
+    dist.all_gather(shards, layer.routed_experts.gate_up_proj.detach())
+    assert not torch.equal(shards[0], shards[1]), "ranks initialised the same experts"
+
+
+def test_a_layer_built_on_meta_sharded_then_initialised_equals_one_built_whole_then_sharded():
+    """Each rank drew only its own shard from the same generator state, so every rank held the same experts; now
+    the shard holds what the whole layer's initialisation puts at its experts (on the CPU, for experts of a
+    multiple of 16 elements)."""
+    spawn_gloo(_meta_worker, 2)
