@@ -34,11 +34,19 @@ class Dispatched:
         plan: this rank's tokens' (token, slot) pairs sorted by expert: the router's load and statistics.
         num_dropped: int64 0-dim, pairs dropped by expert capacity and device capacity.
         exchange: the all-to-all's bookkeeping (``AllToAllDispatcher``), else None.
+        kept_counts_E: int64 (E,), this rank's pairs per expert that the experts processed where that is fewer than
+            ``plan.counts_E`` (the receiving ranks dropped some over their device capacity), else None.
     """
 
     plan: DispatchPlan
     num_dropped: torch.Tensor
     exchange: Any = None
+    kept_counts_E: Optional[torch.Tensor] = None
+
+    @property
+    def processed_counts_E(self) -> torch.Tensor:
+        """int64 (E,): this rank's pairs per expert that the experts processed (``tokens_per_expert``)."""
+        return self.plan.counts_E if self.kept_counts_E is None else self.kept_counts_E
 
 
 # (x_TH, plan) -> y_TH: the routed experts, with their weights and implementation bound by the layer.

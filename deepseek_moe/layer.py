@@ -170,7 +170,7 @@ class DeepSeekMoELayer(nn.Module):
                                            self.training)
         if shared is None and self.shared_experts is not None and (override is None or override.shared):
             y_TH = y_TH + self._shared_output(x_TH)
-        self.load_state.record(self.config, routing, dispatched.plan.counts_E, dispatched.plan.routed_counts_E,
+        self.load_state.record(self.config, routing, dispatched.processed_counts_E, dispatched.plan.routed_counts_E,
                                dispatched.num_dropped, self.training, x.shape[0] if x.dim() == 3 else 1, seq_T,
                                self.balance_group)
         self.logits_probe(unpack(routing.logits_TE))

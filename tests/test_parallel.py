@@ -187,3 +187,29 @@ def test_a_layer_built_on_meta_sharded_then_initialised_equals_one_built_whole_t
     the shard holds what the whole layer's initialisation puts at its experts (on the CPU, for experts of a
     multiple of 16 elements)."""
     spawn_gloo(_meta_worker, 2)
+
+
+def _device_capacity_worker(rank, world):
+    torch.manual_seed(0)
+    layer = shard_experts(dm.DeepSeekMoELayer(_config(world, None).replace(device_capacity_factor=0.6)))
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(rank)) + (2.0 if rank else 0.0)
+    layer(x)
+    load = layer.tokens_per_expert.clone()
+    dist.all_reduce(load)
+    processed = torch.tensor([layer.expert_parallel.last_exchange["pairs_processed"]])
+    processed_W = [torch.empty_like(processed) for _ in range(world)]
+    dist.all_gather(processed_W, processed)
+    L = layer.expert_parallel.local_experts
+    dropped = layer.load_state.num_dropped.clone()
+    dist.all_reduce(dropped)
+    assert dropped > 0, "the test's capacity drops nothing"
+    for r in range(world):
+        assert load[r * L:(r + 1) * L].sum() == processed_W[r], f"rank {r}'s experts"
+    assert load.sum() + dropped == world * 16 * 3
+
+
+def test_tokens_per_expert_counts_only_the_pairs_kept_under_device_capacity():
+    """device_capacity_factor drops pairs at the receiving rank; tokens_per_expert (the pairs the experts
+    processed) counted them as processed. Over the ranks it now equals what each rank's experts processed, and
+    with the dropped pairs every pair routed."""
+    spawn_gloo(_device_capacity_worker, 2)

@@ -81,9 +81,9 @@ class AllToAllDispatcher(Dispatcher):
     def __call__(self, x_TH: torch.Tensor, routing, run_experts, impl, training: bool
                  ) -> Tuple[torch.Tensor, Dispatched]:
         """x_TH (T, H) -> (y_TH (T, H) the routed output of the local tokens, :class:`Dispatched`)."""
-        x_RH, local, exchange, num_dropped, plan = self._dispatch(x_TH, routing, impl, training)
+        x_RH, local, exchange, num_dropped, plan, kept_counts_E = self._dispatch(x_TH, routing, impl, training)
         y_RH = run_experts(x_RH, local)
-        return self._combine(y_RH, exchange), Dispatched(plan, num_dropped, exchange)
+        return self._combine(y_RH, exchange), Dispatched(plan, num_dropped, exchange, kept_counts_E)
 
     def _dispatch(self, x_TH: torch.Tensor, routing, impl, training: bool):
         W, L = self.world, self.local_experts
@@ -125,11 +125,16 @@ class AllToAllDispatcher(Dispatcher):
         keep_P = self._device_capacity(plan, routing, meta_P2.shape[0], recv_pairs, send_pairs, training)
         local = self._received_plan(impl, row_P, meta_P2[:, 1], w_P, keep_P, x_RH.shape[0], K)
         num_dropped = plan.num_dropped + (keep_P.numel() - keep_P.sum() if keep_P is not None else 0)
+        kept_counts_E = None
+        if keep_P is not None:  # which of this rank's pairs the receivers kept, back in the order they were sent
+            keep_N = torch.empty(expert_N.numel(), dtype=torch.int64, device=device)
+            dist.all_to_all_single(keep_N, keep_P.to(torch.int64), send_pairs, recv_pairs, group=self.group)
+            kept_counts_E = torch.zeros_like(plan.counts_E).scatter_add_(0, expert_N, keep_N)
         self.last_exchange = {"tokens": T, "rows_sent": int(sum(send_rows)),
                               "rows_sent_remote": int(sum(send_rows) - send_rows[self.rank]),
                               "row_bytes": H * x_TH.element_size(), "pairs_received": int(sum(recv_pairs)),
                               "pairs_processed": int(local.pair_N.numel())}
-        return x_RH, local, exchange, num_dropped, plan
+        return x_RH, local, exchange, num_dropped, plan, kept_counts_E
 
     def _device_capacity(self, plan, routing, num_received: int, recv_pairs, send_pairs, training: bool
                          ) -> Optional[torch.Tensor]:
