@@ -151,8 +151,8 @@ def prefill(args) -> int:
         flops = 6 * T * cfg.hidden_size * cfg.dense_equivalent_width  # the active FLOPs every contender computes
         for name, t in times.items():
             print(f"T={T:5d} {name:>14s} {t * 1e3:9.2f} ms {t / times['dense']:6.2f}x dense "
-                  f"{flops / t / 1e12:5.2f} TFLOP/s {flops / t / hot:5.2f} of hot", flush=True)
-        print(f"T={T:5d} hot {M}x{K}x{N} GEMM in the same rounds: {hot / 1e12:.2f} TFLOP/s", flush=True)
+                  f"{flops / t / 1e12:5.3g} TFLOP/s {flops / t / hot:5.2f} of hot", flush=True)
+        print(f"T={T:5d} hot {M}x{K}x{N} GEMM in the same rounds: {hot / 1e12:.3g} TFLOP/s", flush=True)
     return 0
 
 

@@ -1,5 +1,5 @@
 // Which vector instructions the CPU running the extension has (the extension is built for the baseline x86-64
-// ISA; its AVX-512 paths carry target attributes and run only where this says so).
+// ISA; its AVX2 and AVX-512 paths carry target attributes and run only where this says so).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -26,6 +26,22 @@ inline bool has_avx512() {
 #else
   return false;
 #endif
+}
+
+// AVX2 with FMA: 8 fp32 lanes (AMD Zen 1-3, Intel Haswell on; the CPUs without AVX-512).
+inline bool has_avx2_fma() {
+#ifdef DEEPSEEK_MOE_X86
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The widest vector code a kernel with all three paths runs here.
+enum class Isa { portable, avx2, avx512 };
+inline Isa cpu_isa() {
+  return has_avx512() ? Isa::avx512 : has_avx2_fma() ? Isa::avx2 : Isa::portable;
 }
 
 // AMX tiles with bf16 dot products, and the OS's leave to use them in this process (Linux grants the tile data

@@ -13,7 +13,7 @@
 //
 // No repacking: in the public layouts every row a dot product reads is contiguous. Accumulation is fp32 (double
 // for fp64); a 16-bit weight is widened in registers. The AVX-512 dot product is chosen at run time by the CPU's
-// capability, with a portable loop otherwise.
+// capability (AVX2 + FMA on the CPUs without it), with a portable loop otherwise.
 //
 // Legend: T tokens, H hidden size, I expert hidden size, J = 2·I, E experts, N sorted (token, slot) pairs.
 
@@ -102,18 +102,65 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dots_avx512(const scal
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
+// The same for AVX2 + FMA (8 lanes; no masked 16-bit loads, so the tail under 8 elements is scalar).
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Two accumulators of 8 lanes per row (at R = 4, 8 of the 16 ymm registers, the 4 of v beside them).
+template <int R, typename scalar_t>
+__attribute__((target("avx2,fma"))) void dots_avx2(const scalar_t* base, int64_t stride, const float* v, int64_t n,
+                                                   float* out, const scalar_t* next) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m256 v0 = _mm256_loadu_ps(v + j), v1 = _mm256_loadu_ps(v + j + 8);
+    const __m256 v2 = _mm256_loadu_ps(v + j + 16), v3 = _mm256_loadu_ps(v + j + 24);
+    for (int r = 0; r < R; ++r) {
+      const scalar_t* row = base + r * stride + j;
+      for (int64_t l = 0; l < 32; l += kLine)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + j + l), _MM_HINT_T0);
+      acc[r][0] = _mm256_fmadd_ps(load8(row), v0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(load8(row + 8), v1, acc[r][1]);
+      acc[r][0] = _mm256_fmadd_ps(load8(row + 16), v2, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(load8(row + 24), v3, acc[r][1]);
+    }
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v0 = _mm256_loadu_ps(v + j);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(load8(base + r * stride + j), v0, acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t k = j; k < n; ++k) sum += widen(base[r * stride + k]) * v[k];
+    out[r] = sum;
+  }
+}
 #endif
 
 template <int R, typename scalar_t, typename acc_t>
-void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t* out, bool avx512,
+void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t* out, Isa isa,
           const scalar_t* next) {
 #ifdef DEEPSEEK_MOE_X86
   if constexpr (std::is_same_v<acc_t, float> &&
                 (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
-    if (avx512) return dots_avx512<R>(base, stride, v, n, out, next);
+    if (isa == Isa::avx512) return dots_avx512<R>(base, stride, v, n, out, next);
+    if (isa == Isa::avx2) return dots_avx2<R>(base, stride, v, n, out, next);
   }
 #endif
-  (void)avx512;
+  (void)isa;
   (void)next;
   dots_portable<R>(base, stride, v, n, out);
 }
@@ -129,7 +176,7 @@ struct Placement {
 // contiguous within each segment, so it streams consecutive rows.
 template <typename scalar_t, typename acc_t>
 void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const std::vector<Placement>& place,
-                   const acc_t* x, int64_t H, acc_t L, acc_t* a, int64_t u0, int64_t u1, bool avx512) {
+                   const acc_t* x, int64_t H, acc_t L, acc_t* a, int64_t u0, int64_t u1, Isa isa) {
   for (size_t k = 0; k < segments.size(); ++k) {
     const auto& s = segments[k];
     const int64_t a_offset = place[k].a_offset;
@@ -139,7 +186,7 @@ void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const 
       const scalar_t* gate = s.gate + i * H;
       for (int64_t p = s.first; p < s.first + s.count; ++p) {
         acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
-        dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, avx512, gate + H);
+        dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, isa, gate + H);
         a[a_offset + p * s.width + i] = clamped_swiglu(gu[0], gu[1], L) * (s.weight ? s.weight[p] : acc_t(1));
       }
     }
@@ -153,7 +200,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
                       const std::optional<Tensor>& shared_down, Tensor& y_TH) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t H = x_TH.size(1);
-  const bool avx512 = has_avx512();
+  const Isa isa = cpu_isa();
   const acc_t L = glu_limit<acc_t>(limit);
   // x widened once (T·H elements: small), so that every dot reads one weight row and one acc_t vector.
   const Tensor xw = x_TH.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -172,7 +219,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   // Grains: a thread's share of rows should be large enough to stream (a few KB per expert), and both threads of
   // a small machine busy.
   at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
-    gate_up_units(segments, place, x, H, L, a.data(), u0, u1, avx512);
+    gate_up_units(segments, place, x, H, L, a.data(), u0, u1, isa);
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
   at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
@@ -185,7 +232,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
         const scalar_t* rows = s.down + h * s.width;
         for (int64_t p = s.first; p < s.first + s.count; ++p) {
           acc_t out[kRows];
-          dots<kRows>(rows, s.width, a_s + p * s.width, s.width, out, avx512,
+          dots<kRows>(rows, s.width, a_s + p * s.width, s.width, out, isa,
                       rows + kRows * s.width);
           for (int r = 0; r < kRows; ++r) y[s.token[p] * H + h + r] += out[r];
         }
@@ -194,7 +241,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
         const scalar_t* row = s.down + h * s.width;
         for (int64_t p = s.first; p < s.first + s.count; ++p) {
           acc_t out[1];
-          dots<1>(row, s.width, a_s + p * s.width, s.width, out, avx512, row + s.width);
+          dots<1>(row, s.width, a_s + p * s.width, s.width, out, isa, row + s.width);
           y[s.token[p] * H + h] += out[0];
         }
       }
