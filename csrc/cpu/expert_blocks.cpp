@@ -1,6 +1,8 @@
 // Routed experts for many tokens (prefill, inference), CPU: each expert's pairs as the wide operand of GEMM
 // micro-kernels: in bf16 on AMX our own loop (amx_rows32 in amx_rows.h) where every chunk is whole, else oneDNN's
-// (at::native::cpublas::brgemm).
+// (at::native::cpublas::brgemm). A CPU without a bf16 micro-kernel (AVX2 only, or AVX-512 without BF16) runs bf16
+// through fp32 brgemm: each weight chunk is widened into the thread's buffer just before its GEMM (exact), the
+// activations a rounded to bf16 as in the native path; ATen's own bf16 GEMMs there run at a seventh of fp32's rate.
 //
 // Calling a BLAS GEMM per expert pays a parallel region, a packing pass and a thread hand-off per expert, and on a
 // shared CPU every region waits for a descheduled thread. Here one call runs two parallel regions over all experts:
@@ -80,14 +82,17 @@ constexpr int64_t per_word() {
 
 // ------------------------------------------------------------------------------------ the GLU epilogue
 // Where a tile of a goes: a piece's a in the B layout (row j, token column n at word (j / P)·Np + n, half j % P),
-// the tile's rows from j0.
+// the tile's rows from j0. round_bf16: an fp32 a of a bf16 layer holds bf16 values (as the layer's activations
+// and the native bf16 path's a do).
 template <typename scalar_t>
 struct BTile {
   scalar_t* a;
   int64_t Np, j0;
+  bool round_bf16;
   void store(int64_t i, int64_t n, float v) const {
     constexpr int64_t P = per_word<scalar_t>();
     const int64_t j = j0 + i;
+    if (round_bf16) v = static_cast<float>(static_cast<at::BFloat16>(v));
     a[((j / P) * Np + n) * P + j % P] = static_cast<scalar_t>(v);
   }
 };
@@ -127,8 +132,10 @@ __attribute__((target("avx512f"))) void glu_tile_avx512(const float* g, const fl
   for (int64_t n = 0; n < nc; n += 16) {
     const __m512 wn = _mm512_loadu_ps(w + n);
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (int64_t i = 0; i < jr; ++i)
-        _mm512_storeu_ps(out.a + (out.j0 + i) * out.Np + n, glu16(g + i * nc + n, u + i * nc + n, wn, L));
+      for (int64_t i = 0; i < jr; ++i) {
+        const __m512 v = glu16(g + i * nc + n, u + i * nc + n, wn, L);
+        _mm512_storeu_ps(out.a + (out.j0 + i) * out.Np + n, out.round_bf16 ? _mm512_castsi512_ps(bf16_high(v)) : v);
+      }
     } else {
       uint32_t* words = reinterpret_cast<uint32_t*>(out.a);
       for (int64_t i = 0; i < jr; i += 2)
@@ -180,20 +187,59 @@ __attribute__((target("avx512f"))) void add_transposed_avx512(const float* c, in
 }
 #endif
 
+// ------------------------------------------------------------------------------------ widening bf16
+// dst[0, n) = src[0, n) in fp32 (bf16 is fp32's high half: exact).
+void widen_portable(const at::BFloat16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#ifdef DEEPSEEK_MOE_X86
+__attribute__((target("avx2"))) void widen_avx2(const at::BFloat16* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  widen_portable(src + i, n - i, dst + i);
+}
+#endif
+
+// The operand a GEMM of gemm_t reads for n elements at src: src itself, or (bf16 weights on a CPU without a bf16
+// micro-kernel) their fp32 widening in buffer.
+template <typename gemm_t, typename scalar_t>
+const gemm_t* gemm_operand(const scalar_t* src, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<gemm_t, scalar_t>) {
+    return src;
+  } else {
+#ifdef DEEPSEEK_MOE_X86
+    if (has_avx2_fma()) {
+      widen_avx2(src, n, buffer);
+      return buffer;
+    }
+#endif
+    widen_portable(src, n, buffer);
+    return buffer;
+  }
+}
+
 // ------------------------------------------------------------------------------------ the op
 // Pairs [first, first + count) of a segment (at most kPiece of them), padded to Np columns; its a at word ab.
 struct Piece {
   int64_t segment, first, count, Np, ab;
 };
 
-template <typename scalar_t>
+// scalar_t: the dtype of x, the weights and y; gemm_t: the dtype the GEMMs read (scalar_t, or fp32 for bf16 on a
+// CPU without a bf16 micro-kernel: every weight chunk widened into the thread's buffer just before its GEMM,
+// the activations packed in fp32; the stream is still the bf16 weights).
+template <typename scalar_t, typename gemm_t>
 void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& down, const Tensor& token_N,
                         const Tensor& weight_N, const std::vector<int64_t>& counts, std::optional<double> limit,
                         const std::optional<Tensor>& shared_gate, const std::optional<Tensor>& shared_up,
                         const std::optional<Tensor>& shared_down, const Tensor& y_TH) {
-  constexpr int64_t P = per_word<scalar_t>();
+  constexpr int64_t P = per_word<gemm_t>();
   constexpr bool vnni = P == 2;
-  const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x
+  constexpr bool widened = !std::is_same_v<scalar_t, gemm_t>;
+  const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x in the GEMMs' dtype
   const bool avx512 = has_avx512();
   const float L = glu_limit<float>(limit);
   const auto built = build_segments<scalar_t, float>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
@@ -224,7 +270,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
 #endif
   const Tensor ab_buffer = at::empty({ab_words}, x_TH.options().dtype(at::kInt));  // ATen's: 64-byte aligned
   uint32_t* ab = reinterpret_cast<uint32_t*>(ab_buffer.data_ptr<int32_t>());
-  const uint32_t* x = reinterpret_cast<const uint32_t*>(x_TH.const_data_ptr<scalar_t>());
+  const scalar_t* x_s = x_TH.const_data_ptr<scalar_t>();
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(x_s);
+  int64_t max_width = 0;
+  for (const auto& s : segments) max_width = std::max(max_width, s.width);
 
   // 1. gate/up: threads claim whole pieces, costliest first, until none is left (a thread that a shared CPU
   //    deschedules leaves its share to the other): each packs the piece's x in the B layout into its own buffer
@@ -239,8 +288,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
     // The thread's buffers, from ATen's allocator (64-byte aligned, not on a worker thread's small stack).
     const Tensor xb_buffer = at::empty({Hw * max_np}, x_TH.options().dtype(at::kInt));
     const Tensor fp32_buffer = at::empty({(2 * kIb + 1) * kPiece}, x_TH.options().dtype(at::kFloat));
+    const Tensor wide_buffer = at::empty({widened ? 2 * kIb * H : 0}, x_TH.options().dtype(at::kFloat));
     uint32_t* xb = reinterpret_cast<uint32_t*>(xb_buffer.data_ptr<int32_t>());
     float *g = fp32_buffer.data_ptr<float>(), *u = g + kIb * kPiece, *w = u + kIb * kPiece;
+    float *wide_gate = wide_buffer.data_ptr<float>(), *wide_up = wide_gate + kIb * H;
 #ifdef DEEPSEEK_MOE_AMX
     if (amx) {
       cpublas::brgemm_release(vnni);  // oneDNN reconfigures the tiles at its next call
@@ -258,6 +309,14 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
       const auto& s = segments[piece.segment];
       const int64_t np = piece.Np;
       for (int64_t n0 = 0; n0 < np; n0 += 16) {  // pack 16 token columns at a time
+        if constexpr (widened) {
+          float* xf = reinterpret_cast<float*>(xb);
+          for (int64_t n = 0; n < 16; ++n) {
+            const scalar_t* row = n0 + n < piece.count ? x_s + s.token[piece.first + n0 + n] * H : nullptr;
+            for (int64_t k = 0; k < H; ++k) xf[k * np + n0 + n] = row ? static_cast<float>(row[k]) : 0.f;
+          }
+          continue;
+        }
         const uint32_t* src[16];
         for (int64_t n = 0; n < 16; ++n)
           src[n] = n0 + n < piece.count ? x + s.token[piece.first + n0 + n] * Hw : nullptr;
@@ -271,8 +330,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           for (int64_t n = 0; n < 16; ++n) xb[k * np + n0 + n] = src[n] ? src[n][k] : 0u;
       }
       for (int64_t n = 0; n < np; ++n) w[n] = n >= piece.count ? 0.f : s.weight ? s.weight[piece.first + n] : 1.f;
-      const scalar_t* xb_s = reinterpret_cast<const scalar_t*>(xb);
-      scalar_t* ab_piece = reinterpret_cast<scalar_t*>(ab + piece.ab);
+      const gemm_t* xb_s = reinterpret_cast<const gemm_t*>(xb);
+      gemm_t* ab_piece = reinterpret_cast<gemm_t*>(ab + piece.ab);
       for (int64_t j0 = 0; j0 < s.width; j0 += kIb) {
         const int64_t jr = std::min(kIb, s.width - j0);
 #ifdef DEEPSEEK_MOE_AMX
@@ -286,14 +345,18 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           }
         }
         if (!amx) {
-          cpublas::brgemm(jr, np, H, H, np, np, false, s.gate + j0 * H, xb_s, g, vnni);
-          cpublas::brgemm(jr, np, H, H, np, np, false, s.up + j0 * H, xb_s, u, vnni);
+          cpublas::brgemm(jr, np, H, H, np, np, false, gemm_operand<gemm_t>(s.gate + j0 * H, jr * H, wide_gate),
+                          xb_s, g, vnni);
+          cpublas::brgemm(jr, np, H, H, np, np, false, gemm_operand<gemm_t>(s.up + j0 * H, jr * H, wide_up), xb_s,
+                          u, vnni);
         }
 #else
-        cpublas::brgemm(jr, np, H, H, np, np, false, s.gate + j0 * H, xb_s, g, vnni);
-        cpublas::brgemm(jr, np, H, H, np, np, false, s.up + j0 * H, xb_s, u, vnni);
+        cpublas::brgemm(jr, np, H, H, np, np, false, gemm_operand<gemm_t>(s.gate + j0 * H, jr * H, wide_gate), xb_s,
+                        g, vnni);
+        cpublas::brgemm(jr, np, H, H, np, np, false, gemm_operand<gemm_t>(s.up + j0 * H, jr * H, wide_up), xb_s, u,
+                        vnni);
 #endif
-        const BTile<scalar_t> out{ab_piece, np, j0};
+        const BTile<gemm_t> out{ab_piece, np, j0, widened};
 #ifdef DEEPSEEK_MOE_X86
         if (avx512 && jr % 2 == 0) {
           glu_tile_avx512(g, u, w, L, jr, np, out);
@@ -326,6 +389,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), groups), 1, [&](int64_t, int64_t) {
     const Tensor c_buffer = at::empty({kHb * kPiece}, x_TH.options().dtype(at::kFloat));
     const Tensor sum_buffer = at::empty({T * group_tiles * kHb}, x_TH.options().dtype(at::kFloat));
+    const Tensor wide_buffer = at::empty({widened ? kHb * max_width : 0}, x_TH.options().dtype(at::kFloat));
+    float* wide_down = wide_buffer.data_ptr<float>();
     float* c = c_buffer.data_ptr<float>();
     float* sum = sum_buffer.data_ptr<float>();  // the group's y in fp32: row t at t · width
     float* y_rows[kPiece];
@@ -342,7 +407,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
       for (size_t q = 0; q < pieces.size(); ++q) {
         const Piece& piece = pieces[q];
         const auto& s = segments[piece.segment];
-        const scalar_t* ab_piece = reinterpret_cast<const scalar_t*>(ab + piece.ab);
+        const gemm_t* ab_piece = reinterpret_cast<const gemm_t*>(ab + piece.ab);
         for (int64_t ht = ht0; ht < ht1; ++ht) {
           const int64_t h = ht * kHb, hr = std::min(kHb, H - h);
 #ifdef DEEPSEEK_MOE_AMX
@@ -359,11 +424,11 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
             }
           }
           if (!amx)
-            cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width,
-                            ab_piece, c, vnni);
+            cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false,
+                            gemm_operand<gemm_t>(s.down + h * s.width, hr * s.width, wide_down), ab_piece, c, vnni);
 #else
-          cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false, s.down + h * s.width, ab_piece,
-                          c, vnni);
+          cpublas::brgemm(hr, piece.Np, s.width, s.width, piece.Np, piece.Np, false,
+                          gemm_operand<gemm_t>(s.down + h * s.width, hr * s.width, wide_down), ab_piece, c, vnni);
 #endif
           for (int64_t n = 0; n < piece.count; ++n) y_rows[n] = sum + s.token[piece.first + n] * width + h - h0;
 #ifdef DEEPSEEK_MOE_X86
@@ -383,7 +448,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           continue;
         }
 #ifdef DEEPSEEK_MOE_X86
-        if constexpr (vnni) {
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
           if (avx512) {
             to_bf16_avx512(row, width, out);
             continue;
@@ -405,10 +470,16 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
 
 }  // namespace
 
-// Whether expert_blocks has a micro-kernel for dtype on this CPU (fp32 always; bf16 where oneDNN packs it, i.e. has
-// a VNNI micro-kernel: AMX), rather than brgemm's slow reference loop.
+// Whether expert_blocks has a micro-kernel for dtype on this CPU: fp32 always (oneDNN's fp32 brgemm); bf16
+// natively where oneDNN packs it (a VNNI micro-kernel: AVX-512 BF16 or AMX), else through fp32 (each weight chunk
+// widened just before its GEMM), which needs AVX2 to beat ATen's bf16 GEMMs on such a CPU (19 against 130 GFLOP/s
+// in fp32 on AMD Zen 3: docs/benchmarks.md).
+bool native_bf16() {
+  return cpublas::could_pack(at::kBFloat16);
+}
+
 bool expert_blocks_supported(at::ScalarType dtype) {
-  return dtype == at::kFloat || (dtype == at::kBFloat16 && cpublas::could_pack(at::kBFloat16));
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && (native_bf16() || has_avx2_fma()));
 }
 
 Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tensor& down_in, const Tensor& token_in,
@@ -426,9 +497,17 @@ Tensor expert_blocks_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Ten
   const Tensor y_TH = at::empty({x_in.size(0), H}, x_in.options());
   if (H == 0) return y_TH;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "expert_blocks", [&] {
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)
-      expert_blocks_impl<scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
-                                   in.shared_gate, in.shared_up, in.shared_down, y_TH);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      expert_blocks_impl<float, float>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
+                                       in.shared_gate, in.shared_up, in.shared_down, y_TH);
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (native_bf16())
+        expert_blocks_impl<scalar_t, scalar_t>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts,
+                                               limit, in.shared_gate, in.shared_up, in.shared_down, y_TH);
+      else
+        expert_blocks_impl<scalar_t, float>(in.x_TH, in.gate_up, in.down, in.token_N, in.weight_N, in.counts, limit,
+                                            in.shared_gate, in.shared_up, in.shared_down, y_TH);
+    }
   });
   return y_TH;
 }

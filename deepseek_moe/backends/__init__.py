@@ -16,6 +16,7 @@ implementation runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, Optional, Tuple
 
@@ -38,9 +39,12 @@ __all__ = ["Backend", "BackendUnavailable", "EagerBackend", "ExtBackend", "Torch
 # by reading the weights, which the extension's "decode" strategy streams once (csrc/cpu/expert_gemv.cpp); above,
 # the segment loop is faster. Where the "blocks" strategy (brgemm) runs the dtype, decoding ends where blocks
 # overtakes the streaming op instead (the layer, cold weights, H = 1024, 64 × 352 + 2 shared, top-6, both in one
-# run, docs/benchmarks.md): fp32 near 32 tokens (within 5% either way there), bf16 between 12 and 16.
+# run, docs/benchmarks.md). With AVX-512 (the blocks op on AMX tiles or oneDNN's AVX-512 brgemm): fp32 near 32 tokens
+# (within 5% either way there), bf16 between 12 and 16. With AVX2 only (AMD Zen 3: fp32 brgemm, bf16 widened to it):
+# both between 64 and 96.
 DECODE_TOKENS = 16
-_DECODE_TOKENS_BESIDE_BLOCKS = {torch.float32: 32, torch.bfloat16: 12}
+_DECODE_TOKENS_BESIDE_BLOCKS = {"AVX512": {torch.float32: 32, torch.bfloat16: 12},
+                                "AVX2": {torch.float32: 64, torch.bfloat16: 64}}
 # The name under which deepseek_moe.hf registers its experts function with transformers.
 TRANSFORMERS_NAME = "deepseek_moe"
 # transformers' experts_implementation of a converted model -> our backend (None: the layer's config.backend).
@@ -193,9 +197,17 @@ def decode_tokens(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -
     """The most tokens an inference call on the CPU in ``dtype`` may have to be a decode step: where the loaded
     extension's blocks op runs (dtype, sizes), the measured crossover with the streaming op, else
     :data:`DECODE_TOKENS`."""
-    if dtype in _DECODE_TOKENS_BESIDE_BLOCKS and _ext_blocks_supported(dtype, sizes):
-        return _DECODE_TOKENS_BESIDE_BLOCKS[dtype]
+    crossover = _DECODE_TOKENS_BESIDE_BLOCKS.get(_vector_isa(), {})
+    if dtype in crossover and _ext_blocks_supported(dtype, sizes):
+        return crossover[dtype]
     return DECODE_TOKENS
+
+
+@functools.lru_cache(maxsize=None)
+def _vector_isa() -> str:
+    """ATen's CPU capability ("AVX512" where the CPU has AVX-512, "AVX2", ...), which the extension's kernels
+    choose by as well (csrc/cpu/cpu_features.h)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def selected(cache: Dict[tuple, Backend], name: str, device: torch.device, dtype: torch.dtype, activation: str,
