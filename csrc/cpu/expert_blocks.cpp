@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "amx_rows.h"
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "cpu_features.h"
 #include "expert_segments.h"
@@ -70,6 +71,11 @@ constexpr int64_t kGroupTiles = 8;
 // piece's packed x (kPiece × H) stays in L2. One call per piece and row chunk: alternating kernel shapes (a
 // reconfiguration of the AMX tiles each time) measured slower.
 constexpr int64_t kPiece = 256;
+// Pairs per piece for fp32 GEMMs without AVX-512 (fp32 layers, bf16 ones widened; oneDNN's AVX2 brgemm): a piece's
+// fp32 x (32 × H) and the widened weight chunks stay in a 512 KiB L2 (AMD Zen 3). Against 256, one process
+// alternating the sizes (H = 1024, 64 × 352 + 2 shared, top-6): 0.78-0.90 of the time at T = 512 and 2048, fp32 and
+// bf16; 16 and 48 were 2-16% slower than 32.
+constexpr int64_t kPieceAvx2 = 32;
 
 int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
@@ -187,6 +193,75 @@ __attribute__((target("avx512f"))) void add_transposed_avx512(const float* c, in
 }
 #endif
 
+#ifdef DEEPSEEK_MOE_X86
+// glu16 on 8 lanes.
+__attribute__((target("avx2,fma"))) inline __m256 glu8(const float* g_at, const float* u_at, __m256 w, __m256 L) {
+  const __m256 g = _mm256_min_ps(L, _mm256_loadu_ps(g_at));
+  const __m256 u = _mm256_min_ps(L, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), L), _mm256_loadu_ps(u_at)));
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(g, sig), u), w);
+}
+
+// glu_tile_avx512 for an fp32 a (fp32 layers, and bf16 ones widened to fp32), nc a multiple of 8.
+__attribute__((target("avx2,fma"))) void glu_tile_avx2(const float* g, const float* u, const float* w, float limit,
+                                                       int64_t jr, int64_t nc, const BTile<float>& out) {
+  const __m256 L = _mm256_set1_ps(limit);
+  for (int64_t n = 0; n < nc; n += 8) {
+    const __m256 wn = _mm256_loadu_ps(w + n);
+    for (int64_t i = 0; i < jr; ++i) {
+      const __m256 v = glu8(g + i * nc + n, u + i * nc + n, wn, L);
+      _mm256_storeu_ps(out.a + (out.j0 + i) * out.Np + n, out.round_bf16 ? round_bf16_8(v) : v);
+    }
+  }
+}
+
+// add_transposed_portable for hr a multiple of 8 and nc of 8.
+__attribute__((target("avx2,fma"))) void add_transposed_avx2(const float* c, int64_t hr, int64_t nc, int64_t cols,
+                                                             float* const* y_rows) {
+  __m256 r[8];
+  for (int64_t n0 = 0; n0 < cols; n0 += 8) {
+    for (int64_t i0 = 0; i0 < hr; i0 += 8) {
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(c + (i0 + i) * nc + n0);
+      transpose8(r);
+      for (int64_t n = 0; n < std::min<int64_t>(8, cols - n0); ++n) {
+        float* y = y_rows[n0 + n] + i0;
+        _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), r[n]));
+      }
+    }
+  }
+}
+
+// dst[k·ld + n] = src[n][k] in fp32 for 8 rows src[n] of bf16 (nullptr: zeros) and k < H: the fp32 B layout of 8
+// tokens.
+__attribute__((target("avx2,fma"))) void pack8_widened_avx2(const at::BFloat16* const* src, int64_t H, float* dst,
+                                                            int64_t ld) {
+  __m256 r[8];
+  int64_t k = 0;
+  for (; k + 8 <= H; k += 8) {
+    for (int n = 0; n < 8; ++n)
+      r[n] = src[n] ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[n] + k))), 16))
+                    : _mm256_setzero_ps();
+    transpose8(r);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * ld, r[i]);
+  }
+  for (; k < H; ++k)
+    for (int n = 0; n < 8; ++n) dst[k * ld + n] = src[n] ? static_cast<float>(src[n][k]) : 0.f;
+}
+
+// to_bf16_avx512 on 8 lanes at a time.
+__attribute__((target("avx2,fma"))) void to_bf16_avx2(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(_mm256_loadu_ps(src + i))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+}
+#endif
+
 // ------------------------------------------------------------------------------------ widening bf16
 // dst[0, n) = src[0, n) in fp32 (bf16 is fp32's high half: exact).
 void widen_portable(const at::BFloat16* src, int64_t n, float* dst) {
@@ -223,7 +298,7 @@ const gemm_t* gemm_operand(const scalar_t* src, int64_t n, float* buffer) {
 }
 
 // ------------------------------------------------------------------------------------ the op
-// Pairs [first, first + count) of a segment (at most kPiece of them), padded to Np columns; its a at word ab.
+// Pairs [first, first + count) of a segment (at most kPiece or kPieceAvx2 of them), padded to Np columns; its a at word ab.
 struct Piece {
   int64_t segment, first, count, Np, ab;
 };
@@ -240,19 +315,20 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   constexpr bool vnni = P == 2;
   constexpr bool widened = !std::is_same_v<scalar_t, gemm_t>;
   const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x in the GEMMs' dtype
-  const bool avx512 = has_avx512();
+  const bool avx512 = has_avx512(), avx2 = !avx512 && has_avx2_fma();
   const float L = glu_limit<float>(limit);
   const auto built = build_segments<scalar_t, float>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
                                                      shared_up, shared_down);
   const auto& segments = built.list;
+  const int64_t piece_cols = std::is_same_v<gemm_t, float> && !avx512 ? kPieceAvx2 : kPiece;
   std::vector<Piece> pieces;
   std::vector<int64_t> cost;
   int64_t ab_words = 0, max_np = 0;
   for (int64_t k = 0; k < static_cast<int64_t>(segments.size()); ++k) {
     const auto& s = segments[k];
     if (s.width == 0) continue;  // adds nothing (and brgemm refuses an empty product)
-    for (int64_t p = 0; p < s.count; p += kPiece) {
-      const int64_t count = std::min(kPiece, s.count - p), np = round_up(count, 16);
+    for (int64_t p = 0; p < s.count; p += piece_cols) {
+      const int64_t count = std::min(piece_cols, s.count - p), np = round_up(count, 16);
       pieces.push_back({k, s.first + p, count, np, ab_words});
       cost.push_back(s.width * np);
       ab_words += (s.width / P) * np;
@@ -287,10 +363,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
     // The thread's buffers, from ATen's allocator (64-byte aligned, not on a worker thread's small stack).
     const Tensor xb_buffer = at::empty({Hw * max_np}, x_TH.options().dtype(at::kInt));
-    const Tensor fp32_buffer = at::empty({(2 * kIb + 1) * kPiece}, x_TH.options().dtype(at::kFloat));
+    const Tensor fp32_buffer = at::empty({(2 * kIb + 1) * piece_cols}, x_TH.options().dtype(at::kFloat));
     const Tensor wide_buffer = at::empty({widened ? 2 * kIb * H : 0}, x_TH.options().dtype(at::kFloat));
     uint32_t* xb = reinterpret_cast<uint32_t*>(xb_buffer.data_ptr<int32_t>());
-    float *g = fp32_buffer.data_ptr<float>(), *u = g + kIb * kPiece, *w = u + kIb * kPiece;
+    float *g = fp32_buffer.data_ptr<float>(), *u = g + kIb * piece_cols, *w = u + kIb * piece_cols;
     float *wide_gate = wide_buffer.data_ptr<float>(), *wide_up = wide_gate + kIb * H;
 #ifdef DEEPSEEK_MOE_AMX
     if (amx) {
@@ -311,6 +387,17 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
       for (int64_t n0 = 0; n0 < np; n0 += 16) {  // pack 16 token columns at a time
         if constexpr (widened) {
           float* xf = reinterpret_cast<float*>(xb);
+#ifdef DEEPSEEK_MOE_X86
+          if (avx2 || avx512) {
+            for (int64_t n8 = 0; n8 < 16; n8 += 8) {
+              const scalar_t* src[8];
+              for (int64_t n = 0; n < 8; ++n)
+                src[n] = n0 + n8 + n < piece.count ? x_s + s.token[piece.first + n0 + n8 + n] * H : nullptr;
+              pack8_widened_avx2(src, H, xf + n0 + n8, np);
+            }
+            continue;
+          }
+#endif
           for (int64_t n = 0; n < 16; ++n) {
             const scalar_t* row = n0 + n < piece.count ? x_s + s.token[piece.first + n0 + n] * H : nullptr;
             for (int64_t k = 0; k < H; ++k) xf[k * np + n0 + n] = row ? static_cast<float>(row[k]) : 0.f;
@@ -362,6 +449,12 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
           glu_tile_avx512(g, u, w, L, jr, np, out);
           continue;
         }
+        if constexpr (std::is_same_v<gemm_t, float>) {
+          if (avx2) {
+            glu_tile_avx2(g, u, w, L, jr, np, out);
+            continue;
+          }
+        }
 #endif
         glu_tile_portable(g, u, w, L, jr, np, out);
       }
@@ -384,10 +477,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   const int64_t h_tiles = (H + kHb - 1) / kHb;
   const int64_t group_tiles = std::clamp<int64_t>(h_tiles / (2 * at::get_num_threads()), 1, kGroupTiles);
   const int64_t groups = (h_tiles + group_tiles - 1) / group_tiles;
-  const bool transpose_fast = avx512 && H % 16 == 0;
+  const bool transpose_fast = avx512 && H % 16 == 0, transpose_avx2 = avx2 && H % 8 == 0;
   std::atomic<int64_t> claimed_group{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), groups), 1, [&](int64_t, int64_t) {
-    const Tensor c_buffer = at::empty({kHb * kPiece}, x_TH.options().dtype(at::kFloat));
+    const Tensor c_buffer = at::empty({kHb * piece_cols}, x_TH.options().dtype(at::kFloat));
     const Tensor sum_buffer = at::empty({T * group_tiles * kHb}, x_TH.options().dtype(at::kFloat));
     const Tensor wide_buffer = at::empty({widened ? kHb * max_width : 0}, x_TH.options().dtype(at::kFloat));
     float* wide_down = wide_buffer.data_ptr<float>();
@@ -436,6 +529,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
             add_transposed_avx512(c, hr, piece.Np, piece.count, y_rows);
             continue;
           }
+          if (transpose_avx2) {
+            add_transposed_avx2(c, hr, piece.Np, piece.count, y_rows);
+            continue;
+          }
 #endif
           add_transposed_portable(c, hr, piece.Np, piece.count, y_rows);
         }
@@ -451,6 +548,10 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
           if (avx512) {
             to_bf16_avx512(row, width, out);
+            continue;
+          }
+          if (avx2) {
+            to_bf16_avx2(row, width, out);
             continue;
           }
         }
