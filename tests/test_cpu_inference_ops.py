@@ -21,7 +21,8 @@ def built():
 
 
 def needs_blocks(dtype):
-    """bf16 blocks need oneDNN's bf16 micro-kernel (AMX); the CI machine has it."""
+    """bf16 blocks need oneDNN's bf16 micro-kernel (AMX, AVX-512 BF16) or AVX2 (widened to fp32); both CI machine
+    kinds (Intel with AMX, AMD Zen 3) have one."""
     if not blocks_supported(dtype):
         pytest.skip(f"expert_blocks has no {dtype} micro-kernel on this CPU")
 

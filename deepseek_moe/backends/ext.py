@@ -6,10 +6,11 @@
 * ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection):
   ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then
   the down rows into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
-* ``blocks`` (CPU, inference on more tokens, fp32 and bf16 where oneDNN has a micro-kernel for it, chosen at
-  selection): ``expert_blocks`` runs every expert's pairs (in pieces of up to 256) through GEMM micro-kernels (in
-  bf16 its own AMX loop that fetches the next weight rows while it computes, where H and the widths are multiples
-  of 32; brgemm otherwise), the weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's
+* ``blocks`` (CPU, inference on more tokens, fp32 and bf16, chosen at selection): ``expert_blocks`` runs every
+  expert's pairs (in pieces of up to 256; 32 for fp32 GEMMs without AVX-512) through GEMM micro-kernels (in bf16
+  its own AMX loop that fetches the next weight rows while it computes, where H and the widths are multiples of 32;
+  brgemm otherwise; on a CPU without a bf16 micro-kernel, fp32 brgemm on weight chunks widened just before), the
+  weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's
   epilogue, in two parallel regions over all experts (csrc/cpu/expert_blocks.cpp); no backward.
 * ``decode`` and ``blocks`` also offer the router's choice after its gate GEMM as one op (``route_topk``,
   :meth:`ExtBackend.selector`), and the layer's whole routed step as one op (``fused_moe``: gate GEMM, route_topk,
@@ -198,9 +199,10 @@ _blocks_kernels: dict = {}  # dtype -> whether the loaded extension's blocks op 
 
 def blocks_supported(dtype: torch.dtype, sizes: Optional[Tuple[int, int]] = None) -> bool:
     """Whether the loaded extension's ``expert_blocks`` has a micro-kernel for ``dtype`` on this CPU (fp32; bf16
-    where oneDNN packs it: AMX) and, in bf16, the (hidden_size, expert_hidden_size) ``sizes`` are even (VNNI pairs;
-    None: assumed so). False while the extension is not loaded. Asked on every inference forward on the CPU
-    (:func:`deepseek_moe.backends.decode_tokens`), so the op's answer is kept."""
+    where oneDNN packs it, AMX or AVX-512 BF16, or through fp32 where the CPU has AVX2) and, in bf16, the
+    (hidden_size, expert_hidden_size) ``sizes`` are even (VNNI pairs; None: assumed so). False while the extension
+    is not loaded. Asked on every inference forward on the CPU (:func:`deepseek_moe.backends.decode_tokens`), so
+    the op's answer is kept."""
     if dtype not in (torch.float32, torch.bfloat16) or not ext.is_loaded():
         return False
     if dtype == torch.bfloat16 and sizes is not None and any(n % 2 for n in sizes):
