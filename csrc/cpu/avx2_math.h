@@ -1,13 +1,21 @@
-// AVX2 + FMA building blocks of the CPU kernels (csrc/cpu/expert_blocks.cpp) for the CPUs without AVX-512 (AMD Zen
-// 1-3 among them): e^x, fp32 -> bf16 rounding and an 8 × 8 transpose of 32-bit words, the counterparts of
-// avx512_math.h. Each carries a target attribute: callers run them only where has_avx2_fma() (cpu_features.h) says
+// AVX2 + FMA building blocks of the CPU kernels (csrc/cpu/expert_gemv.cpp, expert_blocks.cpp) for the CPUs without
+// AVX-512 (AMD Zen 1-3 among them): bf16 -> fp32 widening, e^x, fp32 -> bf16 rounding and an 8 × 8 transpose of
+// 32-bit words, the counterparts of avx512_math.h. Each carries a target attribute: callers run them only where has_avx2_fma() (cpu_features.h) says
 // so.
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include "cpu_features.h"
 
 #ifdef DEEPSEEK_MOE_X86
 namespace deepseek_moe {
+
+// The 8 bf16 values at p in fp32 (bf16 is fp32's high half: exact).
+__attribute__((target("avx2,fma"))) inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 
 // e^x as exp16 computes it (the same reduction and degree-7 polynomial); 2^k is applied in two halves, as AVX2 has
 // no scalef, so that k of [-150, 128] stays within fp32's exponents. A NaN passes through.

@@ -240,9 +240,7 @@ __attribute__((target("avx2,fma"))) void pack8_widened_avx2(const at::BFloat16* 
   int64_t k = 0;
   for (; k + 8 <= H; k += 8) {
     for (int n = 0; n < 8; ++n)
-      r[n] = src[n] ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[n] + k))), 16))
-                    : _mm256_setzero_ps();
+      r[n] = src[n] ? widen8(src[n] + k) : _mm256_setzero_ps();
     transpose8(r);
     for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * ld, r[i]);
   }
@@ -269,12 +267,9 @@ void widen_portable(const at::BFloat16* src, int64_t n, float* dst) {
 }
 
 #ifdef DEEPSEEK_MOE_X86
-__attribute__((target("avx2"))) void widen_avx2(const at::BFloat16* src, int64_t n, float* dst) {
+__attribute__((target("avx2,fma"))) void widen_avx2(const at::BFloat16* src, int64_t n, float* dst) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8(src + i));
   widen_portable(src + i, n - i, dst + i);
 }
 #endif
@@ -298,7 +293,8 @@ const gemm_t* gemm_operand(const scalar_t* src, int64_t n, float* buffer) {
 }
 
 // ------------------------------------------------------------------------------------ the op
-// Pairs [first, first + count) of a segment (at most kPiece or kPieceAvx2 of them), padded to Np columns; its a at word ab.
+// Pairs [first, first + count) of a segment (at most kPiece or kPieceAvx2 of them), padded to Np columns; its a at
+// word ab.
 struct Piece {
   int64_t segment, first, count, Np, ab;
 };
@@ -315,7 +311,8 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
   constexpr bool vnni = P == 2;
   constexpr bool widened = !std::is_same_v<scalar_t, gemm_t>;
   const int64_t H = x_TH.size(1), Hw = H / P;  // Hw: words per row of x in the GEMMs' dtype
-  const bool avx512 = has_avx512(), avx2 = !avx512 && has_avx2_fma();
+  // avx2: AVX2 is the widest vector code here (its epilogue, add and rounding); has_avx2: AVX2 code may run.
+  const bool avx512 = has_avx512(), has_avx2 = has_avx2_fma(), avx2 = !avx512 && has_avx2;
   const float L = glu_limit<float>(limit);
   const auto built = build_segments<scalar_t, float>(x_TH, gate_up, down, token_N, weight_N, counts, shared_gate,
                                                      shared_up, shared_down);
@@ -388,7 +385,7 @@ void expert_blocks_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor&
         if constexpr (widened) {
           float* xf = reinterpret_cast<float*>(xb);
 #ifdef DEEPSEEK_MOE_X86
-          if (avx2 || avx512) {
+          if (has_avx2) {
             for (int64_t n8 = 0; n8 < 16; n8 += 8) {
               const scalar_t* src[8];
               for (int64_t n = 0; n < 8; ++n)

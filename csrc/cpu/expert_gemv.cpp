@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx2_math.h"
 #include "cpu_features.h"
 #include "expert_segments.h"
 #include "inference_ops.h"
@@ -107,8 +108,7 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) {
   return _mm256_loadu_ps(p);
 }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  return widen8(p);
 }
 
 __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
