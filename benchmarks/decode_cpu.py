@@ -26,7 +26,8 @@ round by round under inference mode, median of the rounds:
 The read bandwidth is measured in the same run: the best of several sums over a 1 GiB buffer. Each contender's
 GB/s is the bytes it must read over its time; the fraction is that over the read bandwidth. ``--beside-load``
 times everything while another process runs 2-thread PyTorch GEMMs (a shared machine: a parallel region waits for
-its descheduled threads); the bandwidth is then measured beside it too.
+its descheduled threads); the bandwidth is then measured beside it too, and ``ext, unwatched`` joins: the ext layers
+with the decode op's shared-CPU watch off (``deepseek_moe.ext.shared_cpu_watch``: its threads whatever the load).
 
 ``--crossover`` times the ext layers with the decode op and with the blocks op at each T (where selection ends
 decoding: ``backends.decode_tokens``).
@@ -48,12 +49,18 @@ import sys
 import torch
 
 import deepseek_moe as dm
+from deepseek_moe import ext
 from deepseek_moe.bench.timing import interleaved
 from deepseek_moe.experts import SharedExperts
 
 
 LOAD = ("import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\n"
         "while True:\n    a @ a")
+
+
+# Beside the load, each sample starts after this pause (s): after a parallel region OpenMP's threads spin for a few
+# milliseconds (8 ms on a Zen 3 core), CPU time the next contender would lose to the one before it.
+SETTLE = 0.03
 
 
 @contextlib.contextmanager
@@ -83,6 +90,17 @@ def forcing(call, dtype, decode_tokens: int):
         finally:
             table[dtype] = saved
     return forced
+
+
+def unwatched(call):
+    """``call`` with the decode op's shared-CPU watch off (``deepseek_moe.ext.shared_cpu_watch``), then restored."""
+    def off(i):
+        was = ext.shared_cpu_watch(False)
+        try:
+            return call(i)
+        finally:
+            ext.shared_cpu_watch(was)
+    return off
 
 
 def read_bandwidth(repeats: int = 5) -> float:
@@ -150,7 +168,8 @@ def prefill(args) -> int:
         fns = {name: (lambda r, m=m: m(xs[r])) for name, m in contenders.items()}
         fns["probe"] = lambda r: [torch.mm(a, b) for _ in range(repeats)]
         with torch.inference_mode(), beside_load(args.beside_load):
-            times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu).items()}
+            times = {k: statistics.median(v) for k, v in
+                     interleaved(fns, args.rounds, cpu, settle=SETTLE * args.beside_load).items()}
         hot = repeats * 2 * M * K * N / times.pop("probe")
         flops = 6 * T * cfg.hidden_size * cfg.dense_equivalent_width  # the active FLOPs every contender computes
         for name, t in times.items():
@@ -278,11 +297,13 @@ def main(argv=None) -> int:
             if args.crossover:  # the same ext layers with the decode op and with the blocks op at every T
                 fns = {"ext, decode op": forcing(cycling(ours), dtype, 2 ** 31),
                        "ext, blocks op": forcing(cycling(ours), dtype, 0), "dense": cycling(dense)}
-            elif blocks:
+            elif args.beside_load:  # the decode op with its threads whatever the CPU's load
+                fns["ext, unwatched"] = unwatched(cycling(ours))
+            if blocks and not args.crossover:
                 fns["hf grouped_mm"] = cycling([lambda x, b=b: b(x.unsqueeze(0)) for b in blocks])
             with torch.inference_mode():
-                times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1,
-                                                                         calls=calls).items()}
+                times = {k: statistics.median(v) for k, v in interleaved(fns, args.rounds, cpu, warmup=1, calls=calls,
+                                                                         settle=SETTLE * args.beside_load).items()}
             for name, t in times.items():
                 mb = round(distinct + Ks) * expert_bytes if name == "dense" else need
                 print(f"{T:3d} {name:>14s} {t * 1e3:8.3f} {mb / 1e6:8.1f} {mb / t / 1e9:6.1f} {mb / t / bandwidth:6.2f} "

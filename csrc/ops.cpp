@@ -6,6 +6,8 @@
 
 #include <torch/library.h>
 
+#include "cpu/shared_cpu.h"
+
 TORCH_LIBRARY(deepseek_moe, m) {
   // topk_idx (T, K) -> counts (E,), offsets (E+1,), pair (N,), token (N,), slot (T, K); stable counting sort.
   m.def("route_plan(Tensor topk_idx, int num_experts) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -40,4 +42,10 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // -> grad_x (T, H), grad_gate_up (E, 2I, H), grad_down (E, H, I), grad_weight (N,).
   m.def("segment_mlp_fused_backward(Tensor grad_y, Tensor x, Tensor gate_up, Tensor down, Tensor token, "
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The decode op's watch over a shared CPU (cpu/shared_cpu.h): enable switches it (None asks) -> whether it is on.
+  m.def("shared_cpu_watch(bool? enable=None) -> bool", &deepseek_moe::shared_cpu_watch);
+  // Its policy replayed on a fresh watch, for tests: calls starting at start_ns (ns), each having lost lost_ns
+  // (waiting for the other threads or kept off the CPU) of elapsed_ns -> whether each ran on the calling thread alone.
+  m.def("_shared_cpu_policy(int[] start_ns, int[] lost_ns, int[] elapsed_ns) -> bool[]",
+        &deepseek_moe::shared_cpu_policy);
 }

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ["ExtensionUnavailable", "load", "is_loaded", "has_prebuilt", "has_cached_build", "sources", "build_error",
-           "unavailable_reason"]
+           "unavailable_reason", "shared_cpu_watch"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _JIT_NAME = "deepseek_moe_ext"
@@ -162,6 +162,25 @@ def load(verbose: bool = False) -> None:
             raise ExtensionUnavailable(_error) from err
         _loaded = True
         _error = None
+
+
+def shared_cpu_watch(enabled: Optional[bool] = None) -> bool:
+    """Whether the CPU decode op (``expert_gemv``) watches for a CPU shared with other busy processes; switches it
+    when ``enabled`` is given. Returns the setting before the call (on at load).
+
+    A parallel region ends when its last thread does, so on a CPU with more runnable threads than cores a decode
+    step waits for threads the scheduler set aside (beside another 2-thread process on 2 cores, a 7 ms step took
+    40 ms). While the watch is on, the op measures each call's time lost that way and, where it is over a quarter
+    of the call, runs the next calls on the calling thread alone for a while (20 ms to 1.28 s, then it tries its
+    threads again; ``csrc/cpu/shared_cpu.h``). No result bit depends on the setting. Turn it off to time the op's
+    threads on a CPU you know to be shared, or where the calling thread must not carry the whole step.
+
+    Loads the extension; raises :class:`ExtensionUnavailable` where it cannot be loaded.
+    """
+    load()
+    if enabled is None:
+        return bool(torch.ops.deepseek_moe.shared_cpu_watch())
+    return bool(torch.ops.deepseek_moe.shared_cpu_watch(bool(enabled)))
 
 
 def _jit_build(verbose: bool) -> None:

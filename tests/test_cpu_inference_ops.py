@@ -96,6 +96,72 @@ def test_blocks_op_is_bitwise_the_same_on_one_thread_and_two(dtype, H, I):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("dtype,T,H,I", [(torch.bfloat16, 1, 64, 32), (torch.bfloat16, 5, 70, 34),
+                                         (torch.float32, 12, 130, 45)])
+def test_decode_op_is_bitwise_the_same_alone_and_on_threads(dtype, T, H, I):
+    """Each gate/up unit and each row of y (its terms summed in the segments' order) is one item's work, whichever
+    thread takes it, so neither the thread count nor the shared-CPU watch (which runs calls on the calling thread
+    alone) changes a bit. H = 70 and 130 leave a last item of 6 and 2 rows (under the 4 rows of one dot call); the
+    units (6·I + 32) are no multiple of the item's 32."""
+    torch.manual_seed(0)
+    E, K = 6, 4
+    plan = build_plan(make_topk(T, E, K, "random"), torch.rand(T, K), E)
+    x = torch.randn(T, H).to(dtype)
+    gate_up, down = (torch.randn(E, 2 * I, H) / 8).to(dtype), (torch.randn(E, H, I) / 8).to(dtype)
+    shared = tuple((torch.randn(*shape) / 8).to(dtype) for shape in ((32, H), (32, H), (H, 32)))
+    impl, threads = ExtBackend("decode"), torch.get_num_threads()
+    watching = dm.ext.shared_cpu_watch()
+    outputs = []
+    try:
+        for n, watch in ((1, True), (2, True), (2, False)):
+            torch.set_num_threads(n)
+            dm.ext.shared_cpu_watch(watch)
+            with torch.inference_mode():
+                outputs += [impl.run(x, plan, gate_up, down, shared) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+        dm.ext.shared_cpu_watch(watching)
+    for y in outputs[1:]:
+        assert torch.equal(outputs[0], y)
+
+
+MS = 1_000_000  # ns
+
+
+def test_shared_cpu_watch_runs_calls_alone_after_one_that_lost_a_quarter_of_its_time():
+    """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: a call that lost >= 100 us and >= a quarter of
+    its time to waiting for threads or being descheduled sends the calls of the next 20 ms to the calling thread
+    alone; the window doubles while the call after each window still loses that much, up to 1.28 s, and halves
+    (to no less than 20 ms) after a call that does not."""
+    def replay(calls):  # (start ms, lost ms, elapsed ms) -> whether each ran alone
+        start, lost, elapsed = ([round(c[i] * MS) for c in calls] for i in range(3))
+        return torch.ops.deepseek_moe._shared_cpu_policy(start, lost, elapsed)
+
+    assert replay([(0, 0, 1), (2, 0.5, 1), (10, 0, 1), (22.9, 0, 1), (23.1, 0.5, 1), (64, 0, 1), (64.2, 0, 1),
+                   (66, 0.5, 1), (106, 0, 1), (107.5, 0, 1), (110, 0.09, 0.2), (111, 0.2, 1), (115, 0.3, 1),
+                   (135, 0, 1), (136.5, 0, 1)]) == [
+        False, False, True, True, False, True, False, False, True, False, False, False, False, True, False]
+    # Each call that ends a window loses half its time: windows of 20, 40, ... ms, then 1.28 s and no longer.
+    calls, expected, t = [], [], 0.0
+    for k in range(10):
+        window = min(20 * 2 ** k, 1280)
+        calls += [(t, 1, 2), (t + 2 + window - 0.5, 0, 1)]
+        expected += [False, True]
+        t += 2 + window + 0.5
+    assert replay(calls) == expected
+
+
+def test_shared_cpu_watch_is_on_by_default_and_switches():
+    was = dm.ext.shared_cpu_watch()
+    try:
+        assert dm.ext.shared_cpu_watch(False) is was
+        assert dm.ext.shared_cpu_watch() is False
+        assert dm.ext.shared_cpu_watch(True) is False
+        assert dm.ext.shared_cpu_watch() is True
+    finally:
+        dm.ext.shared_cpu_watch(was)
+
+
 @pytest.mark.parametrize("T,H,I", [(40, 32, 32), (40, 34, 34), (300, 96, 64)])
 def test_blocks_op_rounds_its_fp32_sums_to_bf16_once_to_nearest_even(T, H, I):
     """A bf16 output of the blocks op is its fp32 sum rounded once, to nearest, ties to even (as torch's ``.to``),

@@ -5,11 +5,15 @@
 // region, a packing pass and a thread hand-off per expert (SGLang's CPU MoE and llama.cpp stream the rows
 // themselves for the same reason). Here one call runs two parallel regions over all experts:
 //
-//   1. gate/up: threads split the I hidden units; for each chosen expert a thread streams its gate rows
-//      [i0, i1) and up rows [I+i0, I+i1) (contiguous in the public (E, 2I, H) layout), dots each with the rows of
-//      x of that expert's tokens (they stay in L1/L2), and writes a = act(min(g, L)) · clamp(u, −L, L) · w.
-//   2. down: threads split the H output rows; for each expert a thread streams rows [h0, h1) of down (E, H, I),
-//      dots each with the pairs' a and adds into its own slice of y (fp32), experts in a fixed order.
+//   1. gate/up: threads share the I hidden units of every segment in items of 32; for an item's units i of a
+//      chosen expert a thread streams its gate rows and up rows I + i (contiguous in the public (E, 2I, H) layout),
+//      dots each with the rows of x of that expert's tokens (they stay in L1/L2), and writes
+//      a = act(min(g, L)) · clamp(u, −L, L) · w.
+//   2. down: threads share the H output rows in items of 32; for each expert a thread streams the item's rows of
+//      down (E, H, I), dots each with the pairs' a and adds into those rows of y (fp32), experts in a fixed order.
+//
+// Each thread streams its contiguous share of the items, then takes what is left of the others' (shared_cpu.h).
+// On a CPU shared with other busy processes the op runs on the calling thread alone for a while (same file).
 //
 // No repacking: in the public layouts every row a dot product reads is contiguous. Accumulation is fp32 (double
 // for fp64); a 16-bit weight is widened in registers. The AVX-512 dot product is chosen at run time by the CPU's
@@ -36,6 +40,7 @@
 #include "cpu_features.h"
 #include "expert_segments.h"
 #include "inference_ops.h"
+#include "shared_cpu.h"
 
 namespace deepseek_moe {
 namespace {
@@ -216,14 +221,21 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   }
   std::vector<acc_t> a(static_cast<size_t>(a_size));
   const acc_t* x = xw.const_data_ptr<acc_t>();
-  // Grains: a thread's share of rows should be large enough to stream (a few KB per expert), and both threads of
-  // a small machine busy.
-  at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
-    gate_up_units(segments, place, x, H, L, a.data(), u0, u1, isa);
+  // Items the threads share (shared_cpu.h): 32 gate/up units (64 rows: 128-256 KiB of weights at H = 1024) and
+  // 32 down rows of every segment, a few microseconds of streaming each. A unit's a, and a row of y summed over the
+  // segments in their order, are each one item's work: no bit depends on which thread ran what.
+  constexpr int64_t kUnitItem = 32, kRowItem = 32, kRows = 4;  // kRows: down rows per dots call
+  static_assert(kRowItem % kRows == 0);
+  SharedCpuWatch& watch = decode_watch();
+  const int64_t start = steady_ns();
+  const bool solo = watch.solo(start);
+  const int64_t start_cpu = solo ? 0 : thread_cpu_ns();
+  int64_t wait = run_shares((units + kUnitItem - 1) / kUnitItem, solo, [&](int64_t item) {
+    gate_up_units(segments, place, x, H, L, a.data(), item * kUnitItem, std::min(units, (item + 1) * kUnitItem), isa);
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, H, 64, [&](int64_t h0, int64_t h1) {
-    constexpr int kRows = 4;  // down rows per call
+  wait += run_shares((H + kRowItem - 1) / kRowItem, solo, [&](int64_t item) {
+    const int64_t h0 = item * kRowItem, h1 = std::min(H, h0 + kRowItem);
     for (size_t k = 0; k < segments.size(); ++k) {
       const auto& s = segments[k];
       const acc_t* a_s = a.data() + place[k].a_offset;
@@ -247,6 +259,10 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
       }
     }
   });
+  if (!solo) {
+    const int64_t end = steady_ns(), cpu = thread_cpu_ns() - start_cpu;
+    watch.observe(end, std::max(wait, cpu > 0 ? end - start - cpu : 0), end - start);
+  }
 }
 
 }  // namespace
@@ -264,6 +280,28 @@ Tensor expert_gemv_cpu(const Tensor& x_in, const Tensor& gate_up_in, const Tenso
                                in.shared_gate, in.shared_up, in.shared_down, y_TH);
   });
   return y_TH.to(x_in.scalar_type());
+}
+
+SharedCpuWatch& decode_watch() {
+  static SharedCpuWatch watch;
+  return watch;
+}
+
+bool shared_cpu_watch(std::optional<bool> enable) {
+  return enable ? decode_watch().enable(*enable) : decode_watch().enabled();
+}
+
+c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost_ns, at::IntArrayRef elapsed_ns) {
+  TORCH_CHECK(start_ns.size() == lost_ns.size() && lost_ns.size() == elapsed_ns.size(),
+              "_shared_cpu_policy: start_ns, lost_ns and elapsed_ns must have one length, got ", start_ns.size(), ", ",
+              lost_ns.size(), " and ", elapsed_ns.size());
+  SharedCpuWatch watch;
+  c10::List<bool> solo;
+  for (size_t i = 0; i < start_ns.size(); ++i) {
+    solo.push_back(watch.solo(start_ns[i]));
+    if (!solo.get(i)) watch.observe(start_ns[i] + elapsed_ns[i], lost_ns[i], elapsed_ns[i]);
+  }
+  return solo;
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {

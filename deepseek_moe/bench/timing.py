@@ -46,11 +46,15 @@ def time_call(fn: Callable[[], None], device: torch.device, calls: int = 1) -> f
 
 def interleaved(fns: Dict[str, Callable[[int], None]], rounds: int, device: torch.device, warmup: int = 1,
                 calls: int = 1, skip: Optional[Callable[[str, int], bool]] = None,
-                on_sample: Optional[Callable[[str, float], None]] = None) -> Dict[str, List[float]]:
+                on_sample: Optional[Callable[[str, float], None]] = None,
+                settle: float = 0.0) -> Dict[str, List[float]]:
     """Seconds per call of each ``fn(r)``, the contenders interleaved round by round (background load on a shared
     machine then hits them alike): ``warmup`` untimed calls each with r = -1, then ``rounds`` rounds r = 0, 1, ...
     (an ``fn`` uses r to pick a fresh input), each sample timing ``calls`` back-to-back calls. ``skip(name, r)``
-    leaves a contender out of a round; ``on_sample(name, seconds per call)`` runs after each sample (progress)."""
+    leaves a contender out of a round; ``on_sample(name, seconds per call)`` runs after each sample (progress).
+    ``settle``: seconds to sleep before each sample, so that no sample pays for the one before it (after a parallel
+    region, OpenMP's threads spin for milliseconds; on a CPU shared with another process that is CPU time the next
+    sample loses)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn(-1)
@@ -59,6 +63,8 @@ def interleaved(fns: Dict[str, Callable[[int], None]], rounds: int, device: torc
         for name, fn in fns.items():
             if skip is not None and skip(name, r):
                 continue
+            if settle > 0:
+                time.sleep(settle)
             samples[name].append(time_call(lambda: fn(r), device, calls))
             if on_sample is not None:
                 on_sample(name, samples[name][-1])
