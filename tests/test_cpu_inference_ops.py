@@ -3,6 +3,10 @@ picks for inference on at most decode_tokens(dtype) tokens on the CPU, and strat
 (csrc/cpu/expert_blocks.cpp) for inference on more. Each equals the truth: every pair's expert computed in float64
 from the formulas (fp32 to rounding, bf16 within bf16 rounding), and the eager layer with padding, capacity,
 group-limited sigmoid routing, the clamped SwiGLU and experts that receive no token."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,7 +155,17 @@ def test_shared_cpu_watch_runs_calls_alone_after_one_that_lost_a_quarter_of_its_
     assert replay(calls) == expected
 
 
-def test_shared_cpu_watch_is_on_by_default_and_switches():
+@pytest.mark.parametrize("policy,on", [(None, True), ("PASSIVE", False), ("passive", False), ("ACTIVE", True)])
+def test_shared_cpu_watch_starts_off_only_where_openmp_threads_wait_passively(policy, on):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run([sys.executable, "-c", "import deepseek_moe as dm; print(dm.ext.shared_cpu_watch())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == str(on)
+
+
+def test_shared_cpu_watch_switches():
     was = dm.ext.shared_cpu_watch()
     try:
         assert dm.ext.shared_cpu_watch(False) is was

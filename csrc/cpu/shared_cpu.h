@@ -26,10 +26,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
+#include <cstdlib>
 #include <ctime>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,6 +50,18 @@ inline int64_t thread_cpu_ns() {
   if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0) return int64_t(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
 #endif
   return 0;
+}
+
+// Whether OpenMP's threads were told to sleep rather than spin while they wait (OMP_WAIT_POLICY=PASSIVE, read once,
+// as the OpenMP runtime reads it at start). Their spinning is what makes a shared CPU costly: with it, beside another
+// busy process, a 1 ms decode step took 16 ms on the op's threads and 2 ms alone; without it 1.8 ms on the threads,
+// 2.1 ms alone (docs/benchmarks.md). So the watch starts off where the threads wait passively.
+inline bool omp_waits_passively() {
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  if (policy == nullptr) return false;
+  std::string value(policy);
+  for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return value == "passive";
 }
 
 // The policy above, on times given to it (ns on the steady clock). Shared by every call of the process (the CPU's
@@ -77,7 +92,7 @@ class SharedCpuWatch {
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
 
  private:
-  std::atomic<bool> enabled_{true};
+  std::atomic<bool> enabled_{!omp_waits_passively()};
   std::atomic<int64_t> solo_until_{0};
   std::atomic<int64_t> window_{kFirstWindowNs};
 };
