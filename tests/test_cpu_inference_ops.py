@@ -132,26 +132,33 @@ def test_decode_op_is_bitwise_the_same_alone_and_on_threads(dtype, T, H, I):
 MS = 1_000_000  # ns
 
 
-def test_shared_cpu_watch_runs_calls_alone_after_one_that_lost_a_quarter_of_its_time():
-    """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: a call that lost >= 100 us and >= a quarter of
-    its time to waiting for threads or being descheduled sends the calls of the next 20 ms to the calling thread
-    alone; the window doubles while the call after each window still loses that much, up to 1.28 s, and halves
-    (to no less than 20 ms) after a call that does not."""
+def test_shared_cpu_watch_runs_calls_alone_after_two_that_lost_a_quarter_of_their_time():
+    """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: two calls in a row that each lost >= 100 us
+    and >= a quarter of their time to waiting for threads or being descheduled send the calls of the next 20 ms to
+    the calling thread alone; the window doubles while the two calls after each window still lose that much, up to
+    1.28 s, and halves (to no less than 20 ms) after a call that does not."""
     def replay(calls):  # (start ms, lost ms, elapsed ms) -> whether each ran alone
         start, lost, elapsed = ([round(c[i] * MS) for c in calls] for i in range(3))
         return torch.ops.deepseek_moe._shared_cpu_policy(start, lost, elapsed)
 
-    assert replay([(0, 0, 1), (2, 0.5, 1), (10, 0, 1), (22.9, 0, 1), (23.1, 0.5, 1), (64, 0, 1), (64.2, 0, 1),
-                   (66, 0.5, 1), (106, 0, 1), (107.5, 0, 1), (110, 0.09, 0.2), (111, 0.2, 1), (115, 0.3, 1),
-                   (135, 0, 1), (136.5, 0, 1)]) == [
-        False, False, True, True, False, True, False, False, True, False, False, False, False, True, False]
-    # Each call that ends a window loses half its time: windows of 20, 40, ... ms, then 1.28 s and no longer.
+    calls_and_alone = [
+        ((0, 0, 1), False), ((2, 0.5, 1), False), ((3.5, 0.5, 1), False),  # two lost: alone until 4.5 + 20
+        ((10, 0, 1), True), ((24.4, 0, 1), True),
+        ((24.6, 0.5, 1), False), ((26, 0.5, 1), False), ((66, 0, 1), True),  # still shared: 40 ms, to 67
+        ((67.2, 0, 1), False),  # free: the window halves to 40
+        ((69, 0.5, 1), False), ((70.5, 0, 1), False),  # one lost call alone is no window; free: 20
+        ((72, 0.5, 1), False), ((74, 0.5, 1), False), ((94, 0, 1), True),  # 20 ms, to 95
+        ((95.5, 0.09, 0.2), False), ((96, 0.5, 1), False),  # under 100 us lost: free
+        ((97.5, 0.2, 1), False), ((99, 0.5, 1), False),  # under a quarter lost: free
+        ((100.5, 0.5, 1), False), ((121, 0, 1), True), ((122, 0, 1), False)]
+    assert replay([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
+    # Each pair of calls that ends a window loses half its time: windows of 20, 40, ... ms, then 1.28 s, no longer.
     calls, expected, t = [], [], 0.0
     for k in range(10):
         window = min(20 * 2 ** k, 1280)
-        calls += [(t, 1, 2), (t + 2 + window - 0.5, 0, 1)]
-        expected += [False, True]
-        t += 2 + window + 0.5
+        calls += [(t, 1, 2), (t + 2.5, 1, 2), (t + 4.5 + window - 0.5, 0, 1)]
+        expected += [False, False, True]
+        t += 4.5 + window + 0.5
     assert replay(calls) == expected
 
 

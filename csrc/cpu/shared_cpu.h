@@ -13,10 +13,10 @@
 //     from their ends (a late thread leaves its share to the others), so on a CPU of its own the caller waits at a
 //     region's end for at most the item another thread is finishing;
 //   * a call's lost time is the longer of the caller's wait for the other threads and the time the scheduler kept
-//     the caller itself off the CPU (wall time less the thread's CPU time). A call that lost at least kLateNs and a
-//     quarter of its time marks the CPU as shared: the calls of the next window run on the calling thread alone
-//     (20 ms, doubling while the call that ends each window still finds the CPU shared, up to 1.28 s; a call that
-//     finds it free resets the window).
+//     the caller itself off the CPU (wall time less the thread's CPU time). Two calls in a row that each lost at
+//     least kLateNs and a quarter of their time mark the CPU as shared (one alone is a blip of the host's): the calls
+//     of the next window run on the calling thread alone (20 ms, doubling while the two calls after each window
+//     still find the CPU shared, up to 1.28 s; a call that finds it free halves the window, to no less than 20 ms).
 //
 // The items and their order do not depend on the thread count, so neither does any result bit.
 #pragma once
@@ -68,7 +68,7 @@ inline bool omp_waits_passively() {
 // load is the machine's, not a layer's); concurrent calls may race on it, which costs at most one window's choice.
 class SharedCpuWatch {
  public:
-  static constexpr int64_t kLateNs = 100'000;
+  static constexpr int64_t kLateNs = 100'000, kStrikes = 2;
   static constexpr int64_t kFirstWindowNs = 20'000'000, kLongestWindowNs = 1'280'000'000;
 
   // Whether a call starting at `now` runs on the calling thread alone.
@@ -79,9 +79,12 @@ class SharedCpuWatch {
   void observe(int64_t now, int64_t lost, int64_t elapsed) {
     if (!enabled_.load(std::memory_order_relaxed)) return;
     if (lost < kLateNs || 4 * lost < elapsed) {
+      strikes_.store(0, std::memory_order_relaxed);
       window_.store(std::max(window_.load(std::memory_order_relaxed) / 2, kFirstWindowNs), std::memory_order_relaxed);
       return;
     }
+    if (strikes_.fetch_add(1, std::memory_order_relaxed) + 1 < kStrikes) return;
+    strikes_.store(0, std::memory_order_relaxed);
     const int64_t window = window_.load(std::memory_order_relaxed);
     solo_until_.store(now + window, std::memory_order_relaxed);
     window_.store(std::min(2 * window, kLongestWindowNs), std::memory_order_relaxed);
@@ -95,6 +98,7 @@ class SharedCpuWatch {
   std::atomic<bool> enabled_{!omp_waits_passively()};
   std::atomic<int64_t> solo_until_{0};
   std::atomic<int64_t> window_{kFirstWindowNs};
+  std::atomic<int64_t> strikes_{0};  // calls in a row that lost that much
 };
 
 // The process's watch over the decode op's calls.
