@@ -44,8 +44,9 @@ TORCH_LIBRARY(deepseek_moe, m) {
         "Tensor weight, Tensor counts, Tensor h, float? limit) -> (Tensor, Tensor, Tensor, Tensor)");
   // The decode op's watch over a shared CPU (cpu/shared_cpu.h): enable switches it (None asks) -> whether it is on.
   m.def("shared_cpu_watch(bool? enable=None) -> bool", &deepseek_moe::shared_cpu_watch);
-  // Its policy replayed on a fresh watch, for tests: calls starting at start_ns (ns), each having lost lost_ns
-  // (waiting for the other threads or kept off the CPU) of elapsed_ns -> whether each ran on the calling thread alone.
-  m.def("_shared_cpu_policy(int[] start_ns, int[] lost_ns, int[] elapsed_ns) -> bool[]",
+  // Its policy replayed on a fresh watch, for tests: calls starting at start_ns (ns), each taking elapsed_ns for
+  // work (any unit) and, where it ran on threads, losing lost_ns of it (waiting for the other threads or kept off
+  // the CPU) -> whether each ran on the calling thread alone.
+  m.def("_shared_cpu_policy(int[] start_ns, int[] lost_ns, int[] elapsed_ns, int[] work) -> bool[]",
         &deepseek_moe::shared_cpu_policy);
 }

@@ -132,34 +132,48 @@ def test_decode_op_is_bitwise_the_same_alone_and_on_threads(dtype, T, H, I):
 MS = 1_000_000  # ns
 
 
+def replay_shared_cpu_policy(calls):
+    """A fresh watch's choices for calls (start ms, lost ms, elapsed ms, work): whether each ran alone."""
+    columns = [[round(c[i] * MS) for c in calls] for i in range(3)] + [[c[3] for c in calls]]
+    return torch.ops.deepseek_moe._shared_cpu_policy(*columns)
+
+
 def test_shared_cpu_watch_runs_calls_alone_after_two_that_lost_a_quarter_of_their_time():
     """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: two calls in a row that each lost >= 100 us
     and >= a quarter of their time to waiting for threads or being descheduled send the calls of the next 20 ms to
     the calling thread alone; the window doubles while the two calls after each window still lose that much, up to
-    1.28 s, and halves (to no less than 20 ms) after a call that does not."""
-    def replay(calls):  # (start ms, lost ms, elapsed ms) -> whether each ran alone
-        start, lost, elapsed = ([round(c[i] * MS) for c in calls] for i in range(3))
-        return torch.ops.deepseek_moe._shared_cpu_policy(start, lost, elapsed)
-
+    1.28 s, and halves (to no less than 20 ms) after a call that does not. Here a call alone does its work in 1 ms,
+    a call that loses half its time on threads in 4 ms."""
     calls_and_alone = [
-        ((0, 0, 1), False), ((2, 0.5, 1), False), ((3.5, 0.5, 1), False),  # two lost: alone until 4.5 + 20
-        ((10, 0, 1), True), ((24.4, 0, 1), True),
-        ((24.6, 0.5, 1), False), ((26, 0.5, 1), False), ((66, 0, 1), True),  # still shared: 40 ms, to 67
-        ((67.2, 0, 1), False),  # free: the window halves to 40
-        ((69, 0.5, 1), False), ((70.5, 0, 1), False),  # one lost call alone is no window; free: 20
-        ((72, 0.5, 1), False), ((74, 0.5, 1), False), ((94, 0, 1), True),  # 20 ms, to 95
-        ((95.5, 0.09, 0.2), False), ((96, 0.5, 1), False),  # under 100 us lost: free
-        ((97.5, 0.2, 1), False), ((99, 0.5, 1), False),  # under a quarter lost: free
-        ((100.5, 0.5, 1), False), ((121, 0, 1), True), ((122, 0, 1), False)]
-    assert replay([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
+        ((0, 0, 1, 1), False), ((2, 2, 4, 1), False), ((7, 2, 4, 1), False),  # two lost: alone until 11 + 20
+        ((12, 0, 1, 1), True), ((30, 0, 1, 1), True),
+        ((31.5, 2, 4, 1), False), ((36, 2, 4, 1), False), ((79, 0, 1, 1), True),  # still shared: 40 ms, to 80
+        ((80.5, 0, 1, 1), False),  # free: the window halves to 40
+        ((82, 2, 4, 1), False), ((86.5, 0, 1, 1), False),  # one lost call alone is no window; free: 20
+        ((88, 2, 4, 1), False), ((92.5, 2, 4, 1), False), ((116, 0, 1, 1), True),  # 20 ms, to 116.5
+        ((117, 0.09, 0.2, 1), False), ((118, 2, 4, 1), False),  # under 100 us lost: free
+        ((122.5, 0.9, 4, 1), False), ((127, 2, 4, 1), False),  # under a quarter lost: free
+        ((131.5, 2, 4, 1), False), ((155, 0, 1, 1), True), ((156, 0, 1, 1), False)]
+    assert replay_shared_cpu_policy([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
     # Each pair of calls that ends a window loses half its time: windows of 20, 40, ... ms, then 1.28 s, no longer.
     calls, expected, t = [], [], 0.0
     for k in range(10):
         window = min(20 * 2 ** k, 1280)
-        calls += [(t, 1, 2), (t + 2.5, 1, 2), (t + 4.5 + window - 0.5, 0, 1)]
+        calls += [(t, 2, 4, 1), (t + 5, 2, 4, 1), (t + 9 + window - 0.5, 0, 1, 1)]
         expected += [False, False, True]
-        t += 4.5 + window + 0.5
-    assert replay(calls) == expected
+        t += 9 + window + 0.5
+    assert replay_shared_cpu_policy(calls) == expected
+
+
+def test_shared_cpu_watch_keeps_the_threads_where_the_calling_thread_alone_is_slower():
+    """Calls that lose half their time on threads (4 ms) but run slower still alone (10 ms for the same work: other
+    parallel ops keep OpenMP's threads spinning) open one trial window; after it the threads stay."""
+    calls_and_alone = [((0, 2, 4, 1), False), ((5, 2, 4, 1), False), ((10, 0, 10, 1), True), ((21, 0, 10, 1), True),
+                       ((31, 2, 4, 1), False), ((36, 2, 4, 1), False), ((41, 2, 4, 1), False), ((46, 2, 8, 2), False)]
+    assert replay_shared_cpu_policy([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
+    # The same calls doing a third of the work each: slower than alone per unit of work, so the window opens.
+    assert replay_shared_cpu_policy([(0, 2, 4, 1), (5, 2, 4, 1), (10, 0, 10, 3), (21, 0, 10, 3), (31, 2, 4, 1),
+                                     (36, 2, 4, 1), (41, 0, 1, 1)]) == [False, False, True, True, False, False, True]
 
 
 @pytest.mark.parametrize("policy,on", [(None, True), ("PASSIVE", False), ("passive", False), ("ACTIVE", True)])

@@ -259,9 +259,14 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
       }
     }
   });
-  if (!solo) {
-    const int64_t end = steady_ns(), cpu = thread_cpu_ns() - start_cpu;
-    watch.observe(end, std::max(wait, cpu > 0 ? end - start - cpu : 0), end - start);
+  const int64_t end = steady_ns();
+  int64_t work = 0;  // bytes of weights streamed
+  for (const auto& s : segments) work += 3 * s.width * H * int64_t(sizeof(scalar_t));
+  if (solo) {
+    watch.observe_alone(end - start, work);
+  } else {
+    const int64_t cpu = thread_cpu_ns() - start_cpu;
+    watch.observe(end, std::max(wait, cpu > 0 ? end - start - cpu : 0), end - start, work);
   }
 }
 
@@ -291,15 +296,21 @@ bool shared_cpu_watch(std::optional<bool> enable) {
   return enable ? decode_watch().enable(*enable) : decode_watch().enabled();
 }
 
-c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost_ns, at::IntArrayRef elapsed_ns) {
-  TORCH_CHECK(start_ns.size() == lost_ns.size() && lost_ns.size() == elapsed_ns.size(),
-              "_shared_cpu_policy: start_ns, lost_ns and elapsed_ns must have one length, got ", start_ns.size(), ", ",
-              lost_ns.size(), " and ", elapsed_ns.size());
+c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost_ns, at::IntArrayRef elapsed_ns,
+                                  at::IntArrayRef work) {
+  const size_t n = start_ns.size();
+  TORCH_CHECK(lost_ns.size() == n && elapsed_ns.size() == n && work.size() == n,
+              "_shared_cpu_policy: start_ns, lost_ns, elapsed_ns and work must have one length, got ", n, ", ",
+              lost_ns.size(), ", ", elapsed_ns.size(), " and ", work.size());
   SharedCpuWatch watch;
   c10::List<bool> solo;
   for (size_t i = 0; i < start_ns.size(); ++i) {
     solo.push_back(watch.solo(start_ns[i]));
-    if (!solo.get(i)) watch.observe(start_ns[i] + elapsed_ns[i], lost_ns[i], elapsed_ns[i]);
+    if (solo.get(i)) {
+      watch.observe_alone(elapsed_ns[i], work[i]);
+    } else {
+      watch.observe(start_ns[i] + elapsed_ns[i], lost_ns[i], elapsed_ns[i], work[i]);
+    }
   }
   return solo;
 }

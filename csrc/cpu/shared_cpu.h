@@ -16,7 +16,10 @@
 //     the caller itself off the CPU (wall time less the thread's CPU time). Two calls in a row that each lost at
 //     least kLateNs and a quarter of their time mark the CPU as shared (one alone is a blip of the host's): the calls
 //     of the next window run on the calling thread alone (20 ms, doubling while the two calls after each window
-//     still find the CPU shared, up to 1.28 s; a call that finds it free halves the window, to no less than 20 ms).
+//     still find the CPU shared, up to 1.28 s; a call that finds it free halves the window, to no less than 20 ms);
+//   * a call on threads that lost that much but took no longer for its work (bytes streamed) than the calls alone
+//     did counts as free: where other parallel ops keep OpenMP's threads spinning, the calling thread alone is no
+//     cure and the op's threads still do better.
 //
 // The items and their order do not depend on the thread count, so neither does any result bit.
 #pragma once
@@ -75,10 +78,14 @@ class SharedCpuWatch {
   bool solo(int64_t now) const {
     return enabled_.load(std::memory_order_relaxed) && now < solo_until_.load(std::memory_order_relaxed);
   }
-  // A call with threads ended at `now` after `elapsed`, having lost `lost` of it (above).
-  void observe(int64_t now, int64_t lost, int64_t elapsed) {
+  // A call with threads ended at `now` after `elapsed`, having lost `lost` of it (above); `work`: what it did (any
+  // unit, the same for every call: the op's bytes of weights streamed).
+  void observe(int64_t now, int64_t lost, int64_t elapsed, int64_t work) {
     if (!enabled_.load(std::memory_order_relaxed)) return;
-    if (lost < kLateNs || 4 * lost < elapsed) {
+    // Lost time is worth avoiding only where the calling thread alone does better: where other parallel ops of the
+    // process keep OpenMP's threads spinning, the op's threads still beat it (docs/benchmarks.md).
+    const double alone = alone_ns_per_work_.load(std::memory_order_relaxed);
+    if (lost < kLateNs || 4 * lost < elapsed || (alone > 0 && elapsed <= alone * std::max<int64_t>(work, 1))) {
       strikes_.store(0, std::memory_order_relaxed);
       window_.store(std::max(window_.load(std::memory_order_relaxed) / 2, kFirstWindowNs), std::memory_order_relaxed);
       return;
@@ -88,6 +95,12 @@ class SharedCpuWatch {
     const int64_t window = window_.load(std::memory_order_relaxed);
     solo_until_.store(now + window, std::memory_order_relaxed);
     window_.store(std::min(2 * window, kLongestWindowNs), std::memory_order_relaxed);
+  }
+  // A call on the calling thread alone took `elapsed` for `work`: the window's running mean of the rate.
+  void observe_alone(int64_t elapsed, int64_t work) {
+    const double rate = double(elapsed) / double(std::max<int64_t>(work, 1));
+    const double mean = alone_ns_per_work_.load(std::memory_order_relaxed);
+    alone_ns_per_work_.store(mean > 0 ? 0.75 * mean + 0.25 * rate : rate, std::memory_order_relaxed);
   }
   // Off: every call runs with ATen's threads and nothing is observed (on again, the watch goes on where it was).
   // Returns the previous setting.
@@ -99,14 +112,16 @@ class SharedCpuWatch {
   std::atomic<int64_t> solo_until_{0};
   std::atomic<int64_t> window_{kFirstWindowNs};
   std::atomic<int64_t> strikes_{0};  // calls in a row that lost that much
+  std::atomic<double> alone_ns_per_work_{0};  // the calls alone: running mean of elapsed / work (0: none yet)
 };
 
 // The process's watch over the decode op's calls.
 SharedCpuWatch& decode_watch();
 // The ops over it (ops.cpp): switch the watch (None: only ask) -> whether it is on; and a fresh watch's choices
-// for calls starting at start_ns that lost lost_ns of elapsed_ns (those it runs alone are not observed).
+// for calls starting at start_ns that took elapsed_ns for work, and lost lost_ns of it where they ran on threads.
 bool shared_cpu_watch(std::optional<bool> enable);
-c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost_ns, at::IntArrayRef elapsed_ns);
+c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost_ns, at::IntArrayRef elapsed_ns,
+                                  at::IntArrayRef work);
 
 // A thread's share of the items, [front, back), packed in one word: its owner takes items from the front (streaming
 // forward through its contiguous share, its own cache line uncontended) and the other threads, once their shares
