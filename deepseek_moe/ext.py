@@ -171,8 +171,9 @@ def shared_cpu_watch(enabled: Optional[bool] = None) -> bool:
     A parallel region ends when its last thread does, so on a CPU with more runnable threads than cores a decode
     step waits for threads the scheduler set aside (beside another 2-thread process on 2 cores, a 7 ms step took
     40 ms). While the watch is on, the op measures each call's time lost that way and, where two calls in a row
-    lose over a quarter of their time, runs the next calls on the calling thread alone for a while (20 ms to 1.28 s, then it tries its
-    threads again; ``csrc/cpu/shared_cpu.h``). What makes the waits long is OpenMP's threads spinning after each
+    lose over a quarter of their time and took longer for their work than the calls alone did, runs the next calls
+    on the calling thread alone for a while (20 ms to 1.28 s, then it tries its threads again;
+    ``csrc/cpu/shared_cpu.h``). What makes the waits long is OpenMP's threads spinning after each
     parallel region; where they sleep instead (``OMP_WAIT_POLICY=PASSIVE``, the better cure on a shared CPU: it
     helps every op) the op's threads beat the calling thread alone, and the watch starts off. No result bit depends
     on the setting.
