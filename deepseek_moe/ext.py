@@ -178,12 +178,15 @@ def shared_cpu_watch(enabled: Optional[bool] = None) -> bool:
     helps every op) the op's threads beat the calling thread alone, and the watch starts off. No result bit depends
     on the setting.
 
-    Loads the extension; raises :class:`ExtensionUnavailable` where it cannot be loaded.
+    Loads the extension; raises :class:`ExtensionUnavailable` where it cannot be loaded, and TypeError for an
+    ``enabled`` that is neither a bool nor None.
     """
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"shared_cpu_watch: enabled must be True, False or None, got {enabled!r}")
     load()
     if enabled is None:
         return bool(torch.ops.deepseek_moe.shared_cpu_watch())
-    return bool(torch.ops.deepseek_moe.shared_cpu_watch(bool(enabled)))
+    return bool(torch.ops.deepseek_moe.shared_cpu_watch(enabled))
 
 
 def _jit_build(verbose: bool) -> None:

@@ -186,12 +186,35 @@ def test_shared_cpu_watch_starts_off_only_where_openmp_threads_wait_passively(po
     assert out.split()[-1] == str(on)
 
 
+def test_shared_cpu_policy_replay_ignores_the_wait_policy_and_extreme_times():
+    """The replay is of the policy whatever OMP_WAIT_POLICY says (a fresh watch switched on), and times near the
+    int64 limit neither wrap nor flip a choice."""
+    big = 2 ** 62
+    assert torch.ops.deepseek_moe._shared_cpu_policy([0, 10 * MS, 20 * MS, 25 * MS], [big] * 4, [big] * 4,
+                                                     [100] * 4) == [False, False, True, True]  # lost all: shared
+    assert torch.ops.deepseek_moe._shared_cpu_policy([0, 10 * MS, 20 * MS, 25 * MS], [5 * MS] * 4, [10 * MS] * 4,
+                                                     [100] * 4) == [False, False, True, True]
+    late = 2 ** 63 - MS
+    assert torch.ops.deepseek_moe._shared_cpu_policy([late - 3 * MS, late - MS, late], [MS] * 3, [2 * MS] * 3,
+                                                     [1] * 3) == [False, False, True]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    code = ("import torch, deepseek_moe as dm; dm.ext.load(); ms = 10 ** 6; print(torch.ops.deepseek_moe."
+            "_shared_cpu_policy([0, 10 * ms, 20 * ms, 25 * ms], [5 * ms] * 4, [10 * ms] * 4, [100] * 4))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "[False, False, True, True]"
+
+
 def test_shared_cpu_watch_switches():
     was = dm.ext.shared_cpu_watch()
     try:
         assert dm.ext.shared_cpu_watch(False) is was
         assert dm.ext.shared_cpu_watch() is False
         assert dm.ext.shared_cpu_watch(True) is False
+        assert dm.ext.shared_cpu_watch() is True
+        for bad in ("false", 1, 2.5):
+            with pytest.raises(TypeError, match="True, False or None"):
+                dm.ext.shared_cpu_watch(bad)
         assert dm.ext.shared_cpu_watch() is True
     finally:
         dm.ext.shared_cpu_watch(was)

@@ -303,13 +303,17 @@ c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost
               "_shared_cpu_policy: start_ns, lost_ns, elapsed_ns and work must have one length, got ", n, ", ",
               lost_ns.size(), ", ", elapsed_ns.size(), " and ", work.size());
   SharedCpuWatch watch;
+  watch.enable(true);  // whatever OMP_WAIT_POLICY says: the replay is of the policy itself
   c10::List<bool> solo;
   for (size_t i = 0; i < start_ns.size(); ++i) {
     solo.push_back(watch.solo(start_ns[i]));
     if (solo.get(i)) {
       watch.observe_alone(elapsed_ns[i], work[i]);
     } else {
-      watch.observe(start_ns[i] + elapsed_ns[i], lost_ns[i], elapsed_ns[i], work[i]);
+      const int64_t end = start_ns[i] > std::numeric_limits<int64_t>::max() - elapsed_ns[i]
+                               ? std::numeric_limits<int64_t>::max()
+                               : start_ns[i] + elapsed_ns[i];
+      watch.observe(end, lost_ns[i], elapsed_ns[i], work[i]);
     }
   }
   return solo;

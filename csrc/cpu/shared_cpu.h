@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <thread>
@@ -85,7 +86,7 @@ class SharedCpuWatch {
     // Lost time is worth avoiding only where the calling thread alone does better: where other parallel ops of the
     // process keep OpenMP's threads spinning, the op's threads still beat it (docs/benchmarks.md).
     const double alone = alone_ns_per_work_.load(std::memory_order_relaxed);
-    if (lost < kLateNs || 4 * lost < elapsed || (alone > 0 && elapsed <= alone * std::max<int64_t>(work, 1))) {
+    if (lost < kLateNs || lost < elapsed / 4 || (alone > 0 && elapsed <= alone * std::max<int64_t>(work, 1))) {
       strikes_.store(0, std::memory_order_relaxed);
       window_.store(std::max(window_.load(std::memory_order_relaxed) / 2, kFirstWindowNs), std::memory_order_relaxed);
       return;
@@ -93,7 +94,7 @@ class SharedCpuWatch {
     if (strikes_.fetch_add(1, std::memory_order_relaxed) + 1 < kStrikes) return;
     strikes_.store(0, std::memory_order_relaxed);
     const int64_t window = window_.load(std::memory_order_relaxed);
-    solo_until_.store(now + window, std::memory_order_relaxed);
+    solo_until_.store(now > std::numeric_limits<int64_t>::max() - window ? std::numeric_limits<int64_t>::max() : now + window, std::memory_order_relaxed);
     window_.store(std::min(2 * window, kLongestWindowNs), std::memory_order_relaxed);
   }
   // A call on the calling thread alone took `elapsed` for `work`: the window's running mean of the rate.
