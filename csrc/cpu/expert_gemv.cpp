@@ -227,9 +227,11 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   constexpr int64_t kUnitItem = 32, kRowItem = 32, kRows = 4;  // kRows: down rows per dots call
   static_assert(kRowItem % kRows == 0);
   SharedCpuWatch& watch = decode_watch();
-  const int64_t start = steady_ns();
-  const bool solo = watch.solo(start);
-  const int64_t start_cpu = solo ? 0 : thread_cpu_ns();
+  // Off (OMP_WAIT_POLICY=PASSIVE, or switched off), the watch costs nothing: no clock reads, nothing observed.
+  const bool watching = watch.enabled();
+  const int64_t start = watching ? steady_ns() : 0;
+  const bool solo = watching && watch.solo(start);
+  const int64_t start_cpu = watching && !solo ? thread_cpu_ns() : 0;
   int64_t wait = run_shares((units + kUnitItem - 1) / kUnitItem, solo, [&](int64_t item) {
     gate_up_units(segments, place, x, H, L, a.data(), item * kUnitItem, std::min(units, (item + 1) * kUnitItem), isa);
   });
@@ -259,6 +261,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
       }
     }
   });
+  if (!watching) return;
   const int64_t end = steady_ns();
   int64_t work = 0;  // bytes of weights streamed
   for (const auto& s : segments) work += 3 * s.width * H * int64_t(sizeof(scalar_t));
@@ -310,10 +313,7 @@ c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost
     if (solo.get(i)) {
       watch.observe_alone(elapsed_ns[i], work[i]);
     } else {
-      const int64_t end = start_ns[i] > std::numeric_limits<int64_t>::max() - elapsed_ns[i]
-                               ? std::numeric_limits<int64_t>::max()
-                               : start_ns[i] + elapsed_ns[i];
-      watch.observe(end, lost_ns[i], elapsed_ns[i], work[i]);
+      watch.observe(add_saturated(start_ns[i], elapsed_ns[i]), lost_ns[i], elapsed_ns[i], work[i]);
     }
   }
   return solo;
