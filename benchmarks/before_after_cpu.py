@@ -3,6 +3,7 @@
     git worktree add /tmp/base <revision>
     python benchmarks/before_after_cpu.py --base /tmp/base        # this checkout ("after") against /tmp/base
     python benchmarks/before_after_cpu.py --base /tmp/base --prefill   # only the ext layers' bf16 prefill
+    python benchmarks/before_after_cpu.py --base /tmp/base --decode    # only the ext layers' decode steps
 
 The older revision's package and its csrc/ are copied under another name (``deepseek_moe_before``, its custom-op
 namespace and extension renamed with it) so both load into this process; every contender of a measure is timed
@@ -17,7 +18,9 @@ Measures, fp32 on CPU:
   (their weights together far exceed the L3 cache, as in a model's decode step).
 
 and, where both revisions' extensions build: bf16 prefill (inference) at T = 512 and 2048 of the ext layers (H =
-1024, 64 x 352 + 2 shared, top-6) over the dense FFN of equal active FLOPs (``--prefill``: this measure alone).
+1024, 64 x 352 + 2 shared, top-6) over the dense FFN of equal active FLOPs (``--prefill``: this measure alone);
+``--decode`` alone: the same ext layers' decode steps, T = 1 and 16 in bf16 and fp32, cold (8 layers cycled), over
+the dense FFN of the same weight bytes (T = 1: the experts touched + 2 shared; T = 16: width 8 · 352).
 """
 from __future__ import annotations
 
@@ -100,11 +103,54 @@ def prefill_rows(before, rounds: int) -> list:
     return rows
 
 
+def decode_rows(before, rounds: int) -> list:
+    """Decode steps of the ext layers (the decode op, fused), after and before, over the dense FFN of the same weight
+    bytes, T = 1 and 16 in bf16 and fp32, each call on the next of 8 layers (cold weights); [] (said why) where
+    either revision's extension does not build."""
+    try:
+        for package in (after, before):
+            importlib.import_module(package.__name__ + ".ext").load()
+    except Exception as e:  # noqa: BLE001 -- a measure that cannot run is reported, not fatal
+        print(f"ext decode left out: an extension did not load ({type(e).__name__}: {e})", flush=True)
+        return []
+    H, I = 1024, 352
+    cfg = dict(hidden_size=H, expert_hidden_size=I, num_routed_experts=64, num_shared_experts=2, top_k=6)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        layers = []
+        for _ in range(8):
+            new = after.DeepSeekMoELayer(**cfg, backend="ext").to(dtype).eval()
+            old = before.DeepSeekMoELayer(**cfg, backend="ext").to(dtype).eval()
+            old.load_state_dict(new.state_dict())
+            layers.append((new, old))
+        for T in (1, 16):
+            xs = [torch.randn(T, H, dtype=dtype) for _ in range(8)]
+            with torch.inference_mode():
+                touched = int(statistics.median(int(n.route(v)[1].counts_E.count_nonzero())
+                                                for (n, _), v in zip(layers, xs)))
+                if not all(torch.equal(n(v), o(v)) for (n, o), v in zip(layers, xs)):
+                    print(f"note: {dtype} T = {T}: the two revisions' outputs differ", flush=True)
+            width = (min(touched, 6) + 2) * I if T == 1 else (6 + 2) * I
+            denses = [SharedExperts.dense(H, width).to(dtype).eval() for _ in range(8)]
+            calls = {name: itertools.cycle(list(zip(mods, xs))) for name, mods in
+                     (("after", [n for n, _ in layers]), ("before", [o for _, o in layers]), ("dense", denses))}
+            fns = {name: (lambda r, c=c: (lambda m, v: m(v))(*next(c))) for name, c in calls.items()}
+            with torch.inference_mode():
+                t = medians(fns, rounds, warmup=2, calls=16 if T == 1 else 4)
+            name = "bf16" if dtype == torch.bfloat16 else "fp32"
+            rows.append((f"ext decode T={T} {name}, layer / dense FFN", t["before"] / t["dense"],
+                         t["after"] / t["dense"]))
+            print(f"{name} T={T}: after {t['after'] * 1e3:.3f} ms, before {t['before'] * 1e3:.3f} ms, "
+                  f"dense {t['dense'] * 1e3:.3f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a checkout of the revision to compare against")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--prefill", action="store_true", help="only the ext layers' bf16 prefill")
+    p.add_argument("--decode", action="store_true", help="only the ext layers' decode steps (bf16, fp32; T = 1, 16)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     H, T = 1024, 4096
@@ -112,6 +158,8 @@ def main(argv=None) -> int:
         before = load_before(os.path.abspath(args.base), tmp)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved rounds; "
               f"before = {args.base}, after = {HERE}", flush=True)
+        if args.decode:
+            return report(decode_rows(before, args.rounds))
         rows = prefill_rows(before, args.rounds)
         if args.prefill:
             return report(rows)

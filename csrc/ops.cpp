@@ -26,15 +26,19 @@ TORCH_LIBRARY(deepseek_moe, m) {
   // The same for many tokens (prefill, inference, fp32 or bf16): sorted blocks through brgemm -> y (T, H).
   m.def("expert_blocks(Tensor x, Tensor gate_up, Tensor down, Tensor token, Tensor weight, Tensor counts, "
         "float? limit, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) -> Tensor");
+  // The router's gate GEMM for a decode step: x (T, H) fp32, bf16 or fp16, weight (E, H) fp32 -> logits (T, E) fp32,
+  // each logit one fixed-order dot product: the same bits on any number of threads and for a token in any batch.
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
   // The router's choice after its gate GEMM, for inference: logits (T, E) fp32, bias (E,) fp32 -> scores (T, E),
   // experts (T, K) int64 best first, gate weights (T, K); score_func 0 softmax, 1 sigmoid, 2 sqrt-softplus;
   // group_score 0 max, 1 top-2 sum.
   m.def("route_topk(Tensor logits, Tensor bias, int score_func, int top_k, int num_groups, int topk_groups, "
         "int group_score, bool norm, float scale) -> (Tensor, Tensor, Tensor)");
-  // A layer's routed step for inference in one call: logits = x·router_weightᵀ in fp32 (ATen's linear, the Python
-  // router's GEMM), route_topk's choice, route_plan, then expert_blocks (blocks) or expert_gemv (otherwise) with
-  // the shared experts when given. x (..., H), its T = numel / H rows the tokens -> y (x's shape), logits (T, E),
-  // scores (T, E), experts (T, K), gate weights (T, K), counts (E,).
+  // A layer's routed step for inference in one call: logits = x·router_weightᵀ in fp32 (router_logits for a
+  // decode step, ATen's linear for blocks: the gate GEMM the Python router calls under each), route_topk's choice,
+  // route_plan, then expert_blocks (blocks) or expert_gemv (otherwise) with the shared experts when given.
+  // x (..., H), its T = numel / H rows the tokens -> y (x's shape), logits (T, E), scores (T, E), experts (T, K),
+  // gate weights (T, K), counts (E,).
   m.def("fused_moe(Tensor x, Tensor router_weight, Tensor bias, int score_func, int top_k, int num_groups, "
         "int topk_groups, int group_score, bool norm, float scale, Tensor gate_up, Tensor down, float? limit, "
         "bool blocks, Tensor? shared_gate=None, Tensor? shared_up=None, Tensor? shared_down=None) "

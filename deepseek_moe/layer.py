@@ -162,7 +162,7 @@ class DeepSeekMoELayer(nn.Module):
         shared = self._fused_shared(impl, dtype, override)
         with stage("router"):
             if self.gate is self.router and not torch.is_grad_enabled():  # the implementation's choice, if faster
-                routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config))
+                routing = self.gate(routed_TH, override, forced_TK, impl.selector(self.config), impl.router_gemm())
             else:
                 routing = self.gate(routed_TH, override, forced_TK)
         y_TH, dispatched = self.dispatcher(routed_TH.to(dtype), routing,

@@ -193,14 +193,17 @@ class Router(nn.Module):
                                       error_msgs)
 
     def forward(self, x_TH: torch.Tensor, override: Optional[RoutingOverride] = None,
-                topk_idx_TK: Optional[torch.Tensor] = None, select: Optional[Callable] = None) -> Routing:
+                topk_idx_TK: Optional[torch.Tensor] = None, select: Optional[Callable] = None,
+                gemm: Optional[Callable] = None) -> Routing:
         """Route T tokens. x_TH: (T, H), any float dtype -> :class:`Routing`. ``override``: experts the tokens may not
         pick (:class:`~deepseek_moe.override.RoutingOverride`). ``topk_idx_TK``: int64 (T, K) experts to use
         instead of choosing (replayed or hashed ids, :mod:`deepseek_moe.forced_routing`); the weights are then the
         scores gathered there, normalised and scaled as for chosen ones, so the router still gets its gradient.
         ``select``: an experts implementation's faster form of the steps after the gate GEMM
         (:meth:`~deepseek_moe.backends.Backend.selector`; the layer passes it without autograd), used when neither
-        ``override`` nor ``topk_idx_TK`` is given. Raises ValueError for forced ids together with an override that
+        ``override`` nor ``topk_idx_TK`` is given. ``gemm``: an experts implementation's gate GEMM
+        (:meth:`~deepseek_moe.backends.Backend.router_gemm`; the layer passes it without autograd), used in place of
+        ``F.linear`` where it returns logits. Raises ValueError for forced ids together with an override that
         excludes experts."""
         cfg = self.cfg
         # The gate runs in fp32 (fp64 stays fp64) even under autocast: the top-k choice is sensitive to rounding.
@@ -209,8 +212,10 @@ class Router(nn.Module):
         device = x_TH.device.type
         # The context only under autocast: entering it costs microseconds of every decode step.
         with torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) else _NO_CONTEXT:
-            linear = invariant.linear if batch_invariant else F.linear
-            logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
+            logits_TE = None if gemm is None or batch_invariant else gemm(x_TH, self.weight)
+            if logits_TE is None:
+                linear = invariant.linear if batch_invariant else F.linear
+                logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
         if select is not None and override is None and topk_idx_TK is None:
             chosen = select(logits_TE, self.e_score_correction_bias)
             if chosen is not None:

@@ -129,6 +129,81 @@ def test_decode_op_is_bitwise_the_same_alone_and_on_threads(dtype, T, H, I):
         assert torch.equal(outputs[0], y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,E,H", [(0, 5, 16), (1, 1, 1), (1, 64, 1024), (2, 3, 7), (3, 4, 8), (4, 5, 17),
+                                   (7, 64, 1024), (7, 17, 33), (16, 64, 70), (64, 64, 1024)])
+def test_router_logits_are_float64_dots_to_rounding_the_same_bits_on_any_threads_and_in_any_batch(dtype, T, E, H):
+    """router_logits (the decode step's gate GEMM) against x·Wᵀ in float64: within the fp32 rounding of a dot
+    product of H terms (H·2⁻²⁴ of Σ|x·w|). Its bits do not change with the thread count, the shared-CPU watch, or
+    the other tokens of the batch (ATen's linear on 2 threads differs from 1 thread's at T = 7 on the AMD CPU):
+    each token alone gives the batch's row. x transposed in memory; 64 × 64 × 1024 multiply-adds run on threads;
+    H = 7, 17, 33, 70 leave tails under one vector, E = 5, 17 blocks of fewer than 4 rows, T = 7 of fewer than 3
+    tokens."""
+    torch.manual_seed(T * 1000 + E + H)
+    x = torch.randn(H, T).to(dtype).t()
+    weight = torch.randn(E, H)
+    op, threads, watching = torch.ops.deepseek_moe.router_logits, torch.get_num_threads(), dm.ext.shared_cpu_watch()
+    outputs = []
+    try:
+        for n, watch in ((2, True), (1, True), (2, False)):
+            torch.set_num_threads(n)
+            dm.ext.shared_cpu_watch(watch)
+            outputs.append(op(x, weight))
+        torch.set_num_threads(threads)
+        alone = [op(x[t:t + 1], weight) for t in range(T)]
+    finally:
+        torch.set_num_threads(threads)
+        dm.ext.shared_cpu_watch(watching)
+    logits = outputs[0]
+    assert logits.dtype == torch.float32 and logits.shape == (T, E)
+    truth = x.double() @ weight.double().T
+    bound = (x.double().abs() @ weight.double().abs().T) * H * 2.0 ** -24
+    assert ((logits.double() - truth).abs() <= bound).all()
+    for other in outputs[1:] + ([torch.cat(alone)] if T else []):
+        assert torch.equal(logits, other)
+    assert torch.equal(op(x.float(), weight), logits)  # a 16-bit x widens exactly
+
+
+@pytest.mark.parametrize("x,weight,message", [
+    (torch.zeros(2, 8, dtype=torch.float64), torch.zeros(4, 8), "float32, bfloat16 or float16"),
+    (torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.bfloat16), r"weight must be \(E, H\) float32"),
+    (torch.zeros(2, 8), torch.zeros(4, 9), r"x must be \(T, H\) with H = 9"),
+    (torch.zeros(8), torch.zeros(4, 8), r"x must be \(T, H\)")])
+def test_router_logits_refuse_what_they_do_not_compute(x, weight, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.deepseek_moe.router_logits(x, weight)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_decode_step_is_the_same_bits_on_one_thread_and_two_and_for_a_token_alone(fused, monkeypatch):
+    """The whole decode step (gate GEMM, choice, experts, shared experts, combine), by its one op or stage by stage:
+    neither the thread count nor the batch changes a bit of a token's output or its logits. 7 tokens: where ATen's
+    linear on two threads and on one differ."""
+    if not fused:
+        monkeypatch.setattr(ExtBackend, "fused_step", lambda self, cfg: None)
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=256, expert_hidden_size=32, num_routed_experts=16, num_shared_experts=1,
+                                top_k=4, initializer_range=0.1, backend="ext").eval()
+    x = torch.randn(1, 7, 256)
+    seen = []
+    layer.logits_probe.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(2)
+            y2, ran = ran_ops(lambda: layer(x))
+            torch.set_num_threads(1)
+            y1 = layer(x)
+            torch.set_num_threads(threads)
+            alone = torch.cat([layer(x[:, t:t + 1]) for t in range(7)], dim=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert {"deepseek_moe::router_logits", "deepseek_moe::expert_gemv"} <= ran
+    assert ("deepseek_moe::fused_moe" in ran) == fused
+    assert torch.equal(y2, y1) and torch.equal(y2, alone)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], torch.cat(seen[2:]))
+
+
 MS = 1_000_000  # ns
 
 

@@ -1,7 +1,7 @@
-// AVX2 + FMA building blocks of the CPU kernels (csrc/cpu/expert_gemv.cpp, expert_blocks.cpp) for the CPUs without
-// AVX-512 (AMD Zen 1-3 among them): bf16 -> fp32 widening, e^x, fp32 -> bf16 rounding and an 8 × 8 transpose of
-// 32-bit words, the counterparts of avx512_math.h. Each carries a target attribute: callers run them only where has_avx2_fma() (cpu_features.h) says
-// so.
+// AVX2 + FMA building blocks of the CPU kernels (csrc/cpu/expert_gemv.cpp, expert_blocks.cpp, router_logits.cpp)
+// for the CPUs without AVX-512 (AMD Zen 1-3 among them): bf16 -> fp32 widening, a lane sum, e^x, fp32 -> bf16
+// rounding and an 8 × 8 transpose of 32-bit words, the counterparts of avx512_math.h. Each carries a target
+// attribute: callers run them only where has_avx2_fma() (cpu_features.h) says so.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -15,6 +15,13 @@ namespace deepseek_moe {
 __attribute__((target("avx2,fma"))) inline __m256 widen8(const c10::BFloat16* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// The sum of v's 8 lanes, in a fixed order.
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
 // e^x as exp16 computes it (the same reduction and degree-7 polynomial); 2^k is applied in two halves, as AVX2 has

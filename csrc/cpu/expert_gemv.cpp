@@ -116,12 +116,6 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
   return widen8(p);
 }
 
-__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 // Two accumulators of 8 lanes per row (at R = 4, 8 of the 16 ymm registers, the 4 of v beside them).
 template <int R, typename scalar_t>
 __attribute__((target("avx2,fma"))) void dots_avx2(const scalar_t* base, int64_t stride, const float* v, int64_t n,

@@ -5,8 +5,8 @@
 // A cold fp32 decode step streams its 35 MB of experts in about 1.6 ms; the stages as separate calls (the router's
 // module, the plan's dataclass, the experts' module and their wrappers), their Python and ATen code cold in the
 // caches after the weights went through them, took 0.18-0.24 ms more than this one call (docs/benchmarks.md). The
-// gate GEMM is ATen's linear on the same operands as the Python router's, so the logits, and every choice made
-// from them, are the same bits with or without autograd.
+// gate GEMM is the one the Python router calls under the same strategy (router_logits for a decode step, ATen's
+// linear for blocks), on the same operands, so the logits, and every choice made from them, are the pipeline's bits.
 //
 // x may carry leading dimensions (..., H), as a layer's input does: the tokens are its rows (T = x.numel() / H)
 // and y comes back in x's shape, so the caller reshapes nothing (each call it saves is tens of microseconds in a
@@ -41,8 +41,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_moe_cpu(
                   router_weight.size(1) == x.size(1) && router_weight.size(0) == gate_up.size(0),
               "fused_moe: router_weight must be (E, H) float32 with E = ", gate_up.size(0), " and H = ", x.size(1),
               ", got ", router_weight.scalar_type(), " ", router_weight.sizes());
-  const Tensor logits = at::linear(x.to(at::kFloat), router_weight);
   // The composed ops' own names as profiler ranges (free while no profiler records): a profile shows which ran.
+  Tensor logits;
+  if (blocks) {
+    logits = at::linear(x.to(at::kFloat), router_weight);
+  } else {
+    RECORD_FUNCTION("deepseek_moe::router_logits", std::vector<c10::IValue>());
+    logits = router_logits_cpu(x, router_weight);
+  }
   Tensor scores, topk_idx, topk_weight, counts, pair, token;
   {
     RECORD_FUNCTION("deepseek_moe::route_topk", std::vector<c10::IValue>());

@@ -11,6 +11,9 @@
 
 namespace deepseek_moe {
 
+// x (T, H) in fp32, bf16 or fp16, weight (E, H) fp32 -> logits (T, E) fp32, each a fixed-order dot product.
+at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight);
+
 // logits (T, E) fp32, bias (E,) fp32 -> scores (T, E), experts (T, K) best first, gate weights (T, K).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, const at::Tensor& bias,
                                                               int64_t score_func, int64_t top_k, int64_t num_groups,

@@ -85,6 +85,13 @@ class Backend:
         dtype: the router then computes them itself). Used by the layer without autograd only."""
         return None
 
+    def router_gemm(self) -> Optional[Callable]:
+        """The router's gate GEMM in this implementation's form, or None (the router then calls ``F.linear``):
+        ``gemm(x_TH, weight_EH) -> logits_TE`` in fp32 as ``F.linear(x.float(), weight)`` computes them up to
+        rounding, or None where it cannot (e.g. fp64 tokens). Used by the layer without autograd only; the
+        implementation's :meth:`fused_step` computes the logits the same way."""
+        return None
+
     def fused_step(self, cfg) -> Optional[Callable]:
         """The layer's whole routed step for inference as one call, or None: ``step(x, router_weight_EH, bias_E,
         gate_up_EJH, down_EHI, shared) -> (y, logits_TE, scores_TE, topk_idx_TK, weight_TK, counts_E)`` for x

@@ -12,6 +12,8 @@
   brgemm otherwise; on a CPU without a bf16 micro-kernel, fp32 brgemm on weight chunks widened just before), the
   weights as the A operand in their public layout, the SwiGLU·w in GEMM 1's
   epilogue, in two parallel regions over all experts (csrc/cpu/expert_blocks.cpp); no backward.
+* ``decode`` also offers the router's gate GEMM (``router_logits``, :meth:`ExtBackend.router_gemm`: each logit
+  one fixed-order dot product, no parallel region for a decode step's size).
 * ``decode`` and ``blocks`` also offer the router's choice after its gate GEMM as one op (``route_topk``,
   :meth:`ExtBackend.selector`), and the layer's whole routed step as one op (``fused_moe``: gate GEMM, route_topk,
   the plan, their experts op with the shared experts, :meth:`ExtBackend.fused_step`), which the layer calls where
@@ -112,6 +114,11 @@ def _register() -> None:
         _one_device("expert_blocks", x, gate_up, down, token, weight, counts, shared_gate, shared_up, shared_down)
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake(_OPS + "router_logits")
+    def _(x, weight):
+        _one_device("router_logits", x, weight)
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
     @torch.library.register_fake(_OPS + "route_topk")
     def _(logits, bias, score_func, top_k, num_groups, topk_groups, group_score, norm, scale):
         _one_device("route_topk", logits, bias)
@@ -137,7 +144,7 @@ def _register() -> None:
     torch.library.register_autograd(_OPS + "combine", _combine_backward, setup_context=_combine_setup)
     torch.library.register_autograd(_OPS + "segment_mlp_fused", _segment_backward, setup_context=_segment_setup)
     # Called directly on tensors that need gradients: say so at backward.
-    for op in (*_INFERENCE_OPS.values(), "fused_moe"):
+    for op in (*_INFERENCE_OPS.values(), "fused_moe", "router_logits"):
         torch.library.register_autograd(_OPS + op, _inference_only(op))
 
 
@@ -235,6 +242,7 @@ class ExtBackend(Backend):
             raise ValueError(f"ExtBackend: strategy={strategy!r} is invalid; expected one of {STRATEGIES}")
         self.strategy = strategy
         self._step = (None, None)  # (config, fused_step(config)) of the last call
+        self._gemm = None  # router_gemm()
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu", decode: bool = False,
@@ -307,6 +315,25 @@ class ExtBackend(Backend):
                 return None
             return torch.ops.deepseek_moe.route_topk(logits_TE, bias_E, *args)
         return select
+
+    def router_gemm(self):
+        """The extension's ``router_logits`` under the decode strategy, for tokens in fp32, bf16 or fp16 and a router
+        weight in fp32: each logit one dot product in a fixed order, so a decode step's routing is the same bits
+        on any number of threads and for a token in any batch (ATen's linear splits its work by thread count), and
+        the step's gate GEMM needs no parallel region (on a CPU shared with another busy process one costs
+        milliseconds: docs/benchmarks.md)."""
+        if self.strategy != "decode":
+            return None
+        if self._gemm is None:  # asked on every inference call: built once
+            _ensure_loaded_eager()
+            op, ok = torch.ops.deepseek_moe.router_logits.default, (torch.float32, torch.bfloat16, torch.float16)
+
+            def gemm(x_TH, weight_EH):
+                if x_TH.dtype not in ok or weight_EH.dtype != torch.float32 or x_TH.device != weight_EH.device:
+                    return None
+                return op(x_TH, weight_EH)
+            self._gemm = gemm
+        return self._gemm
 
     def fused_step(self, cfg):
         """The extension's ``fused_moe`` (gate GEMM, route_topk, route_plan and this strategy's op in one call)
