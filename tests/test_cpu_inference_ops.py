@@ -213,42 +213,60 @@ def replay_shared_cpu_policy(calls):
     return torch.ops.deepseek_moe._shared_cpu_policy(*columns)
 
 
-def test_shared_cpu_watch_runs_calls_alone_after_two_that_lost_a_quarter_of_their_time():
-    """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: two calls in a row that each lost >= 100 us
-    and >= a quarter of their time to waiting for threads or being descheduled send the calls of the next 20 ms to
-    the calling thread alone; the window doubles while the two calls after each window still lose that much, up to
-    1.28 s, and halves (to no less than 20 ms) after a call that does not. Here a call alone does its work in 1 ms,
-    a call that loses half its time on threads in 4 ms."""
+def test_shared_cpu_watch_goes_alone_after_two_lost_calls_then_while_the_threads_mean_is_slower():
+    """The decode op's policy (csrc/cpu/shared_cpu.h) on given times: before any call alone, two calls in a row that
+    each lost >= 100 us and >= a quarter of their time (waiting for threads or descheduled) send the calls of the
+    next 20 ms (at least 4 calls of that length) to the calling thread alone. A window's first call alone is left
+    out of the running mean of the calls alone (the threads of the call before still spin). After that one lost call
+    opens the next window where the calls on threads take longer per unit of work, on the mean, than the calls
+    alone; the windows double up to 1.28 s. A call alone here does its work in 1 ms, a lost call on threads in 4."""
     calls_and_alone = [
-        ((0, 0, 1, 1), False), ((2, 2, 4, 1), False), ((7, 2, 4, 1), False),  # two lost: alone until 11 + 20
-        ((12, 0, 1, 1), True), ((30, 0, 1, 1), True),
-        ((31.5, 2, 4, 1), False), ((36, 2, 4, 1), False), ((79, 0, 1, 1), True),  # still shared: 40 ms, to 80
-        ((80.5, 0, 1, 1), False),  # free: the window halves to 40
-        ((82, 2, 4, 1), False), ((86.5, 0, 1, 1), False),  # one lost call alone is no window; free: 20
-        ((88, 2, 4, 1), False), ((92.5, 2, 4, 1), False), ((116, 0, 1, 1), True),  # 20 ms, to 116.5
-        ((117, 0.09, 0.2, 1), False), ((118, 2, 4, 1), False),  # under 100 us lost: free
-        ((122.5, 0.9, 4, 1), False), ((127, 2, 4, 1), False),  # under a quarter lost: free
-        ((131.5, 2, 4, 1), False), ((155, 0, 1, 1), True), ((156, 0, 1, 1), False)]
+        ((0, 2, 4, 1), False), ((5, 0.09, 4, 1), False),  # under 100 us lost: free
+        ((10, 0.9, 4, 1), False),  # under a quarter lost: free
+        ((15, 2, 4, 1), False), ((20, 2, 4, 1), False),  # two lost: alone from 24 until 24 + 20
+        ((25, 0, 50, 1), True),  # the window's first call: not in the mean
+        ((76, 0, 1, 1), False),  # free, no call alone counted yet: the next window halves, to 20 ms
+        ((78, 2, 4, 1), False), ((83, 10, 25, 1), False),  # lost twice: 4 calls of 25 ms (100 ms), until 208
+        ((109, 0, 1, 1), True), ((207, 0, 1, 1), True),  # the window's second call: the calls alone take 1 ms
+        ((209, 2, 4, 1), False),  # the threads' mean is slower: one lost call opens the next window, 40 ms
+        ((252, 0, 1, 1), True), ((253.5, 0, 1, 1), False)]
     assert replay_shared_cpu_policy([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
-    # Each pair of calls that ends a window loses half its time: windows of 20, 40, ... ms, then 1.28 s, no longer.
-    calls, expected, t = [], [], 0.0
-    for k in range(10):
+    # One lost call after each window: windows of 20, 40, ... ms, then 1.28 s, no longer.
+    calls, expected, t = [(0, 2, 4, 1), (5, 2, 4, 1), (10, 0, 1, 1), (12, 0, 1, 1)], [False, False, True, True], 29.5
+    for k in range(1, 10):
         window = min(20 * 2 ** k, 1280)
-        calls += [(t, 2, 4, 1), (t + 5, 2, 4, 1), (t + 9 + window - 0.5, 0, 1, 1)]
-        expected += [False, False, True]
-        t += 9 + window + 0.5
+        calls += [(t, 2, 4, 1), (t + 4 + window - 1.5, 0, 1, 1)]
+        expected += [False, True]
+        t += 4 + window + 0.5
     assert replay_shared_cpu_policy(calls) == expected
+
+
+@pytest.mark.parametrize("free_ms,halved", [(0.2, True), (0.9, False)])
+def test_shared_cpu_watch_halves_its_window_after_free_calls_only_where_the_threads_do_better(free_ms, halved):
+    """After the first window (calls alone: 1 ms), six free calls on threads of 0.2 ms bring the threads' running mean
+    (1/4 of each call) under the calls alone: the next window is halved (40 -> 20 ms). Free calls of 0.9 ms leave it
+    above (4 ms of the lost calls still in it): the next window stays 40 ms."""
+    calls = [(0, 2, 4, 1), (5, 2, 4, 1), (10, 0, 1, 1), (12, 0, 1, 1)]  # a window until 29, the next one 40 ms
+    calls += [(30 + i, 0, free_ms, 1) for i in range(6)]
+    calls += [(36, 2, 4, 1), (59, 0, 1, 1), (65, 0, 1, 1)]  # the threads' mean above 1 again: a window from 40
+    assert replay_shared_cpu_policy(calls) == [False, False, True, True] + [False] * 6 + [False, True, not halved]
 
 
 def test_shared_cpu_watch_keeps_the_threads_where_the_calling_thread_alone_is_slower():
     """Calls that lose half their time on threads (4 ms) but run slower still alone (10 ms for the same work: other
-    parallel ops keep OpenMP's threads spinning) open one trial window; after it the threads stay."""
-    calls_and_alone = [((0, 2, 4, 1), False), ((5, 2, 4, 1), False), ((10, 0, 10, 1), True), ((21, 0, 10, 1), True),
-                       ((31, 2, 4, 1), False), ((36, 2, 4, 1), False), ((41, 2, 4, 1), False), ((46, 2, 8, 2), False)]
+    parallel ops keep OpenMP's threads spinning) open one trial window; after it the threads stay, late or not,
+    until the mean of the calls alone is 2.56 s old: a lost call then opens a 20 ms window to measure it again."""
+    calls_and_alone = [((0, 2, 4, 1), False), ((5, 2, 4, 1), False), ((10, 0, 10, 1), True), ((21, 0, 8, 1), True),
+                       ((31, 2, 4, 1), False), ((36, 2, 4, 1), False), ((41, 2, 4, 1), False), ((46, 2, 8, 2), False),
+                       ((2580, 2, 4, 1), False),  # 2.55 s after the last call alone: not yet
+                       ((2590, 2, 4, 1), False),  # 2.565 s: a window from 2594 until 2614
+                       ((2595, 0, 10, 1), True), ((2606, 0, 7, 1), True), ((2615, 2, 4, 1), False),
+                       ((2620, 2, 4, 1), False)]
     assert replay_shared_cpu_policy([c for c, _ in calls_and_alone]) == [alone for _, alone in calls_and_alone]
-    # The same calls doing a third of the work each: slower than alone per unit of work, so the window opens.
+    # The same calls doing a third of the work each: slower than alone per unit of work, so the windows open.
     assert replay_shared_cpu_policy([(0, 2, 4, 1), (5, 2, 4, 1), (10, 0, 10, 3), (21, 0, 10, 3), (31, 2, 4, 1),
-                                     (36, 2, 4, 1), (41, 0, 1, 1)]) == [False, False, True, True, False, False, True]
+                                     (36, 0, 10, 3), (74, 0, 10, 3), (76, 2, 4, 1)]) == \
+        [False, False, True, True, False, True, True, False]
 
 
 @pytest.mark.parametrize("policy,on", [(None, True), ("PASSIVE", False), ("passive", False), ("ACTIVE", True)])

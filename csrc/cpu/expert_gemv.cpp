@@ -260,7 +260,7 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   int64_t work = 0;  // bytes of weights streamed
   for (const auto& s : segments) work += 3 * s.width * H * int64_t(sizeof(scalar_t));
   if (solo) {
-    watch.observe_alone(end - start, work);
+    watch.observe_alone(end, end - start, work);
   } else {
     const int64_t cpu = thread_cpu_ns() - start_cpu;
     watch.observe(end, std::max(wait, cpu > 0 ? end - start - cpu : 0), end - start, work);
@@ -305,7 +305,7 @@ c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost
   for (size_t i = 0; i < start_ns.size(); ++i) {
     solo.push_back(watch.solo(start_ns[i]));
     if (solo.get(i)) {
-      watch.observe_alone(elapsed_ns[i], work[i]);
+      watch.observe_alone(add_saturated(start_ns[i], elapsed_ns[i]), elapsed_ns[i], work[i]);
     } else {
       watch.observe(add_saturated(start_ns[i], elapsed_ns[i]), lost_ns[i], elapsed_ns[i], work[i]);
     }

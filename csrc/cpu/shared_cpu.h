@@ -13,13 +13,17 @@
 //     from their ends (a late thread leaves its share to the others), so on a CPU of its own the caller waits at a
 //     region's end for at most the item another thread is finishing;
 //   * a call's lost time is the longer of the caller's wait for the other threads and the time the scheduler kept
-//     the caller itself off the CPU (wall time less the thread's CPU time). Two calls in a row that each lost at
-//     least kLateNs and a quarter of their time mark the CPU as shared (one alone is a blip of the host's): the calls
-//     of the next window run on the calling thread alone (20 ms, doubling while the two calls after each window
-//     still find the CPU shared, up to 1.28 s; a call that finds it free halves the window, to no less than 20 ms);
-//   * a call on threads that lost that much but took no longer for its work (bytes streamed) than the calls alone
-//     did counts as free: where other parallel ops keep OpenMP's threads spinning, the calling thread alone is no
-//     cure and the op's threads still do better.
+//     the caller itself off the CPU (wall time less the thread's CPU time). A call that lost at least kLateNs and a
+//     quarter of its time is late. Two late calls in a row (one alone is a blip of the host's) send the calls of the
+//     next window to the calling thread alone: 20 ms at first (and at least 4 calls), doubling with each window up
+//     to 1.28 s;
+//   * from then on the running means of the time per unit of work (bytes streamed) decide, of the calls on threads
+//     and of the calls alone (a window's first call left out: the threads of the call before still spin into it):
+//     a late call on threads opens the next window where the threads' mean is the slower. Beside another busy
+//     process most calls on threads may be fast and a few lose ten times that (a T = 1 step: 0.8-0.9 ms or 10-16
+//     ms); where other parallel ops of the process keep OpenMP's threads spinning, the calling thread alone is no
+//     cure and the threads stay. A free call where the threads' mean is the faster halves the next window; a mean of
+//     the calls alone older than 2.56 s is measured again in a 20 ms window.
 //
 // The items and their order do not depend on the thread count, so neither does any result bit.
 #pragma once
@@ -77,36 +81,45 @@ inline bool omp_waits_passively() {
 // load is the machine's, not a layer's); concurrent calls may race on it, which costs at most one window's choice.
 class SharedCpuWatch {
  public:
-  static constexpr int64_t kLateNs = 100'000, kStrikes = 2;
+  static constexpr int64_t kLateNs = 100'000, kStrikes = 2, kWindowCalls = 4;
   static constexpr int64_t kFirstWindowNs = 20'000'000, kLongestWindowNs = 1'280'000'000;
+  static constexpr int64_t kStaleNs = 2 * kLongestWindowNs;
 
   // Whether a call starting at `now` runs on the calling thread alone.
   bool solo(int64_t now) const {
     return enabled_.load(std::memory_order_relaxed) && now < solo_until_.load(std::memory_order_relaxed);
   }
-  // A call with threads ended at `now` after `elapsed`, having lost `lost` of it (above); `work`: what it did (any
+  // A call on threads ended at `now` after `elapsed`, having lost `lost` of it (above); `work`: what it did (any
   // unit, the same for every call: the op's bytes of weights streamed).
   void observe(int64_t now, int64_t lost, int64_t elapsed, int64_t work) {
     if (!enabled_.load(std::memory_order_relaxed)) return;
-    // Lost time is worth avoiding only where the calling thread alone does better: where other parallel ops of the
-    // process keep OpenMP's threads spinning, the op's threads still beat it (docs/benchmarks.md).
+    const double threads = update(threads_ns_per_work_, elapsed, work);
     const double alone = alone_ns_per_work_.load(std::memory_order_relaxed);
-    if (lost < kLateNs || lost < elapsed / 4 || (alone > 0 && elapsed <= alone * std::max<int64_t>(work, 1))) {
+    if (lost < kLateNs || lost < elapsed / 4) {  // a free call
       strikes_.store(0, std::memory_order_relaxed);
-      window_.store(std::max(window_.load(std::memory_order_relaxed) / 2, kFirstWindowNs), std::memory_order_relaxed);
+      if (alone == 0 || threads < alone) halve_window();
       return;
     }
-    if (strikes_.fetch_add(1, std::memory_order_relaxed) + 1 < kStrikes) return;
-    strikes_.store(0, std::memory_order_relaxed);
-    const int64_t window = window_.load(std::memory_order_relaxed);
-    solo_until_.store(add_saturated(now, window), std::memory_order_relaxed);
-    window_.store(std::min(2 * window, kLongestWindowNs), std::memory_order_relaxed);
+    if (alone > 0) {
+      // Once both are known the means decide: beside another busy process most calls on threads may be fast and a
+      // few lose ten times that; and where other parallel ops keep OpenMP's threads spinning, the calling thread
+      // alone is no cure and the op's threads do better, late or not (docs/benchmarks.md). A mean of the calls
+      // alone older than kStaleNs is measured again in a short window.
+      if (threads > alone) {
+        open_window(now, elapsed);
+      } else if (now - alone_at_.load(std::memory_order_relaxed) > kStaleNs) {
+        open_window(now, elapsed, false);
+      }
+      return;
+    }
+    if (strikes_.fetch_add(1, std::memory_order_relaxed) + 1 >= kStrikes) open_window(now, elapsed);
   }
-  // A call on the calling thread alone took `elapsed` for `work`: the window's running mean of the rate.
-  void observe_alone(int64_t elapsed, int64_t work) {
-    const double rate = double(elapsed) / double(std::max<int64_t>(work, 1));
-    const double mean = alone_ns_per_work_.load(std::memory_order_relaxed);
-    alone_ns_per_work_.store(mean > 0 ? 0.75 * mean + 0.25 * rate : rate, std::memory_order_relaxed);
+  // A call on the calling thread alone took `elapsed` for `work`. A window's first call is left out of the mean: it
+  // runs while the threads of the call before still spin.
+  void observe_alone(int64_t now, int64_t elapsed, int64_t work) {
+    if (first_alone_.exchange(false, std::memory_order_relaxed)) return;
+    update(alone_ns_per_work_, elapsed, work);
+    alone_at_.store(now, std::memory_order_relaxed);
   }
   // Off: every call runs with ATen's threads and nothing is observed (on again, the watch goes on where it was).
   // Returns the previous setting.
@@ -114,11 +127,36 @@ class SharedCpuWatch {
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
 
  private:
+  // mean := 3/4 mean + 1/4 elapsed / work (the first call: its rate) -> the new mean.
+  static double update(std::atomic<double>& mean, int64_t elapsed, int64_t work) {
+    const double rate = double(elapsed) / double(std::max<int64_t>(work, 1));
+    const double old = mean.load(std::memory_order_relaxed);
+    const double next = old > 0 ? 0.75 * old + 0.25 * rate : rate;
+    mean.store(next, std::memory_order_relaxed);
+    return next;
+  }
+  // The calls of the next window (at least kWindowCalls calls of this one's length) run alone; with `grow`, the
+  // window is window_ long and the next one twice that, else it is the shortest (a new measure of the calls alone).
+  void open_window(int64_t now, int64_t elapsed, bool grow = true) {
+    strikes_.store(0, std::memory_order_relaxed);
+    const int64_t window = window_.load(std::memory_order_relaxed);
+    const int64_t calls = elapsed > kLongestWindowNs / kWindowCalls ? kLongestWindowNs : kWindowCalls * elapsed;
+    solo_until_.store(add_saturated(now, std::max(grow ? window : kFirstWindowNs, calls)), std::memory_order_relaxed);
+    if (grow) window_.store(std::min(2 * window, kLongestWindowNs), std::memory_order_relaxed);
+    first_alone_.store(true, std::memory_order_relaxed);
+  }
+  void halve_window() {
+    window_.store(std::max(window_.load(std::memory_order_relaxed) / 2, kFirstWindowNs), std::memory_order_relaxed);
+  }
+
   std::atomic<bool> enabled_{!omp_waits_passively()};
   std::atomic<int64_t> solo_until_{0};
   std::atomic<int64_t> window_{kFirstWindowNs};
-  std::atomic<int64_t> strikes_{0};  // calls in a row that lost that much
-  std::atomic<double> alone_ns_per_work_{0};  // the calls alone: running mean of elapsed / work (0: none yet)
+  std::atomic<int64_t> strikes_{0};  // lost calls in a row, before any call alone
+  std::atomic<bool> first_alone_{false};  // the next call alone is a window's first
+  std::atomic<int64_t> alone_at_{0};  // when the last call alone counted in its mean ended
+  // Running means of elapsed / work (0: no call yet): of the calls on threads, and of the calls alone.
+  std::atomic<double> threads_ns_per_work_{0}, alone_ns_per_work_{0};
 };
 
 // The process's watch over the decode op's calls.
