@@ -76,14 +76,21 @@ def medians(fns: dict, rounds: int, **kw) -> dict:
     return {k: statistics.median(v) for k, v in interleaved(fns, rounds, torch.device("cpu"), **kw).items()}
 
 
-def prefill_rows(before, rounds: int) -> list:
-    """bf16 prefill of the ext layers, after and before, over the dense FFN of equal active FLOPs; [] (said why)
-    where either revision's extension does not build."""
+def extensions_load(before, measure: str) -> bool:
+    """Whether both revisions' extensions load (build); if not, says which measure is left out and why."""
     try:
         for package in (after, before):
             importlib.import_module(package.__name__ + ".ext").load()
     except Exception as e:  # noqa: BLE001 -- a measure that cannot run is reported, not fatal
-        print(f"bf16 prefill left out: an extension did not load ({type(e).__name__}: {e})", flush=True)
+        print(f"{measure} left out: an extension did not load ({type(e).__name__}: {e})", flush=True)
+        return False
+    return True
+
+
+def prefill_rows(before, rounds: int) -> list:
+    """bf16 prefill of the ext layers, after and before, over the dense FFN of equal active FLOPs; [] (said why)
+    where either revision's extension does not build."""
+    if not extensions_load(before, "bf16 prefill"):
         return []
     cfg = dict(hidden_size=1024, expert_hidden_size=352, num_routed_experts=64, num_shared_experts=2, top_k=6,
                score_func="sigmoid", norm_topk_prob=True)
@@ -107,11 +114,7 @@ def decode_rows(before, rounds: int) -> list:
     """Decode steps of the ext layers (the decode op, fused), after and before, over the dense FFN of the same weight
     bytes, T = 1 and 16 in bf16 and fp32, each call on the next of 8 layers (cold weights); [] (said why) where
     either revision's extension does not build."""
-    try:
-        for package in (after, before):
-            importlib.import_module(package.__name__ + ".ext").load()
-    except Exception as e:  # noqa: BLE001 -- a measure that cannot run is reported, not fatal
-        print(f"ext decode left out: an extension did not load ({type(e).__name__}: {e})", flush=True)
+    if not extensions_load(before, "ext decode"):
         return []
     H, I = 1024, 352
     cfg = dict(hidden_size=H, expert_hidden_size=I, num_routed_experts=64, num_shared_experts=2, top_k=6)
