@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 
 import deepseek_moe as dm
 from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, decode_tokens, select
-from deepseek_moe.backends.ext import blocks_supported
+from deepseek_moe.backends.ext import blocks_supported, ensure_loaded
 from deepseek_moe.plan import build_plan
 from deepseek_moe.testing import assert_close, make_topk, require_extension
 
@@ -169,9 +169,12 @@ def test_router_logits_are_float64_dots_to_rounding_the_same_bits_on_any_threads
     (torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.bfloat16), r"weight must be \(E, H\) float32"),
     (torch.zeros(2, 8), torch.zeros(4, 9), r"x must be \(T, H\) with H = 9"),
     (torch.zeros(8), torch.zeros(4, 8), r"x must be \(T, H\)")])
-def test_router_logits_refuse_what_they_do_not_compute(x, weight, message):
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_router_logits_refuse_what_they_do_not_compute(x, weight, message, device):
+    """The CPU kernel and the fake one (a traced graph, meta tensors) refuse alike."""
+    ensure_loaded()
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.deepseek_moe.router_logits(x, weight)
+        torch.ops.deepseek_moe.router_logits(x.to(device), weight.to(device))
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -296,6 +299,19 @@ def test_shared_cpu_policy_replay_ignores_the_wait_policy_and_extreme_times():
             "_shared_cpu_policy([0, 10 * ms, 20 * ms, 25 * ms], [5 * ms] * 4, [10 * ms] * 4, [100] * 4))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "[False, False, True, True]"
+
+
+def test_shared_cpu_policy_replay_refuses_impossible_times_and_starts_on_threads_at_any_time():
+    """Durations are not negative and a call loses at most its time (a negative one had wrapped a window's end to
+    the int64 limit: every later call alone); a fresh watch has no window, also before time 0 of the clock."""
+    policy = torch.ops.deepseek_moe._shared_cpu_policy
+    for lost, elapsed, work in ((2 * MS, -4 * MS, 1), (-1, 4 * MS, 1), (5 * MS, 4 * MS, 1), (0, MS, -1)):
+        with pytest.raises(RuntimeError, match="0 <= lost_ns <= elapsed_ns and work >= 0"):
+            policy([0, 5 * MS, 3600 * 10 ** 9], [2 * MS, 2 * MS, lost], [4 * MS, 4 * MS, elapsed], [1, 1, work])
+    assert policy([-2 ** 63, -1], [0, 0], [1, 1], [1, 1]) == [False, False]
+    # Calls alone that took no time still count as measured (1 ns): the means decide, one late call opens a window.
+    assert replay_shared_cpu_policy([(0, 2, 4, 1), (5, 2, 4, 1), (10, 0, 0, 1), (12, 0, 0, 1), (30, 2, 4, 1),
+                                     (35, 0, 1, 1)]) == [False, False, True, True, False, True]
 
 
 def test_shared_cpu_watch_switches():

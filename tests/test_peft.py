@@ -106,10 +106,11 @@ def test_merge_and_unload_and_the_layer_api_under_the_wrappers():
     layer = make_layer(bias_update_speed=0.01)
     model = get_peft_model(layer, lora_config())
     x = torch.randn(2, 5, H)
-    wrapped = model(x).detach()
+    model(x)  # the load the bias update reads
     assert layer.router is not layer.gate and layer.routed_experts is not layer.experts
     layer.update_bias()  # the bias lives in the wrapped Router
     assert layer.router.e_score_correction_bias.abs().sum() > 0
+    wrapped = model(x).detach()  # after the update: a bias step can change a choice (it did under PEFT 0.22's draws)
     with dm.record_routing(model) as routes:
         model(x)
     assert list(routes) == ["base_model.model"]

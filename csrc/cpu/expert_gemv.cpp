@@ -299,6 +299,10 @@ c10::List<bool> shared_cpu_policy(at::IntArrayRef start_ns, at::IntArrayRef lost
   TORCH_CHECK(lost_ns.size() == n && elapsed_ns.size() == n && work.size() == n,
               "_shared_cpu_policy: start_ns, lost_ns, elapsed_ns and work must have one length, got ", n, ", ",
               lost_ns.size(), ", ", elapsed_ns.size(), " and ", work.size());
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(lost_ns[i] >= 0 && elapsed_ns[i] >= 0 && lost_ns[i] <= elapsed_ns[i] && work[i] >= 0,
+                "_shared_cpu_policy: call ", i, " must have 0 <= lost_ns <= elapsed_ns and work >= 0, got lost_ns ",
+                lost_ns[i], ", elapsed_ns ", elapsed_ns[i], ", work ", work[i]);
   SharedCpuWatch watch;
   watch.enable(true);  // whatever OMP_WAIT_POLICY says: the replay is of the policy itself
   c10::List<bool> solo;

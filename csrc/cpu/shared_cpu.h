@@ -51,9 +51,11 @@ inline int64_t steady_ns() {
       .count();
 }
 
-// a + b for b >= 0, at most INT64_MAX (times near the limit given to the policy replay must not wrap).
+// a + b within int64 (times near the limits given to the policy replay must not wrap).
 inline int64_t add_saturated(int64_t a, int64_t b) {
-  return a > std::numeric_limits<int64_t>::max() - b ? std::numeric_limits<int64_t>::max() : a + b;
+  constexpr int64_t lo = std::numeric_limits<int64_t>::min(), hi = std::numeric_limits<int64_t>::max();
+  if (b >= 0) return a > hi - b ? hi : a + b;
+  return a < lo - b ? lo : a + b;
 }
 
 // The calling thread's CPU time (ns); 0 where POSIX has no per-thread clock (the watch then sees waits only).
@@ -129,7 +131,8 @@ class SharedCpuWatch {
  private:
   // mean := 3/4 mean + 1/4 elapsed / work (the first call: its rate) -> the new mean.
   static double update(std::atomic<double>& mean, int64_t elapsed, int64_t work) {
-    const double rate = double(elapsed) / double(std::max<int64_t>(work, 1));
+    // At least 1 ns a call: a mean of 0 reads as none yet.
+    const double rate = double(std::max<int64_t>(elapsed, 1)) / double(std::max<int64_t>(work, 1));
     const double old = mean.load(std::memory_order_relaxed);
     const double next = old > 0 ? 0.75 * old + 0.25 * rate : rate;
     mean.store(next, std::memory_order_relaxed);
@@ -150,7 +153,7 @@ class SharedCpuWatch {
   }
 
   std::atomic<bool> enabled_{!omp_waits_passively()};
-  std::atomic<int64_t> solo_until_{0};
+  std::atomic<int64_t> solo_until_{std::numeric_limits<int64_t>::min()};
   std::atomic<int64_t> window_{kFirstWindowNs};
   std::atomic<int64_t> strikes_{0};  // lost calls in a row, before any call alone
   std::atomic<bool> first_alone_{false};  // the next call alone is a window's first

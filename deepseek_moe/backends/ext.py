@@ -117,6 +117,15 @@ def _register() -> None:
     @torch.library.register_fake(_OPS + "router_logits")
     def _(x, weight):
         _one_device("router_logits", x, weight)
+        # The CPU kernel's checks, so that a traced graph refuses what a call would.
+        if weight.dtype != torch.float32 or weight.dim() != 2:
+            raise RuntimeError(f"router_logits: weight must be (E, H) float32, got {weight.dtype} "
+                               f"{tuple(weight.shape)}")
+        if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise RuntimeError(f"router_logits: x must be (T, H) with H = {weight.shape[1]}, got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RuntimeError(f"router_logits: x must be float32, bfloat16 or float16 (the gate GEMM is fp32), "
+                               f"got {x.dtype}")
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake(_OPS + "route_topk")
