@@ -110,6 +110,18 @@ def prefill_rows(before, rounds: int) -> list:
     return rows
 
 
+def cycling(layers: list, denses: list, xs: list) -> dict:
+    """after, before and dense contenders, each call on the next of its modules with the next input (cold weights)."""
+    mods = {"after": [n for n, _ in layers], "before": [o for _, o in layers], "dense": denses}
+    calls = {name: itertools.cycle(list(zip(ms, xs))) for name, ms in mods.items()}
+    return {name: (lambda r, c=c: (lambda m, v: m(v))(*next(c))) for name, c in calls.items()}
+
+
+def touched_experts(layers: list, xs: list) -> int:
+    """The median number of routed experts a call of the after layers reaches."""
+    return int(statistics.median(int(n.route(v)[1].counts_E.count_nonzero()) for (n, _), v in zip(layers, xs)))
+
+
 def decode_rows(before, rounds: int) -> list:
     """Decode steps of the ext layers (the decode op, fused), after and before, over the dense FFN of the same weight
     bytes, T = 1 and 16 in bf16 and fp32, each call on the next of 8 layers (cold weights); [] (said why) where
@@ -129,17 +141,13 @@ def decode_rows(before, rounds: int) -> list:
         for T in (1, 16):
             xs = [torch.randn(T, H, dtype=dtype) for _ in range(8)]
             with torch.inference_mode():
-                touched = int(statistics.median(int(n.route(v)[1].counts_E.count_nonzero())
-                                                for (n, _), v in zip(layers, xs)))
+                touched = touched_experts(layers, xs)
                 if not all(torch.equal(n(v), o(v)) for (n, o), v in zip(layers, xs)):
                     print(f"note: {dtype} T = {T}: the two revisions' outputs differ", flush=True)
-            width = (min(touched, 6) + 2) * I if T == 1 else (6 + 2) * I
+            width = ((touched if T == 1 else 6) + 2) * I  # T = 1: a token's top-6 experts; T = 16: 8 · 352
             denses = [SharedExperts.dense(H, width).to(dtype).eval() for _ in range(8)]
-            calls = {name: itertools.cycle(list(zip(mods, xs))) for name, mods in
-                     (("after", [n for n, _ in layers]), ("before", [o for _, o in layers]), ("dense", denses))}
-            fns = {name: (lambda r, c=c: (lambda m, v: m(v))(*next(c))) for name, c in calls.items()}
             with torch.inference_mode():
-                t = medians(fns, rounds, warmup=2, calls=16 if T == 1 else 4)
+                t = medians(cycling(layers, denses, xs), rounds, warmup=2, calls=16 if T == 1 else 4)
             name = "bf16" if dtype == torch.bfloat16 else "fp32"
             rows.append((f"ext decode T={T} {name}, layer / dense FFN", t["before"] / t["dense"],
                          t["after"] / t["dense"]))
@@ -186,14 +194,10 @@ def main(argv=None) -> int:
                   for _ in range(8)]
         xs = [torch.randn(1, H) for _ in range(8)]
         with torch.inference_mode():
-            touched = int(statistics.median(int(n.route(v)[1].counts_E.count_nonzero())
-                                            for (n, _), v in zip(layers, xs)))
+            touched = touched_experts(layers, xs)
         denses = [SharedExperts.dense(H, (touched + 2) * 352) for _ in range(8)]
-        calls = {name: itertools.cycle(list(zip(mods, xs))) for name, mods in
-                 (("after", [n for n, _ in layers]), ("before", [o for _, o in layers]), ("dense", denses))}
-        fns = {name: (lambda r, c=c: (lambda m, v: m(v))(*next(c))) for name, c in calls.items()}
         with torch.inference_mode():
-            t = medians(fns, 15, warmup=2, calls=16)
+            t = medians(cycling(layers, denses, xs), 15, warmup=2, calls=16)
         rows.append(("decode T=1 fp32, layer / dense of equal bytes", t["before"] / t["dense"],
                      t["after"] / t["dense"]))
     return report(rows)
