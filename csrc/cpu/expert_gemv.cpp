@@ -177,11 +177,12 @@ struct Placement {
 };
 
 // Whether a segment's rows are read by one pair only and left to the hardware prefetcher, one row at a time in
-// ascending addresses (no fetch ahead; down one row per dots call). Measured on AVX2 (AMD Zen 3, 1 and 2 threads,
-// H = 1024, 64 x 352 + 2 shared, top-6, cold weights): a decode step's op 0.76x the time of the interleaved rows
-// with fetches ahead in fp32 and 0.93x in bf16 at T = 1, 0.84x / 0.93x at T = 4, 0.91x / 1.02x at T = 16. A
-// segment of several pairs keeps the fetch ahead: its rows are read again from cache by the next pairs while the
-// next rows come in (bf16 T = 16 without it: 1.08x). The AVX-512 path has not been measured this way: unchanged.
+// ascending addresses (no fetch ahead; down one row per dots call). Measured on AVX2 (AMD Zen 3; H = 1024,
+// 64 x 352 + 2 shared, top-6, cold weights; docs/benchmarks.md): a decode step's op 0.76x the time of the
+// interleaved rows with fetches ahead in fp32 and 0.93x in bf16 at T = 1 (one thread; two: 0.77x, 0.94x), 0.84x /
+// 0.93x at T = 4, 0.91x / 1.02x at T = 16. A segment of several pairs keeps the fetch ahead: its rows are read
+// again from cache by the next pairs while the next rows come in (bf16 T = 16 without it: 1.08x). The AVX-512 path
+// has not been measured this way: unchanged.
 template <typename scalar_t, typename acc_t>
 bool streams_alone(const Segment<scalar_t, acc_t>& s, Isa isa) {
   return isa == Isa::avx2 && s.count == 1;
@@ -234,7 +235,8 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
   // Items the threads share (shared_cpu.h): 32 gate/up units (64 rows: 128-256 KiB of weights at H = 1024) and
   // 32 down rows of every segment, a few microseconds of streaming each. A unit's a, and a row of y summed over the
   // segments in their order, are each one item's work: no bit depends on which thread ran what.
-  constexpr int64_t kUnitItem = 32, kRowItem = 32, kRows = 4;  // kRows: down rows per dots call (fetched ahead) (AVX-512)
+  // kRows: down rows per dots call where the rows are fetched ahead (every segment but those that stream alone).
+  constexpr int64_t kUnitItem = 32, kRowItem = 32, kRows = 4;
   static_assert(kRowItem % kRows == 0);
   SharedCpuWatch& watch = decode_watch();
   // Off (OMP_WAIT_POLICY=PASSIVE, or switched off), the watch costs nothing: no clock reads, nothing observed.
