@@ -901,6 +901,19 @@ def test_ops_refuse_tokens_and_counts_outside_the_batch(op):
         fn(x, gate_up, down, token, weight, torch.tensor([T + 5, -5]), None)
 
 
+@pytest.mark.parametrize("op", ["expert_gemv", "expert_blocks", "segment_mlp_fused"])
+def test_ops_refuse_a_nan_limit(op):
+    """A NaN SwiGLU limit would drop out of the clamps' min and max (no clamp at all) where torch.clamp gives NaN: a
+    direct call with one raises (the layer's config refuses it before)."""
+    T, E, H, I = 4, 2, 16, 8
+    x, gate_up, down = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    args = (x, gate_up, down, torch.arange(T), torch.ones(T), torch.tensor([T, 0]))
+    fn = getattr(torch.ops.deepseek_moe, op)
+    fn(*args, 1.0)
+    with pytest.raises(RuntimeError, match="SwiGLU limit must not be NaN"):
+        fn(*args, float("nan"))
+
+
 @pytest.mark.parametrize("strategy", ["decode", "blocks"])
 def test_shared_weights_of_any_layout_and_odd_width(strategy):
     """Shared-expert weights loaded as transposed views (``load_state_dict(assign=True)``) and, in bf16, an odd

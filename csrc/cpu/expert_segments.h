@@ -18,9 +18,11 @@
 
 namespace deepseek_moe {
 
-// The SwiGLU clamp L of a swiglu_limit (+inf without one, which makes the clamps no-ops).
+// The SwiGLU clamp L of a swiglu_limit (+inf without one, which makes the clamps no-ops). A NaN limit is refused:
+// std::min and std::max would drop it (no clamp), where torch.clamp gives NaN.
 template <typename acc_t>
 acc_t glu_limit(std::optional<double> limit) {
+  TORCH_CHECK(!limit || !std::isnan(*limit), "deepseek_moe ext: the SwiGLU limit must not be NaN");
   return limit ? static_cast<acc_t>(*limit) : std::numeric_limits<acc_t>::infinity();
 }
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "expert_inputs.h"
+#include "expert_segments.h"
 
 namespace deepseek_moe {
 namespace {
@@ -69,7 +70,7 @@ template <typename acc_t>
 struct Clamp {
   acc_t limit, silu_limit;  // L and silu(L)
   explicit Clamp(std::optional<double> L)
-      : limit(L ? static_cast<acc_t>(*L) : std::numeric_limits<acc_t>::infinity()),
+      : limit(glu_limit<acc_t>(L)),
         silu_limit(L ? static_cast<acc_t>(*L / (1.0 + std::exp(-*L))) : acc_t(0)) {}
   acc_t up(acc_t u) const { return std::min(std::max(u, -limit), limit); }
   bool passes_up(acc_t u) const { return u >= -limit && u <= limit; }  // torch.clamp passes the gradient at a bound

@@ -327,8 +327,10 @@ class ExtBackend(Backend):
 
     def router_gemm(self):
         """The extension's ``router_logits`` under the decode strategy, for tokens in fp32, bf16 or fp16 and a router
-        weight in fp32: each logit one dot product in a fixed order, so a decode step's routing is the same bits
-        on any number of threads and for a token in any batch (ATen's linear splits its work by thread count), and
+        weight in fp32: each logit one dot product in a fixed order, so a decode step's gate logits are the same
+        bits on any number of threads and for a token in any batch (ATen's linear splits its work by thread count;
+        sigmoid and sqrt-softplus scores after it are ATen's element-wise kernels, whose bits can depend on a
+        token's place in the batch where E is not a multiple of their vector length: docs/benchmarks.md), and
         the step's gate GEMM needs no parallel region (on a CPU shared with another busy process one costs
         milliseconds: docs/benchmarks.md)."""
         if self.strategy != "decode":
