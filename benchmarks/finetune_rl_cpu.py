@@ -11,10 +11,13 @@ Contenders, interleaved round by round (median of --repeats), each a forward + b
 * replay: the plain layer inside replay_routing (ids recorded on the same input).
 * deterministic: the plain layer under torch.use_deterministic_algorithms(True) (batch-invariant computation).
 * plain fwd / deterministic fwd at T and at --decode-tokens: the layer in eval mode, forwards under inference mode.
+* with --ext, ext fwd / ext deterministic fwd at both sizes: the same weights on backend "ext" (its inference ops;
+  in the mode its batch-invariant decode op at every token count), against plain fwd (the torch backend).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -36,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ext", action="store_true", help="also the forwards on backend 'ext' (builds the extension)")
     args = p.parse_args(argv)
     from peft import LoraConfig, get_peft_model
 
@@ -85,10 +89,20 @@ def main(argv=None) -> int:
         f"plain fwd T={args.decode_tokens}": lambda r: run_once(served, decode[r], "fwd"),
         f"deterministic fwd T={args.decode_tokens}": det(lambda r: run_once(served, decode[r], "fwd")),
     }
+    if args.ext:
+        served_ext = dm.DeepSeekMoELayer(dataclasses.replace(cfg, backend="ext")).to(dtype).eval()
+        served_ext.load_state_dict(served.state_dict())
+        fns.update({
+            "ext fwd": lambda r: run_once(served_ext, xs[r].detach(), "fwd"),
+            "ext deterministic fwd": det(lambda r: run_once(served_ext, xs[r].detach(), "fwd")),
+            f"ext fwd T={args.decode_tokens}": lambda r: run_once(served_ext, decode[r], "fwd"),
+            f"ext deterministic fwd T={args.decode_tokens}": det(lambda r: run_once(served_ext, decode[r], "fwd")),
+        })
     times = interleaved(fns, args.repeats, torch.device("cpu"),
                         on_sample=lambda name, s: print(f"  {name}: {s:.4f} s", flush=True))
     base = {"plain": "plain", "lora": "plain", "replay": "plain", "deterministic": "plain",
-            "plain fwd": "plain fwd", "deterministic fwd": "plain fwd"}
+            "plain fwd": "plain fwd", "deterministic fwd": "plain fwd", "ext fwd": "plain fwd",
+            "ext deterministic fwd": "plain fwd"}
     print(f"{'contender':28s} {'median s':>9s} {'vs plain':>9s}")
     for name, ts in times.items():
         ref = base.get(name, f"plain fwd T={args.decode_tokens}")

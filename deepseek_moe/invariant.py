@@ -107,9 +107,49 @@ def linear(x: torch.Tensor, weight_NH: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight_NH.shape[0])
 
 
-def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """1 / (1 + exp(−x)), the same bits at every position."""
+def _sigmoid_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(torch.exp(-x) + 1)
+
+
+def _softplus_bits(x: torch.Tensor) -> torch.Tensor:
+    # ATen's softplus (threshold 20: x itself above); the clamp keeps exp finite where the threshold applies.
+    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20))))
+
+
+class _Sigmoid(torch.autograd.Function):
+    """Forward in position-invariant arithmetic, backward as torch.sigmoid's (from the saved output alone)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        s = _sigmoid_bits(x)
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return torch.ops.aten.sigmoid_backward(grad, s)
+
+
+class _Softplus(torch.autograd.Function):
+    """Forward in position-invariant arithmetic, backward as F.softplus's (from the saved input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _softplus_bits(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.softplus_backward(grad, x, 1, 20)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + exp(−x)), the same bits at every position (within an ulp of ``torch.sigmoid``; the router's
+    sigmoid scores, DeepSeek-V3 §2.1.2, in every mode, csrc/cpu/route_topk.cpp's too). Its gradient is
+    ``torch.sigmoid``'s formula on the saved output."""
+    return _Sigmoid.apply(x)
 
 
 class _Sqrt(torch.autograd.Function):
@@ -138,9 +178,9 @@ def sqrt_of_softplus(softplus_x: torch.Tensor) -> torch.Tensor:
 
 def sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
     """√softplus(x) (DeepSeek-V4's affinity), softplus as ATen's (threshold 20: x itself above), the same bits at
-    every position. The clamp keeps exp finite where the threshold applies, so the gradient there is not NaN;
-    :func:`sqrt_of_softplus` keeps it finite where softplus underflows to 0."""
-    return sqrt_of_softplus(torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20)))))
+    every position (the router's scores in every mode, csrc/cpu/route_topk.cpp's too). The gradient: softplus's
+    as ``F.softplus``'s, √'s finite where softplus underflows to 0 (:func:`sqrt_of_softplus`)."""
+    return sqrt_of_softplus(_Softplus.apply(x))
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)

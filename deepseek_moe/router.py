@@ -212,7 +212,7 @@ class Router(nn.Module):
         device = x_TH.device.type
         # The context only under autocast: entering it costs microseconds of every decode step.
         with torch.autocast(device_type=device, enabled=False) if torch.is_autocast_enabled(device) else _NO_CONTEXT:
-            logits_TE = None if gemm is None or batch_invariant else gemm(x_TH, self.weight)
+            logits_TE = None if gemm is None else gemm(x_TH, self.weight)
             if logits_TE is None:
                 linear = invariant.linear if batch_invariant else F.linear
                 logits_TE = linear(x_TH.to(gate_dtype), self.weight.to(gate_dtype))
@@ -221,13 +221,16 @@ class Router(nn.Module):
             if chosen is not None:
                 scores_TE, topk_idx_TK, weight_TK = chosen
                 return Routing(topk_idx_TK, weight_TK, scores_TE, logits_TE)
+        # Sigmoid and softplus in position-invariant arithmetic in every mode: ATen's CPU kernels compute the vector
+        # body and the scalar tail of their range with different code, so a token's scores would depend on its place
+        # in the batch (deepseek_moe.invariant); the extension's route_topk.cpp uses the same formulas, so its fused
+        # step stays the pipeline's bits.
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)  # row by row: already batch-invariant
         elif cfg.score_func == "sigmoid":
-            scores_TE = invariant.sigmoid(logits_TE) if batch_invariant else logits_TE.sigmoid()
+            scores_TE = invariant.sigmoid(logits_TE)
         else:  # sqrtsoftplus, DeepSeek-V4
-            scores_TE = (invariant.sqrt_softplus(logits_TE) if batch_invariant
-                         else invariant.sqrt_of_softplus(F.softplus(logits_TE)))
+            scores_TE = invariant.sqrt_softplus(logits_TE)
         exclude = None if override is None else override.exclude
         if topk_idx_TK is not None:
             if exclude is not None:

@@ -55,6 +55,13 @@ def require_extension() -> None:
     ext_backend.ensure_loaded()  # builds csrc/ the first time (~30 s), then loads the cached library
 
 
+def ran_ops(fn: Callable[[], object]) -> tuple:
+    """(fn(), the names of the extension's ops it ran, e.g. {"deepseek_moe::expert_gemv"}), by the profiler."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
+
+
 def make_topk(num_tokens: int, num_experts: int, top_k: int, kind: str = "balanced",
               generator: Optional[torch.Generator] = None, empty_experts: int = 0) -> torch.Tensor:
     """int64 (T, K) distinct expert choices per token.

@@ -16,7 +16,7 @@ import deepseek_moe as dm
 from deepseek_moe.backends import DECODE_TOKENS, ExtBackend, decode_tokens, select
 from deepseek_moe.backends.ext import blocks_supported, ensure_loaded
 from deepseek_moe.plan import build_plan
-from deepseek_moe.testing import assert_close, make_topk, require_extension
+from deepseek_moe.testing import assert_close, make_topk, ran_ops, require_extension
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,16 +177,21 @@ def test_router_logits_refuse_what_they_do_not_compute(x, weight, message, devic
         torch.ops.deepseek_moe.router_logits(x.to(device), weight.to(device))
 
 
+@pytest.mark.parametrize("score_func,E", [("softmax", 16), ("sigmoid", 11), ("sqrtsoftplus", 11)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_decode_step_is_the_same_bits_on_one_thread_and_two_and_for_a_token_alone(fused, monkeypatch):
-    """The whole decode step (gate GEMM, choice, experts, shared experts, combine), by its one op or stage by stage:
-    neither the thread count nor the batch changes a bit of a token's output or its logits. 7 tokens: where ATen's
-    linear on two threads and on one differ."""
+def test_a_decode_step_is_the_same_bits_on_one_thread_and_two_and_for_a_token_alone(fused, score_func, E,
+                                                                                      monkeypatch):
+    """The whole decode step (gate GEMM, scores, choice, experts, shared experts, combine), by its one op or stage by
+    stage: neither the thread count nor the batch changes a bit of a token's output or its logits. 7 tokens: where
+    ATen's linear on two threads and on one differ. 11 experts: ATen's sigmoid and softplus would compute a token's
+    11 scores alone in their scalar tail and most of 77 in their vector body, bits apart (with these weights, in a
+    score that top-6 chooses: the test fails with them)."""
     if not fused:
         monkeypatch.setattr(ExtBackend, "fused_step", lambda self, cfg: None)
     torch.manual_seed(0)
-    layer = dm.DeepSeekMoELayer(hidden_size=256, expert_hidden_size=32, num_routed_experts=16, num_shared_experts=1,
-                                top_k=4, initializer_range=0.1, backend="ext").eval()
+    layer = dm.DeepSeekMoELayer(hidden_size=256, expert_hidden_size=32, num_routed_experts=E, num_shared_experts=1,
+                                top_k=6, initializer_range=0.1, backend="ext", score_func=score_func,
+                                routed_scaling_factor=2.5).eval()
     x = torch.randn(1, 7, 256)
     seen = []
     layer.logits_probe.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
@@ -589,12 +594,6 @@ def test_the_layer_routes_through_route_topk_only_where_it_applies():
         nan = torch.full((1, 16), float("nan"))
         assert select_ext(cfg)(nan, torch.zeros(16))[1].shape == (1, 2)  # NaN logits: a choice, not a crash
     assert "deepseek_moe::route_topk" not in ops(lambda: layer(x))  # with autograd
-
-
-def ran_ops(fn):
-    with torch.profiler.profile() as prof:
-        out = fn()
-    return out, {e.name for e in prof.events() if e.name.startswith("deepseek_moe::")}
 
 
 @pytest.mark.parametrize("strategy", ["decode", "blocks"])

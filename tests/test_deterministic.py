@@ -10,7 +10,7 @@ import deepseek_moe as dm
 from deepseek_moe import invariant
 from deepseek_moe.invariant import deterministic_algorithms
 from deepseek_moe.backends import BackendUnavailable
-from deepseek_moe.testing import assert_close
+from deepseek_moe.testing import assert_close, ran_ops, require_extension
 
 H = 64
 
@@ -142,9 +142,48 @@ def test_training_steps_are_bitwise_repeatable(backend, dtype, fields):
         assert_close(g, p.grad, tol if dtype == torch.float32 else 1e-1, f"grad {name}")
 
 
+EXT_CASES = [
+    (torch.float32, dict(score_func="sigmoid", num_groups=4, topk_groups=2, norm_topk_prob=True)),
+    (torch.bfloat16, dict()),
+    # 11 experts: where ATen's sigmoid/softplus kernels would give a token alone other bits; the shared experts
+    # behind a gate run outside the op (invariant.linear)
+    (torch.float32, dict(score_func="sqrtsoftplus", num_routed_experts=11, top_k=3, expert_hidden_size=40,
+                         num_shared_experts=2, shared_expert_gate=True, swiglu_limit=7.0)),
+]
+
+
+@pytest.mark.parametrize("dtype,fields", EXT_CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         ",".join(f"{k}={w}" for k, w in v.items()) or "defaults")
+def test_ext_inference_is_bitwise_batch_invariant_through_its_decode_op_at_every_token_count(dtype, fields):
+    """In the mode the ext backend runs every CPU inference call through its decode op (csrc/cpu/expert_gemv.cpp:
+    each output a fixed-order sum over the token's own pairs) and its gate GEMM (router_logits): a token alone, in
+    a batch of 70, permuted, behind 150 others (220 tokens, past where the op decodes outside the mode) and in a
+    sub-batch, bit for bit, and within rounding of the float64 reference."""
+    require_extension()
+    torch.manual_seed(0)
+    layer = make_layer("ext", dtype, **fields).eval()
+    x = torch.randn(70, H, dtype=dtype)
+    with deterministic_algorithms():
+        (alone, batch, permuted, behind, sub), ran = ran_ops(lambda: _batches(x, layer))
+        with torch.no_grad():
+            impl = layer._implementation(x.device, dtype, 220)
+    assert impl.name == "ext" and impl.strategy == "decode" and impl.batch_invariant
+    assert {"deepseek_moe::expert_gemv", "deepseek_moe::router_logits"} <= ran
+    assert "deepseek_moe::expert_blocks" not in ran
+    assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of 70 tokens differ alone"
+    assert torch.equal(permuted, batch)
+    assert torch.equal(behind, batch)
+    assert torch.equal(sub, batch[3:20])
+    ref = make_layer("eager", torch.float64, **fields)
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        expected = ref.eval()(x.double())
+    assert_close(batch, expected, 1e-5 if dtype == torch.float32 else 3e-2, "batch-invariant vs float64")
+
+
 def test_backends_that_cannot_be_batch_invariant_refuse_in_the_mode():
-    layer = make_layer("ext")
-    refusal = "must compute batch-invariantly, but the extension's GEMMs"
+    layer = make_layer("ext")  # training: the segment loop, which has a backward
+    refusal = "must compute batch-invariantly, but its GEMMs with a backward"
     with deterministic_algorithms(), pytest.raises(BackendUnavailable, match=refusal):
         layer(torch.randn(3, H))
     with deterministic_algorithms():

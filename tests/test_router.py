@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import deepseek_moe as dm
+from deepseek_moe import invariant
 from deepseek_moe.router import Router, select_experts
 
 
@@ -88,8 +89,10 @@ def test_bias_changes_only_the_choice_never_the_weight_formula(case):
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     w = w * cfg.routed_scaling_factor
     assert torch.equal(r.topk_weight_TK, w)
-    expected_scores = r.logits_TE.softmax(-1) if cfg.score_func == "softmax" else r.logits_TE.sigmoid()
-    assert torch.equal(r.scores_TE, expected_scores)
+    if cfg.score_func == "softmax":
+        assert torch.equal(r.scores_TE, r.logits_TE.softmax(-1))
+    else:  # position-invariant arithmetic (deepseek_moe.invariant): within two ulps of the true sigmoid
+        assert torch.allclose(r.scores_TE.double(), r.logits_TE.double().sigmoid(), rtol=3e-7, atol=0)
 
 
 @given(routing_cases())
@@ -281,3 +284,38 @@ def test_balancing_bias_counts_exactly_for_bf16_scores_and_reaches_balance_from_
     far_E = torch.empty(E).uniform_(2.0, 5.0)  # a bias like the ones DeepSeek-V3 learns
     _, before, after = balancing_bias(scores_TE, far_E, cfg)
     assert before > 5 and after < 0.1
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "sqrtsoftplus"])
+def test_sigmoid_and_sqrt_softplus_scores_are_a_tokens_own_bits_in_every_mode_and_their_gradient_is_exact(score_func):
+    """Outside the deterministic mode too, a token's scores are the same bits alone and at any place of any batch
+    (ATen's CPU sigmoid and softplus compute the tail of their range with other code than the vector body: the
+    scores of 77 rows of 11 experts differed from each row's alone); the router computes them so. The gradient
+    against float64 autograd of the textbook formulas, logits beyond softplus's threshold of 20 included, and
+    where exp(−x) overflows fp32 (x < −88: 1 / (1 + exp(−x)) differentiated as written gives 0 · ∞ = NaN)."""
+    torch.manual_seed(0)
+    score = invariant.sigmoid if score_func == "sigmoid" else invariant.sqrt_softplus
+    extremes = torch.tensor([[-1e4, -200, -100, -89, -30, 0, 30, 89, 100, 200, 1e4]], dtype=torch.float64)
+    logits = torch.cat([torch.randn(77, 11, dtype=torch.float64) * 12, extremes])
+    z = logits.float().requires_grad_()
+    batch = score(z)
+    with torch.no_grad():
+        alone = torch.cat([score(z[t:t + 1]) for t in range(78)])
+        behind = score(torch.cat([torch.randn(5, 11), z]))[5:]
+    assert torch.equal(alone, batch) and torch.equal(behind, batch)
+    cfg = dm.MoEConfig(hidden_size=16, expert_hidden_size=4, num_routed_experts=11, num_shared_experts=0, top_k=3,
+                       score_func=score_func)
+    router, x = Router(cfg), torch.randn(77, 16)
+    routing = router(x)
+    assert torch.equal(routing.scores_TE, score(routing.logits_TE))
+    z64 = z.detach().double().requires_grad_()  # the truth of the fp32 logits
+    want = z64.sigmoid() if score_func == "sigmoid" else torch.nn.functional.softplus(z64).sqrt()
+    g = torch.randn(78, 11, dtype=torch.float64)
+    (batch * g.float()).sum().backward()
+    (want * g).sum().backward()
+    assert torch.allclose(batch.double(), want, rtol=3e-7, atol=1e-20)  # absolute: fp32 subnormals below −87
+    # 1 - s cancels in fp32 where the sigmoid saturates (as in torch.sigmoid's backward): an ulp of 1, absolute.
+    # float64's own √softplus gradient is 0 · ∞ where its softplus underflows (x = −1e4): the truth there is ~0.
+    assert torch.isfinite(z.grad).all()
+    truth = torch.nan_to_num(z64.grad, nan=0.0)
+    assert torch.allclose(z.grad.double(), truth, rtol=1e-5, atol=1e-6)

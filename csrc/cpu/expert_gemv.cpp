@@ -248,9 +248,11 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
     gate_up_units(segments, place, x, H, L, a.data(), item * kUnitItem, std::min(units, (item + 1) * kUnitItem), isa);
   });
   acc_t* y = y_TH.mutable_data_ptr<acc_t>();
-  auto down_rows = [&](auto rows_per_call, bool fetch_ahead, const Segment<scalar_t, acc_t>& s, const acc_t* a_s,
-                       int64_t h0, int64_t h1) {
+  // R = 1: one ascending stream, left to the hardware prefetcher; R = kRows: the next rows fetched ahead.
+  auto down_rows = [&](auto rows_per_call, const Segment<scalar_t, acc_t>& s, const acc_t* a_s, int64_t h0,
+                       int64_t h1) {
     constexpr int64_t R = decltype(rows_per_call)::value;
+    constexpr bool fetch_ahead = R > 1;
     int64_t h = h0;
     for (; h + R <= h1; h += R) {
       const scalar_t* rows = s.down + h * s.width;
@@ -275,9 +277,9 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
       const auto& s = segments[k];
       const acc_t* a_s = a.data() + place[k].a_offset;
       if (streams_alone(s, isa))
-        down_rows(std::integral_constant<int64_t, 1>{}, false, s, a_s, h0, h1);
+        down_rows(std::integral_constant<int64_t, 1>{}, s, a_s, h0, h1);
       else
-        down_rows(std::integral_constant<int64_t, kRows>{}, true, s, a_s, h0, h1);
+        down_rows(std::integral_constant<int64_t, kRows>{}, s, a_s, h0, h1);
     }
   });
   if (!watching) return;

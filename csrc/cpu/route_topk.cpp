@@ -10,11 +10,11 @@
 //   (DeepSeek-V2 §2.2.2, V3's node-limited routing);
 //   the top_k experts of those, best first;
 //   weight = the scores there, divided by their sum (+1e-20) when norm, times scale.
-// The scores come from the ATen ops the Python router calls (softmax, sigmoid, softplus then sqrt) on the same
-// logits, so they are its bits, and every top-k here is torch.topk's own CPU algorithm (ATen's TopKImpl.h: the
-// same selection and sort over (value, index) pairs, NaN above every number), so equal scores (a saturated
-// sigmoid, a zero-initialised gate) and scores an ulp apart pick the same experts in the same order as the Python
-// router: the layer computes one function with or without autograd.
+// The scores come from the ATen ops the Python router calls (softmax; sigmoid and softplus in position-invariant
+// arithmetic; sqrt) on the same logits, so they are its bits, and every top-k here is torch.topk's own CPU
+// algorithm (ATen's TopKImpl.h: the same selection and sort over (value, index) pairs, NaN above every number), so
+// equal scores (a saturated sigmoid, a zero-initialised gate) and scores an ulp apart pick the same experts in the
+// same order as the Python router: the layer computes one function with or without autograd.
 //
 // Legend: T tokens, E experts, K experts per token, G groups, M = E / G experts per group.
 
@@ -38,12 +38,16 @@ using at::Tensor;
 enum ScoreFunc : int64_t { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
 enum GroupScore : int64_t { kMax = 0, kTop2Sum = 1 };
 
-// The router's scores of (T, E) logits, by the ATen ops router.py calls: its bits (a scalar exp of our own rounded
-// differently by an ulp now and then, and kept subnormals that ATen's vectorised softplus flushes to zero).
+// The router's scores of (T, E) logits, by the ATen ops router.py calls (deepseek_moe/invariant.py's sigmoid and
+// softplus): its bits (a scalar exp of our own rounded differently by an ulp now and then). Not at::sigmoid or
+// at::softplus: their vector body and scalar tail differ in the last bit, so a token's scores would depend on its
+// place in the batch; exp, log1p, + and reciprocal run one routine over every element.
 Tensor scores_of(const Tensor& logits, int64_t score_func) {
   if (score_func == kSoftmax) return at::softmax(logits, -1);
-  if (score_func == kSigmoid) return at::sigmoid(logits);
-  return at::sqrt(at::softplus(logits));
+  if (score_func == kSigmoid) return at::reciprocal(at::exp(-logits) + 1);
+  const Tensor softplus =
+      at::where(logits > 20, logits, at::log1p(at::exp(at::clamp(logits, c10::nullopt, 20))));
+  return at::sqrt(softplus);
 }
 
 using Entry = std::pair<float, int64_t>;

@@ -89,9 +89,11 @@ def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, activatio
         return "triton"
     # On CPU the compiled extension measured 2-7% faster than the torch backend for fp32 training, and its inference
     # ops (decode: the weights of a few tokens' experts streamed once; blocks: brgemm over sorted blocks) faster in
-    # fp32 and bf16 (docs/benchmarks.md).
-    if fused_ok and device.type == "cpu" and _ext.has_prebuilt() and not batch_invariant:
-        if dtype == torch.float32 or (dtype == torch.bfloat16 and (decode or inference and _blocks_bf16(sizes))):
+    # fp32 and bf16; batch-invariant inference runs its decode op at every token count, also faster than the torch
+    # backend's tiles (docs/benchmarks.md). Batch-invariant training: torch.
+    if fused_ok and device.type == "cpu" and _ext.has_prebuilt() and (inference or not batch_invariant):
+        if dtype == torch.float32 or (dtype == torch.bfloat16 and (
+                decode or inference and (batch_invariant or _blocks_bf16(sizes)))):
             return "ext"
     return "torch"
 
@@ -113,7 +115,7 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, activation: str,
                              f"{_TORCH_STRATEGIES}")
         return TorchBackend.for_device(device, dtype, strategy, inference, activation, sizes, batch_invariant)
     if name == "ext":
-        backend = ExtBackend.for_device(device, dtype, activation, decode, inference, sizes)
+        backend = ExtBackend.for_device(device, dtype, activation, decode, inference, sizes, batch_invariant)
     elif name == "triton":
         backend = TritonBackend.for_device(device, dtype, activation, sizes)
     else:

@@ -88,7 +88,8 @@ class Backend:
     def router_gemm(self) -> Optional[Callable]:
         """The router's gate GEMM in this implementation's form, or None (the router then calls ``F.linear``):
         ``gemm(x_TH, weight_EH) -> logits_TE`` in fp32 as ``F.linear(x.float(), weight)`` computes them up to
-        rounding, or None where it cannot (e.g. fp64 tokens). Used by the layer without autograd only; the
+        rounding, or None where it cannot (e.g. fp64 tokens); batch-invariant where this implementation was selected
+        so (the router then uses it in the deterministic mode too). Used by the layer without autograd only; the
         implementation's :meth:`fused_step` computes the logits the same way."""
         return None
 

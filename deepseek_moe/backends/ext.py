@@ -3,9 +3,10 @@
 * ``segments`` (CPU): the plan from the extension's stable counting sort (``route_plan``, one pass instead of an
   argsort) and the segment loop in C++ (``segment_mlp_fused``: per expert, gather rows → GEMM → SwiGLU·w →
   GEMM → add into y; ATen's GEMMs).
-* ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, chosen at selection):
-  ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot products with the SwiGLU·w fused, then
-  the down rows into y, in two parallel regions over all experts (csrc/cpu/expert_gemv.cpp); no backward.
+* ``decode`` (CPU, inference on at most ``backends.decode_tokens(dtype)`` tokens, and every inference call in the
+  deterministic mode, chosen at selection): ``expert_gemv`` streams each chosen expert's rows once, the gate/up dot
+  products with the SwiGLU·w fused, then the down rows into y, in two parallel regions over all experts
+  (csrc/cpu/expert_gemv.cpp); batch-invariant (:meth:`ExtBackend.invariance_reason`); no backward.
 * ``blocks`` (CPU, inference on more tokens, fp32 and bf16, chosen at selection): ``expert_blocks`` runs every
   expert's pairs (in pieces of up to 256; 32 for fp32 GEMMs without AVX-512) through GEMM micro-kernels (in bf16
   its own AMX loop that fetches the next weight rows while it computes, where H and the widths are multiples of 32;
@@ -242,8 +243,6 @@ class ExtBackend(Backend):
 
     name = "ext"
     activations = ("silu",)  # the C++ segment loop implements SwiGLU (clamped or not) only
-    not_batch_invariant = ("the extension's GEMMs take each expert's rows in one call, blocked by their count, so a "
-                           "token's result depends on its batch; use backend='torch' (or 'auto', which picks it)")
 
     def __init__(self, strategy: str = "segments", activation: str = "silu"):
         super().__init__(activation)
@@ -255,15 +254,29 @@ class ExtBackend(Backend):
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, activation: str = "silu", decode: bool = False,
-                   inference: bool = False, sizes: Optional[Tuple[int, int]] = None) -> "ExtBackend":
-        """On CPU the weight-streaming decode op when ``decode`` (inference on a few tokens), the sorted-block op
-        for other inference where it has a micro-kernel (:func:`blocks_supported`), else the segment loop (which
-        has a backward); elsewhere the grouped GEMM with the extension's combine."""
+                   inference: bool = False, sizes: Optional[Tuple[int, int]] = None,
+                   batch_invariant: bool = False) -> "ExtBackend":
+        """On CPU the weight-streaming decode op when ``decode`` (inference on a few tokens) and for every inference
+        call that must be ``batch_invariant`` (:meth:`invariance_reason`), the sorted-block op for other inference
+        where it has a micro-kernel (:func:`blocks_supported`), else the segment loop (which has a backward);
+        elsewhere the grouped GEMM with the extension's combine."""
         if device.type != "cpu":
             return cls("grouped_mm", activation)
-        if decode:
+        if decode or (inference and batch_invariant):
             return cls("decode", activation)
         return cls("blocks" if inference and blocks_supported(dtype, sizes) else "segments", activation)
+
+    def invariance_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None for the decode op: each output is one fixed-order sum over the token's own pairs (each a fixed-order
+        dot product per row, whatever the rows per call) and its shared experts, one thread per output row, so a
+        token's bits do not depend on its batch or the thread count (csrc/cpu/expert_gemv.cpp); with its gate GEMM
+        (:meth:`router_gemm`) and the router's position-invariant scores the whole step is batch-invariant, at any
+        token count. The other strategies' GEMMs take each expert's rows in one call, blocked by their count."""
+        if self.strategy == "decode":
+            return None
+        return ("its GEMMs with a backward (and on CUDA) take each expert's rows in one call, blocked by their count, "
+                "so a token's result depends on its batch (inference on the CPU runs its batch-invariant decode op); "
+                "use backend='torch' (or 'auto', which picks it)")
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -327,11 +340,9 @@ class ExtBackend(Backend):
 
     def router_gemm(self):
         """The extension's ``router_logits`` under the decode strategy, for tokens in fp32, bf16 or fp16 and a router
-        weight in fp32: each logit one dot product in a fixed order, so a decode step's gate logits are the same
-        bits on any number of threads and for a token in any batch (ATen's linear splits its work by thread count;
-        sigmoid and sqrt-softplus scores after it are ATen's element-wise kernels, whose bits can depend on a
-        token's place in the batch where E is not a multiple of their vector length: docs/benchmarks.md), and
-        the step's gate GEMM needs no parallel region (on a CPU shared with another busy process one costs
+        weight in fp32: each logit one dot product in a fixed order, so a step's gate logits are the same bits on
+        any number of threads and for a token in any batch (ATen's linear splits its work by thread count), and a
+        decode step's gate GEMM needs no parallel region (on a CPU shared with another busy process one costs
         milliseconds: docs/benchmarks.md)."""
         if self.strategy != "decode":
             return None
