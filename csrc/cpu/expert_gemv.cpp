@@ -188,22 +188,37 @@ bool streams_alone(const Segment<scalar_t, acc_t>& s, Isa isa) {
   return isa == Isa::avx2 && s.count == 1;
 }
 
+// Pairs per block of a segment's pairs whose vectors (x rows in the gate/up pass, a rows in the down pass) the
+// loops below take through an item's rows before the next block: n-element vectors of acc_t in about 128 KiB,
+// which stay in L2 beside the item's weight rows. A segment of more pairs (an expert at prefill sizes, the shared
+// experts of every token) would otherwise read its pairs' vectors from L3 or memory once per row. A decode step's
+// segments (at most a few dozen pairs) are one block. The order of blocks changes no bit: every output is one dots
+// call, and y's rows receive their terms segment by segment.
+template <typename acc_t>
+int64_t pair_block(int64_t n) {
+  return std::max<int64_t>(1, (int64_t(128) << 10) / (std::max<int64_t>(n, 1) * int64_t(sizeof(acc_t))));
+}
+
 // The segments' units [u0, u1) (one unit: a gate row and an up row of one segment) -> a. A thread's range is
 // contiguous within each segment, so it streams consecutive rows.
 template <typename scalar_t, typename acc_t>
 void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const std::vector<Placement>& place,
                    const acc_t* x, int64_t H, acc_t L, acc_t* a, int64_t u0, int64_t u1, Isa isa) {
+  const int64_t block = pair_block<acc_t>(H);
   for (size_t k = 0; k < segments.size(); ++k) {
     const auto& s = segments[k];
     const int64_t a_offset = place[k].a_offset;
     const int64_t i0 = std::max(u0 - place[k].units_before, int64_t(0));
     const int64_t i1 = std::min(u1 - place[k].units_before, s.width);
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* gate = s.gate + i * H;
-      for (int64_t p = s.first; p < s.first + s.count; ++p) {
-        acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
-        dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, isa, streams_alone(s, isa) ? nullptr : gate + H);
-        a[a_offset + p * s.width + i] = clamped_swiglu(gu[0], gu[1], L) * (s.weight ? s.weight[p] : acc_t(1));
+    for (int64_t p0 = s.first; p0 < s.first + s.count; p0 += block) {
+      const int64_t p1 = std::min(p0 + block, s.first + s.count);
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* gate = s.gate + i * H;
+        for (int64_t p = p0; p < p1; ++p) {
+          acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
+          dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, isa, streams_alone(s, isa) ? nullptr : gate + H);
+          a[a_offset + p * s.width + i] = clamped_swiglu(gu[0], gu[1], L) * (s.weight ? s.weight[p] : acc_t(1));
+        }
       }
     }
   }
@@ -253,21 +268,25 @@ void expert_gemv_impl(const Tensor& x_TH, const Tensor& gate_up, const Tensor& d
                        int64_t h1) {
     constexpr int64_t R = decltype(rows_per_call)::value;
     constexpr bool fetch_ahead = R > 1;
-    int64_t h = h0;
-    for (; h + R <= h1; h += R) {
-      const scalar_t* rows = s.down + h * s.width;
-      for (int64_t p = s.first; p < s.first + s.count; ++p) {
-        acc_t out[R];
-        dots<R>(rows, s.width, a_s + p * s.width, s.width, out, isa, fetch_ahead ? rows + R * s.width : nullptr);
-        for (int r = 0; r < R; ++r) y[s.token[p] * H + h + r] += out[r];
+    const int64_t block = pair_block<acc_t>(s.width);
+    for (int64_t p0 = s.first; p0 < s.first + s.count; p0 += block) {
+      const int64_t p1 = std::min(p0 + block, s.first + s.count);
+      int64_t h = h0;
+      for (; h + R <= h1; h += R) {
+        const scalar_t* rows = s.down + h * s.width;
+        for (int64_t p = p0; p < p1; ++p) {
+          acc_t out[R];
+          dots<R>(rows, s.width, a_s + p * s.width, s.width, out, isa, fetch_ahead ? rows + R * s.width : nullptr);
+          for (int r = 0; r < R; ++r) y[s.token[p] * H + h + r] += out[r];
+        }
       }
-    }
-    for (; h < h1; ++h) {
-      const scalar_t* row = s.down + h * s.width;
-      for (int64_t p = s.first; p < s.first + s.count; ++p) {
-        acc_t out[1];
-        dots<1>(row, s.width, a_s + p * s.width, s.width, out, isa, fetch_ahead ? row + s.width : nullptr);
-        y[s.token[p] * H + h] += out[0];
+      for (; h < h1; ++h) {
+        const scalar_t* row = s.down + h * s.width;
+        for (int64_t p = p0; p < p1; ++p) {
+          acc_t out[1];
+          dots<1>(row, s.width, a_s + p * s.width, s.width, out, isa, fetch_ahead ? row + s.width : nullptr);
+          y[s.token[p] * H + h] += out[0];
+        }
       }
     }
   };
