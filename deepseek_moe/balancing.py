@@ -212,4 +212,8 @@ def calibrate_bias(router, x: torch.Tensor, padding_T: Optional[torch.Tensor], i
     new_bias_E, before, after = balancing_bias(scores_TE, router.e_score_correction_bias, router.cfg, iterations,
                                                group)
     router.e_score_correction_bias.copy_(new_bias_E)
+    if bool(new_bias_E.ne(0).any()):
+        # A bias that steers the routing is state: into checkpoints, also where a converted layer of a family
+        # without one kept its zero bias out of them (deepseek_moe.hf.from_hf).
+        router.register_buffer("e_score_correction_bias", router.e_score_correction_bias, persistent=True)
     return {"max_vio_before": before, "max_vio_after": after}

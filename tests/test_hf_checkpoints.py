@@ -189,3 +189,53 @@ def test_a_converted_model_runs_with_its_weights_offloaded_by_accelerate(family,
     with pytest.raises(ValueError, match="offloaded by accelerate.*converted_at_construction"):
         hf.replace_moe_blocks(stock_offloaded)
     assert not hf.moe_layers(stock_offloaded)
+
+
+@pytest.mark.parametrize("how", ["calibrated", "balancing"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "dbrx"])
+def test_a_bias_where_the_stock_block_has_none_survives_save_and_every_reload(family, how, tmp_path):
+    """Mixtral, Qwen, OLMoE and DBRX have no correction bias. A converted layer's bias set by calibrate_routing
+    (balancing off) or trained by balancing is saved, and comes back through from_pretrained inside
+    converted_at_construction() without the conversion's overrides and through load_state_dict of a model
+    converted with the defaults: the same logits. Before, the first was never saved (1.94 logits apart on reload,
+    found by a helper) and the second dropped as an unexpected key. The stock class ignores the saved bias."""
+    _model(family).save_pretrained(tmp_path / "stock")
+    model = Auto.from_pretrained(tmp_path / "stock").eval()
+    ids = _batch(3)
+    if how == "calibrated":
+        hf.replace_moe_blocks(model)
+        hf.calibrate_routing(model, ids)
+    else:
+        hf.replace_moe_blocks(model, bias_update_speed=1e-3)
+        for layer in hf.moe_layers(model).values():
+            E = layer.config.num_routed_experts
+            layer.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, E))
+    biases = {n: l.gate.e_score_correction_bias.clone() for n, l in hf.moe_layers(model).items()}
+    assert all(b.ne(0).any() for b in biases.values())
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path / "converted")
+    with hf.converted_at_construction():
+        back, info = Auto.from_pretrained(tmp_path / "converted", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert all(torch.equal(l.gate.e_score_correction_bias, biases[n]) for n, l in hf.moe_layers(back).items())
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids).logits, ref)
+    back.save_pretrained(tmp_path / "again")  # and once more: still in the checkpoint
+    with hf.converted_at_construction():
+        again = Auto.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+    fresh = Auto.from_pretrained(tmp_path / "stock").eval()
+    hf.replace_moe_blocks(fresh)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, ref)
+    stock, info = Auto.from_pretrained(tmp_path / "converted", output_loading_info=True)
+    assert {k.rsplit(".", 1)[-1] for k in info["unexpected_keys"]} == {"e_score_correction_bias"}
+    assert not info["missing_keys"]
+    # A stock checkpoint loaded into a converted model: zero biases, nothing missing, saved in the stock layout.
+    with hf.converted_at_construction(bias_update_speed=1e-3):
+        zero, info = Auto.from_pretrained(tmp_path / "stock", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert all(not l.gate.e_score_correction_bias.any() for l in hf.moe_layers(zero).values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -119,13 +120,16 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     layer = layer.to_empty(device=router_weight.device).to(expert_param.dtype)
     bias = torch.zeros_like(layer.gate.e_score_correction_bias)
     has_bias = keeps_bias(family, cfg)
-    # A block without a correction bias keeps it out of checkpoints (the stock layout) while it cannot move: bias
-    # balancing off, or a hash-routed layer (update_bias leaves its bias alone).
+    # A block without a correction bias keeps it out of checkpoints (the stock layout) while it is zero and cannot
+    # move: bias balancing off, or a hash-routed layer (update_bias leaves its bias alone). calibrate_bias makes a
+    # bias it sets persistent; while transformers loads a checkpoint into a converted model it is persistent, so a
+    # saved bias comes back whatever the overrides, and afterwards only where it is non-zero (_loaded).
     moves = cfg.bias_update_speed > 0 and cfg.hash_vocab_size is None
-    layer.gate.register_buffer("e_score_correction_bias", bias, persistent=has_bias or moves)
+    persistent = has_bias or moves or (_LOADING.depth > 0 and cfg.hash_vocab_size is None)
+    layer.gate.register_buffer("e_score_correction_bias", bias, persistent=persistent)
     state = dict(block.state_dict())  # per-expert (4.57) layouts are fused by RoutedExperts on load
     to_ours(state, "", family, cfg.num_routed_experts)
-    if not has_bias and moves:
+    if not has_bias and persistent:
         state["gate.e_score_correction_bias"] = bias
     _load_every_key(layer, state, f"from_hf: {type(block).__name__}")
     replace_placeholder_table(layer)
@@ -161,7 +165,7 @@ def to_hf(layer: DeepSeekMoELayer, hf_config=None) -> nn.Module:
     bias = layer.router.e_score_correction_bias
     has_bias = keeps_bias(family, layer.config)
     if not has_bias and bool(bias.ne(0).any()):
-        raise ValueError(f"to_hf: the layer's correction bias is non-zero (bias balancing was on) and "
+        raise ValueError(f"to_hf: the layer's correction bias is non-zero (set by calibration or bias balancing) and "
                          f"{layer.hf_block_class.__name__} has none: the stock block would route differently")
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     to_stock(state, "", family, layer.config.num_routed_experts)
@@ -201,6 +205,40 @@ def replace_moe_blocks(model: nn.Module, **overrides) -> int:
     return count
 
 
+class _Loading(threading.local):
+    depth = 0  # from_pretrained calls inside converted_at_construction running on this thread
+
+
+_LOADING = _Loading()
+
+
+def _bias_outside_stock(module: nn.Module) -> bool:
+    """A converted top-k layer of a family whose stock block has no correction bias."""
+    family = getattr(module, "hf_family", None)
+    return (family is not None and isinstance(module, DeepSeekMoELayer) and module.config.hash_vocab_size is None
+            and not keeps_bias(family, module.config))
+
+
+def _loaded(model: nn.Module, loading_info) -> None:
+    """After transformers loaded a checkpoint into ``model`` (built inside :func:`converted_at_construction`): the
+    bias of a converted layer whose stock block has none was read from the checkpoint where it was saved (a
+    calibrated or balancing layer's), and where the checkpoint has none (a stock one) it is zero, which is the stock
+    block's function: not a missing key. It stays in later checkpoints only where it is non-zero or moves."""
+    missing = loading_info.missing_keys
+    for name, layer in model.named_modules():
+        if not _bias_outside_stock(layer):
+            continue
+        key = f"{name}.gate.e_score_correction_bias"
+        if isinstance(missing, set):
+            missing.discard(key)
+        elif key in missing:
+            missing.remove(key)
+        router = layer.router
+        bias = router.e_score_correction_bias
+        keep = layer.config.bias_update_speed > 0 or (not bias.is_meta and bool(bias.ne(0).any()))
+        router.register_buffer("e_score_correction_bias", bias, persistent=keep)
+
+
 @contextlib.contextmanager
 def converted_at_construction(**overrides) -> Iterator[None]:
     """Within this context transformers builds every supported MoE block as :func:`from_hf` of it (``overrides``
@@ -212,7 +250,9 @@ def converted_at_construction(**overrides) -> Iterator[None]:
     The family's block class is replaced in its transformers modeling module for the duration, and every model
     built inside initialises the converted layers through its own ``init_weights``. Models built inside keep
     working after the context closes (``init_weights``, save, load, moves); models built outside are unaffected.
-    Nested, the innermost context's ``overrides`` apply. Before transformers 5.25, whose loader collects the
+    Nested, the innermost context's ``overrides`` apply. A checkpoint's correction bias of a family whose stock
+    block has none (saved by a calibrated or balancing layer) is loaded whatever the ``overrides``; a checkpoint
+    without it (a stock one) leaves it zero, not reported missing. Before transformers 5.25, whose loader collects the
     layers' key layouts itself, the loader's ``get_model_conversion_mapping`` is extended by them for the duration
     too.
     """
@@ -227,10 +267,23 @@ def converted_at_construction(**overrides) -> Iterator[None]:
         return build
 
     original_post_init = PreTrainedModel.post_init
+    original_adjust = getattr(PreTrainedModel, "_adjust_missing_and_unexpected_keys", None)
+    original_from_pretrained = PreTrainedModel.__dict__["from_pretrained"]
 
     def post_init(self, *args, **kwargs):
         adopt_init(self)
         return original_post_init(self, *args, **kwargs)
+
+    def adjust(self, loading_info):  # the last step of from_pretrained's loading (transformers 5.19-5.25)
+        original_adjust(self, loading_info)
+        _loaded(self, loading_info)
+
+    def from_pretrained(cls, *args, **kwargs):
+        _LOADING.depth += 1
+        try:
+            return original_from_pretrained.__func__(cls, *args, **kwargs)
+        finally:
+            _LOADING.depth -= 1
 
     try:
         for family in FAMILIES:
@@ -245,6 +298,11 @@ def converted_at_construction(**overrides) -> Iterator[None]:
                     patched.append((module, name, current))
                     setattr(module, name, factory(stock))
         PreTrainedModel.post_init = post_init
+        if original_adjust is not None:
+            patched.append((PreTrainedModel, "_adjust_missing_and_unexpected_keys", original_adjust))
+            PreTrainedModel._adjust_missing_and_unexpected_keys = adjust
+            patched.append((PreTrainedModel, "from_pretrained", original_from_pretrained))
+            PreTrainedModel.from_pretrained = classmethod(from_pretrained)
         if not register_with_transformers() and hasattr(modeling_utils, "get_model_conversion_mapping"):
             original = modeling_utils.get_model_conversion_mapping
             patched.append((modeling_utils, "get_model_conversion_mapping", original))
