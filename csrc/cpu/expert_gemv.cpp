@@ -152,6 +152,50 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const scalar_t* base, int64_t
     out[r] = sum;
   }
 }
+
+// dots_avx2<R> for U vectors at once: out[u·R + r] = row_r · v[u], every output the same sum as dots_avx2<R> on
+// v[u] alone (its two accumulators take the same chunks in the same order, then the same horizontal sum and tail),
+// each weight load serving U vectors. dots_avx2<2> keeps 4 FMA chains in flight, which the FMA latency bounds at
+// well under the 2 FMAs a cycle Zen 3 can issue; here 2·R·U (12 at R = 2, U = 3: with the R weights and one
+// vector, 15 of the 16 ymm registers).
+template <int R, int U, typename scalar_t>
+__attribute__((target("avx2,fma"))) void dots_many_avx2(const scalar_t* base, int64_t stride,
+                                                        const float* const* v, int64_t n, float* out,
+                                                        const scalar_t* next) {
+  __m256 acc[U][R][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    if (next)
+      for (int r = 0; r < R; ++r)
+        for (int64_t l = 0; l < 32; l += kLine)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + j + l), _MM_HINT_T0);
+    for (int c = 0; c < 4; ++c) {  // chunk c of 8 goes to accumulator c % 2, as in dots_avx2
+      __m256 w[R];
+      for (int r = 0; r < R; ++r) w[r] = load8(base + r * stride + j + 8 * c);
+      for (int u = 0; u < U; ++u) {
+        const __m256 x = _mm256_loadu_ps(v[u] + j + 8 * c);
+        for (int r = 0; r < R; ++r) acc[u][r][c & 1] = _mm256_fmadd_ps(w[r], x, acc[u][r][c & 1]);
+      }
+    }
+  }
+  for (; j + 8 <= n; j += 8) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) w[r] = load8(base + r * stride + j);
+    for (int u = 0; u < U; ++u) {
+      const __m256 x = _mm256_loadu_ps(v[u] + j);
+      for (int r = 0; r < R; ++r) acc[u][r][0] = _mm256_fmadd_ps(w[r], x, acc[u][r][0]);
+    }
+  }
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r) {
+      float sum = sum8(_mm256_add_ps(acc[u][r][0], acc[u][r][1]));
+      for (int64_t k = j; k < n; ++k) sum += widen(base[r * stride + k]) * v[u][k];
+      out[u * R + r] = sum;
+    }
+}
 #endif
 
 template <int R, typename scalar_t, typename acc_t>
@@ -167,6 +211,19 @@ void dots(const scalar_t* base, int64_t stride, const acc_t* v, int64_t n, acc_t
   (void)isa;
   (void)next;
   dots_portable<R>(base, stride, v, n, out);
+}
+
+// dots<R> of U vectors: out[u·R + r] = row_r · v[u], the same bits as U calls of dots<R>.
+template <int R, int U, typename scalar_t, typename acc_t>
+void dots_many(const scalar_t* base, int64_t stride, const acc_t* const* v, int64_t n, acc_t* out, Isa isa,
+               const scalar_t* next) {
+#ifdef DEEPSEEK_MOE_X86
+  if constexpr (std::is_same_v<acc_t, float> &&
+                (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
+    if (isa == Isa::avx2) return dots_many_avx2<R, U>(base, stride, v, n, out, next);
+  }
+#endif
+  for (int u = 0; u < U; ++u) dots<R>(base, stride, v[u], n, out + u * R, isa, u == 0 ? next : nullptr);
 }
 
 // ------------------------------------------------------------------------------------ the op
@@ -199,6 +256,9 @@ int64_t pair_block(int64_t n) {
   return std::max<int64_t>(1, (int64_t(128) << 10) / (std::max<int64_t>(n, 1) * int64_t(sizeof(acc_t))));
 }
 
+// Pairs whose x rows one dots_many call takes through a unit's gate and up rows.
+constexpr int kVectors = 3;
+
 // The segments' units [u0, u1) (one unit: a gate row and an up row of one segment) -> a. A thread's range is
 // contiguous within each segment, so it streams consecutive rows.
 template <typename scalar_t, typename acc_t>
@@ -214,10 +274,22 @@ void gate_up_units(const std::vector<Segment<scalar_t, acc_t>>& segments, const 
       const int64_t p1 = std::min(p0 + block, s.first + s.count);
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* gate = s.gate + i * H;
-        for (int64_t p = p0; p < p1; ++p) {
-          acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
-          dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, isa, streams_alone(s, isa) ? nullptr : gate + H);
+        const scalar_t* next = streams_alone(s, isa) ? nullptr : gate + H;
+        auto write = [&](int64_t p, const acc_t* gu) {  // gu: the gate row's and the up row's dot with x_t
           a[a_offset + p * s.width + i] = clamped_swiglu(gu[0], gu[1], L) * (s.weight ? s.weight[p] : acc_t(1));
+        };
+        int64_t p = p0;
+        for (; p + kVectors <= p1; p += kVectors) {
+          const acc_t* xs[kVectors];
+          for (int u = 0; u < kVectors; ++u) xs[u] = x + s.token[p + u] * H;
+          acc_t gu[2 * kVectors];
+          dots_many<2, kVectors>(gate, s.up - s.gate, xs, H, gu, isa, next);
+          for (int u = 0; u < kVectors; ++u) write(p + u, gu + 2 * u);
+        }
+        for (; p < p1; ++p) {
+          acc_t gu[2];  // the gate row and the up row (s.up − s.gate apart) against x_t
+          dots<2>(gate, s.up - s.gate, x + s.token[p] * H, H, gu, isa, next);
+          write(p, gu);
         }
       }
     }
