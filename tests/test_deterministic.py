@@ -44,6 +44,21 @@ def _batches(x_TH, layer):
                 layer(x_TH[3:20]))
 
 
+def _assert_invariant_and_true(layer, x_TH, outputs, fields):
+    """:func:`_batches`' outputs bit for bit the same, and the batch's within rounding of the float64 reference."""
+    alone, batch, permuted, behind, sub = outputs
+    assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of {len(x_TH)} tokens differ alone"
+    assert torch.equal(permuted, batch)
+    assert torch.equal(behind, batch)
+    assert torch.equal(sub, batch[3:20])
+    ref = make_layer("eager", torch.float64, **fields)
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        expected = ref.eval()(x_TH.double())
+    tol = 1e-5 if x_TH.dtype == torch.float32 else 3e-2
+    assert_close(batch, expected, tol, "batch-invariant vs float64")
+
+
 def test_without_the_mode_a_token_alone_and_in_a_batch_differ():
     """Why the mode exists: CPU BLAS sums a row's products in another order in a batch than alone."""
     layer = make_layer("torch", num_shared_experts=4).eval()
@@ -99,16 +114,8 @@ def test_eval_outputs_are_bitwise_batch_invariant(backend, dtype, fields, reques
     x = torch.randn(70, H, dtype=dtype)
     with deterministic_algorithms():
         assert layer.backend.batch_invariant
-        alone, batch, permuted, behind, sub = _batches(x, layer)
-    assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of 70 tokens differ alone"
-    assert torch.equal(permuted, batch)
-    assert torch.equal(behind, batch)
-    assert torch.equal(sub, batch[3:20])
-    ref = make_layer("eager", torch.float64, **fields)
-    ref.load_state_dict(layer.state_dict())
-    with torch.no_grad():
-        expected = ref.eval()(x.double())
-    assert_close(batch, expected, 1e-5 if dtype == torch.float32 else 3e-2, "batch-invariant vs float64")
+        outputs = _batches(x, layer)
+    _assert_invariant_and_true(layer, x, outputs, fields)
 
 
 @pytest.mark.parametrize("backend,dtype,fields", CASES[:4] + CASES[5:], ids=lambda v: str(v) if not isinstance(
@@ -164,21 +171,13 @@ def test_ext_inference_is_bitwise_batch_invariant_through_its_decode_op_at_every
     layer = make_layer("ext", dtype, **fields).eval()
     x = torch.randn(70, H, dtype=dtype)
     with deterministic_algorithms():
-        (alone, batch, permuted, behind, sub), ran = ran_ops(lambda: _batches(x, layer))
+        outputs, ran = ran_ops(lambda: _batches(x, layer))
         with torch.no_grad():
             impl = layer._implementation(x.device, dtype, 220)
     assert impl.name == "ext" and impl.strategy == "decode" and impl.batch_invariant
     assert {"deepseek_moe::expert_gemv", "deepseek_moe::router_logits"} <= ran
     assert "deepseek_moe::expert_blocks" not in ran
-    assert torch.equal(alone, batch), f"{int((alone != batch).any(1).sum())} of 70 tokens differ alone"
-    assert torch.equal(permuted, batch)
-    assert torch.equal(behind, batch)
-    assert torch.equal(sub, batch[3:20])
-    ref = make_layer("eager", torch.float64, **fields)
-    ref.load_state_dict(layer.state_dict())
-    with torch.no_grad():
-        expected = ref.eval()(x.double())
-    assert_close(batch, expected, 1e-5 if dtype == torch.float32 else 3e-2, "batch-invariant vs float64")
+    _assert_invariant_and_true(layer, x, outputs, fields)
 
 
 def test_backends_that_cannot_be_batch_invariant_refuse_in_the_mode():
