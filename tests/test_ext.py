@@ -242,6 +242,13 @@ def test_auto_uses_the_extension_for_fp32_on_cpu_only_when_built_ahead_of_time(m
             impl = select("auto", torch.device("cpu"), dtype, inference=True, sizes=(64, 32))
             assert (impl.name, impl.strategy) == ("ext", "blocks")
     assert select("auto", torch.device("cpu"), torch.bfloat16, inference=True, sizes=(64, 33)).name == "torch"
+    # The deterministic mode: inference through the batch-invariant decode op at every token count and size;
+    # training through torch's tiles (ext's segment loop is not batch-invariant)
+    for dtype, sizes in ((torch.float32, (64, 32)), (torch.bfloat16, (64, 33))):
+        impl = select("auto", torch.device("cpu"), dtype, inference=True, sizes=sizes, batch_invariant=True)
+        assert (impl.name, impl.strategy, impl.batch_invariant) == ("ext", "decode", True)
+    impl = select("auto", torch.device("cpu"), torch.float32, batch_invariant=True)
+    assert (impl.name, impl.batch_invariant) == ("torch", True)
 
 
 def test_ext_layer_compiles_fullgraph():
