@@ -213,7 +213,5 @@ def calibrate_bias(router, x: torch.Tensor, padding_T: Optional[torch.Tensor], i
                                                group)
     router.e_score_correction_bias.copy_(new_bias_E)
     if bool(new_bias_E.ne(0).any()):
-        # A bias that steers the routing is state: into checkpoints, also where a converted layer of a family
-        # without one kept its zero bias out of them (deepseek_moe.hf.from_hf).
-        router.register_buffer("e_score_correction_bias", router.e_score_correction_bias, persistent=True)
+        router.keep_bias_in_checkpoints()
     return {"max_vio_before": before, "max_vio_after": after}

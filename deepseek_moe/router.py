@@ -171,6 +171,12 @@ class Router(nn.Module):
             self.register_buffer("tid2eid", torch.zeros(cfg.hash_vocab_size, cfg.top_k, dtype=torch.int64))
         self.reset_parameters()
 
+    def keep_bias_in_checkpoints(self, keep: bool = True) -> None:
+        """Whether ``e_score_correction_bias`` is part of ``state_dict()`` (a persistent buffer). A layer converted
+        from a transformers family without a correction bias keeps a zero one out (the stock layout); a bias that
+        steers the routing is state and goes in."""
+        self.register_buffer("e_score_correction_bias", self.e_score_correction_bias, persistent=keep)
+
     def reset_parameters(self, hash_table: bool = True) -> None:
         """Draw the weight, zero the bias and (with ``hash_table``) write the default hash table."""
         nn.init.normal_(self.weight, std=self.cfg.initializer_range)

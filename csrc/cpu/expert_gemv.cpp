@@ -7,8 +7,8 @@
 //
 //   1. gate/up: threads share the I hidden units of every segment in items of 32; for an item's units i of a
 //      chosen expert a thread streams its gate rows and up rows I + i (contiguous in the public (E, 2I, H) layout),
-//      dots each with the rows of x of that expert's tokens (they stay in L1/L2), and writes
-//      a = act(min(g, L)) · clamp(u, −L, L) · w.
+//      dots each with the rows of x of that expert's tokens (three at a time with AVX2; a segment of many pairs
+//      in blocks whose x rows stay in L2: pair_block), and writes a = act(min(g, L)) · clamp(u, −L, L) · w.
 //   2. down: threads share the H output rows in items of 32; for each expert a thread streams the item's rows of
 //      down (E, H, I), dots each with the pairs' a and adds into those rows of y (fp32), experts in a fixed order.
 //

@@ -233,10 +233,9 @@ def _loaded(model: nn.Module, loading_info) -> None:
             missing.discard(key)
         elif key in missing:
             missing.remove(key)
-        router = layer.router
-        bias = router.e_score_correction_bias
-        keep = layer.config.bias_update_speed > 0 or (not bias.is_meta and bool(bias.ne(0).any()))
-        router.register_buffer("e_score_correction_bias", bias, persistent=keep)
+        bias = layer.router.e_score_correction_bias
+        layer.router.keep_bias_in_checkpoints(
+            layer.config.bias_update_speed > 0 or (not bias.is_meta and bool(bias.ne(0).any())))
 
 
 @contextlib.contextmanager

@@ -111,10 +111,8 @@ def _load_from_family_layout(module, state, prefix, *args) -> None:
     bias saved beside a family's keys that has none (a calibrated or balancing layer's: it becomes persistent, as in
     the layer it was saved from)."""
     to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
-    router = module.router
-    if prefix + "gate.e_score_correction_bias" in state and "e_score_correction_bias" in \
-            router._non_persistent_buffers_set:
-        router.register_buffer("e_score_correction_bias", router.e_score_correction_bias, persistent=True)
+    if prefix + "gate.e_score_correction_bias" in state:
+        module.router.keep_bias_in_checkpoints()
 
 
 # ------------------------------------------------------------------------------------------ transformers
