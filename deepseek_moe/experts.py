@@ -247,7 +247,8 @@ def check_invariant_projections(modules, training: bool) -> None:
                          f"e.g. by PEFT's target_modules), and what the wrapper adds runs outside the batch-invariant "
                          f"arithmetic. "
                          f"Adapt them with target_parameters=['shared_experts.gate_proj.weight', "
-                         f"'shared_experts.up_proj.weight', 'shared_experts.down_proj.weight'] or merge the adapter")
+                         f"'shared_experts.up_proj.weight', 'shared_experts.down_proj.weight'] ('shared_expert.' in a "
+                         f"converted Qwen2-MoE layer) or merge the adapter")
 
 
 class SharedExperts(nn.Module):

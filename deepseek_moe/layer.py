@@ -37,8 +37,12 @@ class DeepSeekMoELayer(nn.Module):
 
     NaN/inf in x propagate to the affected tokens' rows only. Capacity dropping happens only in training.
     Parameter names follow transformers v5's DeepseekV3MoE (``gate.weight``, ``gate.e_score_correction_bias``,
-    ``experts.gate_up_proj``, ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``).
+    ``experts.gate_up_proj``, ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``); a layer
+    converted from a family that names its shared experts otherwise keeps the family's name (Qwen2-MoE:
+    ``shared_expert``; :meth:`name_shared_experts`), so module paths, checkpoints and adapters match the stock model.
     """
+
+    shared_experts_name = "shared_experts"  # the child's name in module paths and state-dict keys
 
     def __init__(self, config: Optional[MoEConfig] = None, **fields):
         super().__init__()
@@ -63,6 +67,29 @@ class DeepSeekMoELayer(nn.Module):
         self.follows_experts_implementation = False
         self._guard = RecomputeGuard()
         self._impls: Dict[tuple, backends.Backend] = {}  # selected implementations (this process's), per key
+
+    @property
+    def shared_experts(self) -> Optional[nn.Module]:
+        """The shared experts (a :class:`SharedExperts`, a wrapper of it, or None), registered under
+        :attr:`shared_experts_name`."""
+        return self._modules.get(self.shared_experts_name)
+
+    @shared_experts.setter
+    def shared_experts(self, module: Optional[nn.Module]) -> None:
+        # Reached for None only: nn.Module.__setattr__ registers a module value under the name it is given.
+        self._modules[self.shared_experts_name] = module
+
+    def name_shared_experts(self, name: str) -> None:
+        """Register the shared experts under ``name`` (a stock block's, e.g. Qwen2-MoE's ``shared_expert``), in the
+        same place among the children: module paths, ``state_dict`` keys and PEFT's adapter keys then read as in the
+        stock model. Raises ValueError for a name another child or attribute of the layer already has."""
+        if name == self.shared_experts_name:
+            return
+        if name in self._modules or name in self.__dict__ or hasattr(type(self), name):
+            raise ValueError(f"name_shared_experts: {name!r} is already an attribute of the layer")
+        old = self.shared_experts_name
+        self._modules = {(name if key == old else key): module for key, module in self._modules.items()}
+        self.shared_experts_name = name
 
     aux_loss = property(lambda self: self.load_state.aux_loss)
     tokens_per_expert = property(lambda self: self.load_state.tokens_per_expert)
@@ -217,7 +244,7 @@ class DeepSeekMoELayer(nn.Module):
         step = impl.fused_step(cfg)
         if step is None:
             return None
-        shared_experts = modules.get("shared_experts")
+        shared_experts = modules.get(self.shared_experts_name)
         shared = _fusable_shared(shared_experts, modules.get("shared_expert_gate"), impl, dtype)
         with stage("experts"):
             out = step(x, weight_EH, bias_E, gate_up_EJH, down_EHI, shared)

@@ -374,6 +374,21 @@ def test_unsupported_config_raises_naming_the_field(family, extra, field):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("family,override", [
+    ("mixtral", dict(hidden_size=64)), ("qwen3_moe", dict(expert_hidden_size=8)),
+    ("deepseek_v3", dict(num_routed_experts=16)), ("deepseek_v3", dict(num_shared_experts=2)),
+    ("qwen2_moe", dict(shared_expert_gate=False)), ("mixtral", dict(num_shared_experts=1)),
+])
+def test_an_override_of_a_size_the_weights_fix_raises_naming_it(family, override):
+    model = _model(family)
+    (field, value), = override.items()
+    with pytest.raises(ValueError, match=f"{field}={value!r} cannot be overridden"):
+        hf.replace_moe_blocks(model, **override)
+    assert not hf.moe_layers(model)
+    block = next(m for m in model.modules() if type(m).__name__ in hf.SUPPORTED_BLOCKS)
+    assert hf.replace_moe_blocks(model, **{field: getattr(hf.config_from_hf(block), field)}) == 2  # the held value
+
+
 def test_v2_top_k_beyond_the_kept_groups_converts():
     """transformers zeroes the scores outside the kept groups, so picks beyond them carry weight 0."""
     stock, ours = _pair("deepseek_v2", num_experts_per_tok=6, n_group=4, topk_group=1)

@@ -159,29 +159,42 @@ from test_hf_fidelity import _batch, _model  # noqa: E402
 Auto = transformers.AutoModelForCausalLM
 
 
-def _hf_lora_config():
-    return LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"])
+def _hf_lora_config(family="mixtral"):
+    """Attention, routed experts, router, and the shared experts under the stock block's name: by module for Qwen2-MoE,
+    by parameter for DeepSeek-V3 (PEFT maps a DeepSeek-V3 target module ending in gate/up/down_proj to the fused
+    routed experts)."""
+    shared = {"deepseek_v3": "shared_experts", "qwen2_moe": "shared_expert"}.get(family)
+    projections = [f"mlp.{shared}.{p}" for p in ("gate_proj", "up_proj", "down_proj")] if shared else []
+    by_module = family == "qwen2_moe"
+    return LoraConfig(r=R, lora_alpha=ALPHA, init_lora_weights=False,
+                      target_modules=["q_proj", "v_proj"] + (projections if by_module else []),
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
+                      + ([] if by_module else [f"{p}.weight" for p in projections]))
 
 
 def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
 def test_converted_models_train_with_lora_and_adapters_move_to_the_stock_class(family, tmp_path):
+    """Qwen2-MoE names its shared expert ``shared_expert`` (DeepSeek ``shared_experts``): the converted layer keeps
+    the family's name, so adapters on it move both ways."""
     ids = _batch(1)
     _model(family).save_pretrained(tmp_path / "base")
     with hf.converted_at_construction():
         converted = Auto.from_pretrained(tmp_path / "base")
     stock = Auto.from_pretrained(tmp_path / "base")
     torch.manual_seed(0)
-    ours = get_peft_model(converted, _hf_lora_config())
-    theirs = get_peft_model(stock, _hf_lora_config())
+    ours = get_peft_model(converted, _hf_lora_config(family))
+    theirs = get_peft_model(stock, _hf_lora_config(family))
     loaded = set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
     assert not loaded.unexpected_keys, loaded.unexpected_keys
-    n_experts = sum(1 for n, _ in ours.named_parameters() if "experts" in n and "lora_A" in n)
+    n_experts = sum(1 for n, _ in ours.named_parameters() if "mlp.experts." in n and "lora_A" in n)
     assert n_experts == 4, "two MoE layers x (gate_up_proj, down_proj)"
+    shared = [n for n, _ in ours.named_parameters() if ".shared_expert" in n and "lora_A" in n]
+    assert sorted(shared) == sorted(n for n, _ in theirs.named_parameters() if ".shared_expert" in n and "lora_A" in n)
+    assert len(shared) == (0 if family == "mixtral" else 6), shared
 
     for m in (ours, theirs):  # the stock model is the oracle: same logits, same LoRA gradients
         m.train()

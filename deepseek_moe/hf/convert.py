@@ -118,6 +118,8 @@ def from_hf(block: nn.Module, hf_config=None, **overrides) -> DeepSeekMoELayer:
     with torch.device("meta"):
         layer = DeepSeekMoELayer(cfg)
     layer = layer.to_empty(device=router_weight.device).to(expert_param.dtype)
+    if family.shared is not None:
+        layer.name_shared_experts(family.shared)
     bias = torch.zeros_like(layer.gate.e_score_correction_bias)
     has_bias = keeps_bias(family, cfg)
     # A block without a correction bias keeps it out of checkpoints (the stock layout) while it is zero and cannot

@@ -232,12 +232,18 @@ def _hf_config_of(block: nn.Module):
     return None
 
 
+# Config fields that the block's weights determine: the layer takes those weights, so an override cannot change them.
+_FIXED_BY_WEIGHTS = ("hidden_size", "expert_hidden_size", "num_routed_experts", "num_shared_experts",
+                     "shared_expert_hidden_size", "shared_expert_gate", "hash_vocab_size")
+
+
 def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     """The :class:`MoEConfig` with the same routing math, sizes and activation as transformers' MoE ``block``
     (``hf_config``: the model's config, for blocks that do not keep it; it gives ``initializer_range``).
 
     Raises TypeError for an unsupported block and ValueError naming the transformers config field for a
-    configuration the layer cannot reproduce.
+    configuration the layer cannot reproduce, or an override of a size the block's weights fix (``hidden_size``,
+    ``expert_hidden_size``, ``num_routed_experts``, the shared experts' count, width and gate, ``hash_vocab_size``).
     """
     family = family_of(block)
     biases = [name for name, _ in block.named_parameters() if name.endswith("bias")]
@@ -263,6 +269,11 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     if shared_width:
         fields["shared_expert_hidden_size"] = shared_width
     fields.update(family.fields(block))
+    held = {k: fields.get(k, MoEConfig.__dataclass_fields__[k].default) for k in _FIXED_BY_WEIGHTS}
+    fixed = {k: (v, held[k]) for k, v in overrides.items() if k in held and v != held[k]}
+    if fixed:
+        raise ValueError(f"from_hf: {type(block).__name__}: " + ", ".join(
+            f"{k}={v!r} cannot be overridden (the block's weights fix it at {w!r})" for k, (v, w) in fixed.items()))
     fields.update(overrides)
     try:
         return MoEConfig(**fields)

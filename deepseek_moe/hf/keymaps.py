@@ -1,7 +1,8 @@
 """Checkpoint key layouts: each family's stock keys against the layer's own, as data, and the two places that use it.
 
-A converted layer's ``state_dict()`` holds its parameters themselves under its own names. Five families already
-use those names; Qwen2-MoE names its shared expert ``shared_expert`` and DBRX keeps MegaBlocks' stacked GLU
+A converted layer's ``state_dict()`` holds its parameters themselves under its own names, which are the stock
+names in every family but DBRX (a Qwen2-MoE layer registers its shared experts as ``shared_expert``, as the stock
+block does: :meth:`~deepseek_moe.layer.DeepSeekMoELayer.name_shared_experts`). DBRX keeps MegaBlocks' stacked GLU
 weights, so :data:`KEYMAPS` lists, per family, the keys it renames and the tensors it converts (block-relative).
 The table is applied
 
@@ -68,10 +69,7 @@ class KeyMap:
     converts: Tuple[Tuple[Tuple[str, ...], str, str], ...] = ()
 
 
-_SHARED = tuple((f"shared_expert.{p}.weight", f"shared_experts.{p}.weight") for p in ("gate_proj", "up_proj",
-                                                                                        "down_proj"))
 KEYMAPS: Dict[str, KeyMap] = {
-    "qwen2_moe": KeyMap(renames=_SHARED),
     "dbrx": KeyMap(renames=(("router.layer.weight", "gate.weight"),),
                    converts=((("experts.mlp.w1", "experts.mlp.v1"), "experts.gate_up_proj", "stacked_glu"),
                              (("experts.mlp.w2",), "experts.down_proj", "stacked_down"))),
@@ -107,10 +105,14 @@ def to_stock(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int
 
 
 def _load_from_family_layout(module, state, prefix, *args) -> None:
-    """load_state_dict pre-hook of converted layers: accept the family's stock layout (and ours), and a correction
-    bias saved beside a family's keys that has none (a calibrated or balancing layer's: it becomes persistent, as in
-    the layer it was saved from)."""
+    """load_state_dict pre-hook of converted layers: accept the family's stock layout (and ours), a bare layer's
+    name for shared experts the family names otherwise, and a correction bias saved beside a family's keys that has
+    none (a calibrated or balancing layer's: it becomes persistent, as in the layer it was saved from)."""
     to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
+    shared, bare = prefix + module.shared_experts_name + ".", prefix + type(module).shared_experts_name + "."
+    if shared != bare:
+        for key in [k for k in state if k.startswith(bare)]:
+            state[shared + key[len(bare):]] = state.pop(key)
     if prefix + "gate.e_score_correction_bias" in state:
         module.router.keep_bias_in_checkpoints()
 
@@ -203,7 +205,7 @@ def register_with_transformers() -> bool:
     """Let transformers' loader and saver apply :data:`KEYMAPS` to every model that holds a converted layer
     (idempotent). Returns False where this transformers' loader does not collect per-module transforms (before
     5.25): there :func:`refresh_conversions` still makes ``save_pretrained`` write the stock layout, but a
-    checkpoint loads into converted Qwen2-MoE or DBRX layers only through ``load_state_dict`` (load the stock
+    checkpoint loads into converted DBRX layers only through ``load_state_dict`` (load the stock
     model, then ``replace_moe_blocks``)."""
     if not _loader_applies_hook():
         return False
