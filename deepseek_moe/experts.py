@@ -243,11 +243,11 @@ def check_invariant_projections(modules, training: bool) -> None:
     wrapped = sorted({type(m).__name__ for m in modules if m is not None and not _invariant(m)})
     if wrapped:
         invariant.refuse(f"DeepSeekMoELayer: under torch.use_deterministic_algorithms(True) outputs are to be "
-                         f"batch-invariant, but the shared experts' projections are wrapped ({', '.join(wrapped)}, "
-                         f"e.g. by PEFT's target_modules), and what the wrapper adds runs outside the batch-invariant "
-                         f"arithmetic. "
-                         f"Adapt them with target_parameters=['shared_experts.gate_proj.weight', "
-                         f"'shared_experts.up_proj.weight', 'shared_experts.down_proj.weight'] ('shared_expert.' in a "
+                         f"batch-invariant, but the shared experts' projections or their gate are wrapped "
+                         f"({', '.join(wrapped)}, e.g. by PEFT's target_modules), and what the wrapper adds runs "
+                         f"outside the batch-invariant arithmetic. Adapt them by their weights instead "
+                         f"(target_parameters=['shared_experts.gate_proj.weight', 'shared_experts.up_proj.weight', "
+                         f"'shared_experts.down_proj.weight', 'shared_expert_gate.weight']; 'shared_expert.' in a "
                          f"converted Qwen2-MoE layer) or merge the adapter")
 
 

@@ -76,16 +76,29 @@ class DeepSeekMoELayer(nn.Module):
 
     @shared_experts.setter
     def shared_experts(self, module: Optional[nn.Module]) -> None:
-        # Reached for None only: nn.Module.__setattr__ registers a module value under the name it is given.
+        # Reached for None while no child has the name yet (the constructor); __setattr__ sends the rest there.
         self._modules[self.shared_experts_name] = module
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``layer.shared_experts = wrapper`` replaces the child under its registered name: nn.Module.__setattr__
+        # would register a module value as a second child named ``shared_experts`` that the forward never calls.
+        if name == "shared_experts" and self.shared_experts_name in self.__dict__.get("_modules", ()):
+            name = self.shared_experts_name
+        super().__setattr__(name, value)
 
     def name_shared_experts(self, name: str) -> None:
         """Register the shared experts under ``name`` (a stock block's, e.g. Qwen2-MoE's ``shared_expert``), in the
         same place among the children: module paths, ``state_dict`` keys and PEFT's adapter keys then read as in the
-        stock model. Raises ValueError for a name another child or attribute of the layer already has."""
+        stock model. Raises TypeError for a name that is not a str, ValueError for one that is not a Python
+        identifier or that another child or attribute of the layer already has."""
+        if not isinstance(name, str):
+            raise TypeError(f"name_shared_experts: the name must be a str, got {type(name).__name__}")
         if name == self.shared_experts_name:
             return
-        if name in self._modules or name in self.__dict__ or hasattr(type(self), name):
+        if not name.isidentifier():
+            raise ValueError(f"name_shared_experts: {name!r} is not a Python identifier (module paths are dotted)")
+        if name in self._modules or name in self.__dict__ or (
+                name != type(self).shared_experts_name and hasattr(type(self), name)):
             raise ValueError(f"name_shared_experts: {name!r} is already an attribute of the layer")
         old = self.shared_experts_name
         self._modules = {(name if key == old else key): module for key, module in self._modules.items()}
@@ -389,9 +402,10 @@ class DeepSeekMoELayer(nn.Module):
 def _fusable_shared(shared_experts: Optional[SharedExperts], shared_expert_gate: Optional[nn.Module],
                     impl: backends.Backend, dtype: torch.dtype) -> Optional[tuple]:
     """The shared experts' weights for ``impl`` to compute in its pass (:meth:`Backend.fuses_shared`), or None: no
-    shared experts, a gate scaling their output, projections that are not plain
+    shared experts, a gate scaling their output, a module in their place that is not a :class:`SharedExperts` (a
+    user's wrapper, PEFT's ``modules_to_save``), projections that are not plain
     (:meth:`SharedExperts.fusable_weights`)."""
-    if shared_experts is None or shared_expert_gate is not None:
+    if not isinstance(shared_experts, SharedExperts) or shared_expert_gate is not None:
         return None
     weights = shared_experts.fusable_weights(dtype)
     return weights if weights is not None and impl.fuses_shared(weights) else None

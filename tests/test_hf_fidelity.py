@@ -374,19 +374,32 @@ def test_unsupported_config_raises_naming_the_field(family, extra, field):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family,override", [
-    ("mixtral", dict(hidden_size=64)), ("qwen3_moe", dict(expert_hidden_size=8)),
-    ("deepseek_v3", dict(num_routed_experts=16)), ("deepseek_v3", dict(num_shared_experts=2)),
-    ("qwen2_moe", dict(shared_expert_gate=False)), ("mixtral", dict(num_shared_experts=1)),
+@pytest.mark.parametrize("family,override,size", [
+    ("mixtral", dict(hidden_size=64), "hidden_size 64 where the block's weights have 32"),
+    ("qwen3_moe", dict(expert_hidden_size=8), "expert_hidden_size 8"),
+    ("deepseek_v3", dict(num_routed_experts=16), "num_routed_experts 16"),
+    ("deepseek_v3", dict(shared_expert_hidden_size=32), "width 32 where the block's weights have 16"),
+    ("deepseek_v3", dict(num_shared_experts=0), "width 0"),
+    ("qwen2_moe", dict(shared_expert_gate=False), "shared_expert_gate False"),
+    ("mixtral", dict(num_shared_experts=1), "width 24 where the block's weights have 0"),
 ])
-def test_an_override_of_a_size_the_weights_fix_raises_naming_it(family, override):
+def test_an_override_of_a_size_the_weights_fix_raises_naming_it(family, override, size):
     model = _model(family)
     (field, value), = override.items()
-    with pytest.raises(ValueError, match=f"{field}={value!r} cannot be overridden"):
+    with pytest.raises(ValueError, match=f"overrides {field}={value!r} would make the layer's .*{size}"):
         hf.replace_moe_blocks(model, **override)
     assert not hf.moe_layers(model)
     block = next(m for m in model.modules() if type(m).__name__ in hf.SUPPORTED_BLOCKS)
     assert hf.replace_moe_blocks(model, **{field: getattr(hf.config_from_hf(block), field)}) == 2  # the held value
+
+
+def test_an_override_that_keeps_the_sizes_is_accepted():
+    """DeepSeek-V3's two shared experts of 16 are one fused MLP of 32 in the layer; n_shared_experts=2 keeps it."""
+    stock, ours = _model("deepseek_v3", n_shared_experts=2), _model("deepseek_v3", n_shared_experts=2)
+    assert hf.replace_moe_blocks(ours, num_shared_experts=2, backend="eager") == 2
+    ids = _batch(3)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, stock(ids).logits, 1e-5, "n_shared_experts=2 passed through")
 
 
 def test_v2_top_k_beyond_the_kept_groups_converts():
@@ -447,3 +460,23 @@ def test_converted_model_compiles_fullgraph():
     ids = _batch(8)
     with torch.no_grad():
         assert_close(torch.compile(ours, fullgraph=True)(ids).logits, stock(ids).logits, 1e-5, "compiled")
+
+
+def test_qwen2_shared_expert_keeps_the_stock_name_and_takes_a_bare_layers_keys():
+    """A converted Qwen2-MoE layer names its shared experts ``shared_expert`` as the stock block: the same module
+    paths and keys; its load_state_dict and to_stock also take a bare layer's ``shared_experts.*`` keys (not beside
+    keys of the stock name: then the bare ones are left over, unexpected)."""
+    stock, ours = _pair("qwen2_moe")
+    names = lambda m: [n for n, _ in m.named_parameters() if ".mlp." in n]  # noqa: E731
+    assert names(ours) == names(stock)
+    layer = next(iter(hf.moe_layers(ours).values()))
+    assert layer.shared_experts is layer.shared_expert
+    bare = {k.replace("shared_expert.", "shared_experts."): v.clone() + 1 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(bare)
+    assert torch.equal(layer.shared_expert.up_proj.weight, bare["shared_experts.up_proj.weight"])
+    stock_keys = dict(bare)
+    hf.to_stock(stock_keys, "", layer.hf_family, layer.config.num_routed_experts)
+    assert sorted(stock_keys) == sorted(hf.to_hf(layer).state_dict())
+    both = {**layer.state_dict(), "shared_experts.up_proj.weight": bare["shared_experts.up_proj.weight"] + 1}
+    with pytest.raises(RuntimeError, match="Unexpected key.*shared_experts.up_proj.weight"):
+        layer.load_state_dict(both)

@@ -385,3 +385,46 @@ def test_import_loads_neither_dynamo_nor_optional_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class _Delegate(torch.nn.Module):
+    """A user's wrapper around the shared experts: counts its calls, computes what it wraps."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_shared_experts_under_another_name_and_replaced_by_assignment(backend):
+    """name_shared_experts (a converted Qwen2-MoE layer's ``shared_expert``): same function, the child renamed in
+    place; ``layer.shared_experts = m`` replaces that child (nn.Module would register a second one, never called)."""
+    torch.manual_seed(0)
+    layer = dm.DeepSeekMoELayer(hidden_size=16, expert_hidden_size=8, num_routed_experts=4, top_k=2,
+                                num_shared_experts=1, backend=backend).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.name_shared_experts("shared_expert")
+        assert list(layer._modules) == ["gate", "experts", "shared_expert", "logits_probe"]
+        assert sorted(k for k in layer.state_dict() if k.startswith("shared")) == [
+            f"shared_expert.{p}_proj.weight" for p in ("down", "gate", "up")]
+        assert torch.equal(layer(x), before)
+        wrapper = _Delegate(layer.shared_experts)
+        layer.shared_experts = wrapper  # a module that is not SharedExperts: not fused into the experts' pass
+        assert layer.shared_experts is wrapper and list(layer._modules)[2] == "shared_expert"
+        assert torch.equal(layer(x), before) and wrapper.calls == 1
+        layer.shared_experts = None
+        assert layer.shared_experts is None and "shared_experts" not in layer._modules
+        assert not torch.equal(layer(x), before)
+        layer.shared_experts = wrapper.inner
+        layer.name_shared_experts("shared_experts")  # back to the bare layer's name
+        assert list(layer._modules)[2] == "shared_experts" and torch.equal(layer(x), before)
+    for bad, error in (("", ValueError), ("a.b", ValueError), (3, TypeError), ("gate", ValueError),
+                       ("forward", ValueError)):
+        with pytest.raises(error, match="name_shared_experts"):
+            layer.name_shared_experts(bad)

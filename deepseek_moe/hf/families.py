@@ -232,7 +232,8 @@ def _hf_config_of(block: nn.Module):
     return None
 
 
-# Config fields that the block's weights determine: the layer takes those weights, so an override cannot change them.
+# Config fields that size the layer's weights (_weight_shapes): the layer takes the block's, so an override may not
+# change what they make.
 _FIXED_BY_WEIGHTS = ("hidden_size", "expert_hidden_size", "num_routed_experts", "num_shared_experts",
                      "shared_expert_hidden_size", "shared_expert_gate", "hash_vocab_size")
 
@@ -242,8 +243,9 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     (``hf_config``: the model's config, for blocks that do not keep it; it gives ``initializer_range``).
 
     Raises TypeError for an unsupported block and ValueError naming the transformers config field for a
-    configuration the layer cannot reproduce, or an override of a size the block's weights fix (``hidden_size``,
-    ``expert_hidden_size``, ``num_routed_experts``, the shared experts' count, width and gate, ``hash_vocab_size``).
+    configuration the layer cannot reproduce, or for overrides that would change a size the block's weights fix
+    (``hidden_size``, ``expert_hidden_size``, ``num_routed_experts``, the shared experts' width and gate,
+    ``hash_vocab_size``; ``num_shared_experts=2`` with the block's width is accepted).
     """
     family = family_of(block)
     biases = [name for name, _ in block.named_parameters() if name.endswith("bias")]
@@ -269,14 +271,23 @@ def config_from_hf(block: nn.Module, hf_config=None, **overrides) -> MoEConfig:
     if shared_width:
         fields["shared_expert_hidden_size"] = shared_width
     fields.update(family.fields(block))
-    held = {k: fields.get(k, MoEConfig.__dataclass_fields__[k].default) for k in _FIXED_BY_WEIGHTS}
-    fixed = {k: (v, held[k]) for k, v in overrides.items() if k in held and v != held[k]}
-    if fixed:
-        raise ValueError(f"from_hf: {type(block).__name__}: " + ", ".join(
-            f"{k}={v!r} cannot be overridden (the block's weights fix it at {w!r})" for k, (v, w) in fixed.items()))
-    fields.update(overrides)
     try:
-        return MoEConfig(**fields)
+        held = _weight_shapes(MoEConfig(**fields))
+        cfg = MoEConfig(**{**fields, **overrides})
     except ConfigError as err:
         raise ConfigError(f"from_hf: {type(block).__name__}: {err}") from None
+    changed = {k: (v, held[k]) for k, v in _weight_shapes(cfg).items() if v != held[k]}
+    if changed:
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if k in _FIXED_BY_WEIGHTS)
+        raise ValueError(f"from_hf: {type(block).__name__}: the overrides {given} would make the layer's "
+                         + ", ".join(f"{k} {v!r} where the block's weights have {w!r}" for k, (v, w) in changed.items())
+                         + "; the layer takes the block's weights")
+    return cfg
+
+
+def _weight_shapes(cfg: MoEConfig) -> Dict[str, Any]:
+    return {"hidden_size": cfg.hidden_size, "expert_hidden_size": cfg.expert_hidden_size,
+            "num_routed_experts": cfg.num_routed_experts, "shared experts' width": cfg.shared_width,
+            "shared_expert_gate": bool(cfg.shared_expert_gate and cfg.shared_width),
+            "hash_vocab_size": cfg.hash_vocab_size}
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from ..layer import DeepSeekMoELayer
 from .families import FAMILIES, Family
 
 
@@ -94,7 +95,10 @@ def to_ours(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int)
 
 
 def to_stock(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int) -> None:
-    """The inverse of :func:`to_ours`: our keys under ``prefix`` -> the family's stock layout, in place."""
+    """The inverse of :func:`to_ours`: our keys under ``prefix`` -> the family's stock layout, in place (a bare
+    layer's ``shared_experts.*`` keys too, for a family that names its shared experts otherwise)."""
+    if family.shared is not None:
+        _bare_shared_keys_to(state, prefix, family.shared)
     kmap = keymap(family)
     for stock, ours in kmap.renames:
         if prefix + ours in state:
@@ -104,15 +108,22 @@ def to_stock(state: Dict[str, torch.Tensor], prefix: str, family: Family, E: int
             state.update(zip((prefix + k for k in stock_keys), CONVERSIONS[name][1](state.pop(prefix + ours), E)))
 
 
+def _bare_shared_keys_to(state: Dict[str, torch.Tensor], prefix: str, name: str) -> None:
+    """A bare layer's shared-expert keys (``shared_experts.*``) under ``prefix`` -> ``name.*``, in place, where the
+    state has no key of that name already (with both, the bare ones stay: unexpected for a strict load)."""
+    shared, bare = f"{prefix}{name}.", f"{prefix}{DeepSeekMoELayer.shared_experts_name}."
+    if shared == bare or any(k.startswith(shared) for k in state):
+        return
+    for key in [k for k in state if k.startswith(bare)]:
+        state[shared + key[len(bare):]] = state.pop(key)
+
+
 def _load_from_family_layout(module, state, prefix, *args) -> None:
     """load_state_dict pre-hook of converted layers: accept the family's stock layout (and ours), a bare layer's
     name for shared experts the family names otherwise, and a correction bias saved beside a family's keys that has
     none (a calibrated or balancing layer's: it becomes persistent, as in the layer it was saved from)."""
     to_ours(state, prefix, module.hf_family, module.config.num_routed_experts)
-    shared, bare = prefix + module.shared_experts_name + ".", prefix + type(module).shared_experts_name + "."
-    if shared != bare:
-        for key in [k for k in state if k.startswith(bare)]:
-            state[shared + key[len(bare):]] = state.pop(key)
+    _bare_shared_keys_to(state, prefix, module.shared_experts_name)
     if prefix + "gate.e_score_correction_bias" in state:
         module.router.keep_bias_in_checkpoints()
 
