@@ -213,3 +213,21 @@ def test_tokens_per_expert_counts_only_the_pairs_kept_under_device_capacity():
     processed) counted them as processed. Over the ranks it now equals what each rank's experts processed, and
     with the dropped pairs every pair routed."""
     spawn_gloo(_device_capacity_worker, 2)
+
+
+def _differing_worker(rank, world):
+    base = _config(world, None)
+    for fields, dtype, named in ((dict(top_k=3 - rank), torch.float32, "top_k: rank 0 3, rank 1 2"),
+                                 (dict(num_routed_experts=8 // (rank + 1)), torch.float32, "num_routed_experts"),
+                                 ({}, (torch.float32, torch.bfloat16)[rank], "gate_up_proj dtype")):
+        layer = dm.DeepSeekMoELayer(base.replace(**fields)).to(dtype)
+        with pytest.raises(ValueError, match=f"differ across the ranks.*{named}"):
+            shard_experts(layer)
+        assert layer.expert_parallel is None
+    shard_experts(dm.DeepSeekMoELayer(base))  # the same layer on both: sharded
+
+
+def test_layers_that_differ_across_the_ranks_are_refused_on_every_rank_at_sharding():
+    """Without the check: a different E raised an index error on one rank while the other waited in the all-to-all
+    for ever; a different dtype or H aborted the processes in gloo; a different top_k ran."""
+    spawn_gloo(_differing_worker, 2)

@@ -128,3 +128,81 @@ def test_adapters_on_sharded_experts_are_refused_by_the_checkpoint_helpers_until
     import pytest
     pytest.importorskip("peft")
     spawn_gloo(_lora_worker, 2)
+
+
+def _train(model, steps, world, rank, lr=1e-2, optimizer=None):
+    """AdamW steps on this rank's rows of step-seeded batches (loss: the mean over the rank's rows, so the ranks'
+    mean is the whole batch's); replicated parameters' gradients averaged over the ranks, as DDP would."""
+    import torch.distributed as dist
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    for step in steps:
+        x = torch.randn(T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
+        rows = slice(rank * T // world, (rank + 1) * T // world)
+        optimizer.zero_grad()
+        model(x[rows]).pow(2).mean().backward()
+        if world > 1:
+            for name, p in model.named_parameters():
+                if ".experts." not in f".{name}":
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        optimizer.step()
+    return optimizer
+
+
+def _reference(steps):
+    model = _model(0).double().train()
+    _train(model, range(steps), 1, 0)
+    return model.state_dict()
+
+
+def _optimizer_worker(rank, world, path, save):
+    """Save at EP = world after 3 steps (model and AdamW state, and a model using one layer twice); or resume from
+    it at EP = world with other weights, another learning rate and no optimizer state, for 3 more steps."""
+    from deepseek_moe.parallel import checkpoint_optimizer_state_dict, load_optimizer_state_dict
+    L = CFG.num_routed_experts // world
+    if save:
+        model = _shard(_model(0).double().train())
+        optimizer = _train(model, range(3), world, rank)
+        layer = _model(0)[0]
+        tied = nn.Sequential(shard_experts(layer), layer)  # one layer used twice: both keys sharded
+        tied_state = checkpoint_state_dict(tied)
+        assert all(tied_state[f"{i}.experts.down_proj"].shape[0] == CFG.num_routed_experts for i in (0, 1))
+        dcp.save({"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer),
+                  "tied": tied_state}, checkpoint_id=path)
+        return
+    model = _shard(_model(seed=1).double().train())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    tied_layer = shard_experts(dm.DeepSeekMoELayer(CFG))
+    tied = nn.Sequential(tied_layer, tied_layer)
+    state = {"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer),
+             "tied": checkpoint_state_dict(tied)}
+    dcp.load(state, checkpoint_id=path)
+    load_optimizer_state_dict(model, optimizer, state["optim"])
+    assert all(group["lr"] == 1e-2 for group in optimizer.param_groups)
+    _train(model, range(3, 6), world, rank, optimizer=optimizer)
+    reference, first = _reference(6), _model(0)[0].state_dict()
+    for key, value in model.state_dict().items():
+        ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
+        assert_close(value, ref, 1e-9, f"rank {rank} of {world}: {key} after resuming")
+    for key, value in tied_layer.state_dict().items():
+        ref = first[key][rank * L:(rank + 1) * L] if key.startswith("experts.") else first[key]
+        assert torch.equal(value, ref), f"rank {rank} of {world}: the layer used twice, {key}"
+
+
+def test_optimizer_state_saved_at_ep2_resumes_at_ep2_ep4_and_unsharded_as_one_uninterrupted_run(tmp_path):
+    """Adam's moments of the sharded experts go through DCP sharded like the weights (each rank's under one key
+    they collided: resumed ranks mixed moments); 3 steps, save, 3 more equal 6 uninterrupted, float64."""
+    from deepseek_moe.parallel import checkpoint_optimizer_state_dict, load_optimizer_state_dict
+    path = str(tmp_path / "ckpt")
+    spawn_gloo(_optimizer_worker, 2, path, True)
+    spawn_gloo(_optimizer_worker, 2, path, False)
+    spawn_gloo(_optimizer_worker, 4, path, False)
+    model = _model(seed=1).double().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    state = {"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    load_optimizer_state_dict(model, optimizer, state["optim"])
+    _train(model, range(3, 6), 1, 0, optimizer=optimizer)
+    reference = _reference(6)
+    for key, value in model.state_dict().items():
+        assert_close(value, reference[key], 1e-9, f"unsharded: {key} after resuming")

@@ -9,15 +9,20 @@ is the 2-D one, the experts split over the expert-parallel group and each rank's
 DCP then records each shard's global offset, and loading reshards: a checkpoint saved at EP = W loads at any EP
 whose size divides E, and into an unsharded model (EP = 1), in place (``dcp.load`` writes into the parameters).
 
-Example (every rank)::
+The optimizer's state of those weights (Adam's moments) is sharded the same way by
+:func:`checkpoint_optimizer_state_dict`. Example (every rank)::
 
-    state = dm.parallel.checkpoint_state_dict(model)
+    state = {"model": dm.parallel.checkpoint_state_dict(model),
+             "optim": dm.parallel.checkpoint_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=path)          # ... later, possibly at another EP size:
-    dcp.load(dm.parallel.checkpoint_state_dict(model), checkpoint_id=path)
+    state = {"model": dm.parallel.checkpoint_state_dict(model),
+             "optim": dm.parallel.checkpoint_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    dm.parallel.load_optimizer_state_dict(model, optimizer, state["optim"])
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,30 +75,86 @@ def checkpoint_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     Raises NotImplementedError for expert weights placed otherwise than by ``shard_experts`` (and FSDP2 over one
     mesh dimension covering, with the expert-parallel group, the whole world), and for adapters on the sharded
     experts (PEFT's LoRA factors: each rank's cover its own experts)."""
-    from torch.distributed.tensor import DTensor
+    state = model.state_dict()
+    keys_of: Dict[int, List[str]] = {}  # storage -> every key of it (a layer used twice has two)
+    for key, value in state.items():
+        local = _local(value)
+        if local.numel():
+            keys_of.setdefault(local.data_ptr(), []).append(key)
+    for layer, name, param in _sharded_expert_weights(model, "checkpoint_state_dict"):
+        keys = keys_of.get(_local(param).data_ptr())
+        if not keys:
+            raise ValueError(f"checkpoint_state_dict: experts.{name} of a sharded layer is not in "
+                             f"model.state_dict() (a wrapper that copies it?)")
+        sharded = _global(layer, param, param)
+        state.update((key, sharded) for key in keys)
+    return state
 
+
+def checkpoint_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """torch's ``get_optimizer_state_dict(model, optimizer)`` (keyed by parameter names) with the state of every
+    expert-parallel layer's routed-expert weights (each tensor of the weight's shape: Adam's ``exp_avg``,
+    ``exp_avg_sq``) as DTensors of global shape sharded as :func:`checkpoint_state_dict` shards the weights, sharing
+    storage with the optimizer's state; scalars (``step``) and every other entry as torch gives them. Without it a
+    rank's moments and another's share one key and DCP keeps one writer's per tensor: resumed ranks mix moments.
+    Pass it to ``dcp.save`` / ``dcp.load`` on every rank (collective), then :func:`load_optimizer_state_dict`.
+    A checkpoint saved at EP = W loads at any EP size dividing E, and unsharded.
+
+    Creates the optimizer's state where it has none yet (as torch's function does). Raises as
+    :func:`checkpoint_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer)
+    entries = {}  # storage of a state tensor -> (layer, the weight it belongs to)
+    for layer, _, param in _sharded_expert_weights(model, "checkpoint_optimizer_state_dict"):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel():
+                entries[_local(value).data_ptr()] = (layer, param)
+    def sharded(value):
+        hit = entries.get(_local(value).data_ptr()) if isinstance(value, torch.Tensor) and value.numel() else None
+        return value if hit is None else _global(hit[0], hit[1], value)
+    # New dicts: torch's per-parameter dicts may be the optimizer's own.
+    return {**osd, "state": {key: {field: sharded(value) for field, value in per_param.items()}
+                             for key, per_param in osd["state"].items()}}
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Finish loading ``state`` (:func:`checkpoint_optimizer_state_dict` of ``model`` and ``optimizer``, filled by
+    ``dcp.load``) into ``optimizer``. ``dcp.load`` wrote its tensors in place, into the optimizer's own state (the
+    sharded ones into this rank's shards); this sets the rest, the param groups (learning rates and the other
+    hyperparameters), through torch's ``set_optimizer_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    current = get_optimizer_state_dict(model, optimizer)  # the optimizer's tensors as they are now: loaded
+    set_optimizer_state_dict(model, optimizer, {"state": current["state"], "param_groups": state["param_groups"]})
+
+
+def _sharded_expert_weights(model: nn.Module, where: str) -> Iterator[Tuple[nn.Module, str, torch.Tensor]]:
+    """(layer, name, parameter) of every routed-expert weight of the expert-parallel layers in ``model``; refuses
+    adapters on them (:func:`~deepseek_moe.parallel.expert_parallel.refuse_expert_adapters`)."""
     from ..layer import DeepSeekMoELayer
     from .expert_parallel import refuse_expert_adapters
 
-    state = model.state_dict()
-    key_of: Dict[int, str] = {}
-    for key, value in state.items():
-        local = value.to_local() if isinstance(value, DTensor) else value
-        if local.numel():
-            key_of.setdefault(local.data_ptr(), key)
     for layer in model.modules():
         if not isinstance(layer, DeepSeekMoELayer) or layer.expert_parallel is None:
             continue
-        refuse_expert_adapters(layer, "checkpoint_state_dict")
-        group = layer.expert_parallel.group
+        refuse_expert_adapters(layer, where)
         for name in _EXPERT_WEIGHTS:
-            param = getattr(layer.routed_experts, name)
-            local, mesh, placements = _placement(group, param)
-            key: Optional[str] = key_of.get(local.data_ptr())
-            if key is None:
-                raise ValueError(f"checkpoint_state_dict: experts.{name} of a sharded layer is not in "
-                                 f"model.state_dict() (a wrapper that copies it?)")
-            shape = (layer.config.num_routed_experts,) + tuple(param.shape[1:])
-            state[key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
-                                            stride=torch.empty(shape, device="meta").stride())
-    return state
+            yield layer, name, getattr(layer.routed_experts, name)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _global(layer, param: torch.Tensor, value: torch.Tensor):
+    """``value`` (``param`` itself or a state tensor placed as it) as the DTensor of global shape (E, ...) sharded
+    over the layer's expert-parallel group (and FSDP2's mesh), sharing its storage."""
+    from torch.distributed.tensor import DTensor
+
+    local, mesh, placements = _placement(layer.expert_parallel.group, value)
+    shape = (layer.config.num_routed_experts,) + tuple(param.shape[1:])
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())

@@ -190,7 +190,8 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     :func:`gather_expert_state_dict` (one full state dict).
 
     Raises RuntimeError without torch.distributed, ValueError for a layer already sharded, for E not divisible by
-    W, for a config whose num_devices is neither 1 nor W, and for experts already wrapped by PEFT.
+    W, for a config whose num_devices is neither 1 nor W, for experts already wrapped by PEFT, and on every rank
+    for layers whose configs or parameter dtypes differ across the ranks (one collective).
     """
     if layer.experts is not layer.routed_experts:
         raise ValueError("shard_experts: the routed experts are wrapped (PEFT's LoRA sizes its factors for every "
@@ -200,6 +201,7 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     if getattr(layer, "expert_parallel", None) is not None:
         raise ValueError("shard_experts: this layer is already sharded")
     cfg = layer.config
+    _check_same_on_every_rank(layer, group)
     dispatcher = AllToAllDispatcher(group, cfg.num_routed_experts, cfg.capacity_factor, cfg.device_capacity_factor)
     if cfg.num_devices not in (1, dispatcher.world):
         raise ValueError(f"shard_experts: config.num_devices={cfg.num_devices} differs from the group size "
@@ -207,6 +209,25 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
     layer.experts.shard_(dispatcher.first_expert, dispatcher.local_experts, grad_scale=1.0 / dispatcher.world)
     layer.use_dispatcher(dispatcher, cfg.replace(num_devices=dispatcher.world))
     return layer
+
+
+def _check_same_on_every_rank(layer, group) -> None:
+    """ValueError on every rank of ``group`` where the ranks' layers differ in config or parameter dtypes: the
+    exchanges would then hang or abort in the collective library (different E or top-k: index errors on one rank
+    while the others wait; different H or dtype: gloo's size mismatch). One collective, at sharding."""
+    import dataclasses
+
+    mine = {**{f.name: repr(getattr(layer.config, f.name)) for f in dataclasses.fields(layer.config)},
+            **{f"{name} dtype": str(p.dtype) for name, p in layer.named_parameters()}}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    differ = sorted({key for other in everyone for key in other.keys() | everyone[0].keys()
+                     if other.get(key) != everyone[0].get(key)})
+    if differ:
+        raise ValueError("shard_experts: the layers differ across the ranks (every rank must build the same "
+                         "layer): " + "; ".join(f"{key}: " + ", ".join(f"rank {r} {other.get(key)}"
+                                                                       for r, other in enumerate(everyone))
+                                                for key in differ))
 
 
 def refuse_expert_adapters(layer, where: str) -> None:
