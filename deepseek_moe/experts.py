@@ -74,9 +74,10 @@ class RoutedExperts(nn.Module):
 
     def shard_(self, first: int, count: int, grad_scale: float = 1.0) -> None:
         """Keep only experts [first, first + count) (expert parallelism), their gradients scaled by ``grad_scale``;
-        a full checkpoint still loads."""
-        self.gate_up_proj = nn.Parameter(self.gate_up_proj.detach()[first:first + count].clone())
-        self.down_proj = nn.Parameter(self.down_proj.detach()[first:first + count].clone())
+        a full checkpoint still loads. Frozen weights (``requires_grad`` False) stay frozen."""
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(self, name)
+            setattr(self, name, nn.Parameter(param.detach()[first:first + count].clone(), param.requires_grad))
         self.first_expert = first
         self.grad_scale = grad_scale
 

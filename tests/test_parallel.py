@@ -224,10 +224,20 @@ def _differing_worker(rank, world):
         with pytest.raises(ValueError, match=f"differ across the ranks.*{named}"):
             shard_experts(layer)
         assert layer.expert_parallel is None
-    shard_experts(dm.DeepSeekMoELayer(base))  # the same layer on both: sharded
+    # The same layer but for the backend and num_devices (1 or W: both become W): sharded.
+    layer = dm.DeepSeekMoELayer(base.replace(backend=("torch", "eager")[rank], num_devices=(1, world)[rank]))
+    layer.experts.down_proj.requires_grad_(False)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    shard_experts(layer)
+    assert layer.config.num_devices == world and layer.experts.down_proj.shape[0] == base.num_routed_experts // world
+    assert not layer.experts.down_proj.requires_grad and layer.experts.gate_up_proj.requires_grad  # frozen stays
+    with pytest.raises(ValueError, match="optimizer holds 2 parameter.*built before shard_experts"):
+        dm.parallel.checkpoint_optimizer_state_dict(layer, optimizer)
 
 
 def test_layers_that_differ_across_the_ranks_are_refused_on_every_rank_at_sharding():
     """Without the check: a different E raised an index error on one rank while the other waited in the all-to-all
-    for ever; a different dtype or H aborted the processes in gloo; a different top_k ran."""
+    for ever; a different dtype or H aborted the processes in gloo; a different top_k ran. Also: sharding keeps a
+    frozen expert weight frozen (it made a trainable one), and the optimizer helper names an optimizer built before
+    sharding (torch's function raised a bare KeyError)."""
     spawn_gloo(_differing_worker, 2)

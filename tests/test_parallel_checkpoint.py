@@ -2,6 +2,7 @@
 EP = 2, at EP = 4 and into an unsharded model (EP = 1), each holds exactly the unsharded model's weights (this
 rank's experts) and gives its outputs (to the all-to-all's summation order)."""
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -130,11 +131,17 @@ def test_adapters_on_sharded_experts_are_refused_by_the_checkpoint_helpers_until
     spawn_gloo(_lora_worker, 2)
 
 
-def _train(model, steps, world, rank, lr=1e-2, optimizer=None):
+def _optimizer(params, kind, lr):
+    if kind == "adafactor":  # factored second moments: (E, out, 1) and (E, 1, in) per expert weight
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+
+
+def _train(model, steps, world, rank, lr=1e-2, optimizer=None, kind="adamw"):
     """AdamW steps on this rank's rows of step-seeded batches (loss: the mean over the rank's rows, so the ranks'
     mean is the whole batch's); replicated parameters' gradients averaged over the ranks, as DDP would."""
     import torch.distributed as dist
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    optimizer = optimizer or _optimizer(model.parameters(), kind, lr)
     for step in steps:
         x = torch.randn(T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
         rows = slice(rank * T // world, (rank + 1) * T // world)
@@ -149,20 +156,55 @@ def _train(model, steps, world, rank, lr=1e-2, optimizer=None):
     return optimizer
 
 
-def _reference(steps):
+def _reference(steps, kind):
     model = _model(0).double().train()
-    _train(model, range(steps), 1, 0)
+    _train(model, range(steps), 1, 0, kind=kind)
     return model.state_dict()
 
 
-def _optimizer_worker(rank, world, path, save):
-    """Save at EP = world after 3 steps (model and AdamW state, and a model using one layer twice); or resume from
-    it at EP = world with other weights, another learning rate and no optimizer state, for 3 more steps."""
+def _expert_states(model, optimizer):
+    """{parameter name: {field: tensor}} of the optimizer's state of the routed-expert weights."""
+    return {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()
+            if ".experts." in f".{n}"}
+
+
+def _resume(model, kind, path, world, rank):
+    """Load model and optimizer from ``path`` into ``model`` (other weights, lr 0.5, no optimizer state yet); its
+    experts' optimizer state must be the saving ranks' (their files beside the checkpoint) for this rank's experts;
+    with AdamW, 3 more steps equal 6 uninterrupted steps of the unsharded model. Adafactor scales each step by
+    the whole weight's RMS, so its sharded training differs from unsharded training by design: state only."""
     from deepseek_moe.parallel import checkpoint_optimizer_state_dict, load_optimizer_state_dict
     L = CFG.num_routed_experts // world
+    optimizer = _optimizer(model.parameters(), kind, 0.5)
+    state = {"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    load_optimizer_state_dict(model, optimizer, state["optim"])
+    assert all(group["lr"] == 1e-2 for group in optimizer.param_groups)
+    saved = [torch.load(f"{path}.rank{r}.pt") for r in range(2)]
+    for name, fields in _expert_states(model, optimizer).items():
+        assert fields.keys() == saved[0][name].keys(), name
+        for field, value in fields.items():
+            per_expert = value.dim() == 3
+            want = torch.cat([s[name][field] for s in saved])[rank * L:(rank + 1) * L] if per_expert else \
+                saved[0][name][field]
+            assert torch.equal(value, want), f"rank {rank} of {world}: {name} {field}"
+    if kind != "adamw":
+        return
+    _train(model, range(3, 6), world, rank, optimizer=optimizer)
+    reference = _reference(6, kind)
+    for key, value in model.state_dict().items():
+        ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
+        assert_close(value, ref, 1e-9, f"rank {rank} of {world}: {key} after resuming")
+
+
+def _optimizer_worker(rank, world, path, save, kind):
+    """Save at EP = world after 3 steps (model and optimizer state, each rank's experts' optimizer state in a file
+    of its own as well, and a model using one layer twice); or resume from it at EP = world (:func:`_resume`)."""
+    from deepseek_moe.parallel import checkpoint_optimizer_state_dict
     if save:
         model = _shard(_model(0).double().train())
-        optimizer = _train(model, range(3), world, rank)
+        optimizer = _train(model, range(3), world, rank, kind=kind)
+        torch.save(_expert_states(model, optimizer), f"{path}.rank{rank}.pt")
         layer = _model(0)[0]
         tied = nn.Sequential(shard_experts(layer), layer)  # one layer used twice: both keys sharded
         tied_state = checkpoint_state_dict(tied)
@@ -170,39 +212,24 @@ def _optimizer_worker(rank, world, path, save):
         dcp.save({"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer),
                   "tied": tied_state}, checkpoint_id=path)
         return
-    model = _shard(_model(seed=1).double().train())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    _resume(_shard(_model(seed=1).double().train()), kind, path, world, rank)
     tied_layer = shard_experts(dm.DeepSeekMoELayer(CFG))
-    tied = nn.Sequential(tied_layer, tied_layer)
-    state = {"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer),
-             "tied": checkpoint_state_dict(tied)}
-    dcp.load(state, checkpoint_id=path)
-    load_optimizer_state_dict(model, optimizer, state["optim"])
-    assert all(group["lr"] == 1e-2 for group in optimizer.param_groups)
-    _train(model, range(3, 6), world, rank, optimizer=optimizer)
-    reference, first = _reference(6), _model(0)[0].state_dict()
-    for key, value in model.state_dict().items():
-        ref = reference[key][rank * L:(rank + 1) * L] if ".experts." in key else reference[key]
-        assert_close(value, ref, 1e-9, f"rank {rank} of {world}: {key} after resuming")
+    dcp.load({"tied": checkpoint_state_dict(nn.Sequential(tied_layer, tied_layer))}, checkpoint_id=path)
+    L, first = CFG.num_routed_experts // world, _model(0)[0].state_dict()
     for key, value in tied_layer.state_dict().items():
         ref = first[key][rank * L:(rank + 1) * L] if key.startswith("experts.") else first[key]
         assert torch.equal(value, ref), f"rank {rank} of {world}: the layer used twice, {key}"
 
 
-def test_optimizer_state_saved_at_ep2_resumes_at_ep2_ep4_and_unsharded_as_one_uninterrupted_run(tmp_path):
-    """Adam's moments of the sharded experts go through DCP sharded like the weights (each rank's under one key
-    they collided: resumed ranks mixed moments); 3 steps, save, 3 more equal 6 uninterrupted, float64."""
-    from deepseek_moe.parallel import checkpoint_optimizer_state_dict, load_optimizer_state_dict
+@pytest.mark.parametrize("kind", ["adamw", pytest.param("adafactor", marks=pytest.mark.skipif(
+    not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor: torch 2.5 on"))])
+def test_optimizer_state_saved_at_ep2_resumes_at_ep2_ep4_and_unsharded(tmp_path, kind):
+    """The optimizer's per-expert state of the sharded experts (Adam's moments; Adafactor's factored ones,
+    (E, out, 1) and (E, 1, in)) goes through DCP sharded like the weights (each rank's under one key, they collided:
+    resumed ranks mixed moments): loaded at EP = 2, 4 and unsharded, it is the saving ranks' for the same experts;
+    with AdamW 3 steps, save, 3 more equal 6 uninterrupted, float64."""
     path = str(tmp_path / "ckpt")
-    spawn_gloo(_optimizer_worker, 2, path, True)
-    spawn_gloo(_optimizer_worker, 2, path, False)
-    spawn_gloo(_optimizer_worker, 4, path, False)
-    model = _model(seed=1).double().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
-    state = {"model": checkpoint_state_dict(model), "optim": checkpoint_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
-    load_optimizer_state_dict(model, optimizer, state["optim"])
-    _train(model, range(3, 6), 1, 0, optimizer=optimizer)
-    reference = _reference(6)
-    for key, value in model.state_dict().items():
-        assert_close(value, reference[key], 1e-9, f"unsharded: {key} after resuming")
+    spawn_gloo(_optimizer_worker, 2, path, True, kind)
+    spawn_gloo(_optimizer_worker, 2, path, False, kind)
+    spawn_gloo(_optimizer_worker, 4, path, False, kind)
+    _resume(_model(seed=1).double().train(), kind, path, 1, 0)

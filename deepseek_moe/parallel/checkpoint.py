@@ -86,33 +86,41 @@ def checkpoint_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         if not keys:
             raise ValueError(f"checkpoint_state_dict: experts.{name} of a sharded layer is not in "
                              f"model.state_dict() (a wrapper that copies it?)")
-        sharded = _global(layer, param, param)
+        sharded = _global(layer, param)
         state.update((key, sharded) for key in keys)
     return state
 
 
 def checkpoint_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """torch's ``get_optimizer_state_dict(model, optimizer)`` (keyed by parameter names) with the state of every
-    expert-parallel layer's routed-expert weights (each tensor of the weight's shape: Adam's ``exp_avg``,
-    ``exp_avg_sq``) as DTensors of global shape sharded as :func:`checkpoint_state_dict` shards the weights, sharing
-    storage with the optimizer's state; scalars (``step``) and every other entry as torch gives them. Without it a
+    expert-parallel layer's routed-expert weights (each tensor held per expert: Adam's ``exp_avg``, ``exp_avg_sq``,
+    Adafactor's factored moments) as DTensors of global shape sharded as :func:`checkpoint_state_dict` shards the
+    weights, sharing storage with the optimizer's state; scalars (``step``) and every other entry as torch gives
+    them. Without it a
     rank's moments and another's share one key and DCP keeps one writer's per tensor: resumed ranks mix moments.
     Pass it to ``dcp.save`` / ``dcp.load`` on every rank (collective), then :func:`load_optimizer_state_dict`.
     A checkpoint saved at EP = W loads at any EP size dividing E, and unsharded.
 
     Creates the optimizer's state where it has none yet (as torch's function does). Raises as
-    :func:`checkpoint_state_dict`."""
+    :func:`checkpoint_state_dict`, and ValueError for an optimizer holding parameters the model does not (built
+    before ``shard_experts``, which replaces the expert weights)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    held = {id(p) for p in model.parameters()}
+    stray = sum(id(p) not in held for group in optimizer.param_groups for p in group["params"])
+    if stray:
+        raise ValueError(f"checkpoint_optimizer_state_dict: the optimizer holds {stray} parameter(s) the model does "
+                         f"not (an optimizer built before shard_experts, which replaces the expert weights, or over "
+                         f"another model): build it over model.parameters() after sharding")
     osd = get_optimizer_state_dict(model, optimizer)
-    entries = {}  # storage of a state tensor -> (layer, the weight it belongs to)
+    layer_of = {}  # storage of a per-expert state tensor -> its layer
     for layer, _, param in _sharded_expert_weights(model, "checkpoint_optimizer_state_dict"):
         for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel():
-                entries[_local(value).data_ptr()] = (layer, param)
+            if _per_expert(value, param):
+                layer_of[_local(value).data_ptr()] = layer
     def sharded(value):
-        hit = entries.get(_local(value).data_ptr()) if isinstance(value, torch.Tensor) and value.numel() else None
-        return value if hit is None else _global(hit[0], hit[1], value)
+        layer = layer_of.get(_local(value).data_ptr()) if isinstance(value, torch.Tensor) and value.numel() else None
+        return value if layer is None else _global(layer, value)
     # New dicts: torch's per-parameter dicts may be the optimizer's own.
     return {**osd, "state": {key: {field: sharded(value) for field, value in per_param.items()}
                              for key, per_param in osd["state"].items()}}
@@ -143,18 +151,25 @@ def _sharded_expert_weights(model: nn.Module, where: str) -> Iterator[Tuple[nn.M
             yield layer, name, getattr(layer.routed_experts, name)
 
 
+def _per_expert(value, param: torch.Tensor) -> bool:
+    """An optimizer state tensor held per local expert: as many dimensions as the weight and its leading size
+    (Adam's moments: the weight's shape; Adafactor's factored row and column moments (E/W, out, 1), (E/W, 1, in))."""
+    return (isinstance(value, torch.Tensor) and value.numel() > 0 and value.dim() == param.dim()
+            and value.shape[0] == param.shape[0])
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _global(layer, param: torch.Tensor, value: torch.Tensor):
-    """``value`` (``param`` itself or a state tensor placed as it) as the DTensor of global shape (E, ...) sharded
-    over the layer's expert-parallel group (and FSDP2's mesh), sharing its storage."""
+def _global(layer, value: torch.Tensor):
+    """``value`` (an expert weight, or an optimizer state tensor of one, :func:`_per_expert`) as the DTensor of
+    global shape (E, ...) sharded over the layer's expert-parallel group (and FSDP2's mesh), sharing its storage."""
     from torch.distributed.tensor import DTensor
 
     local, mesh, placements = _placement(layer.expert_parallel.group, value)
-    shape = (layer.config.num_routed_experts,) + tuple(param.shape[1:])
+    shape = (layer.config.num_routed_experts,) + tuple(value.shape[1:])
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())

@@ -212,12 +212,16 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
 
 
 def _check_same_on_every_rank(layer, group) -> None:
-    """ValueError on every rank of ``group`` where the ranks' layers differ in config or parameter dtypes: the
+    """ValueError on every rank of ``group`` where the ranks' layers differ in config (but the backend and
+    num_devices) or parameter dtypes: the
     exchanges would then hang or abort in the collective library (different E or top-k: index errors on one rank
     while the others wait; different H or dtype: gloo's size mismatch). One collective, at sharding."""
     import dataclasses
 
-    mine = {**{f.name: repr(getattr(layer.config, f.name)) for f in dataclasses.fields(layer.config)},
+    # Not the backend (each rank's own choice of implementation) nor num_devices (1 or W: shard_experts sets W).
+    cfg = layer.config
+    mine = {**{f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if f.name not in ("backend", "num_devices")},
             **{f"{name} dtype": str(p.dtype) for name, p in layer.named_parameters()}}
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
