@@ -241,3 +241,33 @@ def test_layers_that_differ_across_the_ranks_are_refused_on_every_rank_at_shardi
     frozen expert weight frozen (it made a trainable one), and the optimizer helper names an optimizer built before
     sharding (torch's function raised a bare KeyError)."""
     spawn_gloo(_differing_worker, 2)
+
+
+def _generate_worker(rank, world):
+    import os
+    import sys
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_hf_fidelity import _model
+
+    from deepseek_moe import hf
+    model = _model("qwen2_moe").eval()
+    hf.replace_moe_blocks(model, backend="torch")
+    whole = copy.deepcopy(model)
+    for layer in hf.moe_layers(model).values():
+        shard_experts(layer)
+    prompt = torch.randint(1, 60, (1, 5), generator=torch.Generator().manual_seed(rank))
+    args = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = whole.generate(prompt, **args)
+        # rank 0 stops at its first token: it keeps running forwards until rank 1 is done (synced_gpus)
+        eos = dict(eos_token_id=int(want[0, 5])) if rank == 0 else {}
+        got = model.generate(prompt, **args, **eos, synced_gpus=True)
+    assert torch.equal(got, want[:, :6] if rank == 0 else want), (rank, got, want)
+
+
+def test_generate_on_a_sharded_model_with_ranks_stopping_at_different_steps_needs_synced_gpus():
+    """Each decode step exchanges tokens with every rank: a rank that stops early (EOS) would leave the others
+    waiting in the all-to-all; transformers' ``synced_gpus=True`` keeps it stepping (docs/parallel.md)."""
+    pytest.importorskip("transformers")
+    spawn_gloo(_generate_worker, 2)
