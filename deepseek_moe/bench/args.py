@@ -11,6 +11,7 @@ Before building anything it estimates the memory the run needs and refuses (exit
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -68,12 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _choices(flag: str, text: str, allowed: Sequence[str]) -> List[str]:
+def _choices(flag: str, text: str, allowed: Sequence[str], also: Sequence[str] = (),
+             unlisted: Sequence[str] = ()) -> List[str]:
+    """The comma list ``text`` of ``allowed`` names; ``also``: single words the flag takes instead (named in the
+    error); ``unlisted``: names accepted here and refused with their reason later (not offered in the error)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
+    bad = [t for t in items if t not in allowed and t not in unlisted]
     if not items or bad:
-        raise UserError(f"{flag} {text!r}: expected a comma list of {', '.join(allowed)}")
+        alone = f", or one of {', '.join(also)}" if also else ""
+        raise UserError(f"{flag} {text!r}: expected a comma list of {', '.join(allowed)}{alone}")
     return items
+
+
+def _writable(flag: str, path: Optional[str]) -> None:
+    """UserError before anything runs where ``path`` cannot be written (its results would be lost at the end)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise UserError(f"{flag} {path!r}: cannot write there (the folder {folder!r} must exist and be writable)")
 
 
 def _ints(flag: str, text: str, low: int = 1) -> List[int]:
@@ -98,9 +112,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     base = QUICK if args.quick else DEFAULTS
     args.hidden_size = _positive("--hidden-size", args.hidden_size, base["hidden_size"])
     args.ffn_size = _positive("--ffn-size", args.ffn_size, base["ffn_size"])
-    args.tokens = _ints("--tokens", args.tokens or base["tokens"])
+    args.tokens = _ints("--tokens", base["tokens"] if args.tokens is None else args.tokens)
     args.decode_tokens = _ints("--decode-tokens", args.decode_tokens)
-    args.modes = _choices("--mode", args.mode or base["mode"], MODES)
+    args.modes = _choices("--mode", base["mode"] if args.mode is None else args.mode, MODES)
     args.dtypes = _choices("--dtype", args.dtype, tuple(DTYPES))
     args.warmup = _positive("--warmup", args.warmup, base["warmup"], low=0)
     args.repeats = _positive("--repeats", args.repeats, base["repeats"])
@@ -114,8 +128,12 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.a or args.b:
         args.match = "none"  # said in the title; --help says so too
     args.peers = _choices("--peers", args.peers, ("auto", "none"))[0]
+    if args.peers == "none" and args.hf_impls is not None:
+        raise UserError("--hf-impls names transformers' implementations to time as peers, which --peers none "
+                        "leaves out: drop one of the two")
     default_impls = ("grouped_mm",) if args.quick else DEFAULT_HF_IMPLEMENTATIONS
-    args.hf_impls = _choices("--hf-impls", args.hf_impls or ",".join(default_impls), HF_IMPLEMENTATIONS)
+    args.hf_impls = _choices("--hf-impls", ",".join(default_impls) if args.hf_impls is None else args.hf_impls,
+                             HF_IMPLEMENTATIONS)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -127,6 +145,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device!r}: CUDA is not available in this torch build/machine")
     args.device = device
+    _writable("--json", args.json)
+    _writable("--plot", args.plot)
+    _writable("--csv", args.csv)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

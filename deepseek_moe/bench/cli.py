@@ -12,6 +12,7 @@ from ..backends import BackendUnavailable, select
 from ..config import ConfigError, MoEConfig
 from .args import DTYPES, UserError, _choices, parse  # noqa: F401 (parse: the CLI's entry, re-exported)
 from .contenders import (FFN_SIZE_PRESETS, Contender, backend_choices, configs_for, dense_contender, describe,
+                         hf_unsupported,
                          hf_contender, moe_contender, peer_status)
 from .memory import available_bytes, estimate
 from .progress import Progress
@@ -25,7 +26,8 @@ def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> Tuple[
         return backend_choices(device, dtype)
     if text == "auto":
         return [select("auto", device, dtype).name], {}
-    names = _choices("--backend", text, ("eager", "torch", "triton", "ext", "megablocks"))
+    names = _choices("--backend", text, ("eager", "torch", "triton", "ext"), also=("auto", "all"),
+                     unlisted=("megablocks",))
     for name in names:
         try:
             select(name, device, dtype)  # named: a backend that needs a build (ext) builds here
@@ -50,6 +52,11 @@ def build_contenders(args, dtype: torch.dtype, skipped: Optional[Dict[str, Dict[
         peers = []
         for side, name, cfg in (("a", name_a, cfg_a), ("b", name_b, cfg_b)):
             for impl in args.hf_impls:
+                why = hf_unsupported(cfg, impl, args.device, dtype)
+                if why is not None:
+                    if skipped is not None:
+                        skipped.setdefault(f"{name} hf {impl}", {})[str(dtype).replace("torch.", "")] = why
+                    continue
                 peer = hf_contender(name, side, cfg, impl)
                 if peer is not None:
                     peers.append(peer)
@@ -188,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 by_reason.setdefault(reason, []).append(dtype_name)
             for reason, dtype_names in by_reason.items():
                 where = "" if len(dtype_names) == len(args.dtypes) else f" for {', '.join(dtype_names)}"
-                print(wrap(f"backend {backend}: skipped{where} ({reason})", width, indent="  "))
+                print(wrap(f"{'' if ' hf ' in backend else 'backend '}{backend}: skipped{where} ({reason})", width,
+                           indent="  "))
         print(wrap(memory_line, width, indent="  "), flush=True)
         rows = run(args, groups)
     except (UserError, ConfigError, BackendUnavailable) as err:

@@ -190,6 +190,18 @@ def peer_status() -> Dict[str, Optional[str]]:
     return status
 
 
+def hf_unsupported(cfg: MoEConfig, implementation: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why transformers' ``implementation`` cannot run ``cfg`` here, or None: its ``grouped_mm`` calls
+    ``torch._grouped_mm``, which on the CPU needs every row of its operands a multiple of 16 bytes."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if implementation == "grouped_mm" and device.type == "cpu" and (cfg.hidden_size * size % 16
+                                                                    or cfg.expert_hidden_size * size % 16):
+        return (f"torch._grouped_mm on the CPU needs rows of multiples of 16 bytes: hidden size "
+                f"{cfg.hidden_size} and expert width {cfg.expert_hidden_size} must be multiples of {16 // size} "
+                f"in {str(dtype).replace('torch.', '')}")
+    return None
+
+
 def hf_contender(name: str, side: str, cfg: MoEConfig, implementation: str) -> Optional[Contender]:
     """transformers' own block for ``cfg`` on the weights of ``build(source)``'s source layer, or None if no
     transformers block has this layout.
