@@ -49,8 +49,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "deepseek-64x+2" in printed and "mixtral-8x2" in printed
     data = json.loads(out_json.read_text())
     assert {"torch", "device", "match", "hidden_size", "ffn_size", "command", "peers"} <= set(data["meta"])
-    assert data["columns"] == [k for k, _, _ in COLUMNS]
     rows = data["rows"]
+    assert data["columns"][:len(COLUMNS)] == [k for k, _, _ in COLUMNS]  # the table's, then every other row key
+    assert all(set(data["columns"]) == set(row) for row in rows)
     # 2 dtypes x (2 fwd + 2 fwdbwd + 1 decode) groups x (2 configs x 2 backends + dense [+ peers]).
     assert len(rows) >= 2 * 5 * 5
     for row in rows:

@@ -163,7 +163,12 @@ def legend(rows: List[Dict], width: Optional[int] = None) -> str:
     """A few lines saying what the columns mean and which row is the reference."""
     width = width or terminal_width()
     ref = next(r for r in rows if r["side"] == "a" and r["kind"] == "layer")
-    dense = sorted({r["config"] for r in rows if r["side"] == "dense"})
+    widths = {}  # dense width -> the configs ("a", "b") whose × dense divides by it
+    for r in rows:
+        if r["kind"] == "layer":
+            widths.setdefault(r["dense_width"], set()).add(r["side"])
+    dense = [f"dense-{w}" + ("" if len(widths) == 1 else f" for config {' and '.join(sorted(sides))}")
+             for w, sides in sorted(widths.items())]
     others = "dense and hf-*" if any(r["kind"] == "peer" for r in rows) else "dense"
     lines = [
         f"× ref: median time / the reference's: our layer running config a = {ref['config']} on the same backend "
@@ -173,6 +178,8 @@ def legend(rows: List[Dict], width: Optional[int] = None) -> str:
         "--repeats.",
         "peak MiB: extra memory one call holds at its peak (CPU: PyTorch tensors; CUDA: the caching allocator).",
         "MaxVio: max expert load / mean load − 1 of the routing (random init, random input); 0 is balanced.",
+        "tok/s: T / median; FLOP/s: forward FLOPs per token (2 × active parameters) × T / median, × 3 for fwdbwd "
+        "(the backward counted as twice the forward).",
         "combos: expert combinations a token can pick, C(E, K); layout: E routed × width I, top-K, shared experts.",
     ]
     if any(r["kind"] == "peer" for r in rows):
@@ -188,13 +195,12 @@ def wrap(text: str, width: int, indent: str = "") -> str:
 
 def write_json(path: str, meta: Dict, rows: List[Dict]) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta, "columns": [k for k, _, _ in COLUMNS], "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "columns": _keys(rows), "rows": rows}, f, indent=1)
 
 
 def write_csv(path: str, rows: List[Dict]) -> None:
-    keys = [k for k, _, _ in COLUMNS] + [k for k in rows[0] if k not in {c for c, _, _ in COLUMNS}]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
+        writer = csv.DictWriter(f, fieldnames=_keys(rows))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -230,3 +236,9 @@ def write_plot(path: str, rows: List[Dict], title: Optional[str] = None) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _keys(rows: List[Dict]) -> List[str]:
+    """The table's columns, then every other key the rows carry."""
+    table = [k for k, _, _ in COLUMNS]
+    return table + [k for k in rows[0] if k not in set(table)]
