@@ -12,8 +12,7 @@ from ..backends import BackendUnavailable, select
 from ..config import ConfigError, MoEConfig
 from .args import DTYPES, UserError, _choices, parse  # noqa: F401 (parse: the CLI's entry, re-exported)
 from .contenders import (FFN_SIZE_PRESETS, Contender, backend_choices, configs_for, dense_contender, describe,
-                         hf_unsupported,
-                         hf_contender, moe_contender, peer_status)
+                         hf_contender, hf_unsupported, moe_contender, peer_status)
 from .memory import available_bytes, estimate
 from .progress import Progress
 from .report import add_ratios, legend, render_table, terminal_width, wrap, write_csv, write_json, write_plot
@@ -38,12 +37,14 @@ def _backends_for(text: str, device: torch.device, dtype: torch.dtype) -> Tuple[
 
 def build_contenders(args, dtype: torch.dtype, skipped: Optional[Dict[str, Dict[str, str]]] = None,
                      ) -> List[Contender]:
-    """The contenders of one dtype (nothing is built yet); ``skipped`` collects {backend: {dtype: why not}}."""
+    """The contenders of one dtype (nothing is built yet); ``skipped`` collects {what, as printed ("backend ext",
+    "mixtral-8x2 hf grouped_mm"): {dtype: why not}}."""
     (name_a, cfg_a), (name_b, cfg_b) = _configs(args)
     chosen, left_out = _backends_for(args.backend, args.device, dtype)
+    dtype_name = str(dtype).replace("torch.", "")
     for name, reason in left_out.items():
         if skipped is not None:
-            skipped.setdefault(name, {})[str(dtype).replace("torch.", "")] = reason
+            skipped.setdefault(f"backend {name}", {})[dtype_name] = reason
     out = [moe_contender(name_a, "a", cfg_a, b) for b in chosen]
     out += [moe_contender(name_b, "b", cfg_b, b) for b in chosen]
     for width in sorted({cfg_a.dense_equivalent_width, cfg_b.dense_equivalent_width}):
@@ -55,7 +56,7 @@ def build_contenders(args, dtype: torch.dtype, skipped: Optional[Dict[str, Dict[
                 why = hf_unsupported(cfg, impl, args.device, dtype)
                 if why is not None:
                     if skipped is not None:
-                        skipped.setdefault(f"{name} hf {impl}", {})[str(dtype).replace("torch.", "")] = why
+                        skipped.setdefault(f"{name} hf {impl}", {})[dtype_name] = why
                     continue
                 peer = hf_contender(name, side, cfg, impl)
                 if peer is not None:
@@ -189,14 +190,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         groups, skipped = plan(args)
         memory_line = check_memory(args, groups)
         width = terminal_width()
-        for backend, reasons in skipped.items():
+        for what, reasons in skipped.items():
             by_reason: Dict[str, List[str]] = {}
             for dtype_name, reason in reasons.items():
                 by_reason.setdefault(reason, []).append(dtype_name)
             for reason, dtype_names in by_reason.items():
                 where = "" if len(dtype_names) == len(args.dtypes) else f" for {', '.join(dtype_names)}"
-                print(wrap(f"{'' if ' hf ' in backend else 'backend '}{backend}: skipped{where} ({reason})", width,
-                           indent="  "))
+                print(wrap(f"{what}: skipped{where} ({reason})", width, indent="  "))
         print(wrap(memory_line, width, indent="  "), flush=True)
         rows = run(args, groups)
     except (UserError, ConfigError, BackendUnavailable) as err:

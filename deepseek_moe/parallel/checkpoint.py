@@ -96,8 +96,8 @@ def checkpoint_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opt
     expert-parallel layer's routed-expert weights (each tensor held per expert: Adam's ``exp_avg``, ``exp_avg_sq``,
     Adafactor's factored moments) as DTensors of global shape sharded as :func:`checkpoint_state_dict` shards the
     weights, sharing storage with the optimizer's state; scalars (``step``) and every other entry as torch gives
-    them. Without it a
-    rank's moments and another's share one key and DCP keeps one writer's per tensor: resumed ranks mix moments.
+    them. Without it a rank's moments and another's share one key and DCP keeps one writer's per tensor: resumed
+    ranks mix moments.
     Pass it to ``dcp.save`` / ``dcp.load`` on every rank (collective), then :func:`load_optimizer_state_dict`.
     A checkpoint saved at EP = W loads at any EP size dividing E, and unsharded.
 
@@ -118,6 +118,7 @@ def checkpoint_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opt
         for value in optimizer.state.get(param, {}).values():
             if _per_expert(value, param):
                 layer_of[_local(value).data_ptr()] = layer
+
     def sharded(value):
         layer = layer_of.get(_local(value).data_ptr()) if isinstance(value, torch.Tensor) and value.numel() else None
         return value if layer is None else _global(layer, value)

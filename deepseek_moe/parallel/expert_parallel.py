@@ -213,9 +213,9 @@ def shard_experts(layer, group: Optional[dist.ProcessGroup] = None):
 
 def _check_same_on_every_rank(layer, group) -> None:
     """ValueError on every rank of ``group`` where the ranks' layers differ in config (but the backend and
-    num_devices) or parameter dtypes: the
-    exchanges would then hang or abort in the collective library (different E or top-k: index errors on one rank
-    while the others wait; different H or dtype: gloo's size mismatch). One collective, at sharding."""
+    num_devices) or parameter dtypes: the exchanges would then hang or abort in the collective library (different E
+    or top-k: index errors on one rank while the others wait; different H or dtype: gloo's size mismatch). One
+    collective, at sharding."""
     import dataclasses
 
     # Not the backend (each rank's own choice of implementation) nor num_devices (1 or W: shard_experts sets W).
